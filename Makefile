@@ -1,0 +1,30 @@
+# `make demo` and `make test` work as the first command on a fresh clone: each creates .venv
+# and installs the project into it when needed.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The torch build these figures and tests were made with. setup.cfg states floors only; set
+# TORCH= to keep the torch you already have (e.g. a CUDA build on a GPU machine).
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+DEMO_DIR ?= runs/demo
+
+.PHONY: demo test bench clean
+
+$(BIN)/.installed: setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(if $(TORCH),$(BIN)/python -m pip install --quiet $(TORCH))
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+demo: $(BIN)/.installed
+	$(BIN)/ampcompare plain --dataset synthetic --model small --epochs 2 --out-dir $(DEMO_DIR)
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest -q
+
+bench: $(BIN)/.installed
+	$(BIN)/python benchmarks/lightning_overhead.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

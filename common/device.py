@@ -1,0 +1,42 @@
+"""Device choice and every switch that changes speed, set once here for all three loops."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from common.errors import UsageError
+
+
+def resolve_device(cfg) -> torch.device:
+    if cfg.accelerator == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--accelerator cuda: no CUDA device is available here; use "
+                         "--accelerator cpu")
+    if cfg.accelerator == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def apply_speed_switches(cfg, device: torch.device) -> dict:
+    """Set cudnn.benchmark, TF32, determinism; return them (and channels_last) for the record.
+    Lightning's Trainer(benchmark=..., deterministic=...) gets the same values from here."""
+    cuda = device.type == "cuda"
+    switches = {
+        "cudnn_benchmark": cuda and not cfg.deterministic,
+        "tf32": bool(cfg.tf32 and cuda),
+        # NHWC lets cuDNN use tensor-core kernels without transposes; on CPU it buys nothing.
+        "channels_last": cuda,
+        "deterministic": cfg.deterministic,
+    }
+    torch.backends.cudnn.benchmark = switches["cudnn_benchmark"]
+    torch.backends.cuda.matmul.allow_tf32 = switches["tf32"]
+    torch.backends.cudnn.allow_tf32 = switches["tf32"]
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(cfg.deterministic)
+    return switches
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

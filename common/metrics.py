@@ -1,0 +1,106 @@
+"""Per-epoch measurements, taken the same way by each loop.
+
+Step losses stay on the device and are copied to the host once per epoch: a .item() per step
+would force a device sync per step and distort the very timing being compared.
+"""
+from __future__ import annotations
+
+import math
+import resource
+import time
+
+import torch
+import torch.nn.functional as F
+
+from common.device import synchronize
+
+
+class Diverged(RuntimeError):
+    pass
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """CUDA allocator peak on a GPU; the process's peak RSS on CPU (ru_maxrss is KiB on Linux)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+class StepCounter:
+    """Counts optimizer steps that really ran. A GradScaler (or apex) that finds inf/nan
+    gradients skips optimizer.step(), so attempted - executed = skipped, with no device sync."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.executed = 0
+        optimizer.register_step_post_hook(self._hook)
+
+    def _hook(self, *_):
+        self.executed += 1
+
+
+class EpochMeter:
+    """Wall time (device-synchronised), data wait, images, step losses and test metrics of one
+    epoch. data_wait_s is host time between the end of one step and the start of the next."""
+
+    def __init__(self, device: torch.device, epoch: int, steps: StepCounter):
+        self.device, self.epoch, self.steps = device, epoch, steps
+        synchronize(device)
+        self.start = self.last = time.perf_counter()
+        self.executed_at_start = steps.executed
+        self.losses, self.images, self.data_wait = [], 0, 0.0
+        self.test_loss = self.test_correct = None
+        self.test_images = 0
+
+    def batch_start(self) -> None:
+        self.data_wait += time.perf_counter() - self.last
+
+    def step(self, loss: torch.Tensor, images: int) -> None:
+        self.losses.append(loss.detach())
+        self.images += images
+        self.last = time.perf_counter()
+
+    def train_done(self) -> None:
+        synchronize(self.device)
+        self.train_time = time.perf_counter() - self.start
+
+    def eval_batch(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        loss = F.cross_entropy(logits.float(), labels, reduction="sum")
+        correct = (logits.argmax(1) == labels).sum()
+        self.test_loss = loss if self.test_loss is None else self.test_loss + loss
+        self.test_correct = correct if self.test_correct is None else self.test_correct + correct
+        self.test_images += len(labels)
+
+    def finish(self, loss_scale) -> tuple[dict, list[float]]:
+        """(epoch row, step losses). Raises Diverged after the caller has the row to record."""
+        synchronize(self.device)
+        epoch_time = time.perf_counter() - self.start
+        losses = torch.stack(self.losses).float().cpu().tolist() if self.losses else []
+        finite = [v for v in losses if math.isfinite(v)]
+        attempted = len(losses)
+        row = {
+            "epoch": self.epoch,
+            "train_loss": sum(finite) / len(finite) if finite else None,
+            "test_loss": self.test_loss.item() / self.test_images if self.test_images else None,
+            "test_acc": self.test_correct.item() / self.test_images if self.test_images else None,
+            "epoch_time_s": epoch_time,
+            "train_time_s": self.train_time,
+            "images_per_s": self.images / self.train_time if self.train_time > 0 else None,
+            "data_wait_s": self.data_wait,
+            "peak_memory_bytes": peak_memory_bytes(self.device),
+            "steps": attempted,
+            "skipped_steps": attempted - (self.steps.executed - self.executed_at_start),
+            "loss_scale": loss_scale,
+        }
+        return row, losses
+
+
+def check_diverged(losses: list[float]) -> None:
+    # One non-finite fp16 loss is routine (the scaler skips that step); a non-finite loss at
+    # the end of an epoch means training did not recover.
+    if losses and not math.isfinite(losses[-1]):
+        raise Diverged(f"loss is {losses[-1]} at the end of the epoch")

@@ -1,0 +1,80 @@
+"""The models: plain nn.Modules that know nothing about any training loop."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, inp: int, out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inp, out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out)
+        self.conv2 = nn.Conv2d(out, out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or inp != out:
+            self.shortcut = nn.Sequential(nn.Conv2d(inp, out, 1, stride, bias=False),
+                                          nn.BatchNorm2d(out))
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """ResNet-18, CIFAR variant: a 3x3 stride-1 stem and no max-pool, so 32x32 inputs keep
+    their resolution into the first stage (the ImageNet stem would shrink them to 8x8)."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        layers, inp = [], 64
+        for out, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            layers.append(nn.Sequential(BasicBlock(inp, out, stride), BasicBlock(out, out, 1)))
+            inp = out
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(512, num_classes)
+
+    def forward(self, x):
+        x = self.layers(F.relu(self.bn1(self.conv1(x))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class SmallCNN(nn.Module):
+    """Three conv-BN-ReLU-pool stages and a linear head: seconds per epoch on a CPU."""
+
+    def __init__(self, num_classes: int = 10, width: int = 32):
+        super().__init__()
+        chans = (3, width, 2 * width, 4 * width)
+        self.features = nn.Sequential(*[
+            nn.Sequential(nn.Conv2d(a, b, 3, padding=1, bias=False), nn.BatchNorm2d(b),
+                          nn.ReLU(inplace=True), nn.MaxPool2d(2))
+            for a, b in zip(chans, chans[1:])])
+        self.fc = nn.Linear(chans[-1], num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1))
+
+
+def build_model(cfg) -> nn.Module:
+    """Same seed, same initial weights, whichever implementation asks."""
+    torch.manual_seed(cfg.seed)
+    return {"resnet18": ResNet18, "small": SmallCNN}[cfg.model]()
+
+
+def build_optimizer(cfg, model: nn.Module, steps_per_epoch: int):
+    """(optimizer, per-step LR scheduler), the same object types for every implementation."""
+    if cfg.optimizer == "adam":
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9)
+    total = cfg.epochs * steps_per_epoch
+    if cfg.schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    else:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    return optimizer, scheduler
+

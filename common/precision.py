@@ -1,0 +1,67 @@
+"""Precision names and the policy each loop applies as switches (autocast, GradScaler).
+
+Lightning's strings are canonical. The policy is resolved once, before anything runs, and the
+effective precision is what gets recorded: nothing ever runs a precision other than that one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from common.errors import UsageError
+
+CANONICAL = ("32-true", "16-mixed", "bf16-mixed")
+ALIASES = {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed"}
+
+
+def canonical(name: str) -> str:
+    name = str(name).strip()
+    name = ALIASES.get(name, name)
+    if name not in CANONICAL and name != "auto":
+        raise UsageError(f"unknown precision {name!r}: use one of {', '.join(CANONICAL)} "
+                         f"(or 32, 16, bf16, auto)")
+    return name
+
+
+def mixed_default(device: torch.device) -> str:
+    """The mixed precision that is fast on this device: fp16 kernels on CPU are ~100x slower."""
+    return "16-mixed" if device.type == "cuda" else "bf16-mixed"
+
+
+@dataclass(frozen=True)
+class Policy:
+    requested: str
+    effective: str
+    device_type: str
+
+    @property
+    def autocast(self) -> bool:
+        return self.effective != "32-true"
+
+    @property
+    def dtype(self) -> Optional[torch.dtype]:
+        return {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}.get(self.effective)
+
+    @property
+    def scaler(self) -> bool:
+        # bf16 has fp32's exponent range: gradients do not underflow, so no loss scaling.
+        return self.effective == "16-mixed"
+
+    def to_dict(self) -> dict:
+        return {"requested": self.requested, "effective": self.effective}
+
+
+def resolve(requested: str, device: torch.device) -> tuple[Policy, list[str]]:
+    """Policy for `requested` on `device`, plus warnings to show the user."""
+    name = canonical(requested)
+    effective = mixed_default(device) if name == "auto" else name
+    warnings = []
+    if effective == "bf16-mixed" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UsageError(f"bf16-mixed needs a GPU with bfloat16 support (compute capability 8.0+); "
+                         f"{torch.cuda.get_device_name(device)} has none: use 16-mixed")
+    if effective == "16-mixed" and device.type == "cpu":
+        warnings.append("16-mixed on CPU runs real fp16 with a GradScaler, which has no fast CPU "
+                        "kernels (about 100x slower than fp32); bf16-mixed is the fast CPU choice")
+    return Policy(requested=name, effective=effective, device_type=device.type), warnings

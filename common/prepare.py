@@ -1,0 +1,47 @@
+"""Everything before the loop that is identical for all three implementations: validation,
+device, precision policy, speed switches, data loaders and the (not yet created) run record.
+Usage and environment errors surface here, before anything is written to --out-dir."""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch.utils.data import DataLoader
+
+from common import data, precision, results
+from common.device import apply_speed_switches, resolve_device
+
+
+@dataclass
+class Run:
+    device: torch.device
+    policy: precision.Policy
+    switches: dict
+    train_loader: DataLoader
+    test_loader: DataLoader
+    steps_per_epoch: int
+    test_steps: int
+    recorder: results.Recorder
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.switches["channels_last"] else torch.contiguous_format
+
+
+def prepare(cfg, impl: str, opt_level: Optional[str] = None, policy=None) -> Run:
+    cfg.validate()
+    results.check_out_dir(cfg.out_dir)
+    device = resolve_device(cfg)
+    if policy is None:
+        policy, warnings = precision.resolve(cfg.precision, device)
+        for line in warnings:
+            print(f"ampcompare: warning: {line}", file=sys.stderr)
+    switches = apply_speed_switches(cfg, device)
+    train_loader, test_loader = data.loaders(cfg, data.load(cfg), device,
+                                             switches["channels_last"])
+    test_steps = min(len(test_loader), cfg.limit_test_batches or len(test_loader))
+    return Run(device, policy, switches, train_loader, test_loader,
+               data.steps_per_epoch(cfg, train_loader), test_steps,
+               results.Recorder(cfg, impl, policy, device, switches, opt_level))

@@ -1,0 +1,60 @@
+"""A thin LightningModule around the common model: the same loss and the same optimizer and
+schedule (built by the same common function) as the plain loop. The Trainer runs the loop.
+
+The on_* hooks only measure, with the same EpochMeter the plain loop calls inline."""
+from __future__ import annotations
+
+import logging
+import warnings
+
+import pytorch_lightning as pl
+import torch.nn.functional as F
+
+from common import metrics, models
+
+# Lightning's start-up banners (accelerator availability, logger tips, "max_epochs reached") and
+# a deprecation inside its own pytree helper: nothing a user of this tool can act on.
+logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+
+
+class LitClassifier(pl.LightningModule):
+    def __init__(self, cfg, model, run):
+        super().__init__()
+        self.cfg, self.model, self.run = cfg, model, run
+        self.meter = self.steps = None
+
+    def forward(self, x):
+        return self.model(x)
+
+    def configure_optimizers(self):
+        optimizer, scheduler = models.build_optimizer(self.cfg, self.model, self.run.steps_per_epoch)
+        self.steps = metrics.StepCounter(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.model(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.meter.eval_batch(self.model(x), y)
+
+    def on_train_epoch_start(self):
+        self.meter = metrics.EpochMeter(self.device, self.current_epoch, self.steps)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self.meter.batch_start()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.meter.step(outputs["loss"], len(batch[1]))
+
+    def on_validation_epoch_start(self):
+        self.meter.train_done()
+
+    def on_train_epoch_end(self):  # runs after this epoch's validation
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        row, losses = self.meter.finish(scaler.get_scale() if scaler is not None else None)
+        self.run.recorder.add_epoch(row, losses)
+        metrics.check_diverged(losses)

@@ -1,0 +1,59 @@
+import hashlib
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+from common.config import Config
+
+CIFAR_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+
+
+def tiny(tmp_path, **overrides) -> Config:
+    """A config that trains in well under a second per epoch on a CPU."""
+    values = dict(dataset="synthetic", model="small", synthetic_size=256, batch_size=32,
+                  epochs=2, limit_train_batches=3, limit_test_batches=2, accelerator="cpu",
+                  precision="32-true", out_dir=str(tmp_path / "runs"), quiet=True)
+    values.update(overrides)
+    return Config(**values)
+
+
+def write_cifar_archive(root, per_batch=10, seed=0):
+    """CIFAR-10's own on-disk layout (cifar-10-batches-py: pickled dicts of uint8 rows), small.
+    Returns {filename: md5} of what it wrote."""
+    folder = os.path.join(root, "cifar-10-batches-py")
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    md5 = {}
+    for name in CIFAR_FILES:
+        entry = {"batch_label": name,
+                 "data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+                 "labels": rng.integers(0, 10, per_batch).tolist(),
+                 "filenames": [f"{name}_{i}.png" for i in range(per_batch)]}
+        _dump(os.path.join(folder, name), entry, md5)
+    _dump(os.path.join(folder, "batches.meta"),
+          {"label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
+                           "horse", "ship", "truck"], "num_cases_per_batch": per_batch,
+           "num_vis": 3072}, md5)
+    return md5
+
+
+def _dump(path, obj, md5):
+    with open(path, "wb") as f:
+        pickle.dump(obj, f)
+    md5[os.path.basename(path)] = hashlib.md5(open(path, "rb").read()).hexdigest()
+
+
+@pytest.fixture
+def cifar_archive(tmp_path, monkeypatch):
+    """A small CIFAR-10 archive, with torchvision's expected checksums pointed at its files
+    (torchvision checks every file against the official archive's md5s)."""
+    from torchvision.datasets import CIFAR10
+
+    root = tmp_path / "cifar"
+    md5 = write_cifar_archive(str(root))
+    monkeypatch.setattr(CIFAR10, "train_list", [[f, md5[f]] for f in CIFAR_FILES[:5]])
+    monkeypatch.setattr(CIFAR10, "test_list", [["test_batch", md5["test_batch"]]])
+    monkeypatch.setattr(CIFAR10, "meta", {**CIFAR10.meta, "md5": md5["batches.meta"]})
+    return root

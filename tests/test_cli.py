@@ -1,0 +1,93 @@
+import os
+import subprocess
+import sys
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from common.cli import cli
+
+
+def commands():
+    return sorted(cli.commands)
+
+
+def invoke(args):
+    return CliRunner().invoke(cli, args, catch_exceptions=False)
+
+
+@pytest.mark.parametrize("name", commands())
+def test_every_command_has_help_and_every_option_states_its_default(name):
+    command = cli.commands[name]
+    assert command.help and len(command.help) > 20
+    result = invoke([name, "--help"])
+    assert result.exit_code == 0
+    for param in command.params:
+        if isinstance(param, click.Option) and param.name != "help":
+            assert param.help, f"{name} {param.opts} has no help"
+            assert "[default:" in param.help, f"{name} {param.opts} does not state its default"
+
+
+def test_common_options_are_identical_across_commands():
+    def signature(command):
+        return [(p.name, p.opts, p.default) for p in command.params if p.name != "opt_level"]
+    first = signature(cli.commands["plain"])
+    for name in ("lightning", "apex"):
+        assert signature(cli.commands[name]) == first
+
+
+BAD = [
+    (["--precision", "fp8"], "unknown precision 'fp8'"),
+    (["--dataset", "imagenet"], "--dataset"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--epochs", "0"], "--epochs must be >= 1"),
+    (["--lr", "0"], "--lr must be > 0"),
+    (["--devices", "2"], "--devices"),
+    (["--no-download", "--dataset", "cifar10"], "--dataset synthetic"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args, message):
+    out = tmp_path / "runs"
+    result = CliRunner().invoke(cli, ["plain", "--out-dir", str(out), "--data-dir",
+                                      str(tmp_path / "data"), *args])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ampcompare: error:"), result.stderr
+    assert message in lines[0]
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_unwritable_out_dir(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = CliRunner().invoke(cli, ["plain", "--dataset", "synthetic", "--out-dir",
+                                      str(blocker / "runs")])
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1 and "is not a writable folder" in result.stderr
+
+
+def test_console_script_prints_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "common.cli", "plain", "--precision", "fp8",
+                           "--out-dir", str(tmp_path)], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert proc.returncode == 2
+    assert proc.stderr == "ampcompare: error: unknown precision 'fp8': use one of 32-true, " \
+                          "16-mixed, bf16-mixed (or 32, 16, bf16, auto)\n"
+    assert proc.stdout == ""
+
+
+def test_plain_command_does_not_import_lightning_or_apex(tmp_path):
+    code = ("import sys; from common.cli import cli\n"
+            "try: cli.main(['plain', '--dataset', 'synthetic', '--model', 'small', "
+            "'--synthetic-size', '64', '--batch-size', '32', '--epochs', '1', '--quiet', "
+            f"'--accelerator', 'cpu', '--out-dir', {str(tmp_path)!r}])\n"
+            "except SystemExit as e: assert e.code == 0, e.code\n"
+            "bad = [m for m in sys.modules if m.split('.')[0] in "
+            "('pytorch_lightning', 'lightning', 'apex')]\n"
+            "assert not bad, bad\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert proc.returncode == 0, proc.stderr
