@@ -4,6 +4,7 @@ Usage and environment errors surface here, before anything is written to --out-d
 from __future__ import annotations
 
 import sys
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -32,11 +33,14 @@ class Run:
 
 def prepare(cfg, impl: str, opt_level: Optional[str] = None, policy=None) -> Run:
     cfg.validate()
+    # A loss scaler skips the first steps by design when its initial scale is too high; torch
+    # then warns that the LR scheduler stepped first. Expected, and nothing to act on.
+    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
     results.check_out_dir(cfg.out_dir)
     device = resolve_device(cfg)
     if policy is None:
-        policy, warnings = precision.resolve(cfg.precision, device)
-        for line in warnings:
+        policy, notes = precision.resolve(cfg.precision, device)
+        for line in notes:
             print(f"ampcompare: warning: {line}", file=sys.stderr)
     switches = apply_speed_switches(cfg, device)
     train_loader, test_loader = data.loaders(cfg, data.load(cfg), device,

@@ -40,7 +40,7 @@ def fit(cfg, run: Run, model, optimizer, scheduler, scaler) -> None:
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 with autocast:
                     loss = F.cross_entropy(model(x), y)
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad()
                 scaler.scale(loss).backward()  # apex: amp.scale_loss(loss, optimizer); lightning: the Trainer
                 scaler.unscale_(optimizer)  # unscaled gradients for clipping; lightning always unscales here too
                 if cfg.clip_grad:

@@ -57,3 +57,26 @@ def cifar_archive(tmp_path, monkeypatch):
     monkeypatch.setattr(CIFAR10, "test_list", [["test_batch", md5["test_batch"]]])
     monkeypatch.setattr(CIFAR10, "meta", {**CIFAR10.meta, "md5": md5["batches.meta"]})
     return root
+
+
+def _apex_amp_importable() -> bool:
+    try:
+        import apex.amp  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    reasons = {}
+    if not torch.cuda.is_available():
+        reasons["gpu"] = "needs a CUDA GPU (none here)"
+        reasons["apex"] = "apex.amp needs a CUDA GPU (none here)"
+    if "apex" not in reasons and not _apex_amp_importable():
+        reasons["apex"] = "needs NVIDIA apex 25.04 or older with apex.amp (not installed)"
+    for item in items:
+        for marker, reason in reasons.items():
+            if item.get_closest_marker(marker):
+                item.add_marker(pytest.mark.skip(reason=reason))

@@ -1,0 +1,98 @@
+"""Plain PyTorch and Lightning, same seed and options: bitwise-identical per-step losses and
+final weights (DESIGN.md, "Equivalence"). Each arm runs through its own framework's machinery:
+the plain loop by hand, Lightning through its Trainer, precision plugin and fit loop."""
+import ast
+import pathlib
+
+import pytest
+import torch
+
+from common.errors import UsageError
+from lightning_impl import train as lightning
+from plain_torch import train as plain
+from tests.conftest import tiny
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def both(tmp_path, **overrides):
+    a = plain.train(tiny(tmp_path, run_id="plain", **overrides))
+    b = lightning.train(tiny(tmp_path, run_id="lightning", **overrides))
+    assert a.status == b.status == "ok", (a.error, b.error)
+    return a, b
+
+
+def assert_identical(a, b):
+    assert len(a.step_losses) == len(b.step_losses) > 0
+    assert a.step_losses == b.step_losses  # float equality: bitwise for finite values
+    assert a.weights_sha256 == b.weights_sha256
+    for ra, rb in zip(a.epochs, b.epochs):
+        for key in ("train_loss", "test_loss", "test_acc", "loss_scale", "skipped_steps", "steps"):
+            assert ra[key] == rb[key], key
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed"])
+def test_plain_and_lightning_are_bitwise_identical(tmp_path, precision):
+    a, b = both(tmp_path, precision=precision)
+    assert_identical(a, b)
+    assert a.precision == b.precision == {"requested": precision, "effective": precision}
+    assert len(a.epochs) == 2  # the data order of epoch 2 is covered too
+
+
+@pytest.mark.parametrize("precision", ["32-true", "16-mixed"])
+def test_identical_with_gradient_clipping(tmp_path, precision):
+    # plain unscales before clipping; Lightning's precision plugin does it itself.
+    a, b = both(tmp_path, precision=precision, clip_grad=0.05)
+    assert_identical(a, b)
+    unclipped = plain.train(tiny(tmp_path, run_id="unclipped", precision=precision))
+    assert unclipped.weights_sha256 != a.weights_sha256  # the clip really bit
+
+
+def test_identical_with_sgd_and_a_cosine_schedule(tmp_path):
+    assert_identical(*both(tmp_path, precision="bf16-mixed", optimizer="sgd", schedule="cosine",
+                           lr=0.05, epochs=3))
+
+
+def test_identical_when_the_scaler_skips_steps(tmp_path, monkeypatch):
+    # A loss scale of 2**40 overflows fp16 gradients: each arm's GradScaler must skip those
+    # steps and back off the scale in the same way.
+    real = torch.amp.GradScaler.__init__
+
+    def huge_scale(self, *args, **kwargs):
+        real(self, *args, **{**kwargs, "init_scale": 2.0 ** 40})
+    monkeypatch.setattr(torch.amp.GradScaler, "__init__", huge_scale)
+    a, b = both(tmp_path, precision="16-mixed")
+    assert_identical(a, b)
+    assert a.epochs[0]["skipped_steps"] > 0
+    assert a.epochs[0]["loss_scale"] < 2.0 ** 40
+
+
+def test_fp16_really_ran_in_lightning_on_cpu(tmp_path):
+    fp16 = lightning.train(tiny(tmp_path, run_id="fp16", precision="16-mixed"))
+    bf16 = lightning.train(tiny(tmp_path, run_id="bf16", precision="bf16-mixed"))
+    assert fp16.precision["effective"] == "16-mixed"
+    assert all(row["loss_scale"] == 65536.0 for row in fp16.epochs)  # a GradScaler ran
+    assert all(row["loss_scale"] is None for row in bf16.epochs)
+    assert fp16.step_losses != bf16.step_losses
+
+
+def test_a_silent_switch_to_bf16_is_refused(tmp_path, monkeypatch):
+    # What Lightning does on CPU with precision="16-mixed" and no plugin: it runs bf16.
+    from pytorch_lightning.plugins import MixedPrecision
+    monkeypatch.setattr(lightning, "MixedPrecision",
+                        lambda precision, device, scaler: MixedPrecision("bf16-mixed", device))
+    with pytest.raises(UsageError, match="Lightning chose bf16-mixed for 16-mixed"):
+        lightning.train(tiny(tmp_path, precision="16-mixed"))
+
+
+def top_level_names(path):
+    tree = ast.parse(path.read_text())
+    return [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+
+
+def test_train_files_share_top_level_names_in_order():
+    names = {f: top_level_names(ROOT / f / "train.py")
+             for f in ("plain_torch", "lightning_impl", "apex_impl")}
+    assert names["plain_torch"] == ["build", "fit", "train"]
+    assert names["lightning_impl"] == names["plain_torch"]
+    assert names["apex_impl"] == names["plain_torch"]
