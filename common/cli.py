@@ -81,6 +81,9 @@ def cli():
 
 def run_one(impl: str, cfg: Config) -> int:
     """Run one implementation in this process; print where its result is. Returns the exit code."""
+    if impl == "apex":  # say what apex lacks before its loop module is even imported
+        from apex_impl.policy import check
+        check(cfg)
     try:
         module = importlib.import_module(IMPLS[impl])
     except ImportError as e:
@@ -115,7 +118,7 @@ lightning = _impl_command("lightning", "PyTorch Lightning: Trainer(precision=...
 @click.option("--opt-level", type=click.Choice(["O0", "O1", "O2", "O3"]), default=None,
               help="apex opt level  [default: O0 for 32-true, O1 for 16-mixed]")
 def apex(**options):
-    return run_one("apex", config_from(options, opt_level=options["opt_level"]))
+    return run_one("apex", config_from(options))
 
 
 def main():

@@ -1,0 +1,76 @@
+"""What apex needs and how our precision names map onto its opt levels.
+
+apex.amp is deprecated and was removed from apex after release 25.04; apex is not on the
+package index, and amp's loss scaler allocates CUDA tensors, so it cannot run without a GPU.
+"apex is importable" and "apex can run here" are separate checks with separate messages.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+
+import torch
+
+from common.errors import UsageError
+from common.device import resolve_device
+from common.precision import Policy, canonical
+
+RELEASE = "25.04"
+INSTALL = (f"git clone --branch {RELEASE} https://github.com/NVIDIA/apex && "
+           "pip install -v --disable-pip-version-check --no-cache-dir --no-build-isolation ./apex")
+# O0 fp32; O1 patches torch functions to cast per op (like autocast) with dynamic loss scaling;
+# O2 casts the model to fp16, keeps fp32 master weights and fp32 BatchNorm; O3 is pure fp16.
+OPT_LEVELS = {"O0": "32-true", "O1": "16-mixed", "O2": "16-mixed", "O3": "16-true"}
+DEFAULT_OPT_LEVEL = {"32-true": "O0", "16-mixed": "O1"}
+
+
+def load_amp():
+    """apex.amp, or a UsageError naming the missing piece and how to get a working apex."""
+    try:
+        importlib.import_module("apex")
+    except ImportError:
+        raise UsageError(f"apex is not installed (it is not on the package index); apex.amp needs "
+                         f"NVIDIA apex {RELEASE} or older: {INSTALL}") from None
+    try:
+        return importlib.import_module("apex.amp")
+    except ImportError:
+        try:
+            version = importlib.metadata.version("apex")
+        except importlib.metadata.PackageNotFoundError:
+            version = "this apex"
+        raise UsageError(f"apex {version} has no apex.amp (removed after release {RELEASE}); "
+                         f"install {RELEASE}: {INSTALL}") from None
+
+
+def require_cuda(device: torch.device) -> None:
+    if device.type != "cuda":
+        why = "none is available here" if not torch.cuda.is_available() else "--accelerator is cpu"
+        raise UsageError(f"apex.amp needs a CUDA GPU (its loss scaler allocates CUDA tensors); "
+                         f"{why}. ampcompare plain and lightning run on CPU")
+
+
+def resolve(precision: str, opt_level: str | None, device: torch.device) -> tuple[str, Policy]:
+    """(opt level, policy). --opt-level wins over an --precision of auto; an explicit precision
+    that contradicts it, and bf16, are usage errors."""
+    requested = canonical(precision)
+    if requested == "bf16-mixed":
+        raise UsageError("apex.amp has no bf16 mode (its opt levels are fp32 or fp16); use "
+                         "--precision 16-mixed or 32-true, or ampcompare plain/lightning for bf16")
+    if opt_level is None:
+        # auto: apex runs on CUDA only, where the mixed precision is fp16.
+        opt_level = DEFAULT_OPT_LEVEL["16-mixed" if requested == "auto" else requested]
+    effective = OPT_LEVELS[opt_level]
+    if requested not in ("auto", effective):
+        raise UsageError(f"--opt-level {opt_level} runs {effective}, not --precision {requested}; "
+                         f"drop one of the two")
+    return opt_level, Policy(requested=requested, effective=effective, device_type=device.type)
+
+
+def check(cfg) -> tuple[str, Policy]:
+    """Everything apex needs, checked before anything runs: options first, then apex, then CUDA."""
+    cfg.validate()
+    device = resolve_device(cfg)
+    opt_level, policy = resolve(cfg.precision, cfg.opt_level, device)
+    load_amp()
+    require_cuda(device)
+    return opt_level, policy

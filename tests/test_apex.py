@@ -1,0 +1,182 @@
+"""apex: what can be checked without a GPU (option mapping, the exit-2 messages for each missing
+piece) runs everywhere; the real comparisons are marked gpu + apex and run where both exist."""
+import math
+import sys
+import types
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from apex_impl import policy
+from common.cli import cli
+from common.errors import UsageError
+from tests.conftest import tiny
+
+CPU = torch.device("cpu")
+CUDA = torch.device("cuda", 0)
+
+
+@pytest.mark.parametrize("precision,opt_level,expected", [
+    ("32-true", None, ("O0", "32-true")),
+    ("32", None, ("O0", "32-true")),
+    ("16-mixed", None, ("O1", "16-mixed")),
+    ("auto", None, ("O1", "16-mixed")),
+    ("auto", "O2", ("O2", "16-mixed")),
+    ("16-mixed", "O2", ("O2", "16-mixed")),
+    ("auto", "O3", ("O3", "16-true")),
+    ("32-true", "O0", ("O0", "32-true")),
+])
+def test_precision_maps_to_opt_level(precision, opt_level, expected):
+    level, pol = policy.resolve(precision, opt_level, CUDA)
+    assert (level, pol.effective) == expected
+
+
+@pytest.mark.parametrize("precision,opt_level,message", [
+    ("bf16-mixed", None, "apex.amp has no bf16 mode"),
+    ("bf16", "O1", "apex.amp has no bf16 mode"),
+    ("32-true", "O1", "--opt-level O1 runs 16-mixed, not --precision 32-true"),
+    ("16-mixed", "O0", "--opt-level O0 runs 32-true, not --precision 16-mixed"),
+])
+def test_bad_combinations_are_rejected(precision, opt_level, message):
+    with pytest.raises(UsageError, match=message):
+        policy.resolve(precision, opt_level, CUDA)
+
+
+def apex_cli(tmp_path, *args):
+    out = tmp_path / "runs"
+    result = CliRunner().invoke(cli, ["apex", "--dataset", "synthetic", "--out-dir", str(out),
+                                      *args])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ampcompare: error: "), result.stderr
+    assert not out.exists()
+    return lines[0]
+
+
+def test_apex_missing(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "apex", None)  # import apex raises ImportError
+    line = apex_cli(tmp_path)
+    assert "apex is not installed" in line
+    assert f"--branch {policy.RELEASE} https://github.com/NVIDIA/apex" in line
+
+
+def test_apex_without_amp(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "apex", types.ModuleType("apex"))
+    monkeypatch.setitem(sys.modules, "apex.amp", None)  # an apex newer than 25.04
+    line = apex_cli(tmp_path)
+    assert "has no apex.amp (removed after release 25.04)" in line and "pip install" in line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without CUDA")
+def test_apex_without_cuda(tmp_path, monkeypatch):
+    fake = types.ModuleType("apex")
+    fake.amp = types.ModuleType("apex.amp")
+    monkeypatch.setitem(sys.modules, "apex", fake)
+    monkeypatch.setitem(sys.modules, "apex.amp", fake.amp)
+    assert "apex.amp needs a CUDA GPU" in apex_cli(tmp_path)
+    assert "--accelerator cuda: no CUDA device" in apex_cli(tmp_path, "--accelerator", "cuda")
+
+
+def test_bf16_with_apex_is_a_usage_error_before_apex_is_looked_for(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "apex", None)
+    assert "apex.amp has no bf16 mode" in apex_cli(tmp_path, "--precision", "bf16")
+
+
+def test_other_commands_work_without_apex(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "apex", None)
+    from plain_torch import train as plain
+    assert plain.train(tiny(tmp_path, epochs=1)).status == "ok"
+
+
+# --- GPU + apex: the real comparisons -------------------------------------------------------
+
+def gpu(tmp_path, **overrides):
+    values = dict(accelerator="cuda", synthetic_size=2048, batch_size=128,
+                  limit_train_batches=None, limit_test_batches=None, deterministic=True)
+    values.update(overrides)
+    return tiny(tmp_path, **values)
+
+
+@pytest.mark.gpu
+@pytest.mark.apex
+def test_apex_o0_is_bitwise_identical_to_plain_fp32(tmp_path):
+    from apex_impl import train as apex
+    from plain_torch import train as plain
+    a = plain.train(gpu(tmp_path, run_id="plain", precision="32-true"))
+    b = apex.train(gpu(tmp_path, run_id="apex", precision="32-true"))
+    assert b.opt_level == "O0" and a.status == b.status == "ok"
+    assert a.step_losses == b.step_losses
+    assert a.weights_sha256 == b.weights_sha256
+
+
+# fp16 rounding differs between autocast's op lists and apex's, so the runs drift apart: on this
+# short run (2 epochs x 16 steps) per-step losses stay within 0.05 on average and 0.25 at worst,
+# and final accuracy within 5 points.
+LOSS_MEAN_TOL, LOSS_MAX_TOL, ACC_TOL = 0.05, 0.25, 0.05
+
+
+@pytest.mark.gpu
+@pytest.mark.apex
+@pytest.mark.parametrize("opt_level", ["O1", "O2"])
+def test_apex_mixed_tracks_plain_fp16(tmp_path, opt_level):
+    from apex_impl import train as apex
+    from plain_torch import train as plain
+    a = plain.train(gpu(tmp_path, run_id="plain", precision="16-mixed", deterministic=False))
+    b = apex.train(gpu(tmp_path, run_id="apex", precision="16-mixed", opt_level=opt_level,
+                       deterministic=False))
+    assert a.status == b.status == "ok"
+    diffs = [abs(x - y) for x, y in zip(a.step_losses, b.step_losses)]
+    assert len(diffs) == len(a.step_losses) == len(b.step_losses)
+    assert sum(diffs) / len(diffs) <= LOSS_MEAN_TOL and max(diffs) <= LOSS_MAX_TOL, diffs
+    assert abs(a.summary["final_test_acc"] - b.summary["final_test_acc"]) <= ACC_TOL
+
+
+def poison_gradient_at(monkeypatch, step):
+    """Make the first conv's gradient inf on one backward pass, in whichever loop runs."""
+    from common import models
+    real = models.build_model
+
+    def build_model(cfg):
+        model = real(cfg)
+        calls = {"n": 0}
+
+        def hook(grad):
+            calls["n"] += 1
+            return torch.full_like(grad, math.inf) if calls["n"] == step else grad
+        next(model.parameters()).register_hook(hook)
+        return model
+    monkeypatch.setattr(models, "build_model", build_model)
+
+
+@pytest.mark.gpu
+@pytest.mark.apex
+@pytest.mark.parametrize("impl", ["plain", "apex"])
+def test_an_inf_gradient_skips_the_step_and_lowers_the_scale(tmp_path, monkeypatch, impl):
+    import importlib
+    poison_gradient_at(monkeypatch, 3)
+    module = importlib.import_module({"plain": "plain_torch.train", "apex": "apex_impl.train"}[impl])
+    result = module.train(gpu(tmp_path, precision="16-mixed", epochs=1, deterministic=False))
+    assert result.status == "ok"
+    assert result.epochs[0]["skipped_steps"] == 1
+    assert result.epochs[0]["loss_scale"] < 65536.0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed"])
+def test_plain_and_lightning_bitwise_identical_on_gpu(tmp_path, precision):
+    from lightning_impl import train as lightning
+    from plain_torch import train as plain
+    if precision == "bf16-mixed" and not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bf16")
+    a = plain.train(gpu(tmp_path, run_id="plain", precision=precision))
+    b = lightning.train(gpu(tmp_path, run_id="lightning", precision=precision))
+    assert a.step_losses == b.step_losses
+    assert a.weights_sha256 == b.weights_sha256
+
+
+def test_a_missing_apex_never_imports_the_apex_loop(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "apex", None)
+    monkeypatch.delitem(sys.modules, "apex_impl.train", raising=False)
+    apex_cli(tmp_path)
+    assert "apex_impl.train" not in sys.modules
