@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import os
 import sys
 
 import click
@@ -37,10 +38,12 @@ def _option(fld: dataclasses.Field):
     return click.option(*decls, fld.name, **kwargs)
 
 
-def common_options(command):
+def common_options(command=None, *, exclude=()):
     """The COMMON option bundle: one click option per Config field, default and help from it."""
+    if command is None:
+        return functools.partial(common_options, exclude=exclude)
     for fld in reversed(dataclasses.fields(Config)):
-        if "click" in fld.metadata:
+        if "click" in fld.metadata and fld.name not in exclude:
             command = _option(fld)(command)
     return command
 
@@ -119,6 +122,107 @@ lightning = _impl_command("lightning", "PyTorch Lightning: Trainer(precision=...
               help="apex opt level  [default: O0 for 32-true, O1 for 16-mixed]")
 def apex(**options):
     return run_one("apex", config_from(options))
+
+
+def _names(value: str, allowed, what: str) -> list[str]:
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [n for n in names if n not in allowed]
+    if bad or not names:
+        raise UsageError(f"--{what}: {', '.join(bad) or 'nothing given'}; choose from "
+                         f"{', '.join(allowed)}")
+    return list(dict.fromkeys(names))
+
+
+@cli.command("compare", help="Run every implementation at every precision, each run in a fresh "
+             "process, interleaved; write a table (report.md, results.csv, summary.json) and a "
+             "chart (benchmark.png) into one folder.")
+@common_options(exclude=("precision", "run_id"))
+@click.option("--impls", default="plain,lightning,apex",
+              help="Implementations, comma-separated.  [default: plain,lightning,apex]")
+@click.option("--precisions", default=None,
+              help="Precisions, comma-separated.  [default: 32-true and the device's mixed "
+                   "precision: 16-mixed on CUDA, bf16-mixed on CPU]")
+@click.option("--repeats", default=1, type=int,
+              help="Runs of each (impl, precision); spreads are min–max over them.  [default: 1]")
+def compare_command(impls, precisions, repeats, **options):
+    from common import compare, precision, report
+    from common.device import resolve_device
+
+    cfg = config_from(options).validate()
+    impls = _names(impls, tuple(IMPLS), "impls")
+    if repeats < 1:
+        raise UsageError(f"--repeats must be >= 1, not {repeats}")
+    if precisions is None:
+        precisions = ["32-true", precision.mixed_default(resolve_device(cfg))]
+    else:
+        precisions = [precision.canonical(p) for p in _names(
+            precisions, (*precision.CANONICAL, *precision.ALIASES, "auto"), "precisions")]
+    from common.results import check_out_dir
+    check_out_dir(cfg.out_dir)
+    folder, code = compare.new_folder(cfg.out_dir), 0
+    try:
+        with _ArmProgress(cfg) as show:
+            compare.compare(cfg, impls, precisions, repeats, folder, show=show)
+    except KeyboardInterrupt:
+        click.echo("ampcompare: interrupted; reporting what was measured", err=True)
+        code = 130
+    records = report.load([folder])
+    paths = report.write(records, folder)
+    click.echo(open(paths["report.md"]).read())
+    for name in ("report.md", "results.csv", "summary.json", "benchmark.png"):
+        click.echo(f"{name}: {paths[name]}")
+    failed = [r for r in records if r["status"] not in ("ok", "unavailable")]
+    return code or (1 if failed else 0)
+
+
+class _ArmProgress:
+    """Which arm of how many is running, and the elapsed time: a live bar on a terminal, a
+    line per arm otherwise."""
+
+    def __init__(self, cfg):
+        from common import progress
+        self.live = progress.enabled(cfg)
+
+    def __enter__(self):
+        if self.live:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(),
+                                MofNCompleteColumn(), TimeElapsedColumn())
+            self.bar.__enter__()
+            self.task = None
+        return self
+
+    def __call__(self, k, n, arm, elapsed):
+        what = f"{arm.impl} {arm.precision} repeat {arm.repeat + 1}"
+        if not self.live:
+            click.echo(f"[{k + 1}/{n}] {what}  (elapsed {elapsed:.0f}s)", err=True)
+            return
+        if self.task is None:
+            self.task = self.bar.add_task(what, total=n)
+        self.bar.update(self.task, completed=k, description=what)
+
+    def __exit__(self, *exc):
+        if self.live:
+            self.bar.__exit__(*exc)
+
+
+@cli.command("report", help="Rebuild report.md, results.csv, summary.json and benchmark.png "
+             "from saved runs; several folders (e.g. two machines) are grouped by device.")
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", default=None, help="Where to write the report.  [default: the RUN_DIR "
+              "when there is one; ./runs/report when there are several]")
+def report_command(run_dirs, out):
+    from common import report
+
+    records = report.load(run_dirs)
+    if not records:
+        raise UsageError(f"no result.json under {', '.join(run_dirs)}")
+    out = out or (run_dirs[0] if len(run_dirs) == 1 else os.path.join("runs", "report"))
+    paths = report.write(records, out)
+    click.echo(open(paths["report.md"]).read())
+    for name, path in paths.items():
+        click.echo(f"{name}: {path}")
+    return 0
 
 
 def main():

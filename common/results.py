@@ -64,6 +64,11 @@ def write_json(path: str, obj: Any) -> None:
         raise
 
 
+def read(run_dir: str) -> dict:
+    with open(os.path.join(run_dir, "result.json")) as f:
+        return json.load(f)
+
+
 def check_out_dir(out_dir: str) -> None:
     """Fail before anything is written if no run folder can be made under out_dir."""
     probe = os.path.abspath(out_dir)
@@ -133,6 +138,7 @@ def environment(device: torch.device, switches: dict) -> dict:
         "cpu_model": _cpu_model(),
         "threads": torch.get_num_threads(),
         "git_commit": _git_commit(),
+        "pid": os.getpid(),
         **switches,
     }
 

@@ -1,0 +1,178 @@
+"""compare and report, end to end on CPU: 2 impls x 2 precisions x 2 repeats, one arm made to
+fail on purpose (through a sitecustomize that only its child processes load)."""
+import csv
+import json
+import os
+import struct
+
+import pytest
+from click.testing import CliRunner
+
+from common import compare, report
+from common.cli import cli, common_options, config_from
+from common.config import Config
+
+ARGS = ["--dataset", "synthetic", "--model", "small", "--synthetic-size", "256", "--batch-size",
+        "64", "--epochs", "2", "--limit-train-batches", "2", "--accelerator", "cpu"]
+BREAK_LIGHTNING_BF16 = """
+import sys
+if "lightning" in sys.argv and "bf16-mixed" in sys.argv:
+    from common import metrics
+    def train_done(self):
+        raise RuntimeError("broken on purpose")
+    metrics.EpochMeter.train_done = train_done
+"""
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("compare")
+    (tmp / "hook").mkdir()
+    (tmp / "hook" / "sitecustomize.py").write_text(BREAK_LIGHTNING_BF16)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("PYTHONPATH", os.pathsep.join([str(tmp / "hook"), os.environ.get("PYTHONPATH", "")]))
+    result = CliRunner().invoke(cli, ["compare", *ARGS, "--impls", "plain,lightning,apex",
+                                      "--precisions", "32,bf16", "--repeats", "2",
+                                      "--out-dir", str(tmp / "runs")])
+    mp.undo()
+    folders = list((tmp / "runs").iterdir())
+    assert len(folders) == 1, result.output
+    return result, folders[0]
+
+
+def test_compare_writes_every_file(compared):
+    result, folder = compared
+    assert result.exit_code == 1, result.output  # one arm failed; everything else was kept
+    for name in ("results.csv", "summary.json", "report.md", "benchmark.png"):
+        assert (folder / name).stat().st_size > 0
+    rows = list(csv.DictReader(open(folder / "results.csv")))
+    assert len(rows) == 3 * 2 * 2
+    assert "[1/12]" in result.stderr and "[12/12]" in result.stderr
+
+
+def test_each_run_came_from_its_own_process(compared):
+    _, folder = compared
+    records = [r for r in report.load([folder]) if r["impl"] != "apex"]
+    pids = [r["env"]["pid"] for r in records]
+    assert len(records) == 8 and len(set(pids)) == 8 and os.getpid() not in pids
+
+
+def test_a_failing_arm_is_a_row_and_the_rest_complete(compared):
+    _, folder = compared
+    rows = list(csv.DictReader(open(folder / "results.csv")))
+    status = {(r["impl"], r["precision"], r["repeat"]): r["status"] for r in rows}
+    assert status[("lightning", "bf16-mixed", "0")] == "failed"
+    assert status[("lightning", "bf16-mixed", "1")] == "failed"
+    assert all(status[(i, p, k)] == "ok" for i, p in [("plain", "32-true"), ("plain", "bf16-mixed"),
+                                                      ("lightning", "32-true")] for k in "01")
+    failed = next(r for r in rows if r["status"] == "failed")
+    assert "broken on purpose" in failed["error"]
+    assert int(failed["epochs_done"]) == 0
+    md = (folder / "report.md").read_text()
+    assert "| lightning | bf16-mixed | lightning-bf16-mixed-r0, lightning-bf16-mixed-r1 | failed |" in md
+
+
+def test_apex_unavailable_here_is_a_row_that_says_why(compared):
+    # apex.amp cannot run without CUDA, so on the CPU machines this suite runs on it never runs.
+    _, folder = compared
+    rows = [r for r in csv.DictReader(open(folder / "results.csv")) if r["impl"] == "apex"]
+    assert len(rows) == 4 and {r["status"] for r in rows} == {"unavailable"}
+    assert all(("apex" in r["error"] or "CUDA" in r["error"]) for r in rows)
+    assert "unavailable" in (folder / "report.md").read_text()
+
+
+def test_report_tables_and_ratios(compared):
+    _, folder = compared
+    summary = json.loads((folder / "summary.json").read_text())
+    (device,) = summary["devices"]
+    assert list(device["precisions"]) == ["32-true", "bf16-mixed"]
+    plain32 = device["precisions"]["32-true"]["plain"]
+    assert plain32["ok"] == 2 and plain32["median_epoch_time_s"]["n"] == 2
+    assert plain32["median_epoch_time_s"]["min"] <= plain32["median_epoch_time_s"]["median"] \
+        <= plain32["median_epoch_time_s"]["max"]
+    ratio = device["ratios"]["plain"]["bf16-mixed"]
+    assert ratio["speedup"] == pytest.approx(
+        plain32["median_epoch_time_s"]["median"]
+        / device["precisions"]["bf16-mixed"]["plain"]["median_epoch_time_s"]["median"])
+    md = (folder / "report.md").read_text()
+    assert "On CPU the mixed precision is bf16-mixed" in md
+    assert "### Mixed precision against 32-true" in md
+
+
+def test_report_rebuilds_the_same_files(compared, tmp_path):
+    _, folder = compared
+    before = (folder / "report.md").read_text()
+    r = CliRunner().invoke(cli, ["report", str(folder), "--out", str(tmp_path / "again")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "again" / "report.md").read_text() == before
+    assert (tmp_path / "again" / "results.csv").read_text() == (folder / "results.csv").read_text()
+
+
+def test_report_groups_several_folders_by_device(compared, tmp_path):
+    _, folder = compared
+    other = tmp_path / "other-machine"
+    for record in report.load([folder]):
+        record["env"]["device_name"] = "Other CPU"
+        run_dir = other / record["run_id"]
+        run_dir.mkdir(parents=True)
+        (run_dir / "result.json").write_text(json.dumps(record))
+    records = report.load([folder, other])
+    summary = report.summarize(records)
+    devices = [d["device"] for d in summary["devices"]]
+    assert len(devices) == 2 and devices[1] == "Other CPU (cpu)"
+    paths = report.write(records, str(tmp_path / "both"))
+    md = open(paths["report.md"]).read()
+    assert md.count("## ") >= 2 and "Other CPU (cpu)" in md
+
+
+def png_size(path):
+    with open(path, "rb") as f:
+        head = f.read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR"
+    return struct.unpack(">II", head[16:24])
+
+
+def test_chart_is_a_png_of_the_expected_size(compared):
+    _, folder = compared
+    assert png_size(folder / "benchmark.png") == (1300, 420)
+
+
+def test_schedule_interleaves_and_rotates():
+    arms = compare.schedule(["plain", "lightning"], ["32-true", "bf16-mixed"], 3)
+    assert len(arms) == 12
+    firsts = [arms[k * 4] for k in range(3)]
+    assert len({(a.impl, a.precision) for a in firsts}) == 3  # no arm always goes first
+    for r in range(3):
+        block = arms[r * 4:(r + 1) * 4]
+        assert {a.repeat for a in block} == {r}
+        assert len({(a.impl, a.precision) for a in block}) == 4
+
+
+def test_child_args_reproduce_the_config():
+    cfg = Config(dataset="synthetic", model="small", batch_size=64, lr=3e-4, clip_grad=0.5,
+                 download=False, tf32=True, limit_train_batches=5, seed=7)
+    seen = {}
+
+    @cli.command("_echo", hidden=True)
+    @common_options
+    def _echo(**options):
+        seen.update(config_from(options).to_dict())
+        return 0
+    try:
+        r = CliRunner().invoke(cli, ["_echo", *compare.child_args(cfg)])
+        assert r.exit_code == 0, r.output
+    finally:
+        cli.commands.pop("_echo")
+    expected = cfg.to_dict()
+    for name in compare.NOT_PASSED:
+        expected.pop(name), seen.pop(name)
+    assert seen == expected
+
+
+def test_compare_rejects_bad_lists(tmp_path):
+    for args, message in ((["--impls", "plain,tensorflow"], "--impls: tensorflow"),
+                          (["--precisions", "32,fp8"], "--precisions: fp8"),
+                          (["--repeats", "0"], "--repeats must be >= 1")):
+        r = CliRunner().invoke(cli, ["compare", "--out-dir", str(tmp_path / "runs"), *args])
+        assert r.exit_code == 2 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
+        assert not (tmp_path / "runs").exists()
