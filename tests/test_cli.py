@@ -48,10 +48,15 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("args,message", BAD, ids=[" ".join(a) for a, _ in BAD])
-def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args, message):
+@pytest.mark.parametrize("command", ["plain", "lightning"])
+@pytest.mark.parametrize("args,message", BAD + [
+    (["--precision", "16-true"], "unknown precision '16-true'"),  # Lightning has it; we compare AMP
+    (["--precision", "64"], "unknown precision '64'"),
+    (["--opt-level", "O1"], "No such option '--opt-level'"),  # apex only
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, command, args, message):
     out = tmp_path / "runs"
-    result = CliRunner().invoke(cli, ["plain", "--out-dir", str(out), "--data-dir",
+    result = CliRunner().invoke(cli, [command, "--out-dir", str(out), "--data-dir",
                                       str(tmp_path / "data"), *args])
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()

@@ -96,3 +96,23 @@ def test_train_files_share_top_level_names_in_order():
     assert names["plain_torch"] == ["build", "fit", "train"]
     assert names["lightning_impl"] == names["plain_torch"]
     assert names["apex_impl"] == names["plain_torch"]
+
+
+@pytest.mark.parametrize("impl", [plain, lightning], ids=["plain", "lightning"])
+def test_ctrl_c_leaves_a_complete_result_in_either_loop(tmp_path, monkeypatch, impl):
+    import signal
+    from common import metrics
+    real = metrics.EpochMeter.train_done
+
+    def train_done(self):
+        if self.epoch == 1:
+            raise KeyboardInterrupt
+        real(self)
+    monkeypatch.setattr(metrics.EpochMeter, "train_done", train_done)
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        result = impl.train(tiny(tmp_path, epochs=3))
+    finally:
+        signal.signal(signal.SIGINT, handler)  # Lightning ignores SIGINT after a Ctrl-C
+    assert result.status == "interrupted" and result.exit_code == 130
+    assert len(result.epochs) == 1 and len(result.step_losses) == 3 and result.weights_sha256
