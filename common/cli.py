@@ -15,7 +15,8 @@ from common.errors import UsageError
 
 IMPLS = {"plain": "plain_torch.train", "lightning": "lightning_impl.train",
          "apex": "apex_impl.train"}
-PRECISION_HELP_NAMES = "32-true, 16-mixed, bf16-mixed"
+# click 8.2 raises this for a bare `ampcompare`; 8.1 prints the help itself.
+NO_ARGS = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
 
 def _option(fld: dataclasses.Field):
@@ -48,9 +49,9 @@ def common_options(command=None, *, exclude=()):
     return command
 
 
-def config_from(options: dict, **extra) -> Config:
+def config_from(options: dict) -> Config:
     names = {f.name for f in dataclasses.fields(Config)}
-    return Config(**{k: v for k, v in options.items() if k in names}, **extra)
+    return Config(**{k: v for k, v in options.items() if k in names})
 
 
 class OneLineErrors(click.Group):
@@ -60,7 +61,7 @@ class OneLineErrors(click.Group):
         try:
             code = super().main(args=args, prog_name=prog_name or "ampcompare",
                                 standalone_mode=False, **extra)
-        except click.exceptions.NoArgsIsHelpError as e:
+        except NO_ARGS as e:
             click.echo(e.ctx.get_help())
             code = 0
         except click.ClickException as e:
@@ -145,20 +146,23 @@ def _names(value: str, allowed, what: str) -> list[str]:
 @click.option("--repeats", default=1, type=int,
               help="Runs of each (impl, precision); spreads are min–max over them.  [default: 1]")
 def compare_command(impls, precisions, repeats, **options):
-    from common import compare, precision, report
+    from common import compare, data, precision, report
     from common.device import resolve_device
+    from common.results import check_out_dir
 
     cfg = config_from(options).validate()
     impls = _names(impls, tuple(IMPLS), "impls")
     if repeats < 1:
         raise UsageError(f"--repeats must be >= 1, not {repeats}")
+    mixed = precision.mixed_default(resolve_device(cfg))
     if precisions is None:
-        precisions = ["32-true", precision.mixed_default(resolve_device(cfg))]
+        precisions = ["32-true", mixed]
     else:
-        precisions = [precision.canonical(p) for p in _names(
-            precisions, (*precision.CANONICAL, *precision.ALIASES, "auto"), "precisions")]
-    from common.results import check_out_dir
+        names = _names(precisions, (*precision.CANONICAL, *precision.ALIASES, "auto"), "precisions")
+        precisions = list(dict.fromkeys(
+            mixed if p == "auto" else p for p in map(precision.canonical, names)))
     check_out_dir(cfg.out_dir)
+    data.load(cfg)  # a missing CIFAR-10 is one usage error here, not one per arm (and downloads once)
     folder, code = compare.new_folder(cfg.out_dir), 0
     try:
         with _ArmProgress(cfg) as show:

@@ -112,11 +112,16 @@ def _cpu_model() -> str:
 def _git_commit() -> Optional[str]:
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
-        out = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True,
-                             text=True, timeout=5)
+        head = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True,
+                              text=True, timeout=5)
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    if head.returncode != 0 or not head.stdout.strip():
+        return None
+    # "+dirty": the numbers came from code that differs from the commit named.
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def environment(device: torch.device, switches: dict) -> dict:

@@ -57,5 +57,5 @@ def train(cfg) -> RunResult:
     model, module, trainer = build(cfg, run)
     with run.recorder:
         fit(cfg, run, model, module, trainer)
-    return run.recorder.close(model, optimizer=trainer.optimizers[0].state_dict(),
-                              scaler=trainer.precision_plugin.state_dict())
+    optimizer = trainer.optimizers[0].state_dict() if trainer.optimizers else None  # none if fit failed early
+    return run.recorder.close(model, optimizer=optimizer, scaler=trainer.precision_plugin.state_dict())

@@ -176,3 +176,10 @@ def test_compare_rejects_bad_lists(tmp_path):
         r = CliRunner().invoke(cli, ["compare", "--out-dir", str(tmp_path / "runs"), *args])
         assert r.exit_code == 2 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
         assert not (tmp_path / "runs").exists()
+
+
+def test_compare_without_cifar10_is_one_usage_error(tmp_path):
+    r = CliRunner().invoke(cli, ["compare", "--no-download", "--data-dir", str(tmp_path / "none"),
+                                 "--out-dir", str(tmp_path / "runs")])
+    assert r.exit_code == 2 and "--dataset synthetic" in r.stderr and r.stderr.count("\n") == 1
+    assert not (tmp_path / "runs").exists()
