@@ -6,6 +6,8 @@ Run:    ampcompare apex --dataset synthetic --model small --epochs 2 --opt-level
 Read:   diff plain_torch/train.py apex_impl/train.py
 Shows:  O0 is bitwise identical to plain 32-true; O1/O2 track plain 16-mixed within a stated
         tolerance (tests/test_apex.py, GPU + apex only).
+Measured: nothing yet: it needs a GPU with apex 25.04; scripts/gpu_check.sh makes the
+        figures there.
 """
 from __future__ import annotations
 

@@ -188,7 +188,8 @@ def chart(summary, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = (("peak_memory_bytes", "peak memory (MiB)", MIB),
+    cpu = any(dev["env"].get("device") == "cpu" for dev in summary["devices"])
+    panels = (("peak_memory_bytes", "peak memory (MiB)" + (": process RSS on CPU" if cpu else ""), MIB),
               ("median_epoch_time_s", "epoch time (s)", 1.0),
               ("final_test_acc", "final test accuracy", 1.0))
     groups, precisions = [], []
