@@ -14,7 +14,6 @@ from __future__ import annotations
 from itertools import islice
 
 import torch
-import torch.nn.functional as F
 
 from apex_impl.policy import check
 from common import metrics, models, progress
@@ -47,7 +46,7 @@ def fit(cfg, run: Run, model, optimizer, scheduler, scaler) -> None:
             for x, y in islice(run.train_loader, run.steps_per_epoch):
                 meter.batch_start()
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                loss = F.cross_entropy(model(x), y)  # plain: under torch.autocast; apex patched torch (O1) or cast the model (O2, O3)
+                loss = models.cross_entropy(model(x), y)  # plain: under torch.autocast; apex patched torch (O1) or cast the model (O2, O3)
                 optimizer.zero_grad()
                 with amp.scale_loss(loss, optimizer) as scaled_loss:  # plain: scaler.scale(loss).backward()
                     scaled_loss.backward()  # gradients come out unscaled, overflow checked

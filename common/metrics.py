@@ -10,9 +10,9 @@ import resource
 import time
 
 import torch
-import torch.nn.functional as F
 
 from common.device import synchronize
+from common.models import cross_entropy
 
 
 class Diverged(RuntimeError):
@@ -69,7 +69,7 @@ class EpochMeter:
         self.train_time = time.perf_counter() - self.start
 
     def eval_batch(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        loss = F.cross_entropy(logits.float(), labels, reduction="sum")
+        loss = cross_entropy(logits, labels, reduction="sum")
         correct = (logits.argmax(1) == labels).sum()
         self.test_loss = loss if self.test_loss is None else self.test_loss + loss
         self.test_correct = correct if self.test_correct is None else self.test_correct + correct

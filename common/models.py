@@ -6,6 +6,19 @@ from torch import nn
 import torch.nn.functional as F
 
 
+def global_avg_pool(x: torch.Tensor) -> torch.Tensor:
+    # A mean, not adaptive_avg_pool2d: that op's CUDA backward has no deterministic kernel, and
+    # torch refuses it under --deterministic, which the GPU parity runs need.
+    return x.mean(dim=(2, 3))
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"):
+    """F.cross_entropy, in fp32, written as log_softmax + gather: nll_loss's CUDA backward
+    accumulates with atomicAdd and torch refuses it under --deterministic."""
+    picked = -F.log_softmax(logits.float(), dim=1).gather(1, labels[:, None]).squeeze(1)
+    return picked.sum() if reduction == "sum" else picked.mean()
+
+
 class BasicBlock(nn.Module):
     def __init__(self, inp: int, out: int, stride: int):
         super().__init__()
@@ -40,7 +53,7 @@ class ResNet18(nn.Module):
 
     def forward(self, x):
         x = self.layers(F.relu(self.bn1(self.conv1(x))))
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+        return self.fc(global_avg_pool(x))
 
 
 class SmallCNN(nn.Module):
@@ -56,7 +69,7 @@ class SmallCNN(nn.Module):
         self.fc = nn.Linear(chans[-1], num_classes)
 
     def forward(self, x):
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1))
+        return self.fc(global_avg_pool(self.features(x)))
 
 
 def build_model(cfg) -> nn.Module:

@@ -8,7 +8,6 @@ import logging
 import warnings
 
 import pytorch_lightning as pl
-import torch.nn.functional as F
 
 from common import metrics, models
 
@@ -35,7 +34,7 @@ class LitClassifier(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        return F.cross_entropy(self.model(x), y)
+        return models.cross_entropy(self.model(x), y)
 
     def validation_step(self, batch, batch_idx):
         x, y = batch

@@ -13,7 +13,6 @@ from __future__ import annotations
 from itertools import islice
 
 import torch
-import torch.nn.functional as F
 
 from common import metrics, models, progress
 from common.prepare import Run, prepare
@@ -41,7 +40,7 @@ def fit(cfg, run: Run, model, optimizer, scheduler, scaler) -> None:
                 meter.batch_start()
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 with autocast:
-                    loss = F.cross_entropy(model(x), y)
+                    loss = models.cross_entropy(model(x), y)
                 optimizer.zero_grad()
                 scaler.scale(loss).backward()  # apex: amp.scale_loss(loss, optimizer); lightning: the Trainer
                 scaler.unscale_(optimizer)  # unscaled gradients for clipping; lightning always unscales here too

@@ -141,3 +141,16 @@ def test_write_json_is_atomic(tmp_path, monkeypatch):
         results.write_json(str(path), {"a": 2})
     assert json.loads(path.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_loss_is_cross_entropy():
+    torch.manual_seed(0)
+    logits = torch.randn(64, 10, requires_grad=True)
+    labels = torch.randint(0, 10, (64,))
+    ours = models.cross_entropy(logits, labels)
+    (grad,) = torch.autograd.grad(ours, logits)
+    ref = torch.nn.functional.cross_entropy(logits, labels)
+    (ref_grad,) = torch.autograd.grad(ref, logits)
+    assert torch.allclose(ours, ref, atol=1e-6) and torch.allclose(grad, ref_grad, atol=1e-6)
+    assert torch.allclose(models.cross_entropy(logits, labels, "sum"), ref * 64, rtol=1e-5)
+    assert models.cross_entropy(logits.bfloat16(), labels).dtype == torch.float32
