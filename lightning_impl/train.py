@@ -6,9 +6,9 @@ Read:   diff plain_torch/train.py lightning_impl/train.py
 Shows:  per-step losses and final weights bitwise identical to the plain loop at 32-true,
         bf16-mixed and 16-mixed (tests/test_parity.py), and what the Trainer costs per epoch
         (benchmarks/lightning_overhead.py).
-Measured: same setup as plain_torch/train.py, pytorch-lightning 2.6.6: 6.82 s/epoch at
-        32-true, 3.40 s at bf16-mixed; alternating in one process, lightning/plain = 1.008
-        (32-true) and 1.007 (bf16-mixed) (README, "What Lightning costs").
+Measured: same setup as plain_torch/train.py, pytorch-lightning 2.6.6: 3.35 s/epoch at
+        bf16-mixed (plain: 3.27); alternating with plain in one process, lightning/plain =
+        1.011 at 32-true and 0.998 at bf16-mixed (README, "What Lightning costs").
 """
 from __future__ import annotations
 
