@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -75,11 +76,16 @@ def run_arm(cfg: Config, arm: Arm, folder: str, unavailable: dict, env: dict) ->
     else:
         cmd = [sys.executable, "-m", "common.cli", arm.impl, *child_args(cfg), "--precision",
                arm.precision, "--out-dir", folder, "--run-id", arm.run_id, "--quiet"]
-        proc = subprocess.run(cmd, capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        try:
+            _, stderr = proc.communicate()
+        except KeyboardInterrupt:
+            stop(proc)
+            raise
+        lines = [line for line in stderr.splitlines() if line.strip()]
         last = lines[-1] if lines else f"exit code {proc.returncode}"
-        if proc.returncode == 130:  # Ctrl-C reached the child too; it saved what it had
+        if proc.returncode == 130:  # interrupted on its own (e.g. kill -INT): it saved its result
             raise KeyboardInterrupt
         if os.path.exists(os.path.join(run_dir, "result.json")):
             return results.read(run_dir)
@@ -99,6 +105,23 @@ def new_folder(out_dir: str) -> str:
     folder = os.path.join(out_dir, f"compare-{stamp}")
     os.makedirs(folder, exist_ok=False)
     return folder
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Let an interrupted child record its partial result before this process reports.
+    A Ctrl-C at a terminal reaches the child too; a SIGINT sent to this process alone does not,
+    so it is passed on if the child is still running after a moment. Killing it outright would
+    leave its result.json saying "running"."""
+    for sig, grace in ((None, 5), (signal.SIGINT, 60)):
+        if sig is not None:
+            proc.send_signal(sig)
+        try:
+            proc.communicate(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+    proc.kill()
+    proc.communicate()
 
 
 def compare(cfg: Config, impls, precisions, repeats: int, folder: str, show=None) -> list[dict]:

@@ -183,3 +183,31 @@ def test_compare_without_cifar10_is_one_usage_error(tmp_path):
                                  "--out-dir", str(tmp_path / "runs")])
     assert r.exit_code == 2 and "--dataset synthetic" in r.stderr and r.stderr.count("\n") == 1
     assert not (tmp_path / "runs").exists()
+
+
+def test_interrupting_compare_keeps_the_running_arm_and_reports(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "runs"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, "-m", "common.cli", "compare", "--dataset", "synthetic",
+                             "--model", "small", "--synthetic-size", "256", "--batch-size", "64",
+                             "--epochs", "50", "--accelerator", "cpu", "--impls", "plain",
+                             "--precisions", "32", "--out-dir", str(out)],
+                            cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    results = []
+    while time.monotonic() < deadline and not results:  # wait for the child's first epoch
+        time.sleep(0.2)
+        results = [p for p in out.glob("*/plain-32-true-r0/result.json")
+                   if json.loads(p.read_text())["epochs"]]
+    assert results, "the arm never finished an epoch"
+    proc.send_signal(signal.SIGINT)  # to the parent only, as `kill -INT` would
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    record = json.loads(results[0].read_text())
+    assert record["status"] == "interrupted" and record["epochs"]
+    assert (results[0].parent.parent / "report.md").exists()
