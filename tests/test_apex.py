@@ -154,25 +154,14 @@ def poison_gradient_at(monkeypatch, step):
 @pytest.mark.parametrize("impl", ["plain", "apex"])
 def test_an_inf_gradient_skips_the_step_and_lowers_the_scale(tmp_path, monkeypatch, impl):
     import importlib
-    poison_gradient_at(monkeypatch, 3)
     module = importlib.import_module({"plain": "plain_torch.train", "apex": "apex_impl.train"}[impl])
-    result = module.train(gpu(tmp_path, precision="16-mixed", epochs=1, deterministic=False))
-    assert result.status == "ok"
-    assert result.epochs[0]["skipped_steps"] == 1
-    assert result.epochs[0]["loss_scale"] < 65536.0
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed"])
-def test_plain_and_lightning_bitwise_identical_on_gpu(tmp_path, precision):
-    from lightning_impl import train as lightning
-    from plain_torch import train as plain
-    if precision == "bf16-mixed" and not torch.cuda.is_bf16_supported():
-        pytest.skip("this GPU has no bf16")
-    a = plain.train(gpu(tmp_path, run_id="plain", precision=precision))
-    b = lightning.train(gpu(tmp_path, run_id="lightning", precision=precision))
-    assert a.step_losses == b.step_losses
-    assert a.weights_sha256 == b.weights_sha256
+    cfg = dict(precision="16-mixed", epochs=1, deterministic=False)
+    clean = module.train(gpu(tmp_path, run_id="clean", **cfg))
+    poison_gradient_at(monkeypatch, 3)
+    poisoned = module.train(gpu(tmp_path, run_id="poisoned", **cfg))
+    assert clean.status == poisoned.status == "ok"
+    assert poisoned.epochs[0]["skipped_steps"] == clean.epochs[0]["skipped_steps"] + 1
+    assert poisoned.epochs[0]["loss_scale"] == clean.epochs[0]["loss_scale"] / 2  # backoff 0.5
 
 
 def test_a_missing_apex_never_imports_the_apex_loop(tmp_path, monkeypatch):

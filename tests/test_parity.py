@@ -116,3 +116,15 @@ def test_ctrl_c_leaves_a_complete_result_in_either_loop(tmp_path, monkeypatch, i
         signal.signal(signal.SIGINT, handler)  # Lightning ignores SIGINT after a Ctrl-C
     assert result.status == "interrupted" and result.exit_code == 130
     assert len(result.epochs) == 1 and len(result.step_losses) == 3 and result.weights_sha256
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed"])
+def test_plain_and_lightning_bitwise_identical_on_gpu(tmp_path, precision):
+    if precision == "bf16-mixed" and not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bf16")
+    cfg = dict(accelerator="cuda", synthetic_size=2048, batch_size=128, limit_train_batches=None,
+               limit_test_batches=None, deterministic=True, precision=precision)
+    a, b = both(tmp_path, **cfg)
+    assert_identical(a, b)
+    assert a.env["device"] == "cuda" and a.env["channels_last"]
