@@ -203,11 +203,13 @@ class _ArmProgress:
             return
         if self.task is None:
             self.task = self.bar.add_task(what, total=n)
-        self.bar.update(self.task, completed=k, description=what)
+        self.bar.update(self.task, completed=k, description=f"arm {k + 1}/{n}: {what}")
 
-    def __exit__(self, *exc):
+    def __exit__(self, kind, *rest):
         if self.live:
-            self.bar.__exit__(*exc)
+            if kind is None and self.task is not None:
+                self.bar.update(self.task, completed=self.bar.tasks[0].total, description="done")
+            self.bar.__exit__(kind, *rest)
 
 
 @cli.command("report", help="Rebuild report.md, results.csv, summary.json and benchmark.png "

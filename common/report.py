@@ -141,8 +141,8 @@ def markdown(summary, records) -> str:
             lines.append(f"| {key} | {env.get(key, '–')} |")
         lines += ["", f"Model `{cfg.get('model')}` on `{cfg.get('dataset')}`, batch "
                   f"{cfg.get('batch_size')}, {cfg.get('optimizer')} at lr {cfg.get('lr')}, "
-                  f"{cfg.get('epochs')} epochs. Median over repeats, [min–max] when more than one; "
-                  f"epoch times exclude the first (warm-up) epoch.", ""]
+                  f"epochs: {cfg.get('epochs')}. Median over repeats, [min–max] when more than one; "
+                  f"epoch times exclude the first (warm-up) epoch of runs that have more.", ""]
         if env.get("device") == "cpu":
             lines += ["On CPU the mixed precision is bf16-mixed: fp16 has no fast CPU kernels. "
                       "Peak memory on CPU is the process's peak RSS, not an allocator peak.", ""]
