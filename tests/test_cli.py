@@ -96,3 +96,23 @@ def test_plain_command_does_not_import_lightning_or_apex(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=os.path.dirname(os.path.dirname(__file__)))
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("name", commands())
+def test_every_command_is_in_the_readme(name):
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")).read()
+    assert f"ampcompare {name}" in readme
+
+
+def test_overhead_benchmark_runs_and_writes_its_ratio(tmp_path):
+    root = os.path.dirname(os.path.dirname(__file__))
+    proc = subprocess.run([sys.executable, "benchmarks/lightning_overhead.py", "--repeats", "2",
+                           "--epochs", "2", "--synthetic-size", "128", "--batch-size", "64",
+                           "--out-dir", str(tmp_path)], cwd=root, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    (folder,) = tmp_path.iterdir()
+    import json
+    data = json.loads((folder / "lightning_overhead.json").read_text())
+    ratio = data["precisions"]["32-true"]["epoch_time_s"]
+    assert len(ratio["ratio_per_repeat"]) == 2 and ratio["ratio"] > 0
+    assert "32-true      epoch_time_s" in proc.stdout and (folder / "report.md").exists()
