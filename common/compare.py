@@ -19,7 +19,7 @@ from common.config import Config
 from common.device import resolve_device
 
 FLAGS = {"download": "--download/--no-download", "deterministic": "--deterministic/--no-deterministic",
-         "tf32": "--tf32/--no-tf32"}
+         "tf32": "--tf32/--no-tf32", "checkpoint": "--checkpoint/--no-checkpoint"}
 NOT_PASSED = ("precision", "run_id", "out_dir", "quiet", "opt_level")
 
 

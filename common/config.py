@@ -58,6 +58,9 @@ class Config:
     out_dir: str = _f("./runs", "Each run writes <out-dir>/<run-id>/result.json.")
     run_id: Optional[str] = _f(None, "Name of the run folder (default: time, impl and precision).")
     quiet: bool = _f(False, "No progress bar.", flag="--quiet/--no-quiet")
+    checkpoint: bool = _f(True, "Save checkpoint.pt (model, optimizer, loss-scaler state) beside "
+                          "result.json at the end, also of a failed or interrupted run.",
+                          flag="--checkpoint/--no-checkpoint")
     opt_level: Optional[str] = field(default=None, metadata={"help": "apex only"})
 
     def validate(self) -> "Config":

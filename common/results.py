@@ -221,8 +221,9 @@ class Recorder:
     def close(self, model: torch.nn.Module, **checkpoint) -> RunResult:
         """Hash the shared model's weights, save the checkpoint, write the final result."""
         self.result.weights_sha256 = weights_sha256(model)
-        torch.save({"model": model.state_dict(), **checkpoint},
-                   os.path.join(self.run_dir, "checkpoint.pt"))
+        if self.result.config["checkpoint"]:
+            torch.save({"model": model.state_dict(), **checkpoint},
+                       os.path.join(self.run_dir, "checkpoint.pt"))
         self.write()
         return self.result
 

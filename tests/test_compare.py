@@ -48,6 +48,7 @@ def test_compare_writes_every_file(compared):
     rows = list(csv.DictReader(open(folder / "results.csv")))
     assert len(rows) == 3 * 2 * 2
     assert "[1/12]" in result.stderr and "[12/12]" in result.stderr
+    assert not list(folder.glob("*/checkpoint.pt"))  # compare measures, it keeps no checkpoints
 
 
 def test_each_run_came_from_its_own_process(compared):
@@ -150,7 +151,7 @@ def test_schedule_interleaves_and_rotates():
 
 def test_child_args_reproduce_the_config():
     cfg = Config(dataset="synthetic", model="small", batch_size=64, lr=3e-4, clip_grad=0.5,
-                 download=False, tf32=True, limit_train_batches=5, seed=7)
+                 download=False, tf32=True, limit_train_batches=5, seed=7, checkpoint=False)
     seen = {}
 
     @cli.command("_echo", hidden=True)

@@ -154,3 +154,9 @@ def test_loss_is_cross_entropy():
     assert torch.allclose(ours, ref, atol=1e-6) and torch.allclose(grad, ref_grad, atol=1e-6)
     assert torch.allclose(models.cross_entropy(logits, labels, "sum"), ref * 64, rtol=1e-5)
     assert models.cross_entropy(logits.bfloat16(), labels).dtype == torch.float32
+
+
+def test_no_checkpoint_option(tmp_path):
+    result = plain.train(tiny(tmp_path, epochs=1, checkpoint=False, run_id="nock"))
+    assert result.status == "ok" and result.weights_sha256
+    assert sorted(p.name for p in (tmp_path / "runs" / "nock").iterdir()) == ["result.json"]
