@@ -1,5 +1,6 @@
 """apex: what can be checked without a GPU (option mapping, the exit-2 messages for each missing
 piece) runs everywhere; the real comparisons are marked gpu + apex and run where both exist."""
+import contextlib
 import math
 import sys
 import types
@@ -169,3 +170,39 @@ def test_a_missing_apex_never_imports_the_apex_loop(tmp_path, monkeypatch):
     monkeypatch.delitem(sys.modules, "apex_impl.train", raising=False)
     apex_cli(tmp_path)
     assert "apex_impl.train" not in sys.modules
+
+
+class O0Amp:
+    """A stand-in with apex.amp's O0 behaviour (fp32, loss scale 1), so that the apex loop's own
+    code runs on any CPU. The real apex is exercised by the gpu + apex tests above."""
+
+    def initialize(self, model, optimizer, opt_level, verbosity):
+        assert opt_level == "O0" and verbosity == 0
+        return model, optimizer
+
+    @contextlib.contextmanager
+    def scale_loss(self, loss, optimizer):
+        yield loss
+
+    def master_params(self, optimizer):
+        for group in optimizer.param_groups:
+            yield from group["params"]
+
+    def state_dict(self):
+        return {"loss_scaler0": {"loss_scale": 1.0, "unskipped": 0}}
+
+
+@pytest.mark.parametrize("clip_grad", [0.0, 0.05])
+def test_apex_loop_matches_plain_at_o0_with_a_stand_in_amp(tmp_path, monkeypatch, clip_grad):
+    from apex_impl import train as apex
+    from plain_torch import train as plain
+    monkeypatch.setattr(apex, "amp", O0Amp())
+    monkeypatch.setattr(apex, "check", lambda cfg: policy.resolve(cfg.precision, cfg.opt_level, CPU))
+    a = plain.train(tiny(tmp_path, run_id="plain", clip_grad=clip_grad))
+    b = apex.train(tiny(tmp_path, run_id="apex", clip_grad=clip_grad))
+    assert b.status == "ok" and b.impl == "apex" and b.opt_level == "O0"
+    assert b.precision == {"requested": "32-true", "effective": "32-true"}
+    assert a.step_losses == b.step_losses and a.weights_sha256 == b.weights_sha256
+    assert [r["loss_scale"] for r in b.epochs] == [None, None]
+    ckpt = torch.load(tmp_path / "runs" / "apex" / "checkpoint.pt")
+    assert ckpt["amp"] == {"loss_scaler0": {"loss_scale": 1.0, "unskipped": 0}}
