@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import importlib
 import os
+import signal
 import sys
 
 import click
@@ -54,10 +55,16 @@ def config_from(options: dict) -> Config:
     return Config(**{k: v for k, v in options.items() if k in names})
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 class OneLineErrors(click.Group):
     """Usage and environment errors print one line and exit 2, never a traceback."""
 
     def main(self, args=None, prog_name=None, **extra):
+        # SIGTERM (a scheduler, `timeout`) ends a run the way Ctrl-C does: partial result kept.
+        signal.signal(signal.SIGTERM, _interrupt)
         try:
             code = super().main(args=args, prog_name=prog_name or "ampcompare",
                                 standalone_mode=False, **extra)

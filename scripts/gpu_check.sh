@@ -17,6 +17,10 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/gpu-check}
 PY=${PYTHON:-python3}
+if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+  echo "gpu_check: no CUDA device here; these checks need one" >&2
+  exit 2
+fi
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 

@@ -160,3 +160,27 @@ def test_no_checkpoint_option(tmp_path):
     result = plain.train(tiny(tmp_path, epochs=1, checkpoint=False, run_id="nock"))
     assert result.status == "ok" and result.weights_sha256
     assert sorted(p.name for p in (tmp_path / "runs" / "nock").iterdir()) == ["result.json"]
+
+
+def test_sigterm_ends_a_run_like_ctrl_c(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "runs"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, "-m", "common.cli", "plain", "--dataset", "synthetic",
+                             "--model", "small", "--synthetic-size", "256", "--batch-size", "64",
+                             "--epochs", "200", "--accelerator", "cpu", "--precision", "32",
+                             "--out-dir", str(out), "--run-id", "t", "--quiet"],
+                            cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    path, deadline = out / "t" / "result.json", time.monotonic() + 60
+    while time.monotonic() < deadline and not (path.exists() and json.loads(path.read_text())["epochs"]):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    saved = json.loads(path.read_text())
+    assert saved["status"] == "interrupted" and 0 < len(saved["epochs"]) < 200
+    assert (out / "t" / "checkpoint.pt").exists()
