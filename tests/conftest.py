@@ -1,6 +1,10 @@
 import hashlib
+import json
 import os
 import pickle
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -17,6 +21,26 @@ def tiny(tmp_path, **overrides) -> Config:
                   precision="32-true", out_dir=str(tmp_path / "runs"), quiet=True)
     values.update(overrides)
     return Config(**values)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL_RUN = ["--dataset", "synthetic", "--model", "small", "--synthetic-size", "256",
+             "--batch-size", "64", "--accelerator", "cpu"]
+
+
+def start_until_first_epoch(args, out_dir, pattern):
+    """Start `ampcompare ARGS` as its own process; return it and the result.json matching
+    `pattern` under out_dir once that run has finished an epoch."""
+    proc = subprocess.Popen([sys.executable, "-m", "common.cli", *args], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for path in out_dir.glob(pattern):
+            if json.loads(path.read_text())["epochs"]:
+                return proc, path
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError(f"no epoch finished: {proc.communicate()[1][-2000:]}")
 
 
 def write_cifar_archive(root, per_batch=10, seed=0):

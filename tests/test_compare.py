@@ -3,6 +3,7 @@ fail on purpose (through a sitecustomize that only its child processes load)."""
 import csv
 import json
 import os
+import signal
 import struct
 
 import pytest
@@ -11,6 +12,7 @@ from click.testing import CliRunner
 from common import compare, report
 from common.cli import cli, common_options, config_from
 from common.config import Config
+from tests.conftest import SMALL_RUN, start_until_first_epoch
 
 ARGS = ["--dataset", "synthetic", "--model", "small", "--synthetic-size", "256", "--batch-size",
         "64", "--epochs", "2", "--limit-train-batches", "2", "--accelerator", "cpu"]
@@ -187,28 +189,13 @@ def test_compare_without_cifar10_is_one_usage_error(tmp_path):
 
 
 def test_interrupting_compare_keeps_the_running_arm_and_reports(tmp_path):
-    import signal
-    import subprocess
-    import sys
-    import time
-
     out = tmp_path / "runs"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.Popen([sys.executable, "-m", "common.cli", "compare", "--dataset", "synthetic",
-                             "--model", "small", "--synthetic-size", "256", "--batch-size", "64",
-                             "--epochs", "50", "--accelerator", "cpu", "--impls", "plain",
-                             "--precisions", "32", "--out-dir", str(out)],
-                            cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    results = []
-    while time.monotonic() < deadline and not results:  # wait for the child's first epoch
-        time.sleep(0.2)
-        results = [p for p in out.glob("*/plain-32-true-r0/result.json")
-                   if json.loads(p.read_text())["epochs"]]
-    assert results, "the arm never finished an epoch"
+    proc, result = start_until_first_epoch(
+        ["compare", *SMALL_RUN, "--epochs", "50", "--impls", "plain", "--precisions", "32",
+         "--out-dir", str(out)], out, "*/plain-32-true-r0/result.json")
     proc.send_signal(signal.SIGINT)  # to the parent only, as `kill -INT` would
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
-    record = json.loads(results[0].read_text())
+    record = json.loads(result.read_text())
     assert record["status"] == "interrupted" and record["epochs"]
-    assert (results[0].parent.parent / "report.md").exists()
+    assert (result.parent.parent / "report.md").exists()

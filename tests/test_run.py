@@ -1,6 +1,7 @@
 import json
 import math
 import os
+import signal
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from common import metrics, models, results
 from common.cli import cli
 from click.testing import CliRunner
 from plain_torch import train as plain
-from tests.conftest import tiny
+from tests.conftest import SMALL_RUN, start_until_first_epoch, tiny
 
 RESULT_FIELDS = {"schema", "run_id", "impl", "status", "error", "precision", "opt_level", "config",
                  "env", "epochs", "step_losses", "weights_sha256", "summary"}
@@ -163,21 +164,10 @@ def test_no_checkpoint_option(tmp_path):
 
 
 def test_sigterm_ends_a_run_like_ctrl_c(tmp_path):
-    import signal
-    import subprocess
-    import sys
-    import time
-
     out = tmp_path / "runs"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.Popen([sys.executable, "-m", "common.cli", "plain", "--dataset", "synthetic",
-                             "--model", "small", "--synthetic-size", "256", "--batch-size", "64",
-                             "--epochs", "200", "--accelerator", "cpu", "--precision", "32",
-                             "--out-dir", str(out), "--run-id", "t", "--quiet"],
-                            cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    path, deadline = out / "t" / "result.json", time.monotonic() + 60
-    while time.monotonic() < deadline and not (path.exists() and json.loads(path.read_text())["epochs"]):
-        time.sleep(0.2)
+    proc, path = start_until_first_epoch(
+        ["plain", *SMALL_RUN, "--epochs", "200", "--precision", "32", "--out-dir", str(out),
+         "--run-id", "t", "--quiet"], out, "t/result.json")
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
