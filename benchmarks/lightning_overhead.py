@@ -17,14 +17,13 @@ here is a ratio of at most 1.02 on the small model at batch 256 on CPU.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import dataclasses  # noqa: E402
 
 from common import compare, report  # noqa: E402 (compare: the run folder)
 from common.config import Config  # noqa: E402
@@ -33,6 +32,12 @@ from lightning_impl import train as lightning  # noqa: E402
 from plain_torch import train as plain  # noqa: E402
 
 IMPLS = {"plain": plain, "lightning": lightning}
+
+
+def ratio_of_medians(records, key):
+    """lightning/plain over one repeat's two runs (neighbours in time: the same machine)."""
+    return (statistics.median(epoch_times(records, "lightning", key))
+            / statistics.median(epoch_times(records, "plain", key)))
 
 
 def epoch_times(records, impl, key):
@@ -81,8 +86,7 @@ def main(argv=None) -> int:
                 print(f"{precision:<12} {key:<14} runs failed: see {folder}")
                 continue
             mp, ml = statistics.median(plain), statistics.median(light)
-            paired = [statistics.median(epoch_times([x for x in recs if x["run_id"].endswith(f"-r{r}")], "lightning", key))
-                      / statistics.median(epoch_times([x for x in recs if x["run_id"].endswith(f"-r{r}")], "plain", key))
+            paired = [ratio_of_medians([x for x in recs if report.repeat_of(x) == r], key)
                       for r in range(args.repeats)]
             ratio = statistics.median(paired)
             out["precisions"][precision][key] = {"plain_median_s": mp, "lightning_median_s": ml,

@@ -23,7 +23,7 @@ NO_ARGS = getattr(click.exceptions, "NoArgsIsHelpError", ())
 def _option(fld: dataclasses.Field):
     spec = fld.metadata["click"]
     default = fld.default
-    shown = spec.get("show", default if default is not None else "none")
+    shown = default if default is not None else "none"
     if isinstance(default, bool):
         shown = spec["flag"].split("/")[0 if default else 1]
     help_text = f"{fld.metadata['help']}  [default: {shown}]"
@@ -33,10 +33,8 @@ def _option(fld: dataclasses.Field):
         kwargs["type"] = click.Choice(spec["choices"])
     elif isinstance(default, bool):
         pass
-    elif fld.name.startswith("limit_"):
-        kwargs["type"] = int
-    elif default is not None:
-        kwargs["type"] = type(default)
+    elif "type" in spec or default is not None:
+        kwargs["type"] = spec.get("type", type(default))
     return click.option(*decls, fld.name, **kwargs)
 
 
@@ -157,7 +155,7 @@ def compare_command(impls, precisions, repeats, **options):
     from common.device import resolve_device
     from common.results import check_out_dir
 
-    cfg = config_from({**options, "checkpoint": False}).validate()  # ResNet-18 + Adam: 135 MB a run
+    cfg = config_from({**options, "checkpoint": False}).validate()  # ResNet-18 + Adam: 128 MiB a run
     impls = _names(impls, tuple(IMPLS), "impls")
     if repeats < 1:
         raise UsageError(f"--repeats must be >= 1, not {repeats}")

@@ -6,6 +6,7 @@ so that drift on a noisy machine does not favour whichever arm always runs first
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import signal
@@ -18,8 +19,6 @@ from common import results
 from common.config import Config
 from common.device import resolve_device
 
-FLAGS = {"download": "--download/--no-download", "deterministic": "--deterministic/--no-deterministic",
-         "tf32": "--tf32/--no-tf32", "checkpoint": "--checkpoint/--no-checkpoint"}
 NOT_PASSED = ("precision", "run_id", "out_dir", "quiet", "opt_level")
 
 
@@ -46,14 +45,15 @@ def schedule(impls, precisions, repeats) -> list[Arm]:
 def child_args(cfg: Config) -> list[str]:
     """The CLI options that reproduce cfg in a child process."""
     args = []
-    for name, value in cfg.to_dict().items():
-        if name in NOT_PASSED or value is None:
+    for fld in dataclasses.fields(cfg):
+        value = getattr(cfg, fld.name)
+        if fld.name in NOT_PASSED or value is None:
             continue
-        if isinstance(value, bool):
-            on, off = FLAGS.get(name, f"--{name}/--no-{name}").split("/")
+        if isinstance(value, bool):  # the same "--on/--off" spelling the CLI declares
+            on, off = fld.metadata["click"]["flag"].split("/")
             args.append(on if value else off)
         else:
-            args += [f"--{name.replace('_', '-')}", str(value)]
+            args += [f"--{fld.name.replace('_', '-')}", str(value)]
     return args
 
 

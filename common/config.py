@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from common.errors import UsageError
+from common.precision import canonical
 
 DATASETS = ("cifar10", "synthetic")
 MODELS = ("resnet18", "small")
@@ -52,9 +53,9 @@ class Config:
     num_workers: int = _f(0, "Data loader worker processes (augmentation is batched tensor ops).",
                           min=0)
     limit_train_batches: Optional[int] = _f(None, "Train on at most this many batches per epoch "
-                                            "(default: all).", min=1)
+                                            "(default: all).", min=1, type=int)
     limit_test_batches: Optional[int] = _f(None, "Evaluate on at most this many batches per epoch "
-                                           "(default: all).", min=1)
+                                           "(default: all).", min=1, type=int)
     out_dir: str = _f("./runs", "Each run writes <out-dir>/<run-id>/result.json.")
     run_id: Optional[str] = _f(None, "Name of the run folder (default: time, impl and precision).")
     quiet: bool = _f(False, "No progress bar.", flag="--quiet/--no-quiet")
@@ -75,7 +76,6 @@ class Config:
                 if value < low or (open_ and value == low):
                     raise UsageError(f"--{_dash(f.name)} must be {'>' if open_ else '>='} {low}, "
                                      f"not {value}")
-        from common.precision import canonical
         self.precision = canonical(self.precision)  # recorded in canonical form
         if self.devices != 1:
             raise UsageError("--devices: only single-device runs are supported; use --devices 1")

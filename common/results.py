@@ -129,6 +129,7 @@ def environment(device: torch.device, switches: dict) -> dict:
 
     cuda = device.type == "cuda"
     capability = torch.cuda.get_device_capability(device) if cuda else None
+    cpu_model = _cpu_model()
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -136,11 +137,11 @@ def environment(device: torch.device, switches: dict) -> dict:
         "lightning": _version("pytorch-lightning") or _version("lightning"),
         "apex": _version("apex"),
         "device": device.type,
-        "device_name": torch.cuda.get_device_name(device) if cuda else _cpu_model(),
+        "device_name": torch.cuda.get_device_name(device) if cuda else cpu_model,
         "cuda_capability": f"{capability[0]}.{capability[1]}" if capability else None,
         # Tensor cores arrived with Volta (7.0): the usual reason fp16 gains more on a T4 than a P40.
         "tensor_cores": capability >= (7, 0) if capability else False,
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model,
         "threads": torch.get_num_threads(),
         "git_commit": _git_commit(),
         "pid": os.getpid(),

@@ -43,6 +43,14 @@ def start_until_first_epoch(args, out_dir, pattern):
     raise AssertionError(f"no epoch finished: {proc.communicate()[1][-2000:]}")
 
 
+def on_gpu(tmp_path, **overrides) -> Config:
+    """A config for the gpu-marked tests: whole epochs of a small set, deterministic algorithms."""
+    values = dict(accelerator="cuda", synthetic_size=2048, batch_size=128,
+                  limit_train_batches=None, limit_test_batches=None, deterministic=True)
+    values.update(overrides)
+    return tiny(tmp_path, **values)
+
+
 def write_cifar_archive(root, per_batch=10, seed=0):
     """CIFAR-10's own on-disk layout (cifar-10-batches-py: pickled dicts of uint8 rows), small.
     Returns {filename: md5} of what it wrote."""

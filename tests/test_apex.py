@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from apex_impl import policy
 from common.cli import cli
 from common.errors import UsageError
-from tests.conftest import tiny
+from tests.conftest import on_gpu, tiny
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda", 0)
@@ -92,20 +92,13 @@ def test_other_commands_work_without_apex(tmp_path, monkeypatch):
 
 # --- GPU + apex: the real comparisons -------------------------------------------------------
 
-def gpu(tmp_path, **overrides):
-    values = dict(accelerator="cuda", synthetic_size=2048, batch_size=128,
-                  limit_train_batches=None, limit_test_batches=None, deterministic=True)
-    values.update(overrides)
-    return tiny(tmp_path, **values)
-
-
 @pytest.mark.gpu
 @pytest.mark.apex
 def test_apex_o0_is_bitwise_identical_to_plain_fp32(tmp_path):
     from apex_impl import train as apex
     from plain_torch import train as plain
-    a = plain.train(gpu(tmp_path, run_id="plain", precision="32-true"))
-    b = apex.train(gpu(tmp_path, run_id="apex", precision="32-true"))
+    a = plain.train(on_gpu(tmp_path, run_id="plain", precision="32-true"))
+    b = apex.train(on_gpu(tmp_path, run_id="apex", precision="32-true"))
     assert b.opt_level == "O0" and a.status == b.status == "ok"
     assert a.step_losses == b.step_losses
     assert a.weights_sha256 == b.weights_sha256
@@ -123,8 +116,8 @@ LOSS_MEAN_TOL, LOSS_MAX_TOL, ACC_TOL = 0.05, 0.25, 0.05
 def test_apex_mixed_tracks_plain_fp16(tmp_path, opt_level):
     from apex_impl import train as apex
     from plain_torch import train as plain
-    a = plain.train(gpu(tmp_path, run_id="plain", precision="16-mixed", deterministic=False))
-    b = apex.train(gpu(tmp_path, run_id="apex", precision="16-mixed", opt_level=opt_level,
+    a = plain.train(on_gpu(tmp_path, run_id="plain", precision="16-mixed", deterministic=False))
+    b = apex.train(on_gpu(tmp_path, run_id="apex", precision="16-mixed", opt_level=opt_level,
                        deterministic=False))
     assert a.status == b.status == "ok"
     diffs = [abs(x - y) for x, y in zip(a.step_losses, b.step_losses)]
@@ -157,9 +150,9 @@ def test_an_inf_gradient_skips_the_step_and_lowers_the_scale(tmp_path, monkeypat
     import importlib
     module = importlib.import_module({"plain": "plain_torch.train", "apex": "apex_impl.train"}[impl])
     cfg = dict(precision="16-mixed", epochs=1, deterministic=False)
-    clean = module.train(gpu(tmp_path, run_id="clean", **cfg))
+    clean = module.train(on_gpu(tmp_path, run_id="clean", **cfg))
     poison_gradient_at(monkeypatch, 3)
-    poisoned = module.train(gpu(tmp_path, run_id="poisoned", **cfg))
+    poisoned = module.train(on_gpu(tmp_path, run_id="poisoned", **cfg))
     assert clean.status == poisoned.status == "ok"
     assert poisoned.epochs[0]["skipped_steps"] == clean.epochs[0]["skipped_steps"] + 1
     assert poisoned.epochs[0]["loss_scale"] == clean.epochs[0]["loss_scale"] / 2  # backoff 0.5

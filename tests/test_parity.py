@@ -10,14 +10,14 @@ import torch
 from common.errors import UsageError
 from lightning_impl import train as lightning
 from plain_torch import train as plain
-from tests.conftest import tiny
+from tests.conftest import on_gpu, tiny
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def both(tmp_path, **overrides):
-    a = plain.train(tiny(tmp_path, run_id="plain", **overrides))
-    b = lightning.train(tiny(tmp_path, run_id="lightning", **overrides))
+def both(tmp_path, make=tiny, **overrides):
+    a = plain.train(make(tmp_path, run_id="plain", **overrides))
+    b = lightning.train(make(tmp_path, run_id="lightning", **overrides))
     assert a.status == b.status == "ok", (a.error, b.error)
     return a, b
 
@@ -123,8 +123,6 @@ def test_ctrl_c_leaves_a_complete_result_in_either_loop(tmp_path, monkeypatch, i
 def test_plain_and_lightning_bitwise_identical_on_gpu(tmp_path, precision):
     if precision == "bf16-mixed" and not torch.cuda.is_bf16_supported():
         pytest.skip("this GPU has no bf16")
-    cfg = dict(accelerator="cuda", synthetic_size=2048, batch_size=128, limit_train_batches=None,
-               limit_test_batches=None, deterministic=True, precision=precision)
-    a, b = both(tmp_path, **cfg)
+    a, b = both(tmp_path, make=on_gpu, precision=precision)
     assert_identical(a, b)
     assert a.env["device"] == "cuda" and a.env["channels_last"]
