@@ -88,7 +88,13 @@ def run_arm(cfg: Config, arm: Arm, folder: str, unavailable: dict, env: dict) ->
         if proc.returncode == 130:  # interrupted on its own (e.g. kill -INT): it saved its result
             raise KeyboardInterrupt
         if os.path.exists(os.path.join(run_dir, "result.json")):
-            return results.read(run_dir)
+            record = results.read(run_dir)
+            if record["status"] != "running":
+                return record
+            # Killed before it could record how it ended (OOM killer, SIGKILL): keep its epochs.
+            record.update(status="failed", error=f"{last} (exit code {proc.returncode})")
+            results.write_json(os.path.join(run_dir, "result.json"), record)
+            return record
         if proc.returncode == 2:  # a usage or environment error: this arm cannot run here
             reason = last.removeprefix("ampcompare: error: ")
             unavailable[key] = reason

@@ -199,3 +199,24 @@ def test_interrupting_compare_keeps_the_running_arm_and_reports(tmp_path):
     record = json.loads(result.read_text())
     assert record["status"] == "interrupted" and record["epochs"]
     assert (result.parent.parent / "report.md").exists()
+
+
+def test_an_arm_killed_outright_is_failed_not_running(tmp_path, monkeypatch):
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os\nfrom common import metrics\n"
+        "real = metrics.EpochMeter.train_done\n"
+        "def train_done(self):\n"
+        "    if self.epoch == 1:\n"
+        "        os._exit(137)  # as a SIGKILL would: no chance to record anything\n"
+        "    real(self)\n"
+        "metrics.EpochMeter.train_done = train_done\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]))
+    cfg = config_from({"dataset": "synthetic", "model": "small", "synthetic_size": 128,
+                       "batch_size": 64, "epochs": 3, "accelerator": "cpu", "checkpoint": False})
+    folder = str(tmp_path / "cmp")
+    record = compare.run_arm(cfg, compare.Arm("plain", "32-true", 0), folder, {}, {})
+    assert record["status"] == "failed" and "exit code 137" in record["error"]
+    assert len(record["epochs"]) == 1  # what it measured before it died is kept
+    assert report.load([folder])[0]["status"] == "failed"
