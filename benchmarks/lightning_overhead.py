@@ -25,7 +25,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import compare, report  # noqa: E402 (compare: the run folder)
+from ampcompare import compare, report  # noqa: E402 (compare: the run folder)
 from common.config import Config  # noqa: E402
 from common.precision import canonical  # noqa: E402
 from lightning_impl import train as lightning  # noqa: E402
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
                 run_id = f"{impl}-{precision}-r{r}"
                 print(f"[{len(records) + 1}/{total}] {run_id}", file=sys.stderr)
                 result = IMPLS[impl].train(dataclasses.replace(
-                    cfg, precision=precision, run_id=run_id, out_dir=folder))
+                    cfg, precision=precision, run_id=run_id, repeat=r, out_dir=folder))
                 records.append(result.to_dict())
     out = {"command": " ".join(sys.argv), "config": cfg.to_dict(), "precisions": {}}
     print(f"\n{'precision':<12} {'what':<14} {'plain s':>9} {'lightning s':>12} {'ratio':>7} "
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
                 print(f"{precision:<12} {key:<14} runs failed: see {folder}")
                 continue
             mp, ml = statistics.median(plain), statistics.median(light)
-            paired = [ratio_of_medians([x for x in recs if report.repeat_of(x) == r], key)
+            paired = [ratio_of_medians([x for x in recs if x["repeat"] == r], key)
                       for r in range(args.repeats)]
             ratio = statistics.median(paired)
             out["precisions"][precision][key] = {"plain_median_s": mp, "lightning_median_s": ml,

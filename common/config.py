@@ -17,10 +17,13 @@ MODELS = ("resnet18", "small")
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "cosine")
 ACCELERATORS = ("auto", "cpu", "cuda")
+OPT_LEVELS = ("O0", "O1", "O2", "O3")
 
 
-def _f(default, help, **click):
-    return field(default=default, metadata={"help": help, "click": click})
+def _f(default, help, common=True, **click):
+    """A field with its CLI option: help, click settings, and whether every command takes it
+    (common) or only the commands that add it by name."""
+    return field(default=default, metadata={"help": help, "click": click, "common": common})
 
 
 @dataclass
@@ -44,6 +47,8 @@ class Config:
     clip_grad: float = _f(0.0, "Clip the gradient norm to this value (0: no clipping).", min=0.0)
     epochs: int = _f(10, "Training epochs.", min=1)
     seed: int = _f(0, "Seed for weights, data order and augmentation.")
+    repeat: int = _f(0, "Index of this run among repeats of the same settings (compare sets it; "
+                     "recorded, changes nothing).", min=0)
     accelerator: str = _f("auto", "Device: cuda when available under auto.", choices=ACCELERATORS)
     devices: int = _f(1, "Number of devices (only 1 is supported).", min=1)
     deterministic: bool = _f(False, "Use deterministic algorithms only (slower on CUDA).",
@@ -52,23 +57,25 @@ class Config:
                     flag="--tf32/--no-tf32")
     num_workers: int = _f(0, "Data loader worker processes (augmentation is batched tensor ops).",
                           min=0)
-    limit_train_batches: Optional[int] = _f(None, "Train on at most this many batches per epoch "
-                                            "(default: all).", min=1, type=int)
-    limit_test_batches: Optional[int] = _f(None, "Evaluate on at most this many batches per epoch "
-                                           "(default: all).", min=1, type=int)
+    limit_train_batches: Optional[int] = _f(None, "Train on at most this many batches per epoch.",
+                                            min=1, type=int, shown="all")
+    limit_test_batches: Optional[int] = _f(None, "Evaluate on at most this many batches per "
+                                           "epoch.", min=1, type=int, shown="all")
     out_dir: str = _f("./runs", "Each run writes <out-dir>/<run-id>/result.json.")
-    run_id: Optional[str] = _f(None, "Name of the run folder (default: time, impl and precision).")
+    run_id: Optional[str] = _f(None, "Name of the run folder.",
+                               shown="<time>-<impl>-<precision>-<6 random hex digits>")
     quiet: bool = _f(False, "No progress bar.", flag="--quiet/--no-quiet")
     checkpoint: bool = _f(True, "Save checkpoint.pt (model, optimizer, loss-scaler state) beside "
                           "result.json at the end, also of a failed or interrupted run.",
                           flag="--checkpoint/--no-checkpoint")
-    opt_level: Optional[str] = field(default=None, metadata={"help": "apex only"})
+    opt_level: Optional[str] = _f(None, "apex opt level.", common=False, choices=OPT_LEVELS,
+                                  shown="O0 for 32-true, O1 for 16-mixed")
 
     def validate(self) -> "Config":
         for f in dataclasses.fields(self):
             spec = f.metadata.get("click", {})
             value = getattr(self, f.name)
-            if "choices" in spec and value not in spec["choices"]:
+            if "choices" in spec and value is not None and value not in spec["choices"]:
                 raise UsageError(f"--{_dash(f.name)} must be one of {', '.join(spec['choices'])}, "
                                  f"not {value!r}")
             if value is not None and "min" in spec:

@@ -76,7 +76,7 @@ class EpochMeter:
         self.test_images += len(labels)
 
     def finish(self, loss_scale) -> tuple[dict, list[float]]:
-        """(epoch row, step losses). Raises Diverged after the caller has the row to record."""
+        """(epoch row, step losses), with the losses copied to the host in one transfer."""
         synchronize(self.device)
         epoch_time = time.perf_counter() - self.start
         losses = torch.stack(self.losses).float().cpu().tolist() if self.losses else []

@@ -34,7 +34,6 @@ def mixed_default(device: torch.device) -> str:
 class Policy:
     requested: str
     effective: str
-    device_type: str
 
     @property
     def autocast(self) -> bool:
@@ -64,4 +63,4 @@ def resolve(requested: str, device: torch.device) -> tuple[Policy, list[str]]:
     if effective == "16-mixed" and device.type == "cpu":
         warnings.append("16-mixed on CPU runs real fp16 with a GradScaler, which has no fast CPU "
                         "kernels (about 100x slower than fp32); bf16-mixed is the fast CPU choice")
-    return Policy(requested=name, effective=effective, device_type=device.type), warnings
+    return Policy(requested=name, effective=effective), warnings

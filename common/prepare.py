@@ -1,5 +1,5 @@
-"""Everything before the loop that is identical for all three implementations: validation,
-device, precision policy, speed switches, data loaders and the (not yet created) run record.
+"""Everything before the loop that is identical for every implementation: validation, device,
+precision policy, speed switches, data loaders and the (not yet created) run record.
 Usage and environment errors surface here, before anything is written to --out-dir."""
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from common.device import apply_speed_switches, resolve_device
 
 
 @dataclass
-class Run:
+class RunSetup:
+    """What a loop needs before its first step; each train.py builds its model and loop on it."""
     device: torch.device
     policy: precision.Policy
     switches: dict
@@ -31,7 +32,7 @@ class Run:
         return torch.channels_last if self.switches["channels_last"] else torch.contiguous_format
 
 
-def prepare(cfg, impl: str, opt_level: Optional[str] = None, policy=None) -> Run:
+def prepare(cfg, impl: str, opt_level: Optional[str] = None, policy=None) -> RunSetup:
     cfg.validate()
     # A loss scaler skips the first steps by design when its initial scale is too high; torch
     # then warns that the LR scheduler stepped first. Expected, and nothing to act on.
@@ -46,6 +47,6 @@ def prepare(cfg, impl: str, opt_level: Optional[str] = None, policy=None) -> Run
     train_loader, test_loader = data.loaders(cfg, data.load(cfg), device,
                                              switches["channels_last"])
     test_steps = min(len(test_loader), cfg.limit_test_batches or len(test_loader))
-    return Run(device, policy, switches, train_loader, test_loader,
-               data.steps_per_epoch(cfg, train_loader), test_steps,
-               results.Recorder(cfg, impl, policy, device, switches, opt_level))
+    return RunSetup(device, policy, switches, train_loader, test_loader,
+                    data.steps_per_epoch(cfg, train_loader), test_steps,
+                    results.Recorder(cfg, impl, policy, device, switches, opt_level))

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import importlib.metadata
 import json
 import os
-import platform
 import statistics
-import subprocess
 import tempfile
 import traceback
 import uuid
@@ -18,10 +15,11 @@ from typing import Any, Optional
 
 import torch
 
+from common.environment import environment
 from common.errors import UsageError
 from common.metrics import Diverged, reset_peak_memory
 
-SCHEMA = 1
+SCHEMA = 2  # 2: repeat and seed are fields of their own
 EXIT_CODES = {"ok": 0, "interrupted": 130}  # diverged, oom, failed: 1
 OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
@@ -31,6 +29,8 @@ class RunResult:
     schema: int
     run_id: str
     impl: str
+    repeat: int
+    seed: int
     status: str
     error: Optional[str]
     precision: dict
@@ -91,64 +91,6 @@ def weights_sha256(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def _version(dist: str) -> Optional[str]:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _git_commit() -> Optional[str]:
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        head = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True,
-                              text=True, timeout=5)
-        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if head.returncode != 0 or not head.stdout.strip():
-        return None
-    # "+dirty": the numbers came from code that differs from the commit named.
-    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-
-
-def environment(device: torch.device, switches: dict) -> dict:
-    import torchvision
-
-    cuda = device.type == "cuda"
-    capability = torch.cuda.get_device_capability(device) if cuda else None
-    cpu_model = _cpu_model()
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "lightning": _version("pytorch-lightning") or _version("lightning"),
-        "apex": _version("apex"),
-        "device": device.type,
-        "device_name": torch.cuda.get_device_name(device) if cuda else cpu_model,
-        "cuda_capability": f"{capability[0]}.{capability[1]}" if capability else None,
-        # Tensor cores arrived with Volta (7.0): the usual reason fp16 gains more on a T4 than a P40.
-        "tensor_cores": capability >= (7, 0) if capability else False,
-        "cpu_model": cpu_model,
-        "threads": torch.get_num_threads(),
-        "git_commit": _git_commit(),
-        "pid": os.getpid(),
-        **switches,
-    }
-
-
 def summarize(epochs: list) -> dict:
     """Medians exclude the first (warm-up) epoch when there is more than one."""
     timed = epochs[1:] if len(epochs) > 1 else epochs
@@ -166,9 +108,13 @@ def summarize(epochs: list) -> dict:
     }
 
 
+def timestamp() -> str:
+    """The time part of run and compare folder names: sortable, local time."""
+    return datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
 def new_run_id(impl: str, precision: str) -> str:
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return f"{stamp}-{impl}-{precision}-{uuid.uuid4().hex[:6]}"
+    return f"{timestamp()}-{impl}-{precision}-{uuid.uuid4().hex[:6]}"
 
 
 class Recorder:
@@ -181,8 +127,8 @@ class Recorder:
         run_id = cfg.run_id or new_run_id(impl, policy.effective)
         self.run_dir = os.path.join(cfg.out_dir, run_id)
         self.path = os.path.join(self.run_dir, "result.json")
-        self.result = RunResult(schema=SCHEMA, run_id=run_id, impl=impl, status="running",
-                                error=None, precision=policy.to_dict(), opt_level=opt_level,
+        self.result = RunResult(schema=SCHEMA, run_id=run_id, impl=impl, repeat=cfg.repeat,
+                                seed=cfg.seed, status="running", error=None, precision=policy.to_dict(), opt_level=opt_level,
                                 config=cfg.to_dict(), env=environment(device, switches))
 
     def __enter__(self) -> "Recorder":

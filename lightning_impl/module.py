@@ -1,7 +1,19 @@
 """A thin LightningModule around the common model: the same loss and the same optimizer and
 schedule (built by the same common function) as the plain loop. The Trainer runs the loop.
 
-The on_* hooks only measure, with the same EpochMeter the plain loop calls inline."""
+Where each line of the plain loop (plain_torch/train.py) happens here:
+
+    sampler.set_epoch(epoch)         the fit loop, at each epoch start (it finds the sampler)
+    model.train() / model.eval()     the fit loop, around training and validation
+    with autocast: loss = ...        training_step, under the precision plugin's autocast
+    optimizer.zero_grad()            the optimizer loop, before each training_step
+    scaler.scale(loss).backward()    the precision plugin's backward (a GradScaler for 16-mixed)
+    scaler.unscale_ + clip_grad_     Trainer(gradient_clip_val=...): the plugin unscales, clips
+    scaler.step(opt); scaler.update  the plugin's optimizer_step
+    scheduler.step()                 "interval": "step" below, after every optimizer step
+    the evaluation pass              validation_step, with limit_val_batches = test steps
+    meter.* (measurements)           the on_* hooks below: they only measure
+"""
 from __future__ import annotations
 
 import logging
@@ -19,18 +31,21 @@ warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
 
 class LitClassifier(pl.LightningModule):
-    def __init__(self, cfg, model, run):
+    def __init__(self, cfg, model, setup):
         super().__init__()
-        self.cfg, self.model, self.run = cfg, model, run
+        # run_setup, not setup: LightningModule.setup is a hook
+        self.cfg, self.model, self.run_setup = cfg, model, setup
         self.meter = self.steps = None
 
     def forward(self, x):
         return self.model(x)
 
     def configure_optimizers(self):
-        optimizer, scheduler = models.build_optimizer(self.cfg, self.model, self.run.steps_per_epoch)
+        optimizer, scheduler = models.build_optimizer(self.cfg, self.model,
+                                                      self.run_setup.steps_per_epoch)
         self.steps = metrics.StepCounter(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -55,5 +70,5 @@ class LitClassifier(pl.LightningModule):
     def on_train_epoch_end(self):  # runs after this epoch's validation
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         row, losses = self.meter.finish(scaler.get_scale() if scaler is not None else None)
-        self.run.recorder.add_epoch(row, losses)
+        self.run_setup.recorder.add_epoch(row, losses)
         metrics.check_diverged(losses)

@@ -1,8 +1,8 @@
-"""PyTorch Lightning: the same CIFAR-10 training with Trainer(precision="16-mixed" | "bf16-mixed"
-| "32-true") running the loop, around a thin LightningModule (module.py).
+"""PyTorch Lightning: the same CIFAR-10 training with Trainer(precision="16-mixed" |
+"bf16-mixed" | "32-true") running the loop, around a thin LightningModule (module.py).
 
 Run:    ampcompare lightning --dataset synthetic --model small --epochs 2
-Read:   diff plain_torch/train.py lightning_impl/train.py
+Read:   sdiff -w 200 plain_torch/train.py lightning_impl/train.py
 Shows:  per-step losses and final weights bitwise identical to the plain loop at 32-true,
         bf16-mixed and 16-mixed (tests/test_parity.py), and what the Trainer costs per epoch
         (benchmarks/lightning_overhead.py).
@@ -19,36 +19,46 @@ from pytorch_lightning.plugins import MixedPrecision
 
 from common import models, progress
 from common.errors import UsageError
-from common.prepare import Run, prepare
+from common.prepare import RunSetup, prepare
 from common.results import RunResult
 from lightning_impl.module import LitClassifier
 
 
-def build(cfg, run: Run):
-    model = models.build_model(cfg).to(memory_format=run.memory_format)  # the Trainer moves it to the device
-    module = LitClassifier(cfg, model, run)  # plain: models.build_optimizer(...) inline; here configure_optimizers
-    precision, plugins = run.policy.effective, []
-    if precision == "16-mixed" and run.device.type == "cpu":
+def build(cfg, setup: RunSetup):
+    # plain: .to(device) here; the Trainer moves the model itself
+    model = models.build_model(cfg).to(memory_format=setup.memory_format)
+    # plain: models.build_optimizer(...) inline; here in configure_optimizers
+    module = LitClassifier(cfg, model, setup)
+    precision, plugins = setup.policy.effective, []
+    if precision == "16-mixed" and setup.device.type == "cpu":
         # Lightning turns "16-mixed" into bf16 on CPU unless it gets the plugin with a scaler.
-        precision, plugins = None, [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]
+        scaler = torch.amp.GradScaler("cpu")
+        precision, plugins = None, [MixedPrecision("16-mixed", "cpu", scaler=scaler)]
+    bar = progress.enabled(cfg)
     trainer = pl.Trainer(
-        accelerator=run.device.type, devices=1, precision=precision, plugins=plugins,
-        max_epochs=cfg.epochs, limit_train_batches=run.steps_per_epoch,
-        limit_val_batches=run.test_steps, num_sanity_val_steps=0,
+        accelerator=setup.device.type, devices=1, precision=precision, plugins=plugins,
+        max_epochs=cfg.epochs, limit_train_batches=setup.steps_per_epoch,
+        limit_val_batches=setup.test_steps,
+        num_sanity_val_steps=0,  # the plain loop evaluates nothing before training
         gradient_clip_val=cfg.clip_grad or None,  # plain: scaler.unscale_ + clip_grad_norm_
-        benchmark=run.switches["cudnn_benchmark"], deterministic=cfg.deterministic,
+        benchmark=setup.switches["cudnn_benchmark"], deterministic=cfg.deterministic,
         use_distributed_sampler=False,  # the common sampler already orders by (seed, epoch)
-        enable_progress_bar=progress.enabled(cfg), callbacks=[RichProgressBar()] if progress.enabled(cfg) else [],
-        logger=False, enable_checkpointing=False, enable_model_summary=False)
-    if trainer.precision_plugin.precision != run.policy.effective:
+        enable_progress_bar=bar, callbacks=[RichProgressBar()] if bar else [],
+        logger=False,  # result.json is the record, as for every arm
+        enable_checkpointing=False,  # the recorder saves checkpoint.pt, as for every arm
+        enable_model_summary=False)  # a table at start-up that the other arms do not print
+    if trainer.precision_plugin.precision != setup.policy.effective:
         raise UsageError(f"Lightning chose {trainer.precision_plugin.precision} for "
-                         f"{run.policy.effective} on {run.device.type}; refusing to record the wrong one")
-    return model, module, trainer
+                         f"{setup.policy.effective} on {setup.device.type}; refusing to record "
+                         f"the wrong one")
+    return module, trainer
 
 
-def fit(cfg, run: Run, model, module, trainer) -> None:
+def fit(cfg, setup: RunSetup, module, trainer) -> None:
     try:
-        trainer.fit(module, train_dataloaders=run.train_loader, val_dataloaders=run.test_loader)  # plain: the epoch loop
+        # plain: the epoch loop, written out
+        trainer.fit(module, train_dataloaders=setup.train_loader,
+                    val_dataloaders=setup.test_loader)
     except SystemExit:
         if trainer.interrupted:  # Lightning answers Ctrl-C with sys.exit(1)
             raise KeyboardInterrupt from None
@@ -56,9 +66,11 @@ def fit(cfg, run: Run, model, module, trainer) -> None:
 
 
 def train(cfg) -> RunResult:
-    run = prepare(cfg, impl="lightning")
-    model, module, trainer = build(cfg, run)
-    with run.recorder:
-        fit(cfg, run, model, module, trainer)
-    optimizer = trainer.optimizers[0].state_dict() if trainer.optimizers else None  # none if fit failed early
-    return run.recorder.close(model, optimizer=optimizer, scaler=trainer.precision_plugin.state_dict())
+    setup = prepare(cfg, impl="lightning")
+    module, trainer = build(cfg, setup)
+    with setup.recorder:  # any exception ends here, as the run's status (failed, oom, ...)
+        fit(cfg, setup, module, trainer)
+    # none if fit failed before configure_optimizers
+    optimizer = trainer.optimizers[0].state_dict() if trainer.optimizers else None
+    return setup.recorder.close(module.model, optimizer=optimizer,
+                                scaler=trainer.precision_plugin.state_dict())

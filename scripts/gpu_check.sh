@@ -34,7 +34,7 @@ cat "$OUT/env.txt"
 timeout 270 "$PY" -m pytest -p no:cacheprovider -q -rs -m "gpu or apex" tests 2>&1 | tee "$OUT/gpu-tests.log"
 tests_rc=${PIPESTATUS[0]}
 
-timeout 180 "$PY" -m common.cli compare --dataset synthetic --model resnet18 --synthetic-size 10000 \
+timeout 180 "$PY" -m ampcompare compare --dataset synthetic --model resnet18 --synthetic-size 10000 \
   --epochs 3 --repeats 1 --precisions 32-true,16-mixed --out-dir "$OUT" 2>&1 | tee "$OUT/compare.log"
 compare_rc=${PIPESTATUS[0]}
 

@@ -9,13 +9,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from apex_impl import policy
-from common.cli import cli
+from apex_impl import opt_levels
+from ampcompare.cli import cli
 from common.errors import UsageError
 from tests.conftest import on_gpu, tiny
 
-CPU = torch.device("cpu")
-CUDA = torch.device("cuda", 0)
 
 
 @pytest.mark.parametrize("precision,opt_level,expected", [
@@ -29,7 +27,7 @@ CUDA = torch.device("cuda", 0)
     ("32-true", "O0", ("O0", "32-true")),
 ])
 def test_precision_maps_to_opt_level(precision, opt_level, expected):
-    level, pol = policy.resolve(precision, opt_level, CUDA)
+    level, pol = opt_levels.resolve(precision, opt_level)
     assert (level, pol.effective) == expected
 
 
@@ -41,7 +39,7 @@ def test_precision_maps_to_opt_level(precision, opt_level, expected):
 ])
 def test_bad_combinations_are_rejected(precision, opt_level, message):
     with pytest.raises(UsageError, match=message):
-        policy.resolve(precision, opt_level, CUDA)
+        opt_levels.resolve(precision, opt_level)
 
 
 def apex_cli(tmp_path, *args):
@@ -59,7 +57,7 @@ def test_apex_missing(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "apex", None)  # import apex raises ImportError
     line = apex_cli(tmp_path)
     assert "apex is not installed" in line
-    assert f"--branch {policy.RELEASE} https://github.com/NVIDIA/apex" in line
+    assert f"--branch {opt_levels.RELEASE} https://github.com/NVIDIA/apex" in line
 
 
 def test_apex_without_amp(tmp_path, monkeypatch):
@@ -190,7 +188,7 @@ def test_apex_loop_matches_plain_at_o0_with_a_stand_in_amp(tmp_path, monkeypatch
     from apex_impl import train as apex
     from plain_torch import train as plain
     monkeypatch.setattr(apex, "amp", O0Amp())
-    monkeypatch.setattr(apex, "check", lambda cfg: policy.resolve(cfg.precision, cfg.opt_level, CPU))
+    monkeypatch.setattr(apex, "check", lambda cfg: opt_levels.resolve(cfg.precision, cfg.opt_level))
     a = plain.train(tiny(tmp_path, run_id="plain", clip_grad=clip_grad))
     b = apex.train(tiny(tmp_path, run_id="apex", clip_grad=clip_grad))
     assert b.status == "ok" and b.impl == "apex" and b.opt_level == "O0"

@@ -6,7 +6,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from common.cli import cli
+from ampcompare.cli import cli
 
 
 def commands():
@@ -75,7 +75,7 @@ def test_unwritable_out_dir(tmp_path):
 
 
 def test_console_script_prints_no_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "common.cli", "plain", "--precision", "fp8",
+    proc = subprocess.run([sys.executable, "-m", "ampcompare", "plain", "--precision", "fp8",
                            "--out-dir", str(tmp_path)], capture_output=True, text=True,
                           cwd=os.path.dirname(os.path.dirname(__file__)))
     assert proc.returncode == 2
@@ -85,7 +85,7 @@ def test_console_script_prints_no_traceback(tmp_path):
 
 
 def test_plain_command_does_not_import_lightning_or_apex(tmp_path):
-    code = ("import sys; from common.cli import cli\n"
+    code = ("import sys; from ampcompare.cli import cli\n"
             "try: cli.main(['plain', '--dataset', 'synthetic', '--model', 'small', "
             "'--synthetic-size', '64', '--batch-size', '32', '--epochs', '1', '--quiet', "
             f"'--accelerator', 'cpu', '--out-dir', {str(tmp_path)!r}])\n"
@@ -100,7 +100,8 @@ def test_plain_command_does_not_import_lightning_or_apex(tmp_path):
 
 @pytest.mark.parametrize("name", commands())
 def test_every_command_is_in_the_readme(name):
-    readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")).read()
+    with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")) as f:
+        readme = f.read()
     assert f"ampcompare {name}" in readme
 
 

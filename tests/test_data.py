@@ -16,7 +16,8 @@ def test_cifar10_loader_reads_an_archive_in_cifar_format(cifar_archive):
     assert train.labels.dtype == torch.long and int(train.labels.max()) < 10
     # Row layout: CIFAR stores each image as 1024 red, then green, then blue bytes.
     import pickle
-    raw = pickle.load(open(cifar_archive / "cifar-10-batches-py" / "data_batch_1", "rb"))
+    with open(cifar_archive / "cifar-10-batches-py" / "data_batch_1", "rb") as f:
+        raw = pickle.load(f)
     assert torch.equal(train.images[0].reshape(-1), torch.from_numpy(raw["data"][0]))
 
 

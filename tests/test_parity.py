@@ -1,8 +1,6 @@
 """Plain PyTorch and Lightning, same seed and options: bitwise-identical per-step losses and
 final weights (DESIGN.md, "Equivalence"). Each arm runs through its own framework's machinery:
 the plain loop by hand, Lightning through its Trainer, precision plugin and fit loop."""
-import ast
-import pathlib
 
 import pytest
 import torch
@@ -10,10 +8,8 @@ import torch
 from common.errors import UsageError
 from lightning_impl import train as lightning
 from plain_torch import train as plain
+from tests import faults
 from tests.conftest import on_gpu, tiny
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-
 
 def both(tmp_path, make=tiny, **overrides):
     a = plain.train(make(tmp_path, run_id="plain", **overrides))
@@ -85,30 +81,10 @@ def test_a_silent_switch_to_bf16_is_refused(tmp_path, monkeypatch):
         lightning.train(tiny(tmp_path, precision="16-mixed"))
 
 
-def top_level_names(path):
-    tree = ast.parse(path.read_text())
-    return [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
-
-
-def test_train_files_share_top_level_names_in_order():
-    names = {f: top_level_names(ROOT / f / "train.py")
-             for f in ("plain_torch", "lightning_impl", "apex_impl")}
-    assert names["plain_torch"] == ["build", "fit", "train"]
-    assert names["lightning_impl"] == names["plain_torch"]
-    assert names["apex_impl"] == names["plain_torch"]
-
-
 @pytest.mark.parametrize("impl", [plain, lightning], ids=["plain", "lightning"])
 def test_ctrl_c_leaves_a_complete_result_in_either_loop(tmp_path, monkeypatch, impl):
     import signal
-    from common import metrics
-    real = metrics.EpochMeter.train_done
-
-    def train_done(self):
-        if self.epoch == 1:
-            raise KeyboardInterrupt
-        real(self)
-    monkeypatch.setattr(metrics.EpochMeter, "train_done", train_done)
+    faults.inject(monkeypatch, epoch=1, action="interrupt")
     handler = signal.getsignal(signal.SIGINT)
     try:
         result = impl.train(tiny(tmp_path, epochs=3))

@@ -6,10 +6,11 @@ import signal
 import pytest
 import torch
 
-from common import metrics, models, results
-from common.cli import cli
+from common import models, results
+from ampcompare.cli import cli
 from click.testing import CliRunner
 from plain_torch import train as plain
+from tests import faults
 from tests.conftest import SMALL_RUN, start_until_first_epoch, tiny
 
 RESULT_FIELDS = {"schema", "run_id", "impl", "status", "error", "precision", "opt_level", "config",
@@ -85,18 +86,8 @@ def test_auto_precision_on_cpu_is_bf16(tmp_path):
     assert result.precision == {"requested": "auto", "effective": "bf16-mixed"}
 
 
-def _fail_in_epoch(monkeypatch, epoch, error):
-    real = metrics.EpochMeter.train_done
-
-    def train_done(self):
-        if self.epoch == epoch:
-            raise error
-        real(self)
-    monkeypatch.setattr(metrics.EpochMeter, "train_done", train_done)
-
-
 def test_interrupted_run_keeps_what_it_measured(tmp_path, monkeypatch):
-    _fail_in_epoch(monkeypatch, 1, KeyboardInterrupt())
+    faults.inject(monkeypatch, epoch=1, action="interrupt")
     runner = CliRunner()
     out = tmp_path / "runs"
     r = runner.invoke(cli, ["plain", "--dataset", "synthetic", "--model", "small", "--epochs", "3",
@@ -112,13 +103,13 @@ def test_interrupted_run_keeps_what_it_measured(tmp_path, monkeypatch):
 
 
 def test_failed_run_is_recorded_with_its_error(tmp_path, monkeypatch):
-    _fail_in_epoch(monkeypatch, 1, RuntimeError("boom"))
+    faults.inject(monkeypatch, epoch=1, action="raise")
     result = plain.train(tiny(tmp_path, epochs=3, run_id="f"))
     assert result.status == "failed" and result.exit_code == 1
-    assert result.error == "RuntimeError: boom"
+    assert result.error == "RuntimeError: broken on purpose"
     saved = load(result)
     assert saved["status"] == "failed" and len(saved["epochs"]) == 1
-    assert "boom" in (tmp_path / "runs" / "f" / "error.log").read_text()
+    assert "broken on purpose" in (tmp_path / "runs" / "f" / "error.log").read_text()
 
 
 def test_divergence_stops_the_run(tmp_path):

@@ -7,7 +7,6 @@ so that drift on a noisy machine does not favour whichever arm always runs first
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import os
 import signal
 import subprocess
@@ -18,8 +17,9 @@ from dataclasses import dataclass
 from common import results
 from common.config import Config
 from common.device import resolve_device
+from common.environment import environment
 
-NOT_PASSED = ("precision", "run_id", "out_dir", "quiet", "opt_level")
+NOT_PASSED = ("precision", "run_id", "out_dir", "quiet", "opt_level", "repeat")
 
 
 @dataclass
@@ -60,9 +60,10 @@ def child_args(cfg: Config) -> list[str]:
 def unavailable_result(cfg: Config, arm: Arm, status: str, reason: str, env: dict) -> dict:
     """The record of an arm that produced no result.json of its own (env: the comparing
     process's view of the machine, so the row lands with its device)."""
-    return {"schema": results.SCHEMA, "run_id": arm.run_id, "impl": arm.impl, "status": status,
-            "error": reason, "precision": {"requested": arm.precision, "effective": None},
-            "opt_level": None, "config": {**cfg.to_dict(), "precision": arm.precision},
+    return {"schema": results.SCHEMA, "run_id": arm.run_id, "impl": arm.impl,
+            "repeat": arm.repeat, "seed": cfg.seed, "status": status, "error": reason, "precision": {"requested": arm.precision, "effective": None},
+            "opt_level": None,
+            "config": {**cfg.to_dict(), "precision": arm.precision, "repeat": arm.repeat},
             "env": env, "epochs": [], "step_losses": [], "weights_sha256": None,
             "summary": {}}
 
@@ -74,8 +75,9 @@ def run_arm(cfg: Config, arm: Arm, folder: str, unavailable: dict, env: dict) ->
     if key in unavailable:
         record = unavailable_result(cfg, arm, "unavailable", unavailable[key], env)
     else:
-        cmd = [sys.executable, "-m", "common.cli", arm.impl, *child_args(cfg), "--precision",
-               arm.precision, "--out-dir", folder, "--run-id", arm.run_id, "--quiet"]
+        cmd = [sys.executable, "-m", "ampcompare", arm.impl, *child_args(cfg),
+               "--precision", arm.precision, "--repeat", str(arm.repeat), "--out-dir", folder,
+               "--run-id", arm.run_id, "--quiet"]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         try:
@@ -107,8 +109,7 @@ def run_arm(cfg: Config, arm: Arm, folder: str, unavailable: dict, env: dict) ->
 
 
 def new_folder(out_dir: str) -> str:
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    folder = os.path.join(out_dir, f"compare-{stamp}")
+    folder = os.path.join(out_dir, f"compare-{results.timestamp()}")
     os.makedirs(folder, exist_ok=False)
     return folder
 
@@ -134,7 +135,7 @@ def compare(cfg: Config, impls, precisions, repeats: int, folder: str, show=None
     """Run the schedule into folder; returns the records. `show(k, n, arm, elapsed)` is called
     before each arm. Ctrl-C stops after the running arm has saved its result."""
     arms = schedule(impls, precisions, repeats)
-    env = results.environment(resolve_device(cfg), {})
+    env = environment(resolve_device(cfg), {})
     records, unavailable, start = [], {}, time.monotonic()
     for k, arm in enumerate(arms):
         if show:

@@ -20,31 +20,33 @@ IMPLS = {"plain": "plain_torch.train", "lightning": "lightning_impl.train",
 NO_ARGS = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
 
-def _option(fld: dataclasses.Field):
-    spec = fld.metadata["click"]
-    default = fld.default
-    shown = default if default is not None else "none"
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def option(name: str):
+    """The click option of one Config field: its flag, type, default and help come from it."""
+    fld = FIELDS[name]
+    spec, default = fld.metadata["click"], fld.default
+    shown = spec.get("shown", default if default is not None else "none")
     if isinstance(default, bool):
         shown = spec["flag"].split("/")[0 if default else 1]
-    help_text = f"{fld.metadata['help']}  [default: {shown}]"
-    decls = [spec.get("flag", f"--{fld.name.replace('_', '-')}")]
-    kwargs = {"default": default, "help": help_text, "show_default": False}
+    kwargs = {"default": default, "help": f"{fld.metadata['help']}  [default: {shown}]",
+              "show_default": False}
     if "choices" in spec:
         kwargs["type"] = click.Choice(spec["choices"])
-    elif isinstance(default, bool):
-        pass
-    elif "type" in spec or default is not None:
+    elif "type" in spec or default not in (None, True, False):  # flags: click infers them
         kwargs["type"] = spec.get("type", type(default))
-    return click.option(*decls, fld.name, **kwargs)
+    decls = [spec.get("flag", f"--{name.replace('_', '-')}")]
+    return click.option(*decls, name, **kwargs)
 
 
 def common_options(command=None, *, exclude=()):
     """The COMMON option bundle: one click option per Config field, default and help from it."""
     if command is None:
         return functools.partial(common_options, exclude=exclude)
-    for fld in reversed(dataclasses.fields(Config)):
-        if "click" in fld.metadata and fld.name not in exclude:
-            command = _option(fld)(command)
+    for name, fld in reversed(FIELDS.items()):
+        if fld.metadata["common"] and name not in exclude:
+            command = option(name)(command)
     return command
 
 
@@ -91,7 +93,7 @@ def cli():
 def run_one(impl: str, cfg: Config) -> int:
     """Run one implementation in this process; print where its result is. Returns the exit code."""
     if impl == "apex":  # say what apex lacks before its loop module is even imported
-        from apex_impl.policy import check
+        from apex_impl.opt_levels import check
         check(cfg)
     try:
         module = importlib.import_module(IMPLS[impl])
@@ -124,8 +126,7 @@ lightning = _impl_command("lightning", "PyTorch Lightning: Trainer(precision=...
 @cli.command("apex", help="NVIDIA apex: amp.initialize + amp.scale_loss (needs CUDA and apex "
              "25.04 or older).")
 @common_options
-@click.option("--opt-level", type=click.Choice(["O0", "O1", "O2", "O3"]), default=None,
-              help="apex opt level  [default: O0 for 32-true, O1 for 16-mixed]")
+@option("opt_level")
 def apex(**options):
     return run_one("apex", config_from(options))
 
@@ -142,23 +143,23 @@ def _names(value: str, allowed, what: str) -> list[str]:
 @cli.command("compare", help="Run every implementation at every precision, each run in a fresh "
              "process, interleaved; write a table (report.md, results.csv, summary.json) and a "
              "chart (benchmark.png) into one folder. It measures: no run keeps a checkpoint.")
-@common_options(exclude=("precision", "run_id", "checkpoint"))
+@common_options(exclude=("precision", "run_id", "checkpoint", "repeat"))
 @click.option("--impls", default="plain,lightning,apex",
               help="Implementations, comma-separated.  [default: plain,lightning,apex]")
 @click.option("--precisions", default=None,
               help="Precisions, comma-separated.  [default: 32-true and the device's mixed "
                    "precision: 16-mixed on CUDA, bf16-mixed on CPU]")
-@click.option("--repeats", default=1, type=int,
+@click.option("--repeats", default=1, type=click.IntRange(min=1),
               help="Runs of each (impl, precision); spreads are min–max over them.  [default: 1]")
 def compare_command(impls, precisions, repeats, **options):
-    from common import compare, data, precision, report
+    from ampcompare import compare, report
+    from common import data, precision, progress
     from common.device import resolve_device
     from common.results import check_out_dir
 
-    cfg = config_from({**options, "checkpoint": False}).validate()  # ResNet-18 + Adam: 128 MiB a run
+    # No checkpoints: a ResNet-18 with Adam state is 128 MiB a run.
+    cfg = config_from({**options, "checkpoint": False}).validate()
     impls = _names(impls, tuple(IMPLS), "impls")
-    if repeats < 1:
-        raise UsageError(f"--repeats must be >= 1, not {repeats}")
     mixed = precision.mixed_default(resolve_device(cfg))
     if precisions is None:
         precisions = ["32-true", mixed]
@@ -167,54 +168,36 @@ def compare_command(impls, precisions, repeats, **options):
         precisions = list(dict.fromkeys(
             mixed if p == "auto" else p for p in map(precision.canonical, names)))
     check_out_dir(cfg.out_dir)
-    data.load(cfg)  # a missing CIFAR-10 is one usage error here, not one per arm (and downloads once)
+    # A missing CIFAR-10 is one usage error here, not one per arm (and it downloads once).
+    data.load(cfg)
     folder, code = compare.new_folder(cfg.out_dir), 0
     try:
-        with _ArmProgress(cfg) as show:
-            compare.compare(cfg, impls, precisions, repeats, folder, show=show)
+        with progress.Bar(progress.enabled(cfg)) as bar:
+            def show(k, n, arm, elapsed):
+                what = f"{arm.impl} {arm.precision} repeat {arm.repeat + 1}"
+                if not bar.on:  # a line per arm off the terminal
+                    click.echo(f"[{k + 1}/{n}] {what}  (elapsed {elapsed:.0f}s)", err=True)
+                    return
+                if k == 0:
+                    bar.task(what, n)
+                bar.update(completed=k, description=f"arm {k + 1}/{n}: {what}")
+            done = compare.compare(cfg, impls, precisions, repeats, folder, show=show)
+            bar.update(completed=len(done), description="done")
     except KeyboardInterrupt:
         click.echo("ampcompare: interrupted; reporting what was measured", err=True)
         code = 130
     records = report.load([folder])
     paths = report.write(records, folder)
-    click.echo(open(paths["report.md"]).read())
-    for name in ("report.md", "results.csv", "summary.json", "benchmark.png"):
-        click.echo(f"{name}: {paths[name]}")
+    _echo_report(paths)
     failed = [r for r in records if r["status"] not in ("ok", "unavailable")]
     return code or (1 if failed else 0)
 
 
-class _ArmProgress:
-    """Which arm of how many is running, and the elapsed time: a live bar on a terminal, a
-    line per arm otherwise."""
-
-    def __init__(self, cfg):
-        from common import progress
-        self.live = progress.enabled(cfg)
-
-    def __enter__(self):
-        if self.live:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(),
-                                MofNCompleteColumn(), TimeElapsedColumn())
-            self.bar.__enter__()
-            self.task = None
-        return self
-
-    def __call__(self, k, n, arm, elapsed):
-        what = f"{arm.impl} {arm.precision} repeat {arm.repeat + 1}"
-        if not self.live:
-            click.echo(f"[{k + 1}/{n}] {what}  (elapsed {elapsed:.0f}s)", err=True)
-            return
-        if self.task is None:
-            self.task = self.bar.add_task(what, total=n)
-        self.bar.update(self.task, completed=k, description=f"arm {k + 1}/{n}: {what}")
-
-    def __exit__(self, kind, *rest):
-        if self.live:
-            if kind is None and self.task is not None:
-                self.bar.update(self.task, completed=self.bar.tasks[0].total, description="done")
-            self.bar.__exit__(kind, *rest)
+def _echo_report(paths: dict) -> None:
+    with open(paths["report.md"]) as f:
+        click.echo(f.read())
+    for name, path in paths.items():
+        click.echo(f"{name}: {path}")
 
 
 @cli.command("report", help="Rebuild report.md, results.csv, summary.json and benchmark.png "
@@ -223,16 +206,13 @@ class _ArmProgress:
 @click.option("--out", default=None, help="Where to write the report.  [default: the RUN_DIR "
               "when there is one; ./runs/report when there are several]")
 def report_command(run_dirs, out):
-    from common import report
+    from ampcompare import report
 
     records = report.load(run_dirs)
     if not records:
         raise UsageError(f"no result.json under {', '.join(run_dirs)}")
     out = out or (run_dirs[0] if len(run_dirs) == 1 else os.path.join("runs", "report"))
-    paths = report.write(records, out)
-    click.echo(open(paths["report.md"]).read())
-    for name, path in paths.items():
-        click.echo(f"{name}: {path}")
+    _echo_report(report.write(records, out))
     return 0
 
 

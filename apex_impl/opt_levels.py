@@ -49,7 +49,7 @@ def require_cuda(device: torch.device) -> None:
                          f"{why}. ampcompare plain and lightning run on CPU")
 
 
-def resolve(precision: str, opt_level: str | None, device: torch.device) -> tuple[str, Policy]:
+def resolve(precision: str, opt_level: str | None) -> tuple[str, Policy]:
     """(opt level, policy). --opt-level wins over an --precision of auto; an explicit precision
     that contradicts it, and bf16, are usage errors."""
     requested = canonical(precision)
@@ -63,14 +63,14 @@ def resolve(precision: str, opt_level: str | None, device: torch.device) -> tupl
     if requested not in ("auto", effective):
         raise UsageError(f"--opt-level {opt_level} runs {effective}, not --precision {requested}; "
                          f"drop one of the two")
-    return opt_level, Policy(requested=requested, effective=effective, device_type=device.type)
+    return opt_level, Policy(requested=requested, effective=effective)
 
 
 def check(cfg) -> tuple[str, Policy]:
     """Everything apex needs, checked before anything runs: options first, then apex, then CUDA."""
     cfg.validate()
     device = resolve_device(cfg)
-    opt_level, policy = resolve(cfg.precision, cfg.opt_level, device)
+    opt_level, policy = resolve(cfg.precision, cfg.opt_level)
     load_amp()
     require_cuda(device)
     return opt_level, policy

@@ -1,4 +1,5 @@
-"""report: results.csv, summary.json, report.md and benchmark.png from saved result.json files.
+"""report: results.csv, summary.json and report.md (and, through chart.py, benchmark.png) from
+saved result.json files.
 
 A pure function of the files: `ampcompare report DIR` on a compare folder rebuilds the same
 report.md that compare wrote, and several folders (e.g. two machines) report side by side,
@@ -13,13 +14,14 @@ import json
 import os
 import statistics
 
+from ampcompare import chart
+from ampcompare.chart import MIB
 from common import results
 from common.precision import CANONICAL
 
 METRICS = ("median_epoch_time_s", "images_per_s", "peak_memory_bytes", "final_test_acc")
 CSV_COLUMNS = ("device_name", "device", "impl", "precision", "opt_level", "repeat", "status",
                "error", *METRICS, "epochs_done", "weights_sha256", "run_id", "path")
-MIB = 2 ** 20
 
 
 def load(folders) -> list[dict]:
@@ -43,11 +45,6 @@ def precision_of(record) -> str:
     return p.get("effective") or p.get("requested")
 
 
-def repeat_of(record) -> int | None:
-    head, _, tail = record["run_id"].rpartition("-r")
-    return int(tail) if head and tail.isdigit() else None
-
-
 def rows(records) -> list[dict]:
     out = []
     for r in records:
@@ -55,7 +52,7 @@ def rows(records) -> list[dict]:
         out.append({"device_name": (r.get("env") or {}).get("device_name"),
                     "device": (r.get("env") or {}).get("device"), "impl": r["impl"],
                     "precision": precision_of(r), "opt_level": r.get("opt_level"),
-                    "repeat": repeat_of(r), "status": r["status"], "error": r.get("error"),
+                    "repeat": r.get("repeat"), "status": r["status"], "error": r.get("error"),
                     **{m: s.get(m) for m in METRICS}, "epochs_done": s.get("epochs_done", 0),
                     "weights_sha256": r.get("weights_sha256"), "run_id": r["run_id"],
                     "path": r.get("_path")})
@@ -182,56 +179,6 @@ def markdown(summary, records) -> str:
     return "\n".join(lines)
 
 
-def chart(summary, path: str) -> None:
-    """Grouped bars like the reference chart: memory, epoch time, accuracy; min–max error bars."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cpu = any(dev["env"].get("device") == "cpu" for dev in summary["devices"])
-    panels = (("peak_memory_bytes", "peak memory (MiB)" + (": process RSS on CPU" if cpu else ""), MIB),
-              ("median_epoch_time_s", "epoch time (s)", 1.0),
-              ("final_test_acc", "final test accuracy", 1.0))
-    groups, precisions = [], []
-    for dev in summary["devices"]:
-        for precision, impls in dev["precisions"].items():
-            if precision not in precisions:
-                precisions.append(precision)
-            for impl in impls:
-                label = impl if len(summary["devices"]) == 1 else f"{impl}\n{dev['device']}"
-                if (dev, impl, label) not in groups:
-                    groups.append((dev, impl, label))
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4.2), dpi=100)
-    width = 0.8 / max(1, len(precisions))
-    for ax, (metric, title, scale) in zip(axes, panels):
-        for j, precision in enumerate(precisions):
-            xs, heights, errs = [], [], [[], []]
-            for i, (dev, impl, _) in enumerate(groups):
-                spread = dev["precisions"].get(precision, {}).get(impl, {}).get(metric)
-                if not spread:
-                    continue
-                med = spread["median"] / scale
-                xs.append(i + (j - (len(precisions) - 1) / 2) * width)
-                heights.append(med)
-                errs[0].append(med - spread["min"] / scale)
-                errs[1].append(spread["max"] / scale - med)
-            ax.bar(xs, heights, width, yerr=errs, capsize=3, label=precision)
-        for i, (dev, impl, _) in enumerate(groups):
-            if not any((cell.get(impl) or {}).get("ok") for cell in dev["precisions"].values()):
-                ax.text(i, 0, "not run\n(see report.md)", ha="center", va="bottom", fontsize=8,
-                        color="0.4")
-        ax.set_xticks(range(len(groups)), [g[2] for g in groups])
-        ax.set_title(title)
-        ax.grid(axis="y", alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper right")
-    devices = ", ".join(dev["device"] for dev in summary["devices"])
-    fig.suptitle(f"ampcompare on {devices}: median over repeats, error bars min–max")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
 def write(records, out_dir: str) -> dict:
     """Write the four report files into out_dir; return their paths."""
     os.makedirs(out_dir, exist_ok=True)
@@ -247,5 +194,5 @@ def write(records, out_dir: str) -> dict:
     results.write_json(paths["summary.json"], summary)
     with open(paths["report.md"], "w") as f:
         f.write(markdown(summary, records))
-    chart(summary, paths["benchmark.png"])
+    chart.write(summary, paths["benchmark.png"])
     return paths

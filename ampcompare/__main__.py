@@ -1,0 +1,3 @@
+from ampcompare.cli import main
+
+main()

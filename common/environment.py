@@ -1,0 +1,71 @@
+"""What machine and software a run was measured on: versions, device, CPU, git commit.
+
+Written into every result.json as `env`, so that a number can be read with the hardware and
+software that produced it."""
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import subprocess
+from typing import Optional
+
+import torch
+
+
+def version(dist: str) -> Optional[str]:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit() -> Optional[str]:
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True,
+                              text=True, timeout=5)
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0 or not head.stdout.strip():
+        return None
+    # "+dirty": the numbers came from code that differs from the commit named.
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def environment(device: torch.device, switches: dict) -> dict:
+    import torchvision
+
+    cuda = device.type == "cuda"
+    capability = torch.cuda.get_device_capability(device) if cuda else None
+    cpu = cpu_model()
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "lightning": version("pytorch-lightning") or version("lightning"),
+        "apex": version("apex"),
+        "device": device.type,
+        "device_name": torch.cuda.get_device_name(device) if cuda else cpu,
+        "cuda_capability": f"{capability[0]}.{capability[1]}" if capability else None,
+        # Tensor cores arrived with Volta (7.0): the usual reason fp16 gains more on a T4 than a P40.
+        "tensor_cores": capability >= (7, 0) if capability else False,
+        "cpu_model": cpu,
+        "threads": torch.get_num_threads(),
+        "git_commit": git_commit(),
+        "pid": os.getpid(),
+        **switches,
+    }

@@ -1,0 +1,73 @@
+"""One way to make a run fail on purpose: in this process (monkeypatch), or in the child
+processes that compare starts (an environment variable read by tests/fault_hook/sitecustomize.py).
+
+A fault fires in epoch `epoch`, after step `step` of that epoch (or, with step=None, when its
+training part ends), in a process whose command line holds every word of `argv`. It does:
+    "raise"      raise RuntimeError("broken on purpose")
+    "interrupt"  raise KeyboardInterrupt, as Ctrl-C does
+    "exit"       os._exit(137): gone with no chance to record anything, as after SIGKILL
+    "sigterm"    send SIGTERM to itself, as a scheduler or `timeout` does
+    "stop"       send SIGSTOP to itself: a hung process
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+
+ENV = "AMPCOMPARE_TEST_FAULT"
+HOOK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fault_hook")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def act(action: str) -> None:
+    if action == "raise":
+        raise RuntimeError("broken on purpose")
+    if action == "interrupt":
+        raise KeyboardInterrupt
+    if action == "exit":
+        os._exit(137)
+    if action in ("sigterm", "stop"):
+        os.kill(os.getpid(), signal.SIGTERM if action == "sigterm" else signal.SIGSTOP)
+        return
+    raise ValueError(f"unknown fault action {action!r}")
+
+
+def install(setattr, epoch: int, action: str, step=None, argv=()) -> None:
+    """Patch the common EpochMeter (every arm measures through it) with `setattr`."""
+    if not all(word in sys.argv for word in argv):
+        return
+    from common import metrics
+    meter = metrics.EpochMeter
+    real_step, real_done = meter.step, meter.train_done
+
+    def step_(self, loss, images):
+        real_step(self, loss, images)
+        if step is not None and self.epoch == epoch and len(self.losses) == step:
+            act(action)
+
+    def train_done(self):
+        if step is None and self.epoch == epoch:
+            act(action)
+        real_done(self)
+    setattr(meter, "step", step_)
+    setattr(meter, "train_done", train_done)
+
+
+def inject(monkeypatch, epoch: int, action: str, step=None) -> None:
+    """A fault in this process."""
+    install(monkeypatch.setattr, epoch, action, step)
+
+
+def inject_children(monkeypatch, epoch: int, action: str, step=None, argv=()) -> None:
+    """A fault in every child process started from now on whose argv holds all of `argv`."""
+    monkeypatch.setenv(ENV, json.dumps({"epoch": epoch, "action": action, "step": step,
+                                        "argv": list(argv)}))
+    path = [HOOK, ROOT, os.environ.get("PYTHONPATH", "")]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in path if p))
+
+
+def install_from_env() -> None:
+    spec = json.loads(os.environ[ENV])
+    install(setattr, spec["epoch"], spec["action"], spec["step"], spec["argv"])
