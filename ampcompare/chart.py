@@ -2,6 +2,8 @@
 accuracy per implementation and precision, median over repeats with min–max error bars."""
 from __future__ import annotations
 
+from common import results
+
 MIB = 2 ** 20
 
 
@@ -55,4 +57,5 @@ def figure(summary):
 
 
 def write(summary, path: str) -> None:
-    figure(summary).savefig(path)
+    fig = figure(summary)
+    results.write_file(path, lambda f: fig.savefig(f, format="png"), binary=True)

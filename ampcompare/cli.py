@@ -6,13 +6,15 @@ import dataclasses
 import functools
 import importlib
 import os
-import signal
 import sys
+from typing import Optional
 
 import click
+from click.core import ParameterSource
 
 from common.config import Config
 from common.errors import UsageError
+from common.recorder import MAY_CHANGE_ON_RESUME
 
 IMPLS = {"plain": "plain_torch.train", "lightning": "lightning_impl.train",
          "apex": "apex_impl.train"}
@@ -50,21 +52,49 @@ def common_options(command=None, *, exclude=()):
     return command
 
 
-def config_from(options: dict) -> Config:
-    names = {f.name for f in dataclasses.fields(Config)}
-    return Config(**{k: v for k, v in options.items() if k in names})
+def config_from(options: dict, stored: Optional[dict] = None, ctx=None) -> Config:
+    """The Config of a command's options. With --resume, `stored` is the stopped run's (or
+    comparison's) config: every option not given on the command line comes from it."""
+    values = {k: v for k, v in options.items() if k in FIELDS}
+    if stored is None:
+        return Config(**values)
+    given = {k for k in values if _given(ctx, k)}
+    for name in ("out_dir", "run_id"):
+        if name in given:
+            raise UsageError(f"--resume names the folder to continue; drop --{_dash(name)}")
+    merged = {k: v for k, v in stored.items() if k in FIELDS}
+    merged.update({k: values[k] for k in given}, resume=values["resume"])
+    return Config(**merged)
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
+def _dash(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _stored_run(run_dir: str, what: str) -> dict:
+    from common import results
+    if not os.path.isdir(run_dir):
+        raise UsageError(f"--resume {run_dir}: no such folder")
+    try:
+        record = results.read(run_dir)
+    except OSError as e:
+        raise UsageError(f"--resume {run_dir}: cannot read its result.json ({e.strerror})") \
+            from None
+    except ValueError:
+        raise UsageError(f"--resume {run_dir}: its result.json is not valid JSON") from None
+    why = results.problem(record)
+    if why:
+        raise UsageError(f"--resume {run_dir}: result.json is not a run record ({why})")
+    if record["impl"] != what:
+        raise UsageError(f"--resume {run_dir} is a {record['impl']} run; continue it with "
+                         f"ampcompare {record['impl']} --resume")
+    return record["config"]
 
 
 class OneLineErrors(click.Group):
     """Usage and environment errors print one line and exit 2, never a traceback."""
 
     def main(self, args=None, prog_name=None, **extra):
-        # SIGTERM (a scheduler, `timeout`) ends a run the way Ctrl-C does: partial result kept.
-        signal.signal(signal.SIGTERM, _interrupt)
         try:
             code = super().main(args=args, prog_name=prog_name or "ampcompare",
                                 standalone_mode=False, **extra)
@@ -107,15 +137,24 @@ def run_one(impl: str, cfg: Config) -> int:
                f"test acc {acc}, median epoch {t}")
     if result.error:
         click.echo(f"error: {result.error}", err=True)
-    click.echo(f"result: {cfg.out_dir.rstrip('/')}/{result.run_id}/result.json")
+    click.echo(f"result: {os.path.join(cfg.out_dir, result.run_id, 'result.json')}")
     return result.exit_code
+
+
+def arm_config(impl: str, options: dict) -> Config:
+    if not options.get("resume"):
+        return config_from(options)
+    cfg = config_from(options, _stored_run(options["resume"], impl), click.get_current_context())
+    resume = os.path.abspath(cfg.resume)  # the run lives where it is now, wherever it began
+    cfg.out_dir, cfg.run_id = os.path.dirname(resume), os.path.basename(resume)
+    return cfg
 
 
 def _impl_command(impl: str, doc: str):
     @cli.command(impl, help=doc)
     @common_options
     def command(**options):
-        return run_one(impl, config_from(options))
+        return run_one(impl, arm_config(impl, options))
     return command
 
 
@@ -128,7 +167,7 @@ lightning = _impl_command("lightning", "PyTorch Lightning: Trainer(precision=...
 @common_options
 @option("opt_level")
 def apex(**options):
-    return run_one("apex", config_from(options))
+    return run_one("apex", arm_config("apex", options))
 
 
 def _names(value: str, allowed, what: str) -> list[str]:
@@ -142,35 +181,52 @@ def _names(value: str, allowed, what: str) -> list[str]:
 
 @cli.command("compare", help="Run every implementation at every precision, each run in a fresh "
              "process, interleaved; write a table (report.md, results.csv, summary.json) and a "
-             "chart (benchmark.png) into one folder. It measures: no run keeps a checkpoint.")
-@common_options(exclude=("precision", "run_id", "checkpoint", "repeat"))
-@click.option("--impls", default="plain,lightning,apex",
-              help="Implementations, comma-separated.  [default: plain,lightning,apex]")
+             "chart (benchmark.png) into one folder. An arm keeps its checkpoint only until it "
+             "ends ok, so that --resume DIR can finish an interrupted comparison.")
+@common_options(exclude=("precision", "run_id", "repeat", "keep_checkpoint"))
+@click.option("--impls", default=",".join(IMPLS),
+              help=f"Implementations, comma-separated.  [default: {','.join(IMPLS)}]")
 @click.option("--precisions", default=None,
               help="Precisions, comma-separated.  [default: 32-true and the device's mixed "
                    "precision: 16-mixed on CUDA, bf16-mixed on CPU]")
-@click.option("--repeats", default=1, type=click.IntRange(min=1),
+@click.option("--repeats", default=1, type=click.IntRange(min=1, max=1000),
               help="Runs of each (impl, precision); spreads are min–max over them.  [default: 1]")
 def compare_command(impls, precisions, repeats, **options):
     from ampcompare import compare, report
-    from common import data, precision, progress
-    from common.device import resolve_device
+    from common import data, progress
     from common.results import check_out_dir
 
-    # No checkpoints: a ResNet-18 with Adam state is 128 MiB a run.
-    cfg = config_from({**options, "checkpoint": False}).validate()
-    impls = _names(impls, tuple(IMPLS), "impls")
-    mixed = precision.mixed_default(resolve_device(cfg))
-    if precisions is None:
-        precisions = ["32-true", mixed]
+    ctx = click.get_current_context()
+    if options["resume"]:
+        folder = os.path.abspath(options["resume"])
+        plan = compare.read_plan(folder)
+        planned = {"impls": ",".join(plan["impls"]), "precisions": ",".join(plan["precisions"]),
+                   "repeats": plan["repeats"]}
+        for name, value in (("impls", impls), ("precisions", precisions), ("repeats", repeats)):
+            if _given(ctx, name) and value != planned[name]:
+                raise UsageError(f"--resume {folder}: --{name} {value} differs from the "
+                                 f"comparison's {planned[name]}; drop it to finish that one")
+        cfg = config_from(options, plan["config"], ctx)
+        for name in FIELDS:
+            if _given(ctx, name) and name not in RESUME_MAY_CHANGE and \
+                    getattr(cfg, name) != plan["config"].get(name):
+                raise UsageError(f"--resume {folder}: --{_dash(name)} differs from the "
+                                 f"comparison's; drop it to finish that one")
+        cfg.out_dir, cfg.resume = plan["config"]["out_dir"], None
+        cfg.validate()
+        impls, precisions, repeats = plan["impls"], plan["precisions"], plan["repeats"]
     else:
-        names = _names(precisions, (*precision.CANONICAL, *precision.ALIASES, "auto"), "precisions")
-        precisions = list(dict.fromkeys(
-            mixed if p == "auto" else p for p in map(precision.canonical, names)))
-    check_out_dir(cfg.out_dir)
+        cfg = config_from(options).validate()
+        impls = _names(impls, tuple(IMPLS), "impls")
+        precisions = _precisions(precisions, cfg)
+        folder = None
+    check_out_dir(folder or cfg.out_dir)
     # A missing CIFAR-10 is one usage error here, not one per arm (and it downloads once).
     data.load(cfg)
-    folder, code = compare.new_folder(cfg.out_dir), 0
+    if folder is None:
+        folder = compare.new_folder(cfg.out_dir)
+        compare.write_plan(folder, cfg, impls, precisions, repeats)
+    code = 0
     try:
         with progress.Bar(progress.enabled(cfg)) as bar:
             def show(k, n, arm, elapsed):
@@ -184,13 +240,42 @@ def compare_command(impls, precisions, repeats, **options):
             done = compare.compare(cfg, impls, precisions, repeats, folder, show=show)
             bar.update(completed=len(done), description="done")
     except KeyboardInterrupt:
-        click.echo("ampcompare: interrupted; reporting what was measured", err=True)
+        click.echo(f"ampcompare: interrupted; reporting what was measured (finish it with "
+                   f"ampcompare compare --resume {folder})", err=True)
         code = 130
-    records = report.load([folder])
-    paths = report.write(records, folder)
+    skipped = []
+    records = report.load([folder], skipped)
+    for path, why in skipped:
+        click.echo(f"ampcompare: warning: skipped {path}: {why}", err=True)
+    try:
+        paths = report.write(records, folder)
+    except OSError as e:
+        click.echo(f"ampcompare: error: could not write the report into {folder}: "
+                   f"{e.strerror}", err=True)
+        return 1
     _echo_report(paths)
     failed = [r for r in records if r["status"] not in ("ok", "unavailable")]
     return code or (1 if failed else 0)
+
+
+# Options that compare --resume may change: as for a run, but its arms keep their --epochs.
+RESUME_MAY_CHANGE = tuple(set(MAY_CHANGE_ON_RESUME) - {"epochs"})
+
+
+def _given(ctx, name: str) -> bool:
+    return ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT,
+                                                 ParameterSource.DEFAULT_MAP)
+
+
+def _precisions(value: Optional[str], cfg: Config) -> list[str]:
+    from common import precision
+    from common.device import resolve_device
+
+    mixed = precision.mixed_default(resolve_device(cfg))
+    if value is None:
+        return ["32-true", mixed]
+    names = _names(value, (*precision.CANONICAL, *precision.ALIASES, "auto"), "precisions")
+    return list(dict.fromkeys(mixed if p == "auto" else p for p in map(precision.canonical, names)))
 
 
 def _echo_report(paths: dict) -> None:
@@ -208,17 +293,21 @@ def _echo_report(paths: dict) -> None:
 def report_command(run_dirs, out):
     from ampcompare import report
 
-    records = report.load(run_dirs)
+    skipped = []
+    records = report.load(run_dirs, skipped)
+    for path, why in skipped:
+        click.echo(f"ampcompare: warning: skipped {path}: {why}", err=True)
     if not records:
-        raise UsageError(f"no result.json under {', '.join(run_dirs)}")
-    out = out or (run_dirs[0] if len(run_dirs) == 1 else os.path.join("runs", "report"))
-    _echo_report(report.write(records, out))
+        raise UsageError(f"no readable run record under {', '.join(run_dirs)}")
+    out = os.path.abspath(out or (run_dirs[0] if len(run_dirs) == 1 else
+                                  os.path.join("runs", "report")))
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {out} is a file; name a folder")
+    try:
+        paths = report.write(records, out)
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot write the report there ({e.strerror})") from None
+    _echo_report(paths)
     return 0
 
 
-def main():
-    cli.main()
-
-
-if __name__ == "__main__":
-    main()

@@ -3,23 +3,39 @@
 A fresh process per run because apex O1 patches torch functions for the rest of its process
 and peak-memory counters must start from zero. Interleaved (the arm order rotates each repeat)
 so that drift on a noisy machine does not favour whichever arm always runs first.
+
+Each child runs in a session of its own, so that a Ctrl-C reaches this process only, once: it
+passes the interrupt on, waits for the child to record what it measured, and a second signal
+(or a child that does not stop) ends the child outright. Whatever a child leaves behind, its
+record ends with a status that is true. compare.json holds the plan, so that
+`compare --resume DIR` can keep the arms that finished and run or resume the rest.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 
-from common import results
+import click
+
+from common import results, signals
 from common.config import Config
 from common.device import resolve_device
 from common.environment import environment
+from common.errors import UsageError
 
-NOT_PASSED = ("precision", "run_id", "out_dir", "quiet", "opt_level", "repeat")
+PLAN = "compare.json"
+NOT_PASSED = ("precision", "run_id", "out_dir", "quiet", "opt_level", "repeat", "resume",
+              "keep_checkpoint")
+GRACE_S = 60  # how long an interrupted child may take to record its result
+RESUMABLE = ("interrupted", "failed", "oom", "running")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @dataclass
@@ -57,88 +73,175 @@ def child_args(cfg: Config) -> list[str]:
     return args
 
 
+def new_folder(out_dir: str) -> str:
+    """compare-<time>, or compare-<time>-2, -3, ... when another compare took that second."""
+    base = os.path.join(out_dir, f"compare-{results.timestamp()}")
+    for n in range(1, 1000):
+        folder = base if n == 1 else f"{base}-{n}"
+        try:
+            os.makedirs(folder, exist_ok=False)
+            return folder
+        except FileExistsError:
+            continue
+    raise UsageError(f"cannot find a free folder name like {base} in --out-dir")
+
+
+def write_plan(folder: str, cfg: Config, impls, precisions, repeats: int) -> None:
+    results.write_json(os.path.join(folder, PLAN), {
+        "schema": results.SCHEMA, "config": cfg.to_dict(), "impls": list(impls),
+        "precisions": list(precisions), "repeats": repeats})
+
+
+def read_plan(folder: str) -> dict:
+    path = os.path.join(folder, PLAN)
+    if not os.path.isfile(path):
+        raise UsageError(f"--resume {folder}: not a compare folder (no {PLAN} there)")
+    try:
+        with open(path) as f:
+            plan = json.load(f)
+        plan["config"], plan["impls"], plan["precisions"], plan["repeats"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"--resume {folder}: its {PLAN} is damaged ({type(e).__name__})") \
+            from None
+    return plan
+
+
 def unavailable_result(cfg: Config, arm: Arm, status: str, reason: str, env: dict) -> dict:
     """The record of an arm that produced no result.json of its own (env: the comparing
     process's view of the machine, so the row lands with its device)."""
     return {"schema": results.SCHEMA, "run_id": arm.run_id, "impl": arm.impl,
-            "repeat": arm.repeat, "seed": cfg.seed, "status": status, "error": reason, "precision": {"requested": arm.precision, "effective": None},
-            "opt_level": None,
+            "repeat": arm.repeat, "seed": cfg.seed, "status": status, "error": reason,
+            "precision": {"requested": arm.precision, "effective": None}, "opt_level": None,
             "config": {**cfg.to_dict(), "precision": arm.precision, "repeat": arm.repeat},
             "env": env, "epochs": [], "step_losses": [], "weights_sha256": None,
             "summary": {}}
 
 
-def run_arm(cfg: Config, arm: Arm, folder: str, unavailable: dict, env: dict) -> dict:
-    """Run one arm in a child process; always return (and leave on disk) a result record."""
+def _existing(run_dir: str):
+    try:
+        record = results.read(run_dir)
+    except (OSError, ValueError):
+        return None
+    return None if results.problem(record) else record
+
+
+def run_arm(cfg: Config, arm: Arm, folder: str, unavailable: dict, env: dict):
+    """Run (or, with a checkpoint left by an earlier attempt, resume) one arm in a child
+    process. Returns its record, always also left on disk, and whether to stop comparing."""
     run_dir = os.path.join(folder, arm.run_id)
     key = (arm.impl, arm.precision)  # e.g. apex: missing altogether, or only no bf16 mode
+    before = _existing(run_dir)
+    if before is not None and before["status"] == "ok":
+        return before, False  # finished in an earlier attempt: kept
     if key in unavailable:
-        record = unavailable_result(cfg, arm, "unavailable", unavailable[key], env)
+        return _save(run_dir, unavailable_result(cfg, arm, "unavailable", unavailable[key],
+                                                 env)), False
+    if before is not None and before.get("checkpoint") and before["status"] in RESUMABLE:
+        cmd = [arm.impl, "--resume", run_dir]
     else:
-        cmd = [sys.executable, "-m", "ampcompare", arm.impl, *child_args(cfg),
-               "--precision", arm.precision, "--repeat", str(arm.repeat), "--out-dir", folder,
-               "--run-id", arm.run_id, "--quiet"]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        shutil.rmtree(run_dir, ignore_errors=True)  # nothing to continue from: start over
+        cmd = [arm.impl, *child_args(cfg), "--precision", arm.precision, "--repeat",
+               str(arm.repeat), "--out-dir", folder, "--run-id", arm.run_id]
+    cmd = [sys.executable, "-m", "ampcompare", *cmd, "--quiet", "--no-keep-checkpoint"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT, start_new_session=True, preexec_fn=_die_with_parent)
+    stderr, interrupted = _wait(proc)
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    last = lines[-1].removeprefix("ampcompare: error: ") if lines else None
+    how = _exit_description(proc.returncode)
+    stop = interrupted or proc.returncode == 130  # also a child interrupted on its own
+    record = _existing(run_dir)
+    if record is not None:
+        if record["status"] != "running":
+            return record, stop
+        # Gone before it could record how it ended (OOM killer, SIGKILL, a hang we ended).
+        status = "interrupted" if interrupted else "failed"
+        record.update(status=status, error=f"{last}; {how}" if last else how)
+        return _save(run_dir, record), stop
+    if proc.returncode == 2 and last:  # a usage or environment error: it cannot run here
+        unavailable[key] = last
+        return _save(run_dir, unavailable_result(cfg, arm, "unavailable", last, env)), stop
+    status = "interrupted" if interrupted else "failed"
+    return _save(run_dir, unavailable_result(cfg, arm, status, last or how, env)), stop
+
+
+def _wait(proc: subprocess.Popen) -> tuple[str, bool]:
+    """Wait for the child, reading its stderr. The first signal to this process is passed on
+    as SIGINT (with SIGCONT first, for a stopped child); a second one, or GRACE_S without an
+    end, kills the child's whole process group. Returns (stderr, whether it was interrupted)."""
+    seen, caught, asked, killed = signals.received(), 0, None, False
+    while True:
         try:
-            _, stderr = proc.communicate()
-        except KeyboardInterrupt:
-            stop(proc)
-            raise
-        lines = [line for line in stderr.splitlines() if line.strip()]
-        last = lines[-1] if lines else f"exit code {proc.returncode}"
-        if proc.returncode == 130:  # interrupted on its own (e.g. kill -INT): it saved its result
-            raise KeyboardInterrupt
-        if os.path.exists(os.path.join(run_dir, "result.json")):
-            record = results.read(run_dir)
-            if record["status"] != "running":
-                return record
-            # Killed before it could record how it ended (OOM killer, SIGKILL): keep its epochs.
-            record.update(status="failed", error=f"{last} (exit code {proc.returncode})")
-            results.write_json(os.path.join(run_dir, "result.json"), record)
-            return record
-        if proc.returncode == 2:  # a usage or environment error: this arm cannot run here
-            reason = last.removeprefix("ampcompare: error: ")
-            unavailable[key] = reason
-            record = unavailable_result(cfg, arm, "unavailable", reason, env)
-        else:
-            record = unavailable_result(cfg, arm, "failed", last, env)
-    os.makedirs(run_dir, exist_ok=True)
-    results.write_json(os.path.join(run_dir, "result.json"), record)
-    return record
-
-
-def new_folder(out_dir: str) -> str:
-    folder = os.path.join(out_dir, f"compare-{results.timestamp()}")
-    os.makedirs(folder, exist_ok=False)
-    return folder
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """Let an interrupted child record its partial result before this process reports.
-    A Ctrl-C at a terminal reaches the child too; a SIGINT sent to this process alone does not,
-    so it is passed on if the child is still running after a moment. Killing it outright would
-    leave its result.json saying "running"."""
-    for sig, grace in ((None, 5), (signal.SIGINT, 60)):
-        if sig is not None:
-            proc.send_signal(sig)
-        try:
-            proc.communicate(timeout=grace)
-            return
+            _, stderr = proc.communicate(timeout=0.2)
+            return stderr, asked is not None
         except subprocess.TimeoutExpired:
             pass
-    proc.kill()
-    proc.communicate()
+        except KeyboardInterrupt:  # signals not installed (compare called in-process)
+            caught += 1
+        count = signals.received() - seen + caught
+        if count and asked is None:
+            asked = time.monotonic()
+            _signal(proc, signal.SIGCONT, group=True)
+            _signal(proc, signal.SIGINT)
+        if not killed and asked is not None and (count > 1 or time.monotonic() - asked > GRACE_S):
+            _signal(proc, signal.SIGCONT, group=True)
+            _signal(proc, signal.SIGKILL, group=True)
+            killed = True
+
+
+def _signal(proc: subprocess.Popen, sig: int, group: bool = False) -> None:
+    try:
+        if group:  # the child and its data loader workers: its session is its group
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _die_with_parent() -> None:
+    """In the child, before it starts: a SIGTERM when this process dies (Linux), so that no
+    arm trains on alone after compare itself was killed."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _exit_description(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def _save(run_dir: str, record: dict) -> dict:
+    """Leave the record on disk; a full disk or a read-only folder costs this file, not the
+    comparison: the record still reaches the report's in-memory list."""
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        results.write_json(os.path.join(run_dir, "result.json"), record)
+    except OSError as e:
+        click.echo(f"ampcompare: warning: could not write {run_dir}/result.json "
+                   f"({e.strerror})", err=True)
+    return record
 
 
 def compare(cfg: Config, impls, precisions, repeats: int, folder: str, show=None) -> list[dict]:
     """Run the schedule into folder; returns the records. `show(k, n, arm, elapsed)` is called
-    before each arm. Ctrl-C stops after the running arm has saved its result."""
+    before each arm. An interrupt stops after the running arm has recorded its result."""
     arms = schedule(impls, precisions, repeats)
     env = environment(resolve_device(cfg), {})
     records, unavailable, start = [], {}, time.monotonic()
     for k, arm in enumerate(arms):
         if show:
             show(k, len(arms), arm, time.monotonic() - start)
-        records.append(run_arm(cfg, arm, folder, unavailable, env))
+        with signals.deferred():  # a signal now is passed to the child by _wait
+            record, stop = run_arm(cfg, arm, folder, unavailable, env)
+            records.append(record)
+        if stop:
+            raise KeyboardInterrupt
     return records

@@ -3,7 +3,9 @@ saved result.json files.
 
 A pure function of the files: `ampcompare report DIR` on a compare folder rebuilds the same
 report.md that compare wrote, and several folders (e.g. two machines) report side by side,
-grouped by device.
+grouped by device and by settings: runs are only ever summarised together when everything that
+changes what is computed or how fast (model, data, batch, optimizer, epochs, switches) is equal.
+A file that is not a run record is skipped, and named.
 """
 from __future__ import annotations
 
@@ -20,16 +22,34 @@ from common import results
 from common.precision import CANONICAL
 
 METRICS = ("median_epoch_time_s", "images_per_s", "peak_memory_bytes", "final_test_acc")
+IMPL_ORDER = ("plain", "lightning", "fabric", "apex", "apex (O0)", "apex (O1)", "apex (O2)",
+              "apex (O3)")
 CSV_COLUMNS = ("device_name", "device", "impl", "precision", "opt_level", "repeat", "status",
                "error", *METRICS, "epochs_done", "weights_sha256", "run_id", "path")
 
 
-def load(folders) -> list[dict]:
+# Config entries that name a run rather than what it computes: runs that differ only in these
+# belong in one group (precision and opt level are the table's own axes).
+NOT_SETTINGS = ("precision", "opt_level", "repeat", "seed", "run_id", "out_dir", "data_dir",
+                "download", "quiet", "checkpoint", "keep_checkpoint", "resume")
+
+
+def load(folders, skipped: list | None = None) -> list[dict]:
+    """Every run record under the folders. A result.json that cannot be read or is not a run
+    record is left out, and (path, reason) appended to `skipped`."""
     records = []
     for folder in folders:
         for path in sorted(glob.glob(os.path.join(folder, "**", "result.json"), recursive=True)):
-            with open(path) as f:
-                record = json.load(f)
+            try:
+                with open(path) as f:
+                    record = json.load(f)
+                why = results.problem(record)
+            except (OSError, ValueError) as e:
+                why = f"unreadable ({e})"
+            if why:
+                if skipped is not None:
+                    skipped.append((path, why))
+                continue
             record["_path"] = os.path.relpath(path, folder)
             records.append(record)
     return records
@@ -38,6 +58,16 @@ def load(folders) -> list[dict]:
 def device_of(record) -> str:
     env = record.get("env") or {}
     return f"{env.get('device_name', '?')} ({env.get('device', '?')})"
+
+
+def settings_of(record) -> dict:
+    return {k: v for k, v in sorted(record["config"].items()) if k not in NOT_SETTINGS}
+
+
+def label_of(record) -> str:
+    """The row a run belongs to: its impl, and apex's opt level (O1 and O2 are not averaged)."""
+    level = record.get("opt_level")
+    return f"{record['impl']} ({level})" if level else record["impl"]
 
 
 def precision_of(record) -> str:
@@ -72,41 +102,62 @@ def _order(names, canonical=()):
                                              else len(canonical), n))
 
 
-def summarize(records) -> dict:
-    devices = {}
+def groups_of(records) -> list[tuple[str, dict, list]]:
+    """(device, settings, records) per device and settings, in the order first seen."""
+    groups = {}
     for r in records:
-        devices.setdefault(device_of(r), []).append(r)
+        settings = settings_of(r)
+        key = (device_of(r), json.dumps(settings, sort_keys=True, default=str))
+        groups.setdefault(key, (key[0], settings, []))[2].append(r)
+    return list(groups.values())
+
+
+def _differences(groups) -> dict:
+    """For each group, the settings in which it differs from another group of its device."""
+    out = {}
+    for i, (device, settings, _) in enumerate(groups):
+        others = [s for j, (d, s, _) in enumerate(groups) if d == device and j != i]
+        out[i] = {k: v for k, v in settings.items() if any(o.get(k) != v for o in others)}
+    return out
+
+
+def summarize(records) -> dict:
+    groups = groups_of(records)
+    differences = _differences(groups)
     out = []
-    for device, recs in devices.items():
+    for i, (device, settings, recs) in enumerate(groups):
         ok = [r for r in recs if r["status"] == "ok"]
         env = (ok or recs)[0].get("env") or {}
-        groups = {}
+        cells = {}
         for r in recs:
-            groups.setdefault(precision_of(r), {}).setdefault(r["impl"], []).append(r)
+            cells.setdefault(precision_of(r), {}).setdefault(label_of(r), []).append(r)
         table = {}
-        for precision in _order(groups, CANONICAL):
+        for precision in _order(cells, CANONICAL):
             table[precision] = {}
-            for impl in _order(groups[precision], ("plain", "lightning", "apex")):
-                runs = groups[precision][impl]
+            for label in _order(cells[precision], IMPL_ORDER):
+                runs = cells[precision][label]
                 good = [r["summary"] for r in runs if r["status"] == "ok"]
-                table[precision][impl] = {
-                    "runs": len(runs), "ok": len(good),
+                table[precision][label] = {
+                    "impl": runs[0]["impl"], "runs": len(runs), "ok": len(good),
                     "opt_level": runs[0].get("opt_level"),
                     **{m: _spread([s.get(m) for s in good]) for m in METRICS}}
-        out.append({"device": device, "env": env, "config": (ok or recs)[0].get("config", {}),
-                    "precisions": table, "ratios": _ratios(table)})
+        diff = differences[i]
+        name = device + (" — " + ", ".join(f"{k} {v}" for k, v in diff.items()) if diff else "")
+        out.append({"device": name, "env": env, "config": (ok or recs)[0].get("config", {}),
+                    "settings": settings, "precisions": table, "ratios": _ratios(table)})
     return {"schema": results.SCHEMA, "devices": out}
 
 
 def _ratios(table) -> dict:
-    """Mixed precision against 32-true per impl: speed-up (time ratio) and memory ratio."""
-    base = table.get("32-true", {})
+    """Mixed precision against 32-true per row: speed-up (time ratio) and memory ratio. The
+    32-true run of the same impl is the reference (apex: O0, whatever the mixed opt level)."""
+    base = {c["impl"]: c for c in table.get("32-true", {}).values()}
     ratios = {}
     for precision, impls in table.items():
         if precision == "32-true":
             continue
         for impl, cell in impls.items():
-            ref = base.get(impl)
+            ref = base.get(cell["impl"])
             if not ref or not ref["median_epoch_time_s"] or not cell["median_epoch_time_s"]:
                 continue
             ratios.setdefault(impl, {})[precision] = {
@@ -147,8 +198,7 @@ def markdown(summary, records) -> str:
             lines += [f"### {precision}", "",
                       "| impl | runs ok | epoch time (s) | images/s | peak memory (MiB) | final test acc |",
                       "|---|---|---|---|---|---|"]
-            for impl, c in impls.items():
-                name = f"{impl} ({c['opt_level']})" if c.get("opt_level") else impl
+            for name, c in impls.items():
                 lines.append(f"| {name} | {c['ok']}/{c['runs']} | {_cell(c['median_epoch_time_s'])} "
                              f"| {_cell(c['images_per_s'], fmt='{:.0f}')} "
                              f"| {_cell(c['peak_memory_bytes'], MIB, '{:.0f}')} "
@@ -166,7 +216,8 @@ def markdown(summary, records) -> str:
     failed = {}
     for r in records:
         if r["status"] != "ok":
-            key = (device_of(r), r["impl"], precision_of(r), r["status"], r.get("error") or "")
+            why = " ".join((r.get("error") or "").split())  # one table row, whatever it says
+            key = (device_of(r), label_of(r), precision_of(r), r["status"], why)
             failed.setdefault(key, []).append(r["run_id"])
     if failed:
         lines += ["## Runs that did not finish", "",
@@ -180,7 +231,7 @@ def markdown(summary, records) -> str:
 
 
 def write(records, out_dir: str) -> dict:
-    """Write the four report files into out_dir; return their paths."""
+    """Write the four report files into out_dir, each atomically; return their paths."""
     os.makedirs(out_dir, exist_ok=True)
     summary = summarize(records)
     paths = {name: os.path.join(out_dir, name)
@@ -189,10 +240,9 @@ def write(records, out_dir: str) -> dict:
     writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS)
     writer.writeheader()
     writer.writerows(rows(records))
-    with open(paths["results.csv"], "w", newline="") as f:
-        f.write(buf.getvalue())
+    results.write_file(paths["results.csv"], lambda f: f.write(buf.getvalue()))
     results.write_json(paths["summary.json"], summary)
-    with open(paths["report.md"], "w") as f:
-        f.write(markdown(summary, records))
+    text = markdown(summary, records)
+    results.write_file(paths["report.md"], lambda f: f.write(text))
     chart.write(summary, paths["benchmark.png"])
     return paths

@@ -32,6 +32,11 @@ def build(cfg, setup: RunSetup):
     # plain: torch.amp.GradScaler(...); lightning: the MixedPrecision plugin's scaler.
     # amp keeps its loss scalers inside, so there is no scaler object to return.
     model, optimizer = amp.initialize(model, optimizer, opt_level=cfg.opt_level, verbosity=0)
+    if setup.resumed:  # plain: scaler.load_state_dict; lightning: Trainer.fit(ckpt_path=...)
+        model.load_state_dict(setup.resumed["model"])
+        optimizer.load_state_dict(setup.resumed["optimizer"])
+        scheduler.load_state_dict(setup.resumed["scheduler"])
+        amp.load_state_dict(setup.resumed["amp"])  # apex: after amp.initialize
     return model, optimizer, scheduler
 
 
@@ -39,8 +44,13 @@ def fit(cfg, setup: RunSetup, model, optimizer, scheduler) -> None:
     device = setup.device
     dynamic = cfg.opt_level in ("O1", "O2")  # O0 and O3 use a static loss scale of 1
     steps = metrics.StepCounter(optimizer)
+
+    def save(path):  # plain: scaler.state_dict(); lightning: trainer.save_checkpoint
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "amp": amp.state_dict(),
+                    **setup.recorder.state()}, path)
     with progress.Bar(progress.enabled(cfg)) as bar:
-        for epoch in range(cfg.epochs):
+        for epoch in range(setup.recorder.start_epoch, cfg.epochs):
             # lightning: the Trainer calls set_epoch on the sampler itself
             setup.train_loader.batch_sampler.sampler.set_epoch(epoch)
             meter = metrics.EpochMeter(device, epoch, steps)
@@ -70,9 +80,8 @@ def fit(cfg, setup: RunSetup, model, optimizer, scheduler) -> None:
             # plain: scaler.get_scale(); lightning: trainer.precision_plugin.scaler
             scale = amp.state_dict()["loss_scaler0"]["loss_scale"] if dynamic else None
             row, losses = meter.finish(scale)
-            setup.recorder.add_epoch(row, losses)
+            setup.recorder.end_epoch(row, losses, model, save)  # also checks for divergence
             bar.update(info=progress.epoch_info(row))
-            metrics.check_diverged(losses)
 
 
 def train(cfg) -> RunResult:
@@ -82,4 +91,4 @@ def train(cfg) -> RunResult:
     model, optimizer, scheduler = build(cfg, setup)
     with setup.recorder:  # any exception ends here, as the run's status (failed, oom, ...)
         fit(cfg, setup, model, optimizer, scheduler)
-    return setup.recorder.close(model, optimizer=optimizer.state_dict(), amp=amp.state_dict())
+    return setup.recorder.result

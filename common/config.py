@@ -6,6 +6,9 @@ batch 256, Adam at lr 1e-4, 10 epochs.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
+import re
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -18,6 +21,8 @@ OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "cosine")
 ACCELERATORS = ("auto", "cpu", "cuda")
 OPT_LEVELS = ("O0", "O1", "O2", "O3")
+INT_MAX = 2 ** 31 - 1  # the largest value any integer option takes, unless it says less
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,199}")
 
 
 def _f(default, help, common=True, **click):
@@ -33,22 +38,23 @@ class Config:
     data_dir: str = _f("./data", "Where CIFAR-10 is read from, or downloaded to.")
     download: bool = _f(True, "Download CIFAR-10 into --data-dir when it is not there.",
                         flag="--download/--no-download")
-    synthetic_size: int = _f(10000, "Training images in the synthetic dataset (test: a fifth of it).",
-                             min=1)
+    # 10^6 images are 3 GiB of uint8, before the loaders copy them.
+    synthetic_size: int = _f(10000, "Training images in the synthetic dataset (test: a fifth "
+                             "of it).", min=1, max=10 ** 6)
     model: str = _f("resnet18", "resnet18 (CIFAR variant) or small (a fast CNN for CPU runs).",
                     choices=MODELS)
     precision: str = _f("auto", "32-true, 16-mixed, bf16-mixed (aliases 32, 16, bf16), or auto: "
                         "16-mixed on CUDA, bf16-mixed on CPU.")
-    batch_size: int = _f(256, "Images per optimizer step.", min=1)
+    batch_size: int = _f(256, "Images per optimizer step.", min=1, max=65536)
     lr: float = _f(1e-4, "Learning rate.", min=0.0, min_open=True)
     optimizer: str = _f("adam", "Optimizer (sgd uses momentum 0.9).", choices=OPTIMIZERS)
     schedule: str = _f("constant", "Learning-rate schedule, stepped once per optimizer step.",
                        choices=SCHEDULES)
     clip_grad: float = _f(0.0, "Clip the gradient norm to this value (0: no clipping).", min=0.0)
-    epochs: int = _f(10, "Training epochs.", min=1)
-    seed: int = _f(0, "Seed for weights, data order and augmentation.")
+    epochs: int = _f(10, "Training epochs.", min=1, max=100_000)
+    seed: int = _f(0, "Seed for weights, data order and augmentation.", min=0)
     repeat: int = _f(0, "Index of this run among repeats of the same settings (compare sets it; "
-                     "recorded, changes nothing).", min=0)
+                     "recorded, changes nothing).", min=0, max=100_000)
     accelerator: str = _f("auto", "Device: cuda when available under auto.", choices=ACCELERATORS)
     devices: int = _f(1, "Number of devices (only 1 is supported).", min=1)
     deterministic: bool = _f(False, "Use deterministic algorithms only (slower on CUDA).",
@@ -56,7 +62,7 @@ class Config:
     tf32: bool = _f(False, "Allow TF32 in fp32 convolutions and matmuls (Ampere and newer).",
                     flag="--tf32/--no-tf32")
     num_workers: int = _f(0, "Data loader worker processes (augmentation is batched tensor ops).",
-                          min=0)
+                          min=0, max=64)
     limit_train_batches: Optional[int] = _f(None, "Train on at most this many batches per epoch.",
                                             min=1, type=int, shown="all")
     limit_test_batches: Optional[int] = _f(None, "Evaluate on at most this many batches per "
@@ -65,25 +71,36 @@ class Config:
     run_id: Optional[str] = _f(None, "Name of the run folder.",
                                shown="<time>-<impl>-<precision>-<6 random hex digits>")
     quiet: bool = _f(False, "No progress bar.", flag="--quiet/--no-quiet")
-    checkpoint: bool = _f(True, "Save checkpoint.pt (model, optimizer, loss-scaler state) beside "
-                          "result.json at the end, also of a failed or interrupted run.",
+    checkpoint: bool = _f(True, "Save checkpoint.pt (model, optimizer, scheduler, loss-scaler "
+                          "state, measurements) beside result.json at the end of every epoch, "
+                          "so that --resume can continue the run.",
                           flag="--checkpoint/--no-checkpoint")
+    keep_checkpoint: bool = _f(True, "Keep checkpoint.pt once the run has ended ok (compare "
+                               "keeps none: a ResNet-18 with Adam state is 128 MiB a run).",
+                               flag="--keep-checkpoint/--no-keep-checkpoint")
+    resume: Optional[str] = _f(None, "Continue the stopped run in this folder (compare: the "
+                               "stopped comparison); the other options must be the stopped "
+                               "run's, but --epochs may be raised.", shown="none: a new run")
     opt_level: Optional[str] = _f(None, "apex opt level.", common=False, choices=OPT_LEVELS,
                                   shown="O0 for 32-true, O1 for 16-mixed")
 
     def validate(self) -> "Config":
+        """Check every option; make paths absolute (a child process started elsewhere, or a
+        later --resume, must find the same folders). Raises UsageError naming the option."""
         for f in dataclasses.fields(self):
-            spec = f.metadata.get("click", {})
-            value = getattr(self, f.name)
-            if "choices" in spec and value is not None and value not in spec["choices"]:
-                raise UsageError(f"--{_dash(f.name)} must be one of {', '.join(spec['choices'])}, "
-                                 f"not {value!r}")
-            if value is not None and "min" in spec:
-                low, open_ = spec["min"], spec.get("min_open", False)
-                if value < low or (open_ and value == low):
-                    raise UsageError(f"--{_dash(f.name)} must be {'>' if open_ else '>='} {low}, "
-                                     f"not {value}")
+            _check(f, getattr(self, f.name))
         self.precision = canonical(self.precision)  # recorded in canonical form
+        for name in ("data_dir", "out_dir", "resume"):
+            value = getattr(self, name)
+            if value is not None:
+                if not value.strip() or "\0" in value:
+                    raise UsageError(f"--{_dash(name)} must name a folder, not {value!r}")
+                setattr(self, name, os.path.abspath(os.path.expanduser(value)))
+        if self.run_id is not None and not RUN_ID.fullmatch(self.run_id):
+            raise UsageError(f"--run-id {self.run_id!r}: use a plain folder name (letters, "
+                             f"digits and . _ + -, starting with a letter or digit, at most 200)")
+        if self.resume is not None and not os.path.isdir(self.resume):
+            raise UsageError(f"--resume {self.resume}: no such folder")
         if self.devices != 1:
             raise UsageError("--devices: only single-device runs are supported; use --devices 1")
         return self
@@ -94,3 +111,20 @@ class Config:
 
 def _dash(name: str) -> str:
     return name.replace("_", "-")
+
+
+def _check(f: dataclasses.Field, value) -> None:
+    spec, name = f.metadata.get("click", {}), f"--{_dash(f.name)}"
+    if value is None or isinstance(value, bool):
+        return
+    if "choices" in spec and value not in spec["choices"]:
+        raise UsageError(f"{name} must be one of {', '.join(spec['choices'])}, not {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UsageError(f"{name} must be a finite number, not {value}")
+    if isinstance(value, (int, float)):
+        low, open_ = spec.get("min"), spec.get("min_open", False)
+        high = spec.get("max", INT_MAX if isinstance(value, int) else None)
+        if low is not None and (value < low or (open_ and value == low)):
+            raise UsageError(f"{name} must be {'>' if open_ else '>='} {low}, not {value}")
+        if high is not None and value > high:
+            raise UsageError(f"{name} must be <= {high}, not {value}")

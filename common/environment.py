@@ -66,6 +66,7 @@ def environment(device: torch.device, switches: dict) -> dict:
         "cpu_model": cpu,
         "threads": torch.get_num_threads(),
         "git_commit": git_commit(),
+        "host": platform.node(),
         "pid": os.getpid(),
         **switches,
     }

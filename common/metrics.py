@@ -99,8 +99,23 @@ class EpochMeter:
         return row, losses
 
 
-def check_diverged(losses: list[float]) -> None:
-    # One non-finite fp16 loss is routine (the scaler skips that step); a non-finite loss at
-    # the end of an epoch means training did not recover.
+# Cross-entropy of a uniform guess over the 10 classes is ln 10 = 2.30; an epoch whose mean
+# training loss is ten times that has learnt nothing and is moving away (lr 1e6 gave ~1e13).
+LOSS_BOUND = 10 * math.log(10)
+# A loss scale below 1 means the fp16 gradients overflow even unscaled: the scaler skips every
+# step, and the run only looks alive.
+SCALE_FLOOR = 1.0
+
+
+def divergence(row: dict, losses: list[float]) -> str | None:
+    """Why this epoch shows a diverged run, or None. One non-finite fp16 loss is routine (the
+    scaler skips that step); a non-finite loss at the end of an epoch means it did not recover."""
     if losses and not math.isfinite(losses[-1]):
-        raise Diverged(f"loss is {losses[-1]} at the end of the epoch")
+        return f"loss is {losses[-1]} at the end of epoch {row['epoch']}"
+    if row["train_loss"] is not None and row["train_loss"] > LOSS_BOUND:
+        return (f"mean training loss {row['train_loss']:.4g} in epoch {row['epoch']}, above "
+                f"{LOSS_BOUND:.1f} (10 x ln 10, ten times a uniform guess's loss)")
+    if row["loss_scale"] is not None and row["loss_scale"] < SCALE_FLOOR:
+        return (f"the loss scale fell to {row['loss_scale']:.3g} in epoch {row['epoch']}, below "
+                f"{SCALE_FLOOR:g}: fp16 gradients overflow even unscaled")
+    return None

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 
 from common import data, precision, results
 from common.device import apply_speed_switches, resolve_device
+from common.recorder import Recorder
 
 
 @dataclass
@@ -25,11 +26,16 @@ class RunSetup:
     test_loader: DataLoader
     steps_per_epoch: int
     test_steps: int
-    recorder: results.Recorder
+    recorder: Recorder
 
     @property
     def memory_format(self) -> torch.memory_format:
         return torch.channels_last if self.switches["channels_last"] else torch.contiguous_format
+
+    @property
+    def resumed(self) -> Optional[dict]:
+        """The checkpoint this run continues from (--resume), or None."""
+        return self.recorder.resumed
 
 
 def prepare(cfg, impl: str, opt_level: Optional[str] = None, policy=None) -> RunSetup:
@@ -37,7 +43,7 @@ def prepare(cfg, impl: str, opt_level: Optional[str] = None, policy=None) -> Run
     # A loss scaler skips the first steps by design when its initial scale is too high; torch
     # then warns that the LR scheduler stepped first. Expected, and nothing to act on.
     warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
-    results.check_out_dir(cfg.out_dir)
+    results.check_out_dir(cfg.resume or cfg.out_dir)
     device = resolve_device(cfg)
     if policy is None:
         policy, notes = precision.resolve(cfg.precision, device)
@@ -47,6 +53,9 @@ def prepare(cfg, impl: str, opt_level: Optional[str] = None, policy=None) -> Run
     train_loader, test_loader = data.loaders(cfg, data.load(cfg), device,
                                              switches["channels_last"])
     test_steps = min(len(test_loader), cfg.limit_test_batches or len(test_loader))
+    recorder = Recorder(cfg, impl, policy, device, switches, opt_level)
+    # Where a framework builds its loader iterator before it calls set_epoch (Lightning, on
+    # resume), the order must already be the resumed epoch's.
+    train_loader.batch_sampler.sampler.set_epoch(recorder.start_epoch)
     return RunSetup(device, policy, switches, train_loader, test_loader,
-                    data.steps_per_epoch(cfg, train_loader), test_steps,
-                    results.Recorder(cfg, impl, policy, device, switches, opt_level))
+                    data.steps_per_epoch(cfg, train_loader), test_steps, recorder)

@@ -1,27 +1,28 @@
-"""result.json: one run's record, written atomically after every epoch and at the end, so a
-failed or interrupted run still leaves a complete, valid file with everything measured so far."""
+"""result.json: one run's record. Written atomically (a temporary file, flushed and synced, then
+renamed), in strict JSON (a NaN or infinite number becomes null, and `nonfinite` says where), so
+that any reader at any moment sees a complete, valid file."""
 from __future__ import annotations
 
 import datetime
 import hashlib
 import json
+import math
 import os
 import statistics
 import tempfile
-import traceback
 import uuid
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
-from common.environment import environment
 from common.errors import UsageError
-from common.metrics import Diverged, reset_peak_memory
 
-SCHEMA = 2  # 2: repeat and seed are fields of their own
+SCHEMA = 3  # 2: repeat and seed as fields; 3: checkpoint, nonfinite, warm-up rows, pid
 EXIT_CODES = {"ok": 0, "interrupted": 130}  # diverged, oom, failed: 1
-OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+STATUSES = ("running", "ok", "interrupted", "diverged", "oom", "failed", "unavailable")
+UMASK = os.umask(0o022)  # read once (os.umask can only be read by setting it)
+os.umask(UMASK)
 
 
 @dataclass
@@ -37,9 +38,12 @@ class RunResult:
     opt_level: Optional[str]
     config: dict
     env: dict
+    pid: int = 0
     epochs: list = field(default_factory=list)
     step_losses: list = field(default_factory=list)
     weights_sha256: Optional[str] = None
+    weights_epochs: Optional[int] = None  # how many epochs of training the hashed weights had
+    checkpoint: Optional[dict] = None
     summary: dict = field(default_factory=dict)
 
     @property
@@ -50,23 +54,88 @@ class RunResult:
         return asdict(self)
 
 
-def write_json(path: str, obj: Any) -> None:
-    """Temp file + rename in the same folder: readers never see half a file."""
+def strict(obj: Any, where: str = "") -> tuple[Any, list[str]]:
+    """obj with every NaN or infinite float replaced by None, and where each one was."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None, [f"{where}: {obj}"]
+    notes = []
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            out[k], more = strict(v, f"{where}.{k}" if where else str(k))
+            notes += more
+        return out, notes
+    if isinstance(obj, (list, tuple)):
+        out = []
+        for i, v in enumerate(obj):
+            value, more = strict(v, f"{where}[{i}]")
+            out.append(value)
+            notes += more
+        return out, notes
+    return obj, notes
+
+
+def stage(path: str, write: Callable[[Any], None], binary: bool = False) -> str:
+    """`write(file)` into a synced temporary file beside path, readable as the umask allows;
+    return its name, for an os.replace that readers see as all or nothing."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+    suffix = os.path.splitext(path)[1]
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, allow_nan=True)
-            f.write("\n")
-        os.replace(tmp, path)
+        os.fchmod(fd, 0o666 & ~UMASK)  # mkstemp makes files only their owner can read
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
     except BaseException:
         os.unlink(tmp)
         raise
+    return tmp
+
+
+def write_file(path: str, write: Callable[[Any], None], binary: bool = False) -> None:
+    """Temp file + rename in the same folder: readers never see half a file."""
+    os.replace(stage(path, write, binary), path)
+
+
+def stage_json(path: str, obj: Any) -> str:
+    """stage() obj as strict JSON: a NaN or infinity is written as null and listed under
+    "nonfinite" (strict JSON readers reject NaN)."""
+    clean, notes = strict(obj)
+    if notes and isinstance(clean, dict):
+        clean["nonfinite"] = ["null below was not finite: " + n for n in notes]
+
+    def dump(f):
+        json.dump(clean, f, indent=1, allow_nan=False)
+        f.write("\n")
+    return stage(path, dump)
+
+
+def write_json(path: str, obj: Any) -> None:
+    os.replace(stage_json(path, obj), path)
 
 
 def read(run_dir: str) -> dict:
     with open(os.path.join(run_dir, "result.json")) as f:
         return json.load(f)
+
+
+def problem(record: Any) -> Optional[str]:
+    """Why a parsed result.json is not a run record this tool can read, or None."""
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, not an object"
+    missing = [k for k in ("run_id", "impl", "status", "precision", "config", "env", "epochs")
+               if k not in record]
+    if missing:
+        return f"no {', '.join(missing)}"
+    kinds = {"run_id": str, "impl": str, "status": str, "precision": dict, "config": dict,
+             "env": dict, "epochs": list}
+    wrong = [k for k, kind in kinds.items() if not isinstance(record[k], kind)]
+    if wrong:
+        return f"{', '.join(wrong)} of the wrong type"
+    if record["status"] not in STATUSES:
+        return f"unknown status {record['status']!r}"
+    return None
 
 
 def check_out_dir(out_dir: str) -> None:
@@ -92,8 +161,10 @@ def weights_sha256(model: torch.nn.Module) -> str:
 
 
 def summarize(epochs: list) -> dict:
-    """Medians exclude the first (warm-up) epoch when there is more than one."""
-    timed = epochs[1:] if len(epochs) > 1 else epochs
+    """Medians leave out warm-up epochs (the first a process runs: a resumed run has two) when
+    any other epoch is there."""
+    warm = [e.get("warmup", i == 0) for i, e in enumerate(epochs)]
+    timed = [e for e, w in zip(epochs, warm) if not w] or epochs
 
     def median(key):
         values = [e[key] for e in timed if e.get(key) is not None]
@@ -115,64 +186,3 @@ def timestamp() -> str:
 
 def new_run_id(impl: str, precision: str) -> str:
     return f"{timestamp()}-{impl}-{precision}-{uuid.uuid4().hex[:6]}"
-
-
-class Recorder:
-    """Owns the run folder and result.json of one run. As a context manager it turns the way
-    the loop ended (normally, Ctrl-C, OOM, divergence, any error) into the recorded status."""
-
-    def __init__(self, cfg, impl: str, policy, device: torch.device, switches: dict,
-                 opt_level: Optional[str] = None):
-        self.device = device
-        run_id = cfg.run_id or new_run_id(impl, policy.effective)
-        self.run_dir = os.path.join(cfg.out_dir, run_id)
-        self.path = os.path.join(self.run_dir, "result.json")
-        self.result = RunResult(schema=SCHEMA, run_id=run_id, impl=impl, repeat=cfg.repeat,
-                                seed=cfg.seed, status="running", error=None, precision=policy.to_dict(), opt_level=opt_level,
-                                config=cfg.to_dict(), env=environment(device, switches))
-
-    def __enter__(self) -> "Recorder":
-        try:
-            os.makedirs(self.run_dir, exist_ok=False)
-        except FileExistsError:
-            raise UsageError(f"{self.run_dir} already exists; choose another --run-id") from None
-        except OSError as e:
-            raise UsageError(f"cannot create {self.run_dir}: {e.strerror}") from None
-        reset_peak_memory(self.device)
-        self.write()
-        return self
-
-    def __exit__(self, kind, exc, tb) -> bool:
-        if kind is None:
-            self.result.status = "ok"
-            return False
-        status = ("interrupted" if issubclass(kind, KeyboardInterrupt) else
-                  "oom" if issubclass(kind, OOM) else
-                  "diverged" if issubclass(kind, Diverged) else "failed")
-        if not issubclass(kind, Exception) and status != "interrupted":
-            return False  # SystemExit and friends are not ours to swallow
-        self.result.status = status
-        self.result.error = None if status == "interrupted" else f"{kind.__name__}: {exc}"
-        if status == "failed":
-            with open(os.path.join(self.run_dir, "error.log"), "w") as f:
-                f.write("".join(traceback.format_exception(kind, exc, tb)))
-        self.write()
-        return True  # recorded; train() still saves weights and returns the result
-
-    def add_epoch(self, row: dict, losses: list) -> None:
-        self.result.epochs.append(row)
-        self.result.step_losses.extend(losses)
-        self.result.summary = summarize(self.result.epochs)
-        self.write()
-
-    def close(self, model: torch.nn.Module, **checkpoint) -> RunResult:
-        """Hash the shared model's weights, save the checkpoint, write the final result."""
-        self.result.weights_sha256 = weights_sha256(model)
-        if self.result.config["checkpoint"]:
-            torch.save({"model": model.state_dict(), **checkpoint},
-                       os.path.join(self.run_dir, "checkpoint.pt"))
-        self.write()
-        return self.result
-
-    def write(self) -> None:
-        write_json(self.path, self.result.to_dict())

@@ -13,6 +13,8 @@ Where each line of the plain loop (plain_torch/train.py) happens here:
     scheduler.step()                 "interval": "step" below, after every optimizer step
     the evaluation pass              validation_step, with limit_val_batches = test steps
     meter.* (measurements)           the on_* hooks below: they only measure
+    save(path): the checkpoint       trainer.save_checkpoint, with on_save_checkpoint below
+    setup.resumed: load it back      Trainer.fit(ckpt_path=...) in train.py
 """
 from __future__ import annotations
 
@@ -70,5 +72,9 @@ class LitClassifier(pl.LightningModule):
     def on_train_epoch_end(self):  # runs after this epoch's validation
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         row, losses = self.meter.finish(scaler.get_scale() if scaler is not None else None)
-        self.run_setup.recorder.add_epoch(row, losses)
-        metrics.check_diverged(losses)
+        # Lightning's own checkpoint (model, optimizer, scheduler, scaler, loop state); the
+        # recorder also checks for divergence.
+        self.run_setup.recorder.end_epoch(row, losses, self.model, self.trainer.save_checkpoint)
+
+    def on_save_checkpoint(self, checkpoint):  # the measurements so far, as every arm saves
+        checkpoint.update(self.run_setup.recorder.state())

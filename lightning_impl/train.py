@@ -45,7 +45,7 @@ def build(cfg, setup: RunSetup):
         use_distributed_sampler=False,  # the common sampler already orders by (seed, epoch)
         enable_progress_bar=bar, callbacks=[RichProgressBar()] if bar else [],
         logger=False,  # result.json is the record, as for every arm
-        enable_checkpointing=False,  # the recorder saves checkpoint.pt, as for every arm
+        enable_checkpointing=False,  # module.py saves checkpoint.pt each epoch, as every arm
         enable_model_summary=False)  # a table at start-up that the other arms do not print
     if trainer.precision_plugin.precision != setup.policy.effective:
         raise UsageError(f"Lightning chose {trainer.precision_plugin.precision} for "
@@ -55,10 +55,12 @@ def build(cfg, setup: RunSetup):
 
 
 def fit(cfg, setup: RunSetup, module, trainer) -> None:
+    # plain: loads setup.resumed into each object in build()
+    ckpt_path = setup.recorder.checkpoint_path if setup.resumed else None
     try:
         # plain: the epoch loop, written out
         trainer.fit(module, train_dataloaders=setup.train_loader,
-                    val_dataloaders=setup.test_loader)
+                    val_dataloaders=setup.test_loader, ckpt_path=ckpt_path, weights_only=True)
     except SystemExit:
         if trainer.interrupted:  # Lightning answers Ctrl-C with sys.exit(1)
             raise KeyboardInterrupt from None
@@ -70,7 +72,4 @@ def train(cfg) -> RunResult:
     module, trainer = build(cfg, setup)
     with setup.recorder:  # any exception ends here, as the run's status (failed, oom, ...)
         fit(cfg, setup, module, trainer)
-    # none if fit failed before configure_optimizers
-    optimizer = trainer.optimizers[0].state_dict() if trainer.optimizers else None
-    return setup.recorder.close(module.model, optimizer=optimizer,
-                                scaler=trainer.precision_plugin.state_dict())
+    return setup.recorder.result

@@ -24,6 +24,11 @@ def build(cfg, setup: RunSetup):
     optimizer, scheduler = models.build_optimizer(cfg, model, setup.steps_per_epoch)
     # apex: amp.initialize(model, optimizer); lightning: the MixedPrecision plugin's scaler
     scaler = torch.amp.GradScaler(setup.device.type, enabled=setup.policy.scaler)
+    if setup.resumed:  # apex: amp.load_state_dict; lightning: Trainer.fit(ckpt_path=...)
+        model.load_state_dict(setup.resumed["model"])
+        optimizer.load_state_dict(setup.resumed["optimizer"])
+        scheduler.load_state_dict(setup.resumed["scheduler"])
+        scaler.load_state_dict(setup.resumed["scaler"])
     return model, optimizer, scheduler, scaler
 
 
@@ -33,8 +38,13 @@ def fit(cfg, setup: RunSetup, model, optimizer, scheduler, scaler) -> None:
     autocast = torch.autocast(device.type, dtype=setup.policy.dtype,
                               enabled=setup.policy.autocast)
     steps = metrics.StepCounter(optimizer)
+
+    def save(path):  # apex: amp.state_dict() for the scaler; lightning: trainer.save_checkpoint
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                    **setup.recorder.state()}, path)
     with progress.Bar(progress.enabled(cfg)) as bar:
-        for epoch in range(cfg.epochs):
+        for epoch in range(setup.recorder.start_epoch, cfg.epochs):
             # lightning: the Trainer calls set_epoch on the sampler itself
             setup.train_loader.batch_sampler.sampler.set_epoch(epoch)
             meter = metrics.EpochMeter(device, epoch, steps)
@@ -65,9 +75,8 @@ def fit(cfg, setup: RunSetup, model, optimizer, scheduler, scaler) -> None:
                     meter.eval_batch(model(x), y)
             # apex: amp.state_dict()["loss_scaler0"]["loss_scale"]
             row, losses = meter.finish(scaler.get_scale() if scaler.is_enabled() else None)
-            setup.recorder.add_epoch(row, losses)
+            setup.recorder.end_epoch(row, losses, model, save)  # also checks for divergence
             bar.update(info=progress.epoch_info(row))
-            metrics.check_diverged(losses)
 
 
 def train(cfg) -> RunResult:
@@ -75,5 +84,4 @@ def train(cfg) -> RunResult:
     model, optimizer, scheduler, scaler = build(cfg, setup)
     with setup.recorder:  # any exception ends here, as the run's status (failed, oom, ...)
         fit(cfg, setup, model, optimizer, scheduler, scaler)
-    return setup.recorder.close(model, optimizer=optimizer.state_dict(),
-                                scaler=scaler.state_dict())
+    return setup.recorder.result

@@ -31,6 +31,12 @@ SMALL_RUN = ["--dataset", "synthetic", "--model", "small", "--synthetic-size", "
              "--batch-size", "64", "--accelerator", "cpu"]
 
 
+def run_cli(args, cwd=ROOT, timeout=180) -> subprocess.CompletedProcess:
+    """`ampcompare ARGS` as its own process, through the console entry's own code path."""
+    return subprocess.run([sys.executable, "-m", "ampcompare", *args], cwd=cwd, text=True,
+                          capture_output=True, timeout=timeout)
+
+
 def start_until_first_epoch(args, out_dir, pattern):
     """Start `ampcompare ARGS` as its own process; return it and the result.json matching
     `pattern` under out_dir once that run has finished an epoch."""

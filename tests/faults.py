@@ -1,20 +1,25 @@
 """One way to make a run fail on purpose: in this process (monkeypatch), or in the child
 processes that compare starts (an environment variable read by tests/fault_hook/sitecustomize.py).
 
-A fault fires in epoch `epoch`, after step `step` of that epoch (or, with step=None, when its
-training part ends), in a process whose command line holds every word of `argv`. It does:
+A fault fires in epoch `epoch` — after step `step` of that epoch, or with step=None when its
+training part ends, or with step="save" halfway through writing that epoch's checkpoint — in a
+process whose command line holds every word of `argv`. It does:
     "raise"      raise RuntimeError("broken on purpose")
     "interrupt"  raise KeyboardInterrupt, as Ctrl-C does
     "exit"       os._exit(137): gone with no chance to record anything, as after SIGKILL
     "sigterm"    send SIGTERM to itself, as a scheduler or `timeout` does
+    "sigint2"    send SIGINT to itself twice, 20 ms apart: an impatient Ctrl-C
     "stop"       send SIGSTOP to itself: a hung process
+    "enospc"     raise OSError(ENOSPC), as a full disk does
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
 import sys
+import time
 
 ENV = "AMPCOMPARE_TEST_FAULT"
 HOOK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fault_hook")
@@ -31,6 +36,14 @@ def act(action: str) -> None:
     if action in ("sigterm", "stop"):
         os.kill(os.getpid(), signal.SIGTERM if action == "sigterm" else signal.SIGSTOP)
         return
+    if action == "sigint2":
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.5)  # the signals arrive while this process is writing
+        return
+    if action == "enospc":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     raise ValueError(f"unknown fault action {action!r}")
 
 
@@ -38,13 +51,26 @@ def install(setattr, epoch: int, action: str, step=None, argv=()) -> None:
     """Patch the common EpochMeter (every arm measures through it) with `setattr`."""
     if not all(word in sys.argv for word in argv):
         return
+    import torch
     from common import metrics
     meter = metrics.EpochMeter
-    real_step, real_done = meter.step, meter.train_done
+    real_step, real_done, real_save = meter.step, meter.train_done, torch.save
+    saves = []
+
+    def save(obj, f, *args, **kwargs):  # every arm writes its checkpoint with torch.save
+        ours = isinstance(obj, dict) and "ampcompare" in obj
+        if step == "save" and ours and len(obj["ampcompare"]["epochs"]) == epoch + 1:
+            saves.append(1)
+            if len(saves) == 1:
+                if isinstance(f, (str, os.PathLike)):
+                    with open(f, "wb") as half:  # half a file, as a write cut short leaves it
+                        half.write(b"PK\x03\x04" + b"\0" * 1000)
+                act(action)
+        return real_save(obj, f, *args, **kwargs)
 
     def step_(self, loss, images):
         real_step(self, loss, images)
-        if step is not None and self.epoch == epoch and len(self.losses) == step:
+        if isinstance(step, int) and self.epoch == epoch and len(self.losses) == step:
             act(action)
 
     def train_done(self):
@@ -53,6 +79,7 @@ def install(setattr, epoch: int, action: str, step=None, argv=()) -> None:
         real_done(self)
     setattr(meter, "step", step_)
     setattr(meter, "train_done", train_done)
+    setattr(torch, "save", save)
 
 
 def inject(monkeypatch, epoch: int, action: str, step=None) -> None:

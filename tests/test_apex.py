@@ -1,6 +1,7 @@
 """apex: what can be checked without a GPU (option mapping, the exit-2 messages for each missing
 piece) runs everywhere; the real comparisons are marked gpu + apex and run where both exist."""
 import contextlib
+import json
 import math
 import sys
 import types
@@ -12,7 +13,8 @@ from click.testing import CliRunner
 from apex_impl import opt_levels
 from ampcompare.cli import cli
 from common.errors import UsageError
-from tests.conftest import on_gpu, tiny
+from tests import faults
+from tests.conftest import on_gpu, run_cli, tiny
 
 
 
@@ -182,6 +184,9 @@ class O0Amp:
     def state_dict(self):
         return {"loss_scaler0": {"loss_scale": 1.0, "unskipped": 0}}
 
+    def load_state_dict(self, state):
+        assert state == self.state_dict()
+
 
 @pytest.mark.parametrize("clip_grad", [0.0, 0.05])
 def test_apex_loop_matches_plain_at_o0_with_a_stand_in_amp(tmp_path, monkeypatch, clip_grad):
@@ -195,5 +200,45 @@ def test_apex_loop_matches_plain_at_o0_with_a_stand_in_amp(tmp_path, monkeypatch
     assert b.precision == {"requested": "32-true", "effective": "32-true"}
     assert a.step_losses == b.step_losses and a.weights_sha256 == b.weights_sha256
     assert [r["loss_scale"] for r in b.epochs] == [None, None]
-    ckpt = torch.load(tmp_path / "runs" / "apex" / "checkpoint.pt")
+    ckpt = torch.load(tmp_path / "runs" / "apex" / "checkpoint.pt", weights_only=True)
     assert ckpt["amp"] == {"loss_scaler0": {"loss_scale": 1.0, "unskipped": 0}}
+
+
+def stopped_and_resumed(module, make, tmp_path, monkeypatch, **overrides):
+    """A 2-epoch run interrupted after 2 steps of epoch 1, then resumed."""
+    with monkeypatch.context() as m:
+        faults.inject(m, epoch=1, action="interrupt", step=2)
+        stopped = module.train(make(tmp_path, run_id="stopped", **overrides))
+    assert stopped.status == "interrupted"
+    return module.train(make(tmp_path, run_id="stopped", resume=str(tmp_path / "runs" / "stopped"),
+                             **overrides))
+
+
+def test_apex_loop_resumes_bitwise_with_a_stand_in_amp(tmp_path, monkeypatch):
+    from apex_impl import train as apex
+    monkeypatch.setattr(apex, "amp", O0Amp())
+    monkeypatch.setattr(apex, "check", lambda cfg: opt_levels.resolve(cfg.precision, cfg.opt_level))
+    straight = apex.train(tiny(tmp_path, run_id="straight"))
+    resumed = stopped_and_resumed(apex, tiny, tmp_path, monkeypatch)
+    assert resumed.status == "ok" and resumed.step_losses == straight.step_losses
+    assert resumed.weights_sha256 == straight.weights_sha256
+
+
+@pytest.mark.gpu
+@pytest.mark.apex
+def test_apex_o1_resumes_bitwise_on_gpu(tmp_path, monkeypatch):
+    # Each run in a process of its own, as users run them: O1 patches torch for the rest of
+    # its process, and amp.initialize is meant to be called once.
+    out = tmp_path / "runs"
+    args = ["apex", "--dataset", "synthetic", "--model", "small", "--synthetic-size", "2048",
+            "--batch-size", "128", "--epochs", "2", "--precision", "16-mixed",
+            "--accelerator", "cuda", "--deterministic", "--quiet", "--out-dir", str(out)]
+    assert run_cli([*args, "--run-id", "straight"]).returncode == 0
+    faults.inject_children(monkeypatch, epoch=1, action="interrupt", step=2)
+    assert run_cli([*args, "--run-id", "stopped"]).returncode == 130
+    monkeypatch.delenv(faults.ENV)
+    proc = run_cli(["apex", "--resume", str(out / "stopped")])
+    assert proc.returncode == 0, proc.stderr
+    a, b = (json.loads((out / name / "result.json").read_text()) for name in ("straight", "stopped"))
+    assert a["step_losses"] == b["step_losses"] and a["weights_sha256"] == b["weights_sha256"]
+    assert [e["loss_scale"] for e in a["epochs"]] == [e["loss_scale"] for e in b["epochs"]]

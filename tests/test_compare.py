@@ -190,22 +190,6 @@ def test_child_args_reproduce_the_config():
     assert seen == expected
 
 
-def test_compare_rejects_bad_lists(tmp_path):
-    for args, message in ((["--impls", "plain,tensorflow"], "--impls: tensorflow"),
-                          (["--precisions", "32,fp8"], "--precisions: fp8"),
-                          (["--repeats", "0"], "'--repeats': 0 is not in the range x>=1")):
-        r = CliRunner().invoke(cli, ["compare", "--out-dir", str(tmp_path / "runs"), *args])
-        assert r.exit_code == 2 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
-        assert not (tmp_path / "runs").exists()
-
-
-def test_compare_without_cifar10_is_one_usage_error(tmp_path):
-    r = CliRunner().invoke(cli, ["compare", "--no-download", "--data-dir", str(tmp_path / "none"),
-                                 "--out-dir", str(tmp_path / "runs")])
-    assert r.exit_code == 2 and "--dataset synthetic" in r.stderr and r.stderr.count("\n") == 1
-    assert not (tmp_path / "runs").exists()
-
-
 def test_interrupting_compare_keeps_the_running_arm_and_reports(tmp_path):
     out = tmp_path / "runs"
     proc, result = start_until_first_epoch(
@@ -224,7 +208,7 @@ def test_an_arm_killed_outright_is_failed_not_running(tmp_path, monkeypatch):
     cfg = config_from({"dataset": "synthetic", "model": "small", "synthetic_size": 128,
                        "batch_size": 64, "epochs": 3, "accelerator": "cpu", "checkpoint": False})
     folder = str(tmp_path / "cmp")
-    record = compare.run_arm(cfg, compare.Arm("plain", "32-true", 0), folder, {}, {})
-    assert record["status"] == "failed" and "exit code 137" in record["error"]
+    record, stop = compare.run_arm(cfg, compare.Arm("plain", "32-true", 0), folder, {}, {})
+    assert record["status"] == "failed" and record["error"] == "exit code 137" and not stop
     assert len(record["epochs"]) == 1  # what it measured before it died is kept
     assert report.load([folder])[0]["status"] == "failed"

@@ -70,8 +70,11 @@ def test_two_epochs_learn_and_write_every_field(tmp_path):
     assert saved["epochs"][1]["train_loss"] < saved["epochs"][0]["train_loss"]
     assert saved["summary"]["median_epoch_time_s"] == saved["epochs"][1]["epoch_time_s"]
     assert saved["weights_sha256"] == result.weights_sha256
-    ckpt = torch.load(os.path.join(cfg.out_dir, result.run_id, "checkpoint.pt"))
-    assert set(ckpt) == {"model", "optimizer", "scaler"}
+    ckpt = torch.load(os.path.join(cfg.out_dir, result.run_id, "checkpoint.pt"),
+                      weights_only=True)
+    assert set(ckpt) == {"model", "optimizer", "scheduler", "scaler", "ampcompare"}
+    assert ckpt["ampcompare"]["epochs"] == saved["epochs"]
+    assert saved["checkpoint"]["epochs"] == 2 and saved["weights_epochs"] == 2
 
 
 def test_precision_alias_is_recorded_canonically(tmp_path):

@@ -1,0 +1,317 @@
+"""The folder of one run (result.json, checkpoint.pt, error.log) and statuses that are true.
+
+As a context manager the Recorder turns the way a loop ended (normally, Ctrl-C or SIGTERM, out
+of memory, divergence, a full disk, any error) into the recorded status. A status is final only
+once everything it names is on disk: `ok` is written after the last epoch's checkpoint and
+weights hash. At the end of every epoch the checkpoint and result.json are staged as synced
+temporary files and then renamed together, with signals held back, so that the pair on disk
+always belongs together. A reserve file keeps room for the last record when the disk fills up.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import platform
+import resource
+import traceback
+from dataclasses import fields
+from typing import Callable, Optional
+
+import torch
+
+from common import metrics, signals
+from common.environment import environment
+from common.errors import UsageError
+from common.results import (SCHEMA, RunResult, new_run_id, problem, read, stage,
+                            stage_json, summarize, weights_sha256, write_json)
+
+CHECKPOINT = "checkpoint.pt"
+RESERVE = ".reserve"
+# Options that may differ when a run is resumed: none of them changes what is computed.
+# --epochs may be raised; --out-dir and --run-id come from the folder being resumed.
+MAY_CHANGE_ON_RESUME = ("epochs", "quiet", "data_dir", "download", "num_workers", "resume",
+                        "out_dir", "run_id")
+# A resumed run must run on what the stopped one ran on, or its epochs would mix two machines.
+SAME_ENV = ("device", "device_name", "torch", "lightning", "apex")
+OOM = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), MemoryError)
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class Recorder:
+    """Owns the run folder and result.json of one run, new or resumed."""
+
+    def __init__(self, cfg, impl: str, policy, device: torch.device, switches: dict,
+                 opt_level: Optional[str] = None):
+        self.cfg, self.device = cfg, device
+        env = environment(device, switches)
+        self.resumed: Optional[dict] = None  # the checkpoint a resumed run continues from
+        if cfg.resume:
+            self.run_dir = os.path.abspath(cfg.resume)
+            self.result, self.resumed = _open_stopped_run(self.run_dir, cfg, impl, env)
+        else:
+            run_id = cfg.run_id or new_run_id(impl, policy.effective)
+            self.run_dir = os.path.join(cfg.out_dir, run_id)
+            self.result = RunResult(schema=SCHEMA, run_id=run_id, impl=impl, repeat=cfg.repeat,
+                                    seed=cfg.seed, status="running", error=None,
+                                    precision=policy.to_dict(), opt_level=opt_level,
+                                    config=cfg.to_dict(), env=env)
+        self.result.pid = os.getpid()
+        self.path = os.path.join(self.run_dir, "result.json")
+        self.checkpoint_path = os.path.join(self.run_dir, CHECKPOINT)
+        self.fresh = True  # no epoch has ended in this process yet: the next is a warm-up
+
+    @property
+    def start_epoch(self) -> int:
+        return len(self.result.epochs)
+
+    def __enter__(self) -> "Recorder":
+        try:
+            with signals.deferred():
+                if not self.resumed:
+                    self._make_folder()
+                self._reserve(1 << 20)
+                metrics.reset_peak_memory(self.device)
+                if self.resumed:
+                    _set_rng(self.resumed["ampcompare"]["rng"])
+                self.write()
+        except KeyboardInterrupt:  # held back until the record existed: record it
+            self.__exit__(KeyboardInterrupt, KeyboardInterrupt(), None)
+            raise
+        return self
+
+    def _make_folder(self) -> None:
+        try:
+            os.makedirs(self.run_dir, exist_ok=False)
+        except FileExistsError:
+            raise UsageError(f"{self.run_dir} already exists; choose another --run-id, or "
+                             f"continue it with --resume {self.run_dir}") from None
+        except OSError as e:
+            raise UsageError(f"cannot create {self.run_dir}: {e.strerror}") from None
+
+    def state(self) -> dict:
+        """The measurements so far, for the checkpoint: what a resumed run continues from."""
+        return {"ampcompare": {"schema": SCHEMA, "epochs": self.result.epochs,
+                               "step_losses": self.result.step_losses, "rng": _get_rng()}}
+
+    def end_epoch(self, row: dict, losses: list, model: torch.nn.Module,
+                  save: Optional[Callable[[str], None]] = None) -> None:
+        """Record a finished epoch: its row and step losses, the hash of the weights and (unless
+        --no-checkpoint) the checkpoint that `save(path)` writes, which must hold state().
+        Raises Diverged after the row is recorded; the last good checkpoint stays."""
+        row["warmup"], self.fresh = self.fresh, False
+        self.result.epochs.append(row)
+        self.result.step_losses.extend(losses)
+        self.result.summary = summarize(self.result.epochs)
+        reason = metrics.divergence(row, losses)
+        if reason:
+            raise metrics.Diverged(reason)
+        weights, info, staged = weights_sha256(model), self.result.checkpoint, []
+        try:
+            if self.cfg.checkpoint and save is not None:
+                staged.append(self._temp(".pt"))
+                self._save(save, staged[0])
+                info = {"file": CHECKPOINT, "epochs": len(self.result.epochs),
+                        "sha256": _synced_sha256(staged[0]), "weights_sha256": weights}
+            record = {**self.result.to_dict(), "weights_sha256": weights, "checkpoint": info,
+                      "weights_epochs": len(self.result.epochs)}
+            with signals.deferred():
+                staged.append(stage_json(self.path, record))
+                if len(staged) == 2:
+                    os.replace(staged.pop(0), self.checkpoint_path)
+                os.replace(staged.pop(), self.path)
+                self.result.weights_sha256, self.result.checkpoint = weights, info
+                self.result.weights_epochs = record["weights_epochs"]
+            self._reserve(4 * os.path.getsize(self.path) + (64 << 10))
+        finally:
+            for tmp in staged:
+                _remove(tmp)
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if kind is None:
+            self.result.status = "ok"
+        elif issubclass(kind, KeyboardInterrupt):
+            self.result.status = "interrupted"
+        else:
+            self.result.status = ("oom" if issubclass(kind, OOM) else
+                                  "diverged" if issubclass(kind, metrics.Diverged) else "failed")
+            self.result.error = self._describe(kind, exc)
+        _remove(os.path.join(self.run_dir, RESERVE))  # the room kept for this last record
+        drop = self.result.status == "ok" and not self.cfg.keep_checkpoint
+        if drop:  # the record stops naming the file before the file goes
+            self.result.checkpoint = None
+        try:
+            if self.result.status in ("failed", "oom"):
+                with open(os.path.join(self.run_dir, "error.log"), "w") as f:
+                    f.write("".join(traceback.format_exception(kind, exc, tb)))
+            self.write()
+            if drop:
+                _remove(self.checkpoint_path)
+        except OSError as e:
+            self.result.error = (f"{self.result.error or ''}; and the record could not be "
+                                 f"updated: {e.strerror}").lstrip("; ")
+            if self.result.status == "ok":
+                self.result.status = "failed"
+        # Exceptions are the run's status now; SystemExit and the like still propagate.
+        return kind is None or issubclass(kind, (Exception, KeyboardInterrupt))
+
+    def _describe(self, kind, exc) -> str:
+        if issubclass(kind, OOM):
+            return (f"out of memory at batch size {self.cfg.batch_size}: {exc} "
+                    f"({_memory_figures(self.device)})")
+        if issubclass(kind, OSError) and exc.errno in DISK_FULL:
+            return (f"disk full ({exc.strerror}) while writing {exc.filename or 'a file'}; "
+                    f"the last complete checkpoint and record are kept")
+        if issubclass(kind, metrics.Diverged):
+            return str(exc)
+        return f"{kind.__name__}: {exc}"
+
+    def _save(self, save: Callable[[str], None], path: str) -> None:
+        try:
+            save(path)
+        except Exception as e:
+            # torch.save's zip writer reports a full disk as a RuntimeError ("unexpected pos").
+            stat = os.statvfs(self.run_dir)
+            if stat.f_bavail * stat.f_frsize < (1 << 20):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), CHECKPOINT) from e
+            raise
+
+    def _temp(self, suffix: str) -> str:
+        return stage(os.path.join(self.run_dir, "x" + suffix), lambda f: None)
+
+    def _reserve(self, size: int) -> None:
+        """Keep `size` bytes allocated in the run folder; the last record is written into the
+        room they free. Where the disk cannot give them, the run is better stopped now."""
+        path = os.path.join(self.run_dir, RESERVE)
+        if os.path.exists(path) and os.path.getsize(path) >= size:
+            return
+        with open(path, "ab") as f:
+            try:
+                os.posix_fallocate(f.fileno(), 0, size)
+            except OSError as e:
+                if e.errno in DISK_FULL:
+                    raise OSError(e.errno, e.strerror, path) from None
+                f.write(b"\0" * (size - f.tell()))  # a filesystem without fallocate
+
+    def write(self) -> None:
+        write_json(self.path, self.result.to_dict())
+
+
+def _synced_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _get_rng() -> dict:
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []}
+
+
+def _set_rng(rng: dict) -> None:
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"]:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def _memory_figures(device: torch.device) -> str:
+    mib = 1 << 20
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return (f"allocator peak {torch.cuda.max_memory_allocated(device) / mib:.0f} MiB of "
+                f"{total / mib:.0f} MiB on {torch.cuda.get_device_name(device)}")
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return f"process peak RSS {peak / mib:.0f} MiB of {total / mib:.0f} MiB RAM"
+
+
+def _open_stopped_run(run_dir: str, cfg, impl: str, env: dict) -> tuple[RunResult, dict]:
+    """The record and checkpoint of the stopped run in run_dir, checked: same command, same
+    options (but those in MAY_CHANGE_ON_RESUME), same machine, an intact checkpoint."""
+    where = f"--resume {run_dir}"
+    try:
+        stored = read(run_dir)
+    except OSError as e:
+        raise UsageError(f"{where}: cannot read its result.json ({e.strerror})") from None
+    except ValueError:
+        raise UsageError(f"{where}: its result.json is not valid JSON") from None
+    why = problem(stored)
+    if why:
+        raise UsageError(f"{where}: result.json is not a run record ({why})")
+    if stored["impl"] != impl:
+        raise UsageError(f"{where} is a {stored['impl']} run; continue it with ampcompare "
+                         f"{stored['impl']} --resume")
+    status = stored["status"]
+    if status == "diverged":
+        raise UsageError(f"{where}: that run diverged ({stored.get('error')}); resuming it "
+                         f"would replay the same steps")
+    if status == "running" and _alive(stored.get("pid"), stored["env"].get("host")):
+        raise UsageError(f"{where}: process {stored['pid']} is still writing that run")
+    given = cfg.to_dict()
+    for name, value in given.items():
+        if name not in MAY_CHANGE_ON_RESUME and stored["config"].get(name, value) != value:
+            raise UsageError(f"{where}: --{name.replace('_', '-')} {value} differs from the "
+                             f"stopped run's {stored['config'][name]}; drop it to continue "
+                             f"that run as it was")
+    for key in SAME_ENV:
+        if stored["env"].get(key) != env.get(key):
+            raise UsageError(f"{where}: that run ran with {key} {stored['env'].get(key)}, this "
+                             f"machine has {env.get(key)}; one record cannot mix the two")
+    info = stored.get("checkpoint")
+    if not info:
+        raise UsageError(f"{where}: that run has no checkpoint (it ran with --no-checkpoint "
+                         f"or stopped before its first epoch ended); start it anew")
+    done = info["epochs"]
+    if cfg.epochs <= done:
+        raise UsageError(f"{where}: that run has {done} epochs done; pass --epochs above "
+                         f"{done} to train further")
+    if cfg.schedule == "cosine" and cfg.epochs != stored["config"]["epochs"]:
+        raise UsageError(f"{where}: --epochs changes the length of its cosine schedule; a "
+                         f"resumed cosine run keeps --epochs {stored['config']['epochs']}")
+    path = os.path.join(run_dir, CHECKPOINT)
+    try:
+        digest = _synced_sha256(path)
+    except OSError as e:
+        raise UsageError(f"{where}: cannot read {CHECKPOINT} ({e.strerror})") from None
+    if digest != info["sha256"]:
+        raise UsageError(f"{where}: {CHECKPOINT} does not match the SHA-256 result.json "
+                         f"recorded for it (truncated or changed); nothing was overwritten")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        state = checkpoint["ampcompare"]
+        epochs, losses = list(state["epochs"]), list(state["step_losses"])
+    except Exception as e:  # a file that passed the hash but is not ours
+        raise UsageError(f"{where}: {CHECKPOINT} is not a checkpoint of this tool "
+                         f"({type(e).__name__})") from None
+    if len(epochs) != done:
+        raise UsageError(f"{where}: {CHECKPOINT} holds {len(epochs)} epochs, result.json "
+                         f"says {done}")
+    known = {f.name for f in fields(RunResult)}
+    result = RunResult(**{k: v for k, v in stored.items() if k in known})
+    result.status, result.error, result.config = "running", None, given
+    result.epochs, result.step_losses = epochs, losses
+    result.summary, result.weights_sha256 = summarize(epochs), info["weights_sha256"]
+    result.weights_epochs = done
+    return result, checkpoint
+
+
+def _alive(pid, host) -> bool:
+    if not pid or host != platform.node():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid != os.getpid()

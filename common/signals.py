@@ -1,0 +1,52 @@
+"""Ctrl-C and SIGTERM end a run as an interruption, exactly once.
+
+The first SIGINT or SIGTERM raises KeyboardInterrupt (SIGTERM too: a scheduler or `timeout`
+sends it, and it must leave the same partial result as Ctrl-C). Later ones are absorbed: the run
+is already stopping, and a second exception raised while the first one's result is being written
+would leave that result half done. A `deferred()` section (renaming a checkpoint and its record
+together) holds a signal back until the section ends.
+
+`install()` is the first thing the command line does; without it (a test calling train()), Python's
+default SIGINT handling applies and `deferred()` changes nothing.
+"""
+from __future__ import annotations
+
+import signal
+from contextlib import contextmanager
+
+_state = {"installed": False, "stopping": False, "pending": False, "depth": 0, "received": 0}
+
+
+def _handler(signum, frame):
+    _state["received"] += 1
+    if _state["stopping"]:
+        return
+    if _state["depth"]:
+        _state["pending"] = True
+        return
+    _state["stopping"] = True
+    raise KeyboardInterrupt
+
+
+def install() -> None:
+    _state.update(installed=True, stopping=False, pending=False, depth=0, received=0)
+    signal.signal(signal.SIGINT, _handler)
+    signal.signal(signal.SIGTERM, _handler)
+
+
+def received() -> int:
+    """How many SIGINT/SIGTERM this process has had since install()."""
+    return _state["received"]
+
+
+@contextmanager
+def deferred():
+    """Hold SIGINT/SIGTERM back until the block ends; then raise the interrupt, if one came."""
+    _state["depth"] += 1
+    try:
+        yield
+    finally:
+        _state["depth"] -= 1
+    if _state["depth"] == 0 and _state["pending"] and not _state["stopping"]:
+        _state.update(pending=False, stopping=True)
+        raise KeyboardInterrupt

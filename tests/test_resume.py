@@ -1,0 +1,172 @@
+"""Stop and resume: a run stopped after an epoch, or in the middle of one, and resumed gives the
+same per-step losses and final weights as a straight run (DESIGN.md, "Equivalence"). The
+checkpoint is written atomically each epoch and read back with weights_only=True; a truncated
+or changed one, or an option that differs, is refused before anything is overwritten."""
+import hashlib
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from ampcompare.cli import cli
+from lightning_impl import train as lightning
+from plain_torch import train as plain
+from tests import faults
+from tests.conftest import tiny
+
+ARMS = {"plain": plain, "lightning": lightning}
+
+
+def resumed_run(tmp_path, monkeypatch, arm, stop_step, **overrides):
+    """A 2-epoch run interrupted in epoch 1 (after `stop_step` of its steps, or at once when
+    its training ends with stop_step=None), then resumed through the CLI's own path."""
+    with monkeypatch.context() as m:
+        faults.inject(m, epoch=1, action="interrupt", step=stop_step)
+        stopped = ARMS[arm].train(tiny(tmp_path, run_id="stopped", **overrides))
+    assert stopped.status == "interrupted" and len(stopped.epochs) == 1
+    assert stopped.checkpoint["epochs"] == 1
+    run_dir = tmp_path / "runs" / "stopped"
+    return ARMS[arm].train(tiny(tmp_path, run_id="stopped", resume=str(run_dir), **overrides))
+
+
+@pytest.mark.parametrize("arm", ["plain", "lightning"])
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed"])
+def test_stopped_mid_epoch_and_resumed_is_bitwise_a_straight_run(tmp_path, monkeypatch, arm,
+                                                                 precision):
+    straight = ARMS[arm].train(tiny(tmp_path, run_id="straight", precision=precision))
+    resumed = resumed_run(tmp_path, monkeypatch, arm, stop_step=2, precision=precision)
+    assert straight.status == resumed.status == "ok"
+    assert resumed.step_losses == straight.step_losses and len(straight.step_losses) == 6
+    assert resumed.weights_sha256 == straight.weights_sha256
+    assert [r["loss_scale"] for r in resumed.epochs] == [r["loss_scale"] for r in straight.epochs]
+    assert [r["warmup"] for r in resumed.epochs] == [True, True]  # a new process warms up
+
+
+@pytest.mark.parametrize("arm", ["plain", "lightning"])
+def test_an_ok_run_trains_further_with_more_epochs(tmp_path, arm):
+    straight = ARMS[arm].train(tiny(tmp_path, run_id="straight", epochs=3))
+    first = ARMS[arm].train(tiny(tmp_path, run_id="grown", epochs=2))
+    assert first.status == "ok"
+    grown = ARMS[arm].train(tiny(tmp_path, run_id="grown", epochs=3,
+                                 resume=str(tmp_path / "runs" / "grown")))
+    assert grown.status == "ok" and grown.step_losses == straight.step_losses
+    assert grown.weights_sha256 == straight.weights_sha256
+
+
+def test_the_checkpoint_holds_everything_and_loads_weights_only(tmp_path):
+    result = plain.train(tiny(tmp_path, run_id="r", precision="16-mixed", epochs=1))
+    path = tmp_path / "runs" / "r" / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=True)
+    assert set(ckpt) == {"model", "optimizer", "scheduler", "scaler", "ampcompare"}
+    assert ckpt["scaler"]["scale"] == 65536.0
+    assert ckpt["ampcompare"]["epochs"] == result.epochs
+    assert result.checkpoint["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    saved = json.loads((tmp_path / "runs" / "r" / "result.json").read_text())
+    assert saved["checkpoint"] == result.checkpoint
+    lit = lightning.train(tiny(tmp_path, run_id="l", epochs=1))
+    ckpt = torch.load(tmp_path / "runs" / "l" / "checkpoint.pt", weights_only=True)
+    assert {"state_dict", "optimizer_states", "lr_schedulers", "loops", "ampcompare"} <= set(ckpt)
+    assert lit.checkpoint["epochs"] == 1
+
+
+def cli(*args):
+    from ampcompare.cli import cli as group
+    return CliRunner().invoke(group, list(args))
+
+
+def one_line_exit_2(result, *fragments):
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ampcompare: error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.fixture
+def stopped(tmp_path, monkeypatch):
+    """A plain run interrupted in its second epoch, with one epoch's checkpoint."""
+    faults.inject(monkeypatch, epoch=1, action="interrupt")
+    plain.train(tiny(tmp_path, run_id="s", epochs=3))
+    monkeypatch.undo()
+    run_dir = tmp_path / "runs" / "s"
+    return run_dir, {p.name: p.read_bytes() for p in run_dir.iterdir()}
+
+
+def assert_unchanged(run_dir, before):
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip a byte", "swap for another run's"])
+def test_a_damaged_checkpoint_is_refused_and_nothing_is_overwritten(stopped, tmp_path, damage):
+    run_dir, before = stopped
+    ckpt = run_dir / "checkpoint.pt"
+    blob = before["checkpoint.pt"]
+    if damage == "truncate":
+        ckpt.write_bytes(blob[: len(blob) // 2])
+    elif damage == "flip a byte":
+        ckpt.write_bytes(blob[:100] + bytes([blob[100] ^ 1]) + blob[101:])
+    else:
+        plain.train(tiny(tmp_path, run_id="other", epochs=1, seed=5))
+        ckpt.write_bytes((tmp_path / "runs" / "other" / "checkpoint.pt").read_bytes())
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    one_line_exit_2(cli("plain", "--resume", str(run_dir)), "checkpoint.pt does not match")
+    assert_unchanged(run_dir, before)
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--lr", "0.5"], "--lr 0.5 differs from the stopped run's 0.0001"),
+    (["--precision", "bf16"], "--precision bf16-mixed differs"),
+    (["--out-dir", "elsewhere"], "drop --out-dir"),
+    (["--epochs", "1"], "has 1 epochs done; pass --epochs above 1"),
+], ids=["lr", "precision", "out-dir", "fewer epochs"])
+def test_a_resume_that_would_change_the_run_is_refused(stopped, args, fragment):
+    run_dir, before = stopped
+    one_line_exit_2(cli("plain", "--resume", str(run_dir), *args), fragment)
+    assert_unchanged(run_dir, before)
+
+
+def test_resume_needs_the_same_command_and_a_checkpoint(stopped, tmp_path):
+    run_dir, before = stopped
+    one_line_exit_2(cli("lightning", "--resume", str(run_dir)), "is a plain run")
+    plain.train(tiny(tmp_path, run_id="nock", checkpoint=False, epochs=1))
+    one_line_exit_2(cli("plain", "--resume", str(tmp_path / "runs" / "nock"), "--epochs", "2"),
+                    "has no checkpoint")
+    one_line_exit_2(cli("plain", "--resume", str(tmp_path / "nowhere")), "no such folder")
+    assert_unchanged(run_dir, before)
+
+
+def test_resume_through_the_cli_finishes_the_run(stopped):
+    run_dir, _ = stopped
+    r = cli("plain", "--resume", str(run_dir))
+    assert r.exit_code == 0, r.output
+    saved = json.loads((run_dir / "result.json").read_text())
+    assert saved["status"] == "ok" and len(saved["epochs"]) == 3
+    assert [e["warmup"] for e in saved["epochs"]] == [True, True, False]
+
+
+def test_compare_resume_keeps_finished_arms_and_continues_the_rest(tmp_path):
+    from tests.conftest import SMALL_RUN, run_cli, start_until_first_epoch
+    import signal
+    out = tmp_path / "runs"
+    args = ["compare", *SMALL_RUN, "--epochs", "4", "--impls", "plain", "--precisions",
+            "32,bf16", "--out-dir", str(out)]
+    proc, second = start_until_first_epoch(args, out, "*/plain-bf16-mixed-r0/result.json")
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "compare --resume" in stderr, stderr
+    folder = second.parent.parent
+    first = json.loads((folder / "plain-32-true-r0" / "result.json").read_text())
+    stopped = json.loads(second.read_text())
+    assert first["status"] == "ok" and not (folder / "plain-32-true-r0" / "checkpoint.pt").exists()
+    assert stopped["status"] == "interrupted" and stopped["checkpoint"]
+    one_line_exit_2(cli("compare", "--resume", str(folder), "--lr", "0.1"), "--lr differs")
+    proc = run_cli(["compare", "--resume", str(folder)])
+    assert proc.returncode == 0, proc.stderr
+    kept = json.loads((folder / "plain-32-true-r0" / "result.json").read_text())
+    assert kept == first  # untouched
+    done = json.loads(second.read_text())
+    assert done["status"] == "ok" and len(done["epochs"]) == 4
+    assert done["epochs"][0] == stopped["epochs"][0]  # measured epochs are kept, not rerun
+    assert sum(e["warmup"] for e in done["epochs"]) == 2
+    assert "plain" in (folder / "report.md").read_text()
