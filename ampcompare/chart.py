@@ -1,5 +1,9 @@
 """benchmark.png: grouped bars like the reference benchmark's chart — memory, epoch time and
-accuracy per implementation and precision, median over repeats with min–max error bars."""
+accuracy per implementation and precision, median over repeats with min–max error bars.
+
+The memory panel shows activation memory (what a step saves for backward), which means the
+same on every device; with a GPU, a second panel shows the CUDA allocator's peak. A CPU's peak
+RSS (set by libraries and data) is only in the report's table."""
 from __future__ import annotations
 
 from common import results
@@ -11,9 +15,9 @@ def figure(summary):
     """The chart as a matplotlib Figure (no pyplot: nothing global is touched)."""
     from matplotlib.figure import Figure
 
-    cpu = any(dev["env"].get("device") == "cpu" for dev in summary["devices"])
-    memory = "peak memory (MiB)" + (": process RSS on CPU" if cpu else "")
-    panels = (("peak_memory_bytes", memory, MIB),
+    cuda = any(dev["env"].get("device") == "cuda" for dev in summary["devices"])
+    panels = (("activation_bytes", "activation memory (MiB)", MIB),
+              *((("peak_memory_bytes", "CUDA allocator peak (MiB)", MIB),) if cuda else ()),
               ("median_epoch_time_s", "epoch time (s)", 1.0),
               ("final_test_acc", "final test accuracy", 1.0))
     groups, precisions = [], []
@@ -25,7 +29,7 @@ def figure(summary):
                 label = impl if len(summary["devices"]) == 1 else f"{impl}\n{dev['device']}"
                 if (dev, impl, label) not in groups:
                     groups.append((dev, impl, label))
-    fig = Figure(figsize=(13, 4.2), dpi=100)
+    fig = Figure(figsize=(4.4 * len(panels), 4.2), dpi=100)
     axes = fig.subplots(1, len(panels))
     width = 0.8 / max(1, len(precisions))
     for ax, (metric, title, scale) in zip(axes, panels):
@@ -33,7 +37,8 @@ def figure(summary):
             xs, heights, errs = [], [], [[], []]
             for i, (dev, impl, _) in enumerate(groups):
                 spread = dev["precisions"].get(precision, {}).get(impl, {}).get(metric)
-                if not spread:
+                if not spread or (metric == "peak_memory_bytes" and
+                                  dev["env"].get("device") != "cuda"):
                     continue
                 med = spread["median"] / scale
                 xs.append(i + (j - (len(precisions) - 1) / 2) * width)
@@ -48,8 +53,7 @@ def figure(summary):
         ax.set_xticks(range(len(groups)), [g[2] for g in groups])
         ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper right")
+    axes[0].legend(loc="lower left", fontsize=8, framealpha=0.9)
     devices = ", ".join(dev["device"] for dev in summary["devices"])
     fig.suptitle(f"ampcompare on {devices}: median over repeats, error bars min–max")
     fig.tight_layout()
@@ -57,5 +61,6 @@ def figure(summary):
 
 
 def write(summary, path: str) -> None:
+    """benchmark.png, written atomically."""
     fig = figure(summary)
     results.write_file(path, lambda f: fig.savefig(f, format="png"), binary=True)

@@ -32,7 +32,7 @@ from common.errors import UsageError
 
 PLAN = "compare.json"
 NOT_PASSED = ("precision", "run_id", "out_dir", "quiet", "opt_level", "repeat", "resume",
-              "keep_checkpoint")
+              "keep_checkpoint", "seed")
 GRACE_S = 60  # how long an interrupted child may take to record its result
 RESUMABLE = ("interrupted", "failed", "oom", "running")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,18 +43,23 @@ class Arm:
     impl: str
     precision: str
     repeat: int
+    seed: int = 0
+    seeded: bool = False  # several seeds: the seed is part of the run's name
 
     @property
     def run_id(self) -> str:
-        return f"{self.impl}-{self.precision}-r{self.repeat}"
+        seed = f"-s{self.seed}" if self.seeded else ""
+        return f"{self.impl}-{self.precision}{seed}-r{self.repeat}"
 
 
-def schedule(impls, precisions, repeats) -> list[Arm]:
-    arms = [(i, p) for p in precisions for i in impls]
+def schedule(impls, precisions, repeats, seeds=(0,)) -> list[Arm]:
+    """Every (impl, precision, seed), once per repeat; the order rotates each repeat so that no
+    arm always runs first."""
+    arms = [(i, p, s) for s in seeds for p in precisions for i in impls]
     order = []
     for r in range(repeats):
         k = r % len(arms)
-        order += [Arm(i, p, r) for i, p in arms[k:] + arms[:k]]
+        order += [Arm(i, p, r, s, len(seeds) > 1) for i, p, s in arms[k:] + arms[:k]]
     return order
 
 
@@ -86,10 +91,10 @@ def new_folder(out_dir: str) -> str:
     raise UsageError(f"cannot find a free folder name like {base} in --out-dir")
 
 
-def write_plan(folder: str, cfg: Config, impls, precisions, repeats: int) -> None:
+def write_plan(folder: str, cfg: Config, impls, precisions, repeats: int, seeds: int) -> None:
     results.write_json(os.path.join(folder, PLAN), {
         "schema": results.SCHEMA, "config": cfg.to_dict(), "impls": list(impls),
-        "precisions": list(precisions), "repeats": repeats})
+        "precisions": list(precisions), "repeats": repeats, "seeds": seeds})
 
 
 def read_plan(folder: str) -> dict:
@@ -100,6 +105,7 @@ def read_plan(folder: str) -> dict:
         with open(path) as f:
             plan = json.load(f)
         plan["config"], plan["impls"], plan["precisions"], plan["repeats"]
+        plan.setdefault("seeds", 1)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UsageError(f"--resume {folder}: its {PLAN} is damaged ({type(e).__name__})") \
             from None
@@ -110,9 +116,10 @@ def unavailable_result(cfg: Config, arm: Arm, status: str, reason: str, env: dic
     """The record of an arm that produced no result.json of its own (env: the comparing
     process's view of the machine, so the row lands with its device)."""
     return {"schema": results.SCHEMA, "run_id": arm.run_id, "impl": arm.impl,
-            "repeat": arm.repeat, "seed": cfg.seed, "status": status, "error": reason,
+            "repeat": arm.repeat, "seed": arm.seed, "status": status, "error": reason,
             "precision": {"requested": arm.precision, "effective": None}, "opt_level": None,
-            "config": {**cfg.to_dict(), "precision": arm.precision, "repeat": arm.repeat},
+            "config": {**cfg.to_dict(), "precision": arm.precision, "repeat": arm.repeat,
+                       "seed": arm.seed},
             "env": env, "epochs": [], "step_losses": [], "weights_sha256": None,
             "summary": {}}
 
@@ -140,8 +147,9 @@ def run_arm(cfg: Config, arm: Arm, folder: str, unavailable: dict, env: dict):
         cmd = [arm.impl, "--resume", run_dir]
     else:
         shutil.rmtree(run_dir, ignore_errors=True)  # nothing to continue from: start over
-        cmd = [arm.impl, *child_args(cfg), "--precision", arm.precision, "--repeat",
-               str(arm.repeat), "--out-dir", folder, "--run-id", arm.run_id]
+        cmd = [arm.impl, *child_args(cfg), "--precision", arm.precision, "--seed",
+               str(arm.seed), "--repeat", str(arm.repeat), "--out-dir", folder, "--run-id",
+               arm.run_id]
     cmd = [sys.executable, "-m", "ampcompare", *cmd, "--quiet", "--no-keep-checkpoint"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             cwd=ROOT, start_new_session=True, preexec_fn=_die_with_parent)
@@ -230,10 +238,12 @@ def _save(run_dir: str, record: dict) -> dict:
     return record
 
 
-def compare(cfg: Config, impls, precisions, repeats: int, folder: str, show=None) -> list[dict]:
-    """Run the schedule into folder; returns the records. `show(k, n, arm, elapsed)` is called
-    before each arm. An interrupt stops after the running arm has recorded its result."""
-    arms = schedule(impls, precisions, repeats)
+def compare(cfg: Config, impls, precisions, repeats: int, folder: str, show=None,
+            seeds: int = 1) -> list[dict]:
+    """Run the schedule into folder, at seeds cfg.seed, cfg.seed + 1, ...; returns the records.
+    `show(k, n, arm, elapsed)` is called before each arm. An interrupt stops after the running
+    arm has recorded its result."""
+    arms = schedule(impls, precisions, repeats, range(cfg.seed, cfg.seed + seeds))
     env = environment(resolve_device(cfg), {})
     records, unavailable, start = [], {}, time.monotonic()
     for k, arm in enumerate(arms):

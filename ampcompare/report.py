@@ -5,6 +5,7 @@ A pure function of the files: `ampcompare report DIR` on a compare folder rebuil
 report.md that compare wrote, and several folders (e.g. two machines) report side by side,
 grouped by device and by settings: runs are only ever summarised together when everything that
 changes what is computed or how fast (model, data, batch, optimizer, epochs, switches) is equal.
+Repeats and seeds of the same settings are what the medians and [min–max] spreads run over.
 A file that is not a run record is skipped, and named.
 """
 from __future__ import annotations
@@ -16,18 +17,18 @@ import json
 import os
 import statistics
 
-from ampcompare import chart
+from ampcompare import chart, explain
 from ampcompare.chart import MIB
 from common import results
 from common.precision import CANONICAL
 
-METRICS = ("median_epoch_time_s", "images_per_s", "peak_memory_bytes", "final_test_acc")
+METRICS = ("median_epoch_time_s", "images_per_s", "achieved_tflops", "mfu",
+           "data_wait_fraction", "activation_bytes", "peak_memory_bytes", "skipped_steps",
+           "loss_scale_first", "loss_scale_last", "final_test_acc")
+CSV_COLUMNS = ("device_name", "device", "impl", "precision", "opt_level", "seed", "repeat",
+               "status", "error", *METRICS, "epochs_done", "weights_sha256", "run_id", "path")
 IMPL_ORDER = ("plain", "lightning", "fabric", "apex", "apex (O0)", "apex (O1)", "apex (O2)",
               "apex (O3)")
-CSV_COLUMNS = ("device_name", "device", "impl", "precision", "opt_level", "repeat", "status",
-               "error", *METRICS, "epochs_done", "weights_sha256", "run_id", "path")
-
-
 # Config entries that name a run rather than what it computes: runs that differ only in these
 # belong in one group (precision and opt level are the table's own axes).
 NOT_SETTINGS = ("precision", "opt_level", "repeat", "seed", "run_id", "out_dir", "data_dir",
@@ -60,6 +61,11 @@ def device_of(record) -> str:
     return f"{env.get('device_name', '?')} ({env.get('device', '?')})"
 
 
+def precision_of(record) -> str:
+    p = record["precision"]
+    return p.get("effective") or p.get("requested")
+
+
 def settings_of(record) -> dict:
     return {k: v for k, v in sorted(record["config"].items()) if k not in NOT_SETTINGS}
 
@@ -70,18 +76,17 @@ def label_of(record) -> str:
     return f"{record['impl']} ({level})" if level else record["impl"]
 
 
-def precision_of(record) -> str:
-    p = record["precision"]
-    return p.get("effective") or p.get("requested")
+def seed_of(record):
+    return record.get("seed", (record.get("config") or {}).get("seed"))
 
 
 def rows(records) -> list[dict]:
     out = []
     for r in records:
-        s = r.get("summary") or {}
-        out.append({"device_name": (r.get("env") or {}).get("device_name"),
-                    "device": (r.get("env") or {}).get("device"), "impl": r["impl"],
-                    "precision": precision_of(r), "opt_level": r.get("opt_level"),
+        s, env = r.get("summary") or {}, r.get("env") or {}
+        out.append({"device_name": env.get("device_name"), "device": env.get("device"),
+                    "impl": r["impl"], "precision": precision_of(r),
+                    "opt_level": r.get("opt_level"), "seed": seed_of(r),
                     "repeat": r.get("repeat"), "status": r["status"], "error": r.get("error"),
                     **{m: s.get(m) for m in METRICS}, "epochs_done": s.get("epochs_done", 0),
                     "weights_sha256": r.get("weights_sha256"), "run_id": r["run_id"],
@@ -89,7 +94,7 @@ def rows(records) -> list[dict]:
     return out
 
 
-def _spread(values):
+def spread(values):
     values = [v for v in values if v is not None]
     if not values:
         return None
@@ -121,6 +126,23 @@ def _differences(groups) -> dict:
     return out
 
 
+def _cell(runs) -> dict:
+    """One table cell: every run of one impl at one precision and settings. Timings spread over
+    repeats and seeds; accuracy over seeds (each seed's median over its repeats: a repeat with
+    the same seed trains the same weights)."""
+    good = [r for r in runs if r["status"] == "ok"]
+    cell = {"impl": runs[0]["impl"], "runs": len(runs), "ok": len(good),
+            "opt_level": runs[0].get("opt_level"),
+            **{m: spread([r["summary"].get(m) for r in good]) for m in METRICS}}
+    per_seed = {}
+    for r in good:
+        per_seed.setdefault(seed_of(r), []).append(r["summary"].get("final_test_acc"))
+    cell["final_test_acc"] = spread([spread(v)["median"] for v in per_seed.values()
+                                     if spread(v)])
+    cell["seeds"] = len(per_seed)
+    return cell
+
+
 def summarize(records) -> dict:
     groups = groups_of(records)
     differences = _differences(groups)
@@ -131,88 +153,124 @@ def summarize(records) -> dict:
         cells = {}
         for r in recs:
             cells.setdefault(precision_of(r), {}).setdefault(label_of(r), []).append(r)
-        table = {}
-        for precision in _order(cells, CANONICAL):
-            table[precision] = {}
-            for label in _order(cells[precision], IMPL_ORDER):
-                runs = cells[precision][label]
-                good = [r["summary"] for r in runs if r["status"] == "ok"]
-                table[precision][label] = {
-                    "impl": runs[0]["impl"], "runs": len(runs), "ok": len(good),
-                    "opt_level": runs[0].get("opt_level"),
-                    **{m: _spread([s.get(m) for s in good]) for m in METRICS}}
+        table = {precision: {label: _cell(cells[precision][label])
+                             for label in _order(cells[precision], IMPL_ORDER)}
+                 for precision in _order(cells, CANONICAL)}
         diff = differences[i]
         name = device + (" — " + ", ".join(f"{k} {v}" for k, v in diff.items()) if diff else "")
-        out.append({"device": name, "env": env, "config": (ok or recs)[0].get("config", {}),
-                    "settings": settings, "precisions": table, "ratios": _ratios(table)})
+        group = {"device": name, "env": env, "config": (ok or recs)[0].get("config", {}),
+                 "settings": settings, "precisions": table, "ratios": _ratios(table)}
+        group["explanations"] = explain.lines(group)
+        out.append(group)
     return {"schema": results.SCHEMA, "devices": out}
 
 
+def _median(cell, metric):
+    return (cell.get(metric) or {}).get("median")
+
+
 def _ratios(table) -> dict:
-    """Mixed precision against 32-true per row: speed-up (time ratio) and memory ratio. The
-    32-true run of the same impl is the reference (apex: O0, whatever the mixed opt level)."""
+    """Mixed precision against 32-true per row: speed-up (time ratio), memory ratios, and the
+    accuracy change beside the seed-to-seed spread. The 32-true run of the same impl is the
+    reference (apex: O0, whatever the mixed opt level)."""
     base = {c["impl"]: c for c in table.get("32-true", {}).values()}
     ratios = {}
     for precision, impls in table.items():
         if precision == "32-true":
             continue
-        for impl, cell in impls.items():
+        for label, cell in impls.items():
             ref = base.get(cell["impl"])
-            if not ref or not ref["median_epoch_time_s"] or not cell["median_epoch_time_s"]:
+            if not ref or not _median(ref, "median_epoch_time_s") or \
+                    not _median(cell, "median_epoch_time_s"):
                 continue
-            ratios.setdefault(impl, {})[precision] = {
-                "speedup": ref["median_epoch_time_s"]["median"] / cell["median_epoch_time_s"]["median"],
-                "memory": cell["peak_memory_bytes"]["median"] / ref["peak_memory_bytes"]["median"],
-                "accuracy_change": cell["final_test_acc"]["median"] - ref["final_test_acc"]["median"],
-            }
+            ratio = {"speedup": _median(ref, "median_epoch_time_s")
+                     / _median(cell, "median_epoch_time_s")}
+            for metric in ("activation_bytes", "peak_memory_bytes"):
+                a, b = _median(cell, metric), _median(ref, metric)
+                ratio[metric] = a / b if a is not None and b else None
+            a, b = cell["final_test_acc"], ref["final_test_acc"]
+            ratio["accuracy_change"] = a["median"] - b["median"] if a and b else None
+            ratio["seeds"] = min(cell["seeds"], ref["seeds"])
+            ratio["seed_spread"] = (max(a["max"] - a["min"], b["max"] - b["min"])
+                                    if a and b and ratio["seeds"] > 1 else None)
+            ratios.setdefault(label, {})[precision] = ratio
     return ratios
 
 
-def _cell(spread, scale=1.0, fmt="{:.2f}"):
-    if not spread:
+def _fmt(spread_, scale=1.0, fmt="{:.2f}"):
+    if not spread_:
         return "–"
-    med, lo, hi = (spread[k] / scale for k in ("median", "min", "max"))
-    if spread["n"] == 1:
+    med, lo, hi = (spread_[k] / scale for k in ("median", "min", "max"))
+    if spread_["n"] == 1 or lo == hi:
         return fmt.format(med)
     return f"{fmt.format(med)} [{fmt.format(lo)}–{fmt.format(hi)}]"
+
+
+def _x(value):
+    return f"{value:.2f}×" if value is not None else "–"
+
+
+def accuracy_words(r) -> str:
+    change = r["accuracy_change"]
+    if change is None:
+        return "–"
+    if r["seed_spread"] is None:
+        return f"{change:+.4f} (one seed: no seed spread to weigh it against; --seeds N)"
+    within = abs(change) <= r["seed_spread"]
+    return (f"{change:+.4f}, {'within' if within else 'beyond'} seed noise (accuracy spans "
+            f"{r['seed_spread']:.4f} across {r['seeds']} seeds)")
 
 
 def markdown(summary, records) -> str:
     lines = ["# ampcompare report", ""]
     for dev in summary["devices"]:
         env, cfg = dev["env"], dev["config"]
+        cpu = env.get("device") == "cpu"
         lines += [f"## {dev['device']}", ""]
         lines += ["| environment | |", "|---|---|"]
-        for key in ("device_name", "cuda_capability", "tensor_cores", "cpu_model", "threads",
-                    "tf32", "cudnn_benchmark", "channels_last", "deterministic", "torch",
-                    "torchvision", "lightning", "apex", "python", "git_commit"):
+        for key in ("device_name", "cuda_capability", "tensor_cores", "cpu_model", "cpu_bf16",
+                    "threads", "tf32", "cudnn_benchmark", "channels_last", "deterministic",
+                    "torch", "torchvision", "lightning", "apex", "python", "git_commit"):
             lines.append(f"| {key} | {env.get(key, '–')} |")
         lines += ["", f"Model `{cfg.get('model')}` on `{cfg.get('dataset')}`, batch "
                   f"{cfg.get('batch_size')}, {cfg.get('optimizer')} at lr {cfg.get('lr')}, "
-                  f"epochs: {cfg.get('epochs')}. Median over repeats, [min–max] when more than one; "
-                  f"epoch times exclude the first (warm-up) epoch of runs that have more.", ""]
-        if env.get("device") == "cpu":
-            lines += ["On CPU the mixed precision is bf16-mixed: fp16 has no fast CPU kernels. "
-                      "Peak memory on CPU is the process's peak RSS, not an allocator peak.", ""]
+                  f"epochs: {cfg.get('epochs')}. Median over repeats and seeds, [min–max] when "
+                  f"they differ; accuracy over seeds. Epoch times leave out warm-up epochs (the "
+                  f"first a process runs). Activation memory is what one training step saves "
+                  f"for backward, measured on any device; peak memory is "
+                  + ("the process's peak RSS on this CPU (set by libraries and data, not by "
+                     "precision)." if cpu else "the CUDA allocator's peak."), ""]
+        if cpu:
+            lines += ["On CPU the mixed precision is bf16-mixed: fp16 has no fast CPU kernels.",
+                      ""]
         for precision, impls in dev["precisions"].items():
             lines += [f"### {precision}", "",
-                      "| impl | runs ok | epoch time (s) | images/s | peak memory (MiB) | final test acc |",
-                      "|---|---|---|---|---|---|"]
+                      "| impl | runs ok | epoch time (s) | images/s | TFLOP/s | MFU "
+                      "| activation memory (MiB) | peak memory (MiB"
+                      + (", process RSS" if cpu else ", allocator") + ") | final test acc |",
+                      "|---|---|---|---|---|---|---|---|---|"]
             for name, c in impls.items():
-                lines.append(f"| {name} | {c['ok']}/{c['runs']} | {_cell(c['median_epoch_time_s'])} "
-                             f"| {_cell(c['images_per_s'], fmt='{:.0f}')} "
-                             f"| {_cell(c['peak_memory_bytes'], MIB, '{:.0f}')} "
-                             f"| {_cell(c['final_test_acc'], fmt='{:.4f}')} |")
+                lines.append(
+                    f"| {name} | {c['ok']}/{c['runs']} | {_fmt(c['median_epoch_time_s'])} "
+                    f"| {_fmt(c['images_per_s'], fmt='{:.0f}')} "
+                    f"| {_fmt(c['achieved_tflops'], fmt='{:.3f}')} "
+                    f"| {_fmt(c['mfu'], 0.01, '{:.1f}%')} "
+                    f"| {_fmt(c['activation_bytes'], MIB, '{:.1f}')} "
+                    f"| {_fmt(c['peak_memory_bytes'], MIB, '{:.0f}')} "
+                    f"| {_fmt(c['final_test_acc'], fmt='{:.4f}')} |")
             lines.append("")
         if dev["ratios"]:
             lines += ["### Mixed precision against 32-true", "",
-                      "| impl | precision | speed-up (32-true time / mixed time) | memory (mixed / 32-true) | accuracy change |",
-                      "|---|---|---|---|---|"]
+                      "| impl | precision | speed-up (32-true time / mixed time) "
+                      "| activation memory (mixed / 32-true) | peak memory (mixed / 32-true) "
+                      "| accuracy change |", "|---|---|---|---|---|---|"]
             for impl, per in dev["ratios"].items():
                 for precision, r in per.items():
-                    lines.append(f"| {impl} | {precision} | {r['speedup']:.2f}× | {r['memory']:.2f}× "
-                                 f"| {r['accuracy_change']:+.4f} |")
-            lines.append("")
+                    lines.append(f"| {impl} | {precision} | {_x(r['speedup'])} "
+                                 f"| {_x(r['activation_bytes'])} "
+                                 f"| {_x(r['peak_memory_bytes'])} | {accuracy_words(r)} |")
+            lines += ["", *[f"- {line}" for line in dev["explanations"]], "",
+                      f"Reference: {explain.REFERENCE}", ""]
     failed = {}
     for r in records:
         if r["status"] != "ok":
@@ -221,7 +279,8 @@ def markdown(summary, records) -> str:
             failed.setdefault(key, []).append(r["run_id"])
     if failed:
         lines += ["## Runs that did not finish", "",
-                  "| device | impl | precision | runs | status | why |", "|---|---|---|---|---|---|"]
+                  "| device | impl | precision | runs | status | why |",
+                  "|---|---|---|---|---|---|"]
         for (device, impl, precision, status, why), run_ids in failed.items():
             why = why.replace("|", "\\|")
             lines.append(f"| {device} | {impl} | {precision} | {', '.join(run_ids)} | {status} "

@@ -60,7 +60,8 @@ def fit(cfg, setup: RunSetup, model, optimizer, scheduler) -> None:
                 meter.batch_start()
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 # plain: under torch.autocast; here amp patched torch (O1) or cast the model (O2)
-                loss = models.cross_entropy(model(x), y)
+                with meter.saved_tensors(model):  # measures the run's first step
+                    loss = models.cross_entropy(model(x), y)
                 optimizer.zero_grad()
                 # plain: scaler.scale(loss).backward(); the gradients come out unscaled
                 with amp.scale_loss(loss, optimizer) as scaled_loss:

@@ -16,7 +16,7 @@ from common.errors import UsageError
 from common.precision import canonical
 
 DATASETS = ("cifar10", "synthetic")
-MODELS = ("resnet18", "small")
+MODELS = ("resnet18", "small", "linear")
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "cosine")
 ACCELERATORS = ("auto", "cpu", "cuda")
@@ -41,7 +41,8 @@ class Config:
     # 10^6 images are 3 GiB of uint8, before the loaders copy them.
     synthetic_size: int = _f(10000, "Training images in the synthetic dataset (test: a fifth "
                              "of it).", min=1, max=10 ** 6)
-    model: str = _f("resnet18", "resnet18 (CIFAR variant) or small (a fast CNN for CPU runs).",
+    model: str = _f("resnet18", "resnet18 (CIFAR variant), small (a fast CNN for CPU runs) or "
+                    "linear (next to no compute: shows a framework's own cost per step).",
                     choices=MODELS)
     precision: str = _f("auto", "32-true, 16-mixed, bf16-mixed (aliases 32, 16, bf16), or auto: "
                         "16-mixed on CUDA, bf16-mixed on CPU.")

@@ -1,4 +1,4 @@
-"""Device choice and every switch that changes speed, set once here for all three loops."""
+"""Device choice and every switch that changes speed, set once here for every loop."""
 from __future__ import annotations
 
 import os

@@ -8,9 +8,11 @@ from __future__ import annotations
 import math
 import resource
 import time
+from contextlib import nullcontext
 
 import torch
 
+from common.activations import SavedTensors
 from common.device import synchronize
 from common.models import cross_entropy
 
@@ -44,17 +46,28 @@ class StepCounter:
 
 
 class EpochMeter:
-    """Wall time (device-synchronised), data wait, images, step losses and test metrics of one
-    epoch. data_wait_s is host time between the end of one step and the start of the next."""
+    """Wall time (device-synchronised) and process CPU time, data wait, images, step losses and
+    test metrics of one epoch. data_wait_s is host time between the end of one step and the
+    start of the next."""
 
     def __init__(self, device: torch.device, epoch: int, steps: StepCounter):
         self.device, self.epoch, self.steps = device, epoch, steps
         synchronize(device)
         self.start = self.last = time.perf_counter()
+        self.cpu_start = time.process_time()
         self.executed_at_start = steps.executed
         self.losses, self.images, self.data_wait = [], 0, 0.0
         self.test_loss = self.test_correct = None
         self.test_images = 0
+        self.saved = None
+
+    def saved_tensors(self, model: torch.nn.Module):
+        """Around the forward of a step: on the run's first step (epoch 0, a warm-up epoch that
+        no median includes), measures what it saves for backward; a no-op on every other."""
+        if self.epoch != 0 or self.losses or self.saved is not None:
+            return nullcontext()
+        self.saved = SavedTensors(model)
+        return self.saved
 
     def batch_start(self) -> None:
         self.data_wait += time.perf_counter() - self.last
@@ -67,6 +80,7 @@ class EpochMeter:
     def train_done(self) -> None:
         synchronize(self.device)
         self.train_time = time.perf_counter() - self.start
+        self.train_cpu = time.process_time() - self.cpu_start
 
     def eval_batch(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
         loss = cross_entropy(logits, labels, reduction="sum")
@@ -89,6 +103,7 @@ class EpochMeter:
             "test_acc": self.test_correct.item() / self.test_images if self.test_images else None,
             "epoch_time_s": epoch_time,
             "train_time_s": self.train_time,
+            "train_cpu_s": self.train_cpu,  # process CPU time: on a GPU, the host's share
             "images_per_s": self.images / self.train_time if self.train_time > 0 else None,
             "data_wait_s": self.data_wait,
             "peak_memory_bytes": peak_memory_bytes(self.device),
@@ -96,6 +111,8 @@ class EpochMeter:
             "skipped_steps": attempted - (self.steps.executed - self.executed_at_start),
             "loss_scale": loss_scale,
         }
+        if self.saved is not None:
+            row["saved_tensors"] = self.saved.bytes
         return row, losses
 
 

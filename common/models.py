@@ -72,10 +72,25 @@ class SmallCNN(nn.Module):
         return self.fc(global_avg_pool(self.features(x)))
 
 
+class LinearProbe(nn.Module):
+    """A linear classifier on the raw pixels: next to no compute, so that a step's time is the
+    framework's own (benchmarks/bench.py measures each framework's overhead with it)."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.fc = nn.Linear(3 * 32 * 32, num_classes)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+MODELS = {"resnet18": ResNet18, "small": SmallCNN, "linear": LinearProbe}
+
+
 def build_model(cfg) -> nn.Module:
     """Same seed, same initial weights, whichever implementation asks."""
     torch.manual_seed(cfg.seed)
-    return {"resnet18": ResNet18, "small": SmallCNN}[cfg.model]()
+    return MODELS[cfg.model]()
 
 
 def build_optimizer(cfg, model: nn.Module, steps_per_epoch: int):

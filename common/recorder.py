@@ -20,7 +20,7 @@ from typing import Callable, Optional
 
 import torch
 
-from common import metrics, signals
+from common import flops, metrics, peaks, signals
 from common.environment import environment
 from common.errors import UsageError
 from common.results import (SCHEMA, RunResult, new_run_id, problem, read, stage,
@@ -57,6 +57,7 @@ class Recorder:
                                     precision=policy.to_dict(), opt_level=opt_level,
                                     config=cfg.to_dict(), env=env)
         self.result.pid = os.getpid()
+        self.result.flops = _flops(cfg, self.result.precision["effective"], self.result.env)
         self.path = os.path.join(self.run_dir, "result.json")
         self.checkpoint_path = os.path.join(self.run_dir, CHECKPOINT)
         self.fresh = True  # no epoch has ended in this process yet: the next is a warm-up
@@ -100,6 +101,10 @@ class Recorder:
         --no-checkpoint) the checkpoint that `save(path)` writes, which must hold state().
         Raises Diverged after the row is recorded; the last good checkpoint stays."""
         row["warmup"], self.fresh = self.fresh, False
+        per_image, peak = self.result.flops["per_image"], self.result.flops["peak_tflops"]
+        achieved = per_image * row["images_per_s"] / 1e12 if row["images_per_s"] else None
+        row["achieved_tflops"] = achieved
+        row["mfu"] = achieved / peak if achieved is not None and peak else None
         self.result.epochs.append(row)
         self.result.step_losses.extend(losses)
         self.result.summary = summarize(self.result.epochs)
@@ -195,6 +200,13 @@ class Recorder:
 
     def write(self) -> None:
         write_json(self.path, self.result.to_dict())
+
+
+def _flops(cfg, precision: str, env: dict) -> dict:
+    step = flops.per_step(cfg.model, cfg.batch_size)
+    peak, what = peaks.peak(env, precision)
+    return {"per_step": step, "per_image": step / cfg.batch_size, "batch_size": cfg.batch_size,
+            "peak_tflops": peak, "peak": what}
 
 
 def _synced_sha256(path: str) -> str:

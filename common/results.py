@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from common import activations
 from common.errors import UsageError
 
 SCHEMA = 3  # 2: repeat and seed as fields; 3: checkpoint, nonfinite, warm-up rows, pid
@@ -41,6 +42,7 @@ class RunResult:
     pid: int = 0
     epochs: list = field(default_factory=list)
     step_losses: list = field(default_factory=list)
+    flops: Optional[dict] = None  # per step and image, and the peak MFU is measured against
     weights_sha256: Optional[str] = None
     weights_epochs: Optional[int] = None  # how many epochs of training the hashed weights had
     checkpoint: Optional[dict] = None
@@ -166,14 +168,24 @@ def summarize(epochs: list) -> dict:
     warm = [e.get("warmup", i == 0) for i, e in enumerate(epochs)]
     timed = [e for e, w in zip(epochs, warm) if not w] or epochs
 
-    def median(key):
-        values = [e[key] for e in timed if e.get(key) is not None]
+    def median(values):
+        values = [v for v in values if v is not None]
         return statistics.median(values) if values else None
 
+    saved = next((e["saved_tensors"] for e in epochs if e.get("saved_tensors")), None)
+    scales = [e["loss_scale"] for e in epochs if e.get("loss_scale") is not None]
     return {
-        "median_epoch_time_s": median("epoch_time_s"),
-        "images_per_s": median("images_per_s"),
+        "median_epoch_time_s": median(e.get("epoch_time_s") for e in timed),
+        "images_per_s": median(e.get("images_per_s") for e in timed),
+        "achieved_tflops": median(e.get("achieved_tflops") for e in timed),
+        "mfu": median(e.get("mfu") for e in timed),
+        "data_wait_fraction": median(e["data_wait_s"] / e["train_time_s"] for e in timed
+                                     if e.get("train_time_s")),
+        "activation_bytes": activations.total(saved) if saved else None,
         "peak_memory_bytes": max((e["peak_memory_bytes"] for e in epochs), default=None),
+        "skipped_steps": sum(e.get("skipped_steps") or 0 for e in epochs),
+        "loss_scale_first": scales[0] if scales else None,
+        "loss_scale_last": scales[-1] if scales else None,
         "final_test_acc": epochs[-1]["test_acc"] if epochs else None,
         "epochs_done": len(epochs),
     }

@@ -49,9 +49,10 @@ class LitClassifier(pl.LightningModule):
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def training_step(self, batch, batch_idx):
+    def training_step(self, batch, batch_idx):  # under the precision plugin's autocast
         x, y = batch
-        return models.cross_entropy(self.model(x), y)
+        with self.meter.saved_tensors(self.model):  # measures the run's first step
+            return models.cross_entropy(self.model(x), y)
 
     def validation_step(self, batch, batch_idx):
         x, y = batch

@@ -53,7 +53,8 @@ def fit(cfg, setup: RunSetup, model, optimizer, scheduler, scaler) -> None:
             for x, y in islice(setup.train_loader, setup.steps_per_epoch):
                 meter.batch_start()
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with autocast:  # apex: no context, amp patched torch; lightning: the plugin
+                # apex: no autocast, amp patched torch; lightning: the precision plugin's
+                with autocast, meter.saved_tensors(model):  # measures the run's first step
                     loss = models.cross_entropy(model(x), y)
                 optimizer.zero_grad()
                 # apex: with amp.scale_loss(loss, optimizer) as s: s.backward()

@@ -42,7 +42,7 @@ CASES = {
     "ampcompare plain --precision 16-true": "unknown precision '16-true'",
     "ampcompare lightning --precision 64": "unknown precision '64'",
     "ampcompare plain --dataset imagenet": "'imagenet' is not one of 'cifar10', 'synthetic'",
-    "ampcompare plain --model vit": "'vit' is not one of 'resnet18', 'small'",
+    "ampcompare plain --model vit": "'vit' is not one of 'resnet18', 'small', 'linear'",
     "ampcompare plain --batch-size 0": "--batch-size must be >= 1, not 0",
     "ampcompare plain --batch-size 1e30": "'1e30' is not a valid integer",
     "ampcompare plain --batch-size 100000": "--batch-size must be <= 65536, not 100000",
@@ -116,7 +116,8 @@ def places(tmp_path_factory):
     ckpt.write_bytes(ckpt.read_bytes()[:-10])
     (tmp / "compared").mkdir()
     (tmp / "compared" / "compare.json").write_text(
-        '{"config": {}, "impls": ["plain"], "precisions": ["32-true"], "repeats": 1}')
+        '{"config": {}, "impls": ["plain"], "precisions": ["32-true"], "repeats": 1, '
+        '"seeds": 1}')
     (tmp / "a-file").write_text("not a folder")
     return {"STOPPED_PARENT": tmp / "runs", "STOPPED_NAME": "stopped",
             "STOPPED": tmp / "runs" / "stopped", "TAMPERED": tmp / "runs" / "tampered",

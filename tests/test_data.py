@@ -86,3 +86,23 @@ def test_augmentation_is_a_padded_crop_and_flip():
     assert torch.allclose(raw[1][:, :, -4:], torch.zeros(3, 32, 4), atol=1e-3)
     assert torch.allclose(raw[1][:, -4:, :], torch.zeros(3, 4, 32), atol=1e-3)
     assert y.tolist() == [3, 7, 3]
+
+
+def nearest_mean_accuracy(train, test, features):
+    """Test accuracy of the nearest class mean, on `features` of the uint8 images."""
+    x, x_test = features(train.images.float()), features(test.images.float())
+    means = torch.stack([x[train.labels == c].mean(0) for c in range(10)])
+    predicted = torch.cdist(x_test, means).argmin(1)
+    return (predicted == test.labels).float().mean().item()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_synthetic_classes_must_be_learnt(seed):
+    # Closed-form baselines that need no training: on raw pixels, and on the mean colour alone.
+    train, test = data.synthetic(seed, 10000, 2000)
+    pixels = nearest_mean_accuracy(train, test, lambda x: x.flatten(1))
+    colour = nearest_mean_accuracy(train, test, lambda x: x.mean((2, 3)))
+    assert pixels <= 0.40 and colour <= 0.25, (pixels, colour)
+    counts = torch.bincount(train.labels, minlength=10)
+    assert counts.min() > 800  # every class is there, about equally
+

@@ -1,0 +1,129 @@
+"""Numbers that mean something on every device: activation memory, FLOPs and MFU, accuracy
+against seed noise, and the report's explanation of each precision pair."""
+import pytest
+import torch
+from torch import nn
+
+from ampcompare import compare, report
+from common import activations, flops, models, peaks
+from lightning_impl import train as lightning
+from plain_torch import train as plain
+from tests.conftest import tiny
+
+MIB = 2 ** 20
+
+
+def saved_by_kind(model, x, dtype=None):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
+        with activations.SavedTensors(model) as saved:
+            model(x).sum().backward()
+    return saved.bytes
+
+
+def test_saved_tensors_are_sorted_by_kind_and_counted_once():
+    model = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 5))
+    x = torch.randn(4, 10)
+    fp32 = saved_by_kind(model, x)
+    # The input x (4x10) and the hidden activation (4x20, saved once although ReLU's output
+    # and the second Linear's input are the same tensor); weights saved as they are: free.
+    assert fp32 == {"activations": (4 * 10 + 4 * 20) * 4, "integer": 0, "weight_copies": 0}
+    bf16 = saved_by_kind(model, x, torch.bfloat16)
+    # autocast's bf16 cast of the second weight (seen as its transpose); the first layer's is
+    # not saved, since its input needs no gradient
+    assert bf16["weight_copies"] == 20 * 5 * 2
+    assert bf16["activations"] < fp32["activations"]
+    pooled = saved_by_kind(nn.Sequential(nn.Conv2d(3, 4, 3), nn.MaxPool2d(2)),
+                           torch.randn(2, 3, 8, 8))
+    assert pooled["integer"] == 2 * 4 * 3 * 3 * 8  # int64 max-pool indices
+
+
+def test_activation_memory_halves_in_bf16_and_is_the_same_in_every_arm(tmp_path):
+    runs = {(arm.__name__, p): arm.train(tiny(tmp_path, run_id=f"{arm.__name__}{p}", epochs=1,
+                                              precision=p))
+            for arm in (plain, lightning) for p in ("32-true", "bf16-mixed")}
+    sizes = {k: r.epochs[0]["saved_tensors"] for k, r in runs.items()}
+    assert sizes[("plain_torch.train", "32-true")] == sizes[("lightning_impl.train", "32-true")]
+    assert sizes[("plain_torch.train", "bf16-mixed")] == \
+        sizes[("lightning_impl.train", "bf16-mixed")]
+    fp32, bf16 = sizes[("plain_torch.train", "32-true")], sizes[("plain_torch.train", "bf16-mixed")]
+    assert bf16["activations"] / fp32["activations"] == pytest.approx(0.5, abs=0.01)
+    assert bf16["integer"] == fp32["integer"] > 0  # max-pool indices do not
+    summary = runs[("plain_torch.train", "bf16-mixed")].summary
+    assert summary["activation_bytes"] == bf16["activations"] + bf16["integer"]
+
+
+def conv_flops(c_in, c_out, k, h, w, batch):
+    return 2 * c_in * c_out * k * k * h * w * batch
+
+
+def test_flops_of_a_step_follow_from_the_layer_shapes():
+    # SmallCNN: three 3x3 convolutions at 32, 16 and 8 px, a linear head. A training step is
+    # the forward, the weight gradients (as much again) and the input gradients (as much
+    # again, but not for the first layer, whose input needs none).
+    b, w = 8, 32
+    convs = [conv_flops(3, w, 3, 32, 32, b), conv_flops(w, 2 * w, 3, 16, 16, b),
+             conv_flops(2 * w, 4 * w, 3, 8, 8, b)]
+    head = 2 * 4 * w * 10 * b
+    expected = 3 * (sum(convs) + head) - convs[0]
+    assert flops.per_step("small", b) == expected
+    assert flops.per_step("resnet18", 256) / 256 == pytest.approx(3.33e9, rel=0.001)
+
+
+@pytest.mark.parametrize("name,precision,tf32,expected", [
+    ("NVIDIA H200", "16-mixed", False, 989.4),
+    ("NVIDIA H200", "32-true", False, 67.0),
+    ("NVIDIA H200", "32-true", True, 494.7),
+    ("NVIDIA H100 PCIe", "bf16-mixed", False, 756.0),
+    ("NVIDIA H100 80GB HBM3", "16-mixed", False, 989.4),
+    ("NVIDIA A100-SXM4-80GB", "32-true", True, 156.0),
+    ("Tesla V100-SXM2-16GB", "16-mixed", False, 125.0),
+    ("Tesla T4", "16-mixed", False, 65.0),
+    ("Tesla P40", "16-mixed", False, 11.76 / 64),
+    ("Tesla T4", "bf16-mixed", False, None),
+    ("NVIDIA T400", "16-mixed", False, None),
+    ("NVIDIA H100 NVL", "16-mixed", False, None),
+])
+def test_the_peak_table(name, precision, tf32, expected):
+    env = {"device": "cuda", "device_name": name, "tf32": tf32}
+    value, why = peaks.peak(env, precision)
+    assert value == expected, why
+    assert ("no MFU" in why) == (expected is None)
+    assert peaks.peak({"device": "cpu"}, precision)[0] is None
+
+
+def test_achieved_flops_are_the_work_done_over_the_time(tmp_path):
+    result = plain.train(tiny(tmp_path, epochs=2))
+    steps = result.epochs[1]["steps"]  # all full batches of 32
+    work = flops.per_step("small", 32) * steps
+    row = result.epochs[1]
+    assert row["achieved_tflops"] * 1e12 * row["train_time_s"] == pytest.approx(work, rel=1e-6)
+    assert result.flops["peak_tflops"] is None and "CPU" in result.flops["peak"]
+
+
+def test_seeds_multiply_the_arms_and_name_them():
+    arms = compare.schedule(["plain"], ["32-true", "bf16-mixed"], 2, seeds=range(3, 5))
+    assert len(arms) == 8
+    assert {a.run_id for a in arms} >= {"plain-32-true-s3-r0", "plain-bf16-mixed-s4-r1"}
+    assert compare.schedule(["plain"], ["32-true"], 1)[0].run_id == "plain-32-true-r0"
+
+
+def record(precision, seed, acc, time_s=1.0):
+    return {"run_id": f"{precision}-{seed}", "impl": "plain", "seed": seed, "repeat": 0,
+            "status": "ok", "precision": {"requested": precision, "effective": precision},
+            "opt_level": None, "config": {"model": "small", "seed": seed},
+            "env": {"device": "cpu", "device_name": "CPU"}, "epochs": [],
+            "summary": {"final_test_acc": acc, "median_epoch_time_s": time_s}}
+
+
+@pytest.mark.parametrize("accuracies,words", [
+    ({"32-true": [0.70, 0.74, 0.78], "bf16-mixed": [0.71, 0.73, 0.77]}, "within seed noise"),
+    ({"32-true": [0.70, 0.71, 0.72], "bf16-mixed": [0.60, 0.61, 0.62]}, "beyond seed noise"),
+    ({"32-true": [0.70], "bf16-mixed": [0.60]}, "one seed: no seed spread"),
+])
+def test_the_accuracy_change_is_weighed_against_seed_spread(accuracies, words):
+    records = [record(p, s, a) for p, accs in accuracies.items() for s, a in enumerate(accs)]
+    (group,) = report.summarize(records)["devices"]
+    cell = group["precisions"]["32-true"]["plain"]
+    assert cell["seeds"] == len(accuracies["32-true"])
+    assert cell["final_test_acc"]["min"] == min(accuracies["32-true"])
+    assert words in report.accuracy_words(group["ratios"]["plain"]["bf16-mixed"])
