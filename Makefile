@@ -25,8 +25,9 @@ demo: $(BIN)/.installed
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q
 
+# Ratios measured side by side in one process (benchmarks/bench.py): a few minutes on a CPU.
 bench: $(BIN)/.installed
-	$(BIN)/python benchmarks/lightning_overhead.py
+	$(BIN)/python benchmarks/bench.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -12,12 +12,12 @@ from typing import Optional
 import click
 from click.core import ParameterSource
 
-from common.config import Config
+from common.config import INT_MAX, Config
 from common.errors import UsageError
 from common.recorder import MAY_CHANGE_ON_RESUME
 
 IMPLS = {"plain": "plain_torch.train", "lightning": "lightning_impl.train",
-         "apex": "apex_impl.train"}
+         "fabric": "fabric_impl.train", "apex": "apex_impl.train"}
 # click 8.2 raises this for a bare `ampcompare`; 8.1 prints the help itself.
 NO_ARGS = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
@@ -116,8 +116,9 @@ class OneLineErrors(click.Group):
 @click.group(cls=OneLineErrors, no_args_is_help=True)
 @click.version_option(package_name="ampcompare")
 def cli():
-    """One CIFAR-10 training loop written three times (plain PyTorch, NVIDIA apex, PyTorch
-    Lightning) to compare mixed-precision speed, memory and accuracy side by side."""
+    """One CIFAR-10 training loop written four times (plain PyTorch, NVIDIA apex, PyTorch
+    Lightning, Lightning Fabric) to compare mixed-precision speed, memory and accuracy side by
+    side."""
 
 
 def run_one(impl: str, cfg: Config) -> int:
@@ -160,6 +161,8 @@ def _impl_command(impl: str, doc: str):
 
 plain = _impl_command("plain", "The hand-written loop: torch.autocast + torch.amp.GradScaler.")
 lightning = _impl_command("lightning", "PyTorch Lightning: Trainer(precision=...).")
+fabric = _impl_command("fabric", "Lightning Fabric: Fabric(precision=...), fabric.setup, "
+                       "fabric.backward; the loop written by hand.")
 
 
 @cli.command("apex", help="NVIDIA apex: amp.initialize + amp.scale_loss (needs CUDA and apex "
@@ -191,7 +194,10 @@ def _names(value: str, allowed, what: str) -> list[str]:
                    "precision: 16-mixed on CUDA, bf16-mixed on CPU]")
 @click.option("--repeats", default=1, type=click.IntRange(min=1, max=1000),
               help="Runs of each (impl, precision); spreads are min–max over them.  [default: 1]")
-def compare_command(impls, precisions, repeats, **options):
+@click.option("--seeds", default=1, type=click.IntRange(min=1, max=1000),
+              help="Train every arm at this many seeds (--seed, --seed + 1, ...), so that an "
+                   "accuracy change can be weighed against seed-to-seed spread.  [default: 1]")
+def compare_command(impls, precisions, repeats, seeds, **options):
     from ampcompare import compare, report
     from common import data, progress
     from common.results import check_out_dir
@@ -201,8 +207,9 @@ def compare_command(impls, precisions, repeats, **options):
         folder = os.path.abspath(options["resume"])
         plan = compare.read_plan(folder)
         planned = {"impls": ",".join(plan["impls"]), "precisions": ",".join(plan["precisions"]),
-                   "repeats": plan["repeats"]}
-        for name, value in (("impls", impls), ("precisions", precisions), ("repeats", repeats)):
+                   "repeats": plan["repeats"], "seeds": plan["seeds"]}
+        for name, value in (("impls", impls), ("precisions", precisions), ("repeats", repeats),
+                            ("seeds", seeds)):
             if _given(ctx, name) and value != planned[name]:
                 raise UsageError(f"--resume {folder}: --{name} {value} differs from the "
                                  f"comparison's {planned[name]}; drop it to finish that one")
@@ -214,30 +221,35 @@ def compare_command(impls, precisions, repeats, **options):
                                  f"comparison's; drop it to finish that one")
         cfg.out_dir, cfg.resume = plan["config"]["out_dir"], None
         cfg.validate()
-        impls, precisions, repeats = plan["impls"], plan["precisions"], plan["repeats"]
+        impls, precisions = plan["impls"], plan["precisions"]
+        repeats, seeds = plan["repeats"], plan["seeds"]
     else:
         cfg = config_from(options).validate()
         impls = _names(impls, tuple(IMPLS), "impls")
         precisions = _precisions(precisions, cfg)
         folder = None
+    if cfg.seed + seeds - 1 > INT_MAX:
+        raise UsageError(f"--seed {cfg.seed} with --seeds {seeds} goes past {INT_MAX}")
     check_out_dir(folder or cfg.out_dir)
     # A missing CIFAR-10 is one usage error here, not one per arm (and it downloads once).
     data.load(cfg)
     if folder is None:
         folder = compare.new_folder(cfg.out_dir)
-        compare.write_plan(folder, cfg, impls, precisions, repeats)
+        compare.write_plan(folder, cfg, impls, precisions, repeats, seeds)
     code = 0
     try:
         with progress.Bar(progress.enabled(cfg)) as bar:
             def show(k, n, arm, elapsed):
-                what = f"{arm.impl} {arm.precision} repeat {arm.repeat + 1}"
+                seed = f" seed {arm.seed}" if seeds > 1 else ""
+                what = f"{arm.impl} {arm.precision}{seed} repeat {arm.repeat + 1}"
                 if not bar.on:  # a line per arm off the terminal
                     click.echo(f"[{k + 1}/{n}] {what}  (elapsed {elapsed:.0f}s)", err=True)
                     return
                 if k == 0:
                     bar.task(what, n)
                 bar.update(completed=k, description=f"arm {k + 1}/{n}: {what}")
-            done = compare.compare(cfg, impls, precisions, repeats, folder, show=show)
+            done = compare.compare(cfg, impls, precisions, repeats, folder, show=show,
+                                   seeds=seeds)
             bar.update(completed=len(done), description="done")
     except KeyboardInterrupt:
         click.echo(f"ampcompare: interrupted; reporting what was measured (finish it with "

@@ -33,7 +33,7 @@ def test_common_options_are_identical_across_commands():
     def signature(command):
         return [(p.name, p.opts, p.default) for p in command.params if p.name != "opt_level"]
     first = signature(cli.commands["plain"])
-    for name in ("lightning", "apex"):
+    for name in ("lightning", "fabric", "apex"):
         assert signature(cli.commands[name]) == first
 
 
@@ -68,15 +68,19 @@ def test_every_command_is_in_the_readme(name):
     assert f"ampcompare {name}" in readme
 
 
-def test_overhead_benchmark_runs_and_writes_its_ratio(tmp_path):
+def test_the_bench_runs_and_writes_every_ratio(tmp_path):
     root = os.path.dirname(os.path.dirname(__file__))
-    proc = subprocess.run([sys.executable, "benchmarks/lightning_overhead.py", "--repeats", "2",
-                           "--epochs", "2", "--synthetic-size", "128", "--batch-size", "64",
+    proc = subprocess.run([sys.executable, "benchmarks/bench.py", "--repeats", "2",
+                           "--synthetic-size", "128", "--batch-size", "64",
                            "--out-dir", str(tmp_path)], cwd=root, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    (folder,) = tmp_path.iterdir()
     import json
-    data = json.loads((folder / "lightning_overhead.json").read_text())
-    ratio = data["precisions"]["32-true"]["epoch_time_s"]
-    assert len(ratio["ratio_per_repeat"]) == 2 and ratio["ratio"] > 0
-    assert "32-true      epoch_time_s" in proc.stdout and (folder / "report.md").exists()
+    bench = json.loads((tmp_path / "bench.json").read_text())
+    for name in ("lightning_over_plain", "fabric_over_plain", "lightning_over_plain_cpu",
+                 "lightning_overhead_us_per_step", "fabric_overhead_us_per_step",
+                 "loader_over_torchvision", "data_wait_fraction", "bf16_over_fp32"):
+        assert bench[name]["n"] == 2 and bench[name]["min"] <= bench[name]["median"], name
+    assert bench["bf16_over_fp32_activation_memory"] < 0.7
+    assert bench["lightning_over_plain"]["verdict"].split()[0] in ("meets", "misses",
+                                                                  "straddles")
+    assert "fabric_over_plain" in proc.stdout

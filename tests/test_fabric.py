@@ -1,0 +1,75 @@
+"""Lightning Fabric against the plain loop: bitwise-identical per-step losses, epoch metrics,
+loss scales and weights (DESIGN.md, "Equivalence"), through Fabric's own machinery:
+Fabric(precision=...), fabric.setup, fabric.setup_dataloaders, fabric.backward,
+fabric.clip_gradients, fabric.save and fabric.load."""
+import pytest
+import torch
+
+from common.errors import UsageError
+from fabric_impl import train as fabric
+from plain_torch import train as plain
+from tests import faults
+from tests.conftest import on_gpu, tiny
+from tests.test_parity import assert_identical
+
+
+def both(tmp_path, make=tiny, **overrides):
+    a = plain.train(make(tmp_path, run_id="plain", **overrides))
+    b = fabric.train(make(tmp_path, run_id="fabric", **overrides))
+    assert a.status == b.status == "ok", (a.error, b.error)
+    return a, b
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed"])
+@pytest.mark.parametrize("clip_grad", [0.0, 0.05])
+def test_fabric_and_plain_are_bitwise_identical(tmp_path, precision, clip_grad):
+    a, b = both(tmp_path, precision=precision, clip_grad=clip_grad)
+    assert_identical(a, b)
+    assert b.precision == {"requested": precision, "effective": precision}
+    assert len(b.epochs) == 2 and b.impl == "fabric"
+
+
+def test_identical_when_the_scaler_skips_steps(tmp_path, monkeypatch):
+    real = torch.amp.GradScaler.__init__
+
+    def huge_scale(self, *args, **kwargs):
+        real(self, *args, **{**kwargs, "init_scale": 2.0 ** 40})
+    monkeypatch.setattr(torch.amp.GradScaler, "__init__", huge_scale)
+    a, b = both(tmp_path, precision="16-mixed", clip_grad=0.05)
+    assert_identical(a, b)
+    assert b.epochs[0]["skipped_steps"] > 0
+
+
+def test_a_silent_switch_to_bf16_is_refused(tmp_path, monkeypatch):
+    # What Fabric does on CPU with precision="16-mixed" and no plugin: it runs bf16.
+    from lightning_fabric.plugins import MixedPrecision
+    monkeypatch.setattr(fabric, "MixedPrecision",
+                        lambda precision, device, scaler: MixedPrecision("bf16-mixed", device))
+    with pytest.raises(UsageError, match="Fabric chose bf16-mixed for 16-mixed"):
+        fabric.train(tiny(tmp_path, precision="16-mixed"))
+
+
+@pytest.mark.parametrize("precision", ["32-true", "16-mixed"])
+def test_fabric_stopped_mid_epoch_and_resumed_is_bitwise_a_straight_run(tmp_path, monkeypatch,
+                                                                        precision):
+    straight = fabric.train(tiny(tmp_path, run_id="straight", precision=precision))
+    with monkeypatch.context() as m:
+        faults.inject(m, epoch=1, action="interrupt", step=2)
+        stopped = fabric.train(tiny(tmp_path, run_id="stopped", precision=precision))
+    assert stopped.status == "interrupted"
+    resumed = fabric.train(tiny(tmp_path, run_id="stopped", precision=precision,
+                                resume=str(tmp_path / "runs" / "stopped")))
+    assert resumed.status == "ok" and resumed.step_losses == straight.step_losses
+    assert resumed.weights_sha256 == straight.weights_sha256
+    ckpt = torch.load(tmp_path / "runs" / "stopped" / "checkpoint.pt", weights_only=True)
+    assert ("scaler" in ckpt) == (precision == "16-mixed")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed"])
+def test_fabric_and_plain_bitwise_identical_on_gpu(tmp_path, precision):
+    if precision == "bf16-mixed" and not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bf16")
+    a, b = both(tmp_path, make=on_gpu, precision=precision)
+    assert_identical(a, b)
+    assert b.env["device"] == "cuda"
