@@ -91,6 +91,12 @@ def _stored_run(run_dir: str, what: str) -> dict:
     return record["config"]
 
 
+def _say(line: str) -> None:
+    """One line on stderr; in a job of several processes, rank 0's only."""
+    if os.environ.get("RANK", "0") == "0":
+        click.echo(line, err=True)
+
+
 class OneLineErrors(click.Group):
     """Usage and environment errors print one line and exit 2, never a traceback."""
 
@@ -102,13 +108,13 @@ class OneLineErrors(click.Group):
             click.echo(e.ctx.get_help())
             code = 0
         except click.ClickException as e:
-            click.echo(f"ampcompare: error: {e.format_message()}", err=True)
+            _say(f"ampcompare: error: {e.format_message()}")
             code = 2
         except UsageError as e:
-            click.echo(f"ampcompare: error: {e}", err=True)
+            _say(f"ampcompare: error: {e}")
             code = 2
         except (KeyboardInterrupt, click.exceptions.Abort):
-            click.echo("ampcompare: interrupted", err=True)
+            _say("ampcompare: interrupted")
             code = 130
         sys.exit(code or 0)
 
@@ -122,24 +128,62 @@ def cli():
 
 
 def run_one(impl: str, cfg: Config) -> int:
-    """Run one implementation in this process; print where its result is. Returns the exit code."""
+    """Run one implementation in this process (or, with --devices N, start the N processes of
+    its DDP job); print where its result is. Returns the exit code."""
+    from common import distributed
     if impl == "apex":  # say what apex lacks before its loop module is even imported
         from apex_impl.opt_levels import check
         check(cfg)
+    cfg.validate()
+    if cfg.devices * cfg.num_nodes > 1 and not distributed.launched():
+        return _launch(impl, cfg)
     try:
         module = importlib.import_module(IMPLS[impl])
     except ImportError as e:
         raise UsageError(f"{impl}: cannot import its framework ({e})") from None
     result = module.train(cfg)
-    s = result.summary
+    if os.environ.get("RANK", "0") == "0":  # one job, one summary
+        _summary(impl, result.to_dict(), cfg)
+    return result.exit_code
+
+
+def _summary(impl: str, record: dict, cfg: Config) -> None:
+    s = record.get("summary") or {}
     acc = f"{s['final_test_acc']:.4f}" if s.get("final_test_acc") is not None else "-"
     t = f"{s['median_epoch_time_s']:.2f}s" if s.get("median_epoch_time_s") is not None else "-"
-    click.echo(f"{impl} {result.precision['effective']}: {result.status}, "
+    click.echo(f"{impl} {record['precision']['effective']}: {record['status']}, "
                f"test acc {acc}, median epoch {t}")
-    if result.error:
-        click.echo(f"error: {result.error}", err=True)
-    click.echo(f"result: {os.path.join(cfg.out_dir, result.run_id, 'result.json')}")
-    return result.exit_code
+    if record.get("error"):
+        click.echo(f"error: {record['error']}", err=True)
+    click.echo(f"result: {os.path.join(cfg.out_dir, record['run_id'], 'result.json')}")
+
+
+def _launch(impl: str, cfg: Config) -> int:
+    """The N processes of a DDP job on this node, everything about them fixed first."""
+    from ampcompare import compare, launch
+    from common import data, precision, results
+    from common.device import resolve_device
+
+    if cfg.num_nodes > 1:
+        raise UsageError(
+            f"--num-nodes {cfg.num_nodes}: start the job on each node with torchrun "
+            f"--nnodes {cfg.num_nodes} --nproc-per-node {cfg.devices} --rdzv-backend c10d "
+            f"--rdzv-endpoint HOST:PORT -m ampcompare {impl} --devices {cfg.devices} "
+            f"--num-nodes {cfg.num_nodes} ... (README, \"Several devices and nodes\")")
+    device = resolve_device(cfg)  # --devices against the GPUs there are
+    data.load(cfg)  # a missing CIFAR-10 is one line here, not one per rank
+    if cfg.resume:
+        args = [impl, "--resume", cfg.resume,
+                *compare.child_args(cfg, exclude=("resume", "out_dir", "run_id"))]
+    else:
+        results.check_out_dir(cfg.out_dir)
+        named = precision.mixed_default(device) if cfg.precision == "auto" else cfg.precision
+        cfg.run_id = cfg.run_id or results.new_run_id(impl, named)
+        if os.path.exists(os.path.join(cfg.out_dir, cfg.run_id)):
+            raise UsageError(f"{os.path.join(cfg.out_dir, cfg.run_id)} already exists; choose "
+                             f"another --run-id")
+        args = [impl, *compare.child_args(cfg, exclude=("resume",))]
+    return launch.run(cfg, args)  # rank 0 printed the summary
 
 
 def arm_config(impl: str, options: dict) -> Config:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import click
 
+from ampcompare.launch import exit_description
 from common import results, signals
 from common.config import Config
 from common.device import resolve_device
@@ -63,12 +64,12 @@ def schedule(impls, precisions, repeats, seeds=(0,)) -> list[Arm]:
     return order
 
 
-def child_args(cfg: Config) -> list[str]:
-    """The CLI options that reproduce cfg in a child process."""
+def child_args(cfg: Config, exclude=NOT_PASSED) -> list[str]:
+    """The CLI options that reproduce cfg in a child process (but those in `exclude`)."""
     args = []
     for fld in dataclasses.fields(cfg):
         value = getattr(cfg, fld.name)
-        if fld.name in NOT_PASSED or value is None:
+        if fld.name in exclude or value is None:
             continue
         if isinstance(value, bool):  # the same "--on/--off" spelling the CLI declares
             on, off = fld.metadata["click"]["flag"].split("/")
@@ -152,11 +153,11 @@ def run_arm(cfg: Config, arm: Arm, folder: str, unavailable: dict, env: dict):
                arm.run_id]
     cmd = [sys.executable, "-m", "ampcompare", *cmd, "--quiet", "--no-keep-checkpoint"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            cwd=ROOT, start_new_session=True, preexec_fn=_die_with_parent)
+                            cwd=ROOT, start_new_session=True, preexec_fn=signals.die_with_parent)
     stderr, interrupted = _wait(proc)
     lines = [line for line in stderr.splitlines() if line.strip()]
     last = lines[-1].removeprefix("ampcompare: error: ") if lines else None
-    how = _exit_description(proc.returncode)
+    how = exit_description(proc.returncode)
     stop = interrupted or proc.returncode == 130  # also a child interrupted on its own
     record = _existing(run_dir)
     if record is not None:
@@ -205,25 +206,6 @@ def _signal(proc: subprocess.Popen, sig: int, group: bool = False) -> None:
             proc.send_signal(sig)
     except (ProcessLookupError, PermissionError):
         pass
-
-
-def _die_with_parent() -> None:
-    """In the child, before it starts: a SIGTERM when this process dies (Linux), so that no
-    arm trains on alone after compare itself was killed."""
-    try:
-        import ctypes
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def _exit_description(code: int) -> str:
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit code {code}"
 
 
 def _save(run_dir: str, record: dict) -> dict:

@@ -14,9 +14,10 @@ from __future__ import annotations
 from itertools import islice
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from apex_impl.opt_levels import check
-from common import metrics, models, progress
+from common import distributed, metrics, models, progress
 from common.prepare import RunSetup, prepare
 from common.results import RunResult
 
@@ -37,6 +38,9 @@ def build(cfg, setup: RunSetup):
         optimizer.load_state_dict(setup.resumed["optimizer"])
         scheduler.load_state_dict(setup.resumed["scheduler"])
         amp.load_state_dict(setup.resumed["amp"])  # apex: after amp.initialize
+    if setup.world.size > 1:  # around the model amp.initialize returned, as apex documents
+        model = DistributedDataParallel(model, device_ids=setup.ddp_device_ids,
+                                        **distributed.DDP_KWARGS)
     return model, optimizer, scheduler
 
 
@@ -44,9 +48,10 @@ def fit(cfg, setup: RunSetup, model, optimizer, scheduler) -> None:
     device = setup.device
     dynamic = cfg.opt_level in ("O1", "O2")  # O0 and O3 use a static loss scale of 1
     steps = metrics.StepCounter(optimizer)
+    net = getattr(model, "module", model)  # without DDP's wrapper: what is saved and hashed
 
     def save(path):  # plain: scaler.state_dict(); lightning: trainer.save_checkpoint
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "amp": amp.state_dict(),
                     **setup.recorder.state()}, path)
     with progress.Bar(progress.enabled(cfg)) as bar:
@@ -81,7 +86,7 @@ def fit(cfg, setup: RunSetup, model, optimizer, scheduler) -> None:
             # plain: scaler.get_scale(); lightning: trainer.precision_plugin.scaler
             scale = amp.state_dict()["loss_scaler0"]["loss_scale"] if dynamic else None
             row, losses = meter.finish(scale)
-            setup.recorder.end_epoch(row, losses, model, save)  # also checks for divergence
+            setup.recorder.end_epoch(row, losses, net, save)  # also checks for divergence
             bar.update(info=progress.epoch_info(row))
 
 

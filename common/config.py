@@ -57,7 +57,10 @@ class Config:
     repeat: int = _f(0, "Index of this run among repeats of the same settings (compare sets it; "
                      "recorded, changes nothing).", min=0, max=100_000)
     accelerator: str = _f("auto", "Device: cuda when available under auto.", choices=ACCELERATORS)
-    devices: int = _f(1, "Number of devices (only 1 is supported).", min=1)
+    devices: int = _f(1, "Processes (one per GPU on CUDA) per node, with DDP when more than "
+                      "one; --batch-size is split between them.", min=1, max=64)
+    num_nodes: int = _f(1, "Nodes (machines) of the job: run the same command under torchrun "
+                        "on each (see README).", min=1, max=1024)
     deterministic: bool = _f(False, "Use deterministic algorithms only (slower on CUDA).",
                              flag="--deterministic/--no-deterministic")
     tf32: bool = _f(False, "Allow TF32 in fp32 convolutions and matmuls (Ampere and newer).",
@@ -102,8 +105,10 @@ class Config:
                              f"digits and . _ + -, starting with a letter or digit, at most 200)")
         if self.resume is not None and not os.path.isdir(self.resume):
             raise UsageError(f"--resume {self.resume}: no such folder")
-        if self.devices != 1:
-            raise UsageError("--devices: only single-device runs are supported; use --devices 1")
+        world = self.devices * self.num_nodes
+        if self.batch_size % world:
+            raise UsageError(f"--batch-size {self.batch_size} does not split evenly over "
+                             f"{world} processes; use a multiple of {world}")
         return self
 
     def to_dict(self) -> dict:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from common.errors import UsageError
 
@@ -101,74 +101,109 @@ def synthetic(seed: int, n_train: int, n_test: int) -> tuple[ImageSet, ImageSet]
 
 
 class EpochSampler(Sampler):
-    """Yields (index, dx, dy, flip) per image. Order and draws depend only on (seed, epoch);
-    set_epoch is the hook DistributedSampler has and Lightning calls each epoch."""
+    """Batches of draws for one rank: each batch a [b, 5] int64 tensor of (index, dx, dy, flip,
+    keep). Order and draws depend only on (seed, epoch) — set_epoch is the hook
+    DistributedSampler has, and Lightning calls it each epoch — never on how often a framework
+    calls iter(). With several ranks, the epoch's draws are padded to a multiple of the world
+    size the way DistributedSampler pads (repeating the first ones) and this rank takes positions
+    rank::world. Training counts the padding as samples, as DistributedSampler does; evaluation
+    marks it keep=0, so that the test set is counted exactly once across ranks."""
 
-    def __init__(self, n: int, seed: int, augment: bool):
-        self.n, self.seed, self.augment, self.epoch = n, seed, augment, 0
+    def __init__(self, n: int, batch_size: int, seed: int, augment: bool, rank: int = 0,
+                 world: int = 1):
+        self.n, self.batch_size, self.seed, self.augment = n, batch_size, seed, augment
+        self.rank, self.world, self.epoch = rank, world, 0
+        self.sampler = self  # where frameworks look for set_epoch: batch_sampler.sampler
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def per_rank(self) -> int:
+        return -(-self.n // self.world)
+
     def __len__(self) -> int:
-        return self.n
+        return -(-self.per_rank() // self.batch_size)
+
+    def draws(self) -> torch.Tensor:
+        """This rank's (index, dx, dy, flip, keep) for the epoch, in order."""
+        n = self.n
+        if self.augment:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(n, generator=g)
+            shifts = torch.randint(0, 2 * PAD + 1, (2, n), generator=g)
+            flip = torch.randint(0, 2, (n,), generator=g)
+            draws = torch.stack([order, shifts[0], shifts[1], flip, torch.ones_like(order)], 1)
+        else:  # the whole set in order, centred, unflipped
+            draws = torch.tensor([[0, PAD, PAD, 0, 1]]).repeat(n, 1)
+            draws[:, 0] = torch.arange(n)
+        padding = self.per_rank() * self.world - n
+        if padding:
+            extra = draws[torch.arange(padding) % n].clone()
+            extra[:, 4] = int(self.augment)  # padded test images are not counted
+            draws = torch.cat([draws, extra])
+        return draws[self.rank::self.world]
 
     def __iter__(self):
-        if not self.augment:
-            yield from ((i, PAD, PAD, 0) for i in range(self.n))
-            return
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.n, generator=g)
-        dx = torch.randint(0, 2 * PAD + 1, (self.n,), generator=g)
-        dy = torch.randint(0, 2 * PAD + 1, (self.n,), generator=g)
-        flip = torch.randint(0, 2, (self.n,), generator=g)
-        yield from zip(order.tolist(), dx.tolist(), dy.tolist(), flip.tolist())
+        yield from self.draws().split(self.batch_size)
 
 
 class AugmentedImages(Dataset):
-    """Applies the sampler's draws to a whole batch at once (gather-based crop, where-based
-    flip, normalisation): a few tensor ops per batch instead of a PIL pipeline per image."""
+    """The images, zero-padded once and kept on the device, and a batch's crop, flip and
+    normalisation as a few tensor ops there: one gather of the cropped (and mirrored) pixels,
+    one conversion to float. The same code runs on a CPU and on a GPU, and gives the same uint8
+    crops for the same draws; on a GPU the set is copied there once, not every batch."""
 
-    def __init__(self, images: ImageSet, channels_last: bool):
-        self.images, self.labels = images.images, images.labels
-        self.mean = torch.tensor(MEAN).view(1, 3, 1, 1)
-        self.std = torch.tensor(STD).view(1, 3, 1, 1)
+    def __init__(self, images: ImageSet, device: torch.device, channels_last: bool):
+        self.padded = F.pad(images.images, (PAD, PAD, PAD, PAD)).to(device)  # [N, 3, 40, 40]
+        self.labels = images.labels.to(device)
+        side = SIZE + 2 * PAD
+        channel = torch.arange(3)[:, None, None] * side * side
+        row, col = torch.arange(SIZE)[None, :, None] * side, torch.arange(SIZE)
+        # Where in a padded image each output pixel comes from, unflipped and mirrored.
+        self.offsets = torch.stack([channel + row + col, channel + row + SIZE - 1 - col]).to(device)
+        std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
+        self.scale = 1 / (255 * std)
+        self.shift = torch.tensor(MEAN, device=device).view(1, 3, 1, 1) / std
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, key):
-        x, y = self.__getitems__([key])
-        return x[0], y[0]
+    def crops(self, draws: torch.Tensor) -> torch.Tensor:
+        """uint8 [b, 3, 32, 32]: each image cropped at (dx, dy) of its padding, maybe mirrored."""
+        draws = draws.to(self.padded.device, non_blocking=True)
+        idx, dx, dy, flip = draws[:, 0], draws[:, 1], draws[:, 2], draws[:, 3]
+        side = SIZE + 2 * PAD
+        start = idx * (3 * side * side) + dy * side + dx
+        return self.padded.view(-1).take(self.offsets[flip] + start[:, None, None, None])
 
-    def __getitems__(self, keys):
-        idx, dx, dy, flip = torch.tensor(keys, dtype=torch.long).unbind(1)
-        padded = F.pad(self.images[idx], (PAD, PAD, PAD, PAD))
-        span = torch.arange(SIZE)
-        rows = (dy[:, None] + span)[:, None, :, None]
-        cols = (dx[:, None] + span)[:, None, None, :]
-        x = padded[torch.arange(len(idx))[:, None, None, None], torch.arange(3)[None, :, None, None],
-                   rows, cols]
-        x = torch.where(flip.bool()[:, None, None, None], x.flip(3), x)
-        x = (x.float().div_(255) - self.mean) / self.std
-        return x.contiguous(memory_format=self.memory_format), self.labels[idx]
+    def __getitems__(self, draws: torch.Tensor):
+        x = self.crops(draws).float().mul_(self.scale).sub_(self.shift)
+        keep = draws[:, 4].to(self.labels.device, non_blocking=True).bool()
+        y = torch.where(keep, self.labels[draws[:, 0].to(self.labels.device)], -1)
+        return x.contiguous(memory_format=self.memory_format), y
 
 
 def _whole_batch(batch):
     return batch  # __getitems__ already returns the collated (images, labels)
 
 
-def loaders(cfg, sets: tuple[ImageSet, ImageSet], device: torch.device, channels_last: bool):
-    """(train, test) loaders, built identically for every implementation."""
+def loaders(cfg, sets: tuple[ImageSet, ImageSet], device: torch.device, channels_last: bool,
+            rank: int = 0, world: int = 1):
+    """(train, test) loaders, built identically for every implementation. --batch-size is the
+    whole job's: each of `world` ranks takes batch_size / world images a step. On CUDA the
+    images live on the GPU, so the loader runs in the main process."""
     out = []
+    on_device = device.type == "cuda"
     for images, augment in zip(sets, (True, False)):
-        sampler = EpochSampler(len(images.labels), cfg.seed, augment)
+        sampler = EpochSampler(len(images.labels), cfg.batch_size // world, cfg.seed, augment,
+                               rank, world)
         out.append(DataLoader(
-            AugmentedImages(images, channels_last),
-            batch_sampler=BatchSampler(sampler, cfg.batch_size, drop_last=False),
-            collate_fn=_whole_batch, num_workers=cfg.num_workers,
-            pin_memory=device.type == "cuda", persistent_workers=cfg.num_workers > 0))
+            AugmentedImages(images, device if on_device else torch.device("cpu"),
+                            channels_last),
+            batch_sampler=sampler, collate_fn=_whole_batch,
+            num_workers=0 if on_device else cfg.num_workers, pin_memory=False,
+            persistent_workers=cfg.num_workers > 0 and not on_device))
     return tuple(out)
 
 

@@ -12,6 +12,7 @@ from contextlib import nullcontext
 
 import torch
 
+from common import distributed
 from common.activations import SavedTensors
 from common.device import synchronize
 from common.models import cross_entropy
@@ -57,8 +58,7 @@ class EpochMeter:
         self.cpu_start = time.process_time()
         self.executed_at_start = steps.executed
         self.losses, self.images, self.data_wait = [], 0, 0.0
-        self.test_loss = self.test_correct = None
-        self.test_images = 0
+        self.test_sums = None  # test loss, correct and counted images, summed on the device
         self.saved = None
 
     def saved_tensors(self, model: torch.nn.Module):
@@ -83,30 +83,46 @@ class EpochMeter:
         self.train_cpu = time.process_time() - self.cpu_start
 
     def eval_batch(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        loss = cross_entropy(logits, labels, reduction="sum")
-        correct = (logits.argmax(1) == labels).sum()
-        self.test_loss = loss if self.test_loss is None else self.test_loss + loss
-        self.test_correct = correct if self.test_correct is None else self.test_correct + correct
-        self.test_images += len(labels)
+        """Sums on the device (no sync per batch). A label of -1 marks a test image repeated
+        only to even out the ranks' shares: it is not counted."""
+        keep = labels >= 0
+        per_image = cross_entropy(logits, labels.clamp(min=0), reduction="none")
+        sums = torch.stack([torch.where(keep, per_image, 0).sum(),
+                            (keep & (logits.argmax(1) == labels)).sum().float(),
+                            keep.sum().float()])
+        self.test_sums = sums if self.test_sums is None else self.test_sums + sums
 
     def finish(self, loss_scale) -> tuple[dict, list[float]]:
-        """(epoch row, step losses), with the losses copied to the host in one transfer."""
+        """(epoch row, step losses), with the losses copied to the host in one transfer. With
+        several ranks (every rank calls this), a step's loss is the mean of the ranks' losses,
+        the test metrics cover the whole test set, images count the whole job's and peak memory
+        is the largest rank's (each rank's is listed)."""
         synchronize(self.device)
         epoch_time = time.perf_counter() - self.start
-        losses = torch.stack(self.losses).float().cpu().tolist() if self.losses else []
+        world = distributed.size()
+        losses = []
+        if self.losses:
+            losses = (distributed.sum_(torch.stack(self.losses).float()) / world).cpu().tolist()
         finite = [v for v in losses if math.isfinite(v)]
         attempted = len(losses)
+        test = [None, None]
+        if self.test_sums is not None:
+            loss_sum, correct, count = distributed.sum_(self.test_sums).cpu().tolist()
+            test = [loss_sum / count, correct / count] if count else test
+        images = self.images * world  # every rank trains on as many images (padded alike)
+        peaks = distributed.gather_ints(peak_memory_bytes(self.device), self.device)
         row = {
             "epoch": self.epoch,
             "train_loss": sum(finite) / len(finite) if finite else None,
-            "test_loss": self.test_loss.item() / self.test_images if self.test_images else None,
-            "test_acc": self.test_correct.item() / self.test_images if self.test_images else None,
+            "test_loss": test[0],
+            "test_acc": test[1],
             "epoch_time_s": epoch_time,
             "train_time_s": self.train_time,
             "train_cpu_s": self.train_cpu,  # process CPU time: on a GPU, the host's share
-            "images_per_s": self.images / self.train_time if self.train_time > 0 else None,
+            "images_per_s": images / self.train_time if self.train_time > 0 else None,
             "data_wait_s": self.data_wait,
-            "peak_memory_bytes": peak_memory_bytes(self.device),
+            "peak_memory_bytes": max(peaks),
+            **({"peak_memory_bytes_per_rank": peaks} if world > 1 else {}),
             "steps": attempted,
             "skipped_steps": attempted - (self.steps.executed - self.executed_at_start),
             "loss_scale": loss_scale,

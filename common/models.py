@@ -14,9 +14,10 @@ def global_avg_pool(x: torch.Tensor) -> torch.Tensor:
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"):
     """F.cross_entropy, in fp32, written as log_softmax + gather: nll_loss's CUDA backward
-    accumulates with atomicAdd and torch refuses it under --deterministic."""
+    accumulates with atomicAdd and torch refuses it under --deterministic. reduction "none"
+    gives each sample's loss."""
     picked = -F.log_softmax(logits.float(), dim=1).gather(1, labels[:, None]).squeeze(1)
-    return picked.sum() if reduction == "sum" else picked.mean()
+    return {"sum": picked.sum, "mean": picked.mean}.get(reduction, lambda: picked)()
 
 
 class BasicBlock(nn.Module):

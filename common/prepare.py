@@ -11,8 +11,9 @@ from typing import Optional
 import torch
 from torch.utils.data import DataLoader
 
-from common import data, precision, results
+from common import data, distributed, precision, results
 from common.device import apply_speed_switches, resolve_device
+from common.errors import UsageError
 from common.recorder import Recorder
 
 
@@ -27,10 +28,16 @@ class RunSetup:
     steps_per_epoch: int
     test_steps: int
     recorder: Recorder
+    world: distributed.World
 
     @property
     def memory_format(self) -> torch.memory_format:
         return torch.channels_last if self.switches["channels_last"] else torch.contiguous_format
+
+    @property
+    def ddp_device_ids(self) -> Optional[list[int]]:
+        """DistributedDataParallel's device_ids: this process's GPU, or None on a CPU."""
+        return [self.device.index] if self.device.type == "cuda" else None
 
     @property
     def resumed(self) -> Optional[dict]:
@@ -45,17 +52,22 @@ def prepare(cfg, impl: str, opt_level: Optional[str] = None, policy=None) -> Run
     warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
     results.check_out_dir(cfg.resume or cfg.out_dir)
     device = resolve_device(cfg)
+    if cfg.devices * cfg.num_nodes > 1 and not distributed.launched():
+        raise UsageError(f"--devices {cfg.devices} --num-nodes {cfg.num_nodes}: start it from "
+                         f"the command line (it launches the processes) or under torchrun")
+    world = distributed.world(cfg, device)
+    distributed.init(world)
     if policy is None:
         policy, notes = precision.resolve(cfg.precision, device)
-        for line in notes:
+        for line in notes if world.main else ():
             print(f"ampcompare: warning: {line}", file=sys.stderr)
     switches = apply_speed_switches(cfg, device)
     train_loader, test_loader = data.loaders(cfg, data.load(cfg), device,
-                                             switches["channels_last"])
+                                             switches["channels_last"], world.rank, world.size)
     test_steps = min(len(test_loader), cfg.limit_test_batches or len(test_loader))
-    recorder = Recorder(cfg, impl, policy, device, switches, opt_level)
+    recorder = Recorder(cfg, impl, policy, device, switches, opt_level, world)
     # Where a framework builds its loader iterator before it calls set_epoch (Lightning, on
     # resume), the order must already be the resumed epoch's.
     train_loader.batch_sampler.sampler.set_epoch(recorder.start_epoch)
     return RunSetup(device, policy, switches, train_loader, test_loader,
-                    data.steps_per_epoch(cfg, train_loader), test_steps, recorder)
+                    data.steps_per_epoch(cfg, train_loader), test_steps, recorder, world)

@@ -20,7 +20,7 @@ from typing import Callable, Optional
 
 import torch
 
-from common import flops, metrics, peaks, signals
+from common import distributed, flops, metrics, peaks, signals
 from common.environment import environment
 from common.errors import UsageError
 from common.results import (SCHEMA, RunResult, new_run_id, problem, read, stage,
@@ -42,9 +42,12 @@ class Recorder:
     """Owns the run folder and result.json of one run, new or resumed."""
 
     def __init__(self, cfg, impl: str, policy, device: torch.device, switches: dict,
-                 opt_level: Optional[str] = None):
-        self.cfg, self.device = cfg, device
-        env = environment(device, switches)
+                 opt_level: Optional[str] = None, world: distributed.World = distributed.World()):
+        self.cfg, self.device, self.world = cfg, device, world
+        self.writes = world.main  # with several processes, rank 0 alone writes
+        env = {**environment(device, switches), **world.to_dict()}
+        if world.size > 1:
+            env["pids"] = distributed.gather_ints(os.getpid(), device)
         self.resumed: Optional[dict] = None  # the checkpoint a resumed run continues from
         if cfg.resume:
             self.run_dir = os.path.abspath(cfg.resume)
@@ -69,13 +72,14 @@ class Recorder:
     def __enter__(self) -> "Recorder":
         try:
             with signals.deferred():
-                if not self.resumed:
-                    self._make_folder()
-                self._reserve(1 << 20)
                 metrics.reset_peak_memory(self.device)
                 if self.resumed:
                     _set_rng(self.resumed["ampcompare"]["rng"])
-                self.write()
+                if self.writes:
+                    if not self.resumed:
+                        self._make_folder()
+                    self._reserve(1 << 20)
+                    self.write()
         except KeyboardInterrupt:  # held back until the record existed: record it
             self.__exit__(KeyboardInterrupt, KeyboardInterrupt(), None)
             raise
@@ -96,10 +100,12 @@ class Recorder:
                                "step_losses": self.result.step_losses, "rng": _get_rng()}}
 
     def end_epoch(self, row: dict, losses: list, model: torch.nn.Module,
-                  save: Optional[Callable[[str], None]] = None) -> None:
+                  save: Optional[Callable[[str], None]] = None, everyone: bool = False) -> None:
         """Record a finished epoch: its row and step losses, the hash of the weights and (unless
         --no-checkpoint) the checkpoint that `save(path)` writes, which must hold state().
-        Raises Diverged after the row is recorded; the last good checkpoint stays."""
+        Raises Diverged after the row is recorded; the last good checkpoint stays. With several
+        processes every rank calls this and rank 0 writes; `everyone`: a framework whose save
+        is a collective (it writes on rank 0 only) gets called on every rank."""
         row["warmup"], self.fresh = self.fresh, False
         per_image, peak = self.result.flops["per_image"], self.result.flops["peak_tflops"]
         achieved = per_image * row["images_per_s"] / 1e12 if row["images_per_s"] else None
@@ -108,9 +114,14 @@ class Recorder:
         self.result.epochs.append(row)
         self.result.step_losses.extend(losses)
         self.result.summary = summarize(self.result.epochs)
-        reason = metrics.divergence(row, losses)
+        reason = metrics.divergence(row, losses)  # the same on every rank: the row is the job's
         if reason:
             raise metrics.Diverged(reason)
+        if not self.writes:
+            if self.cfg.checkpoint and save is not None and everyone:
+                save(os.devnull)  # the framework writes nothing here, and waits for rank 0
+            return
+        # With several ranks, rank 0's weights: BatchNorm's running statistics are each rank's.
         weights, info, staged = weights_sha256(model), self.result.checkpoint, []
         try:
             if self.cfg.checkpoint and save is not None:
@@ -135,12 +146,16 @@ class Recorder:
     def __exit__(self, kind, exc, tb) -> bool:
         if kind is None:
             self.result.status = "ok"
-        elif issubclass(kind, KeyboardInterrupt):
+        elif issubclass(kind, KeyboardInterrupt) or signals.received():
+            # With several ranks, a peer that stopped on the same signal can surface here as a
+            # failed collective first.
             self.result.status = "interrupted"
         else:
             self.result.status = ("oom" if issubclass(kind, OOM) else
                                   "diverged" if issubclass(kind, metrics.Diverged) else "failed")
             self.result.error = self._describe(kind, exc)
+        if not self.writes:
+            return kind is None or issubclass(kind, (Exception, KeyboardInterrupt))
         _remove(os.path.join(self.run_dir, RESERVE))  # the room kept for this last record
         drop = self.result.status == "ok" and not self.cfg.keep_checkpoint
         if drop:  # the record stops naming the file before the file goes
@@ -203,8 +218,12 @@ class Recorder:
 
 
 def _flops(cfg, precision: str, env: dict) -> dict:
+    """FLOPs of one step of the whole job, and the peak of all its devices together."""
     step = flops.per_step(cfg.model, cfg.batch_size)
     peak, what = peaks.peak(env, precision)
+    devices = env.get("world_size", 1)
+    if peak is not None and devices > 1:
+        peak, what = peak * devices, f"{devices} x {what}"
     return {"per_step": step, "per_image": step / cfg.batch_size, "batch_size": cfg.batch_size,
             "peak_tflops": peak, "peak": what}
 

@@ -11,6 +11,7 @@ default SIGINT handling applies and `deferred()` changes nothing.
 """
 from __future__ import annotations
 
+import os
 import signal
 from contextlib import contextmanager
 
@@ -50,3 +51,15 @@ def deferred():
     if _state["depth"] == 0 and _state["pending"] and not _state["stopping"]:
         _state.update(pending=False, stopping=True)
         raise KeyboardInterrupt
+
+
+def die_with_parent() -> None:
+    """Get SIGTERM when the parent process dies (Linux), so that no process of a job trains on
+    alone after its launcher was killed; exit at once if it is gone already."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:
+        os._exit(130)

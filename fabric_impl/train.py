@@ -16,8 +16,9 @@ from itertools import islice
 import torch
 from lightning_fabric import Fabric
 from lightning_fabric.plugins import MixedPrecision
+from lightning_fabric.strategies import DDPStrategy
 
-from common import metrics, models, progress
+from common import distributed, metrics, models, progress
 from common.errors import UsageError
 from common.prepare import RunSetup, prepare
 from common.results import RunResult
@@ -32,8 +33,13 @@ def build(cfg, setup: RunSetup):
         # Fabric turns "16-mixed" into bf16 on CPU unless it gets the plugin with a scaler.
         scaler = torch.amp.GradScaler("cpu")
         precision, plugins = None, [MixedPrecision("16-mixed", "cpu", scaler=scaler)]
-    fabric = Fabric(accelerator=setup.device.type, devices=1, precision=precision,
+    # plain: DistributedDataParallel(model, ...) itself; the same DDP settings
+    strategy = DDPStrategy(process_group_backend=setup.world.backend, timeout=distributed.TIMEOUT,
+                           **distributed.DDP_KWARGS) if setup.world.size > 1 else "auto"
+    fabric = Fabric(accelerator=setup.device.type, devices=cfg.devices,
+                    num_nodes=cfg.num_nodes, strategy=strategy, precision=precision,
                     plugins=plugins)
+    fabric.launch()  # under torchrun or --devices N the processes exist already: no spawning
     if fabric.strategy.precision.precision != setup.policy.effective:
         raise UsageError(f"Fabric chose {fabric.strategy.precision.precision} for "
                          f"{setup.policy.effective} on {setup.device.type}; refusing to record "
@@ -93,7 +99,8 @@ def fit(cfg, setup: RunSetup, fabric, model, optimizer, scheduler) -> None:
                 for x, y in islice(test_loader, setup.test_steps):
                     meter.eval_batch(model(x), y)
             row, losses = meter.finish(scaler.get_scale() if scaler else None)
-            setup.recorder.end_epoch(row, losses, model, save)  # also checks for divergence
+            # fabric.save is a collective (rank 0 writes): every rank calls it
+            setup.recorder.end_epoch(row, losses, model, save, everyone=True)
             bar.update(info=progress.epoch_info(row))
 
 

@@ -75,7 +75,8 @@ class LitClassifier(pl.LightningModule):
         row, losses = self.meter.finish(scaler.get_scale() if scaler is not None else None)
         # Lightning's own checkpoint (model, optimizer, scheduler, scaler, loop state); the
         # recorder also checks for divergence.
-        self.run_setup.recorder.end_epoch(row, losses, self.model, self.trainer.save_checkpoint)
+        self.run_setup.recorder.end_epoch(row, losses, self.model, self.trainer.save_checkpoint,
+                                          everyone=True)  # a collective: every rank calls it
 
     def on_save_checkpoint(self, checkpoint):  # the measurements so far, as every arm saves
         checkpoint.update(self.run_setup.recorder.state())

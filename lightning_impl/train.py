@@ -16,8 +16,9 @@ import torch
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import RichProgressBar
 from pytorch_lightning.plugins import MixedPrecision
+from pytorch_lightning.strategies import DDPStrategy
 
-from common import models, progress
+from common import distributed, models, progress
 from common.errors import UsageError
 from common.prepare import RunSetup, prepare
 from common.results import RunResult
@@ -35,8 +36,12 @@ def build(cfg, setup: RunSetup):
         scaler = torch.amp.GradScaler("cpu")
         precision, plugins = None, [MixedPrecision("16-mixed", "cpu", scaler=scaler)]
     bar = progress.enabled(cfg)
+    # plain: DistributedDataParallel(model, ...) itself; the same DDP settings
+    strategy = DDPStrategy(process_group_backend=setup.world.backend, timeout=distributed.TIMEOUT,
+                           **distributed.DDP_KWARGS) if setup.world.size > 1 else "auto"
     trainer = pl.Trainer(
-        accelerator=setup.device.type, devices=1, precision=precision, plugins=plugins,
+        accelerator=setup.device.type, devices=cfg.devices, num_nodes=cfg.num_nodes,
+        strategy=strategy, precision=precision, plugins=plugins,
         max_epochs=cfg.epochs, limit_train_batches=setup.steps_per_epoch,
         limit_val_batches=setup.test_steps,
         num_sanity_val_steps=0,  # the plain loop evaluates nothing before training

@@ -13,8 +13,9 @@ from __future__ import annotations
 from itertools import islice
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
-from common import metrics, models, progress
+from common import distributed, metrics, models, progress
 from common.prepare import RunSetup, prepare
 from common.results import RunResult
 
@@ -29,6 +30,9 @@ def build(cfg, setup: RunSetup):
         optimizer.load_state_dict(setup.resumed["optimizer"])
         scheduler.load_state_dict(setup.resumed["scheduler"])
         scaler.load_state_dict(setup.resumed["scaler"])
+    if setup.world.size > 1:  # fabric: Fabric(strategy=DDPStrategy(...)); lightning: Trainer(...)
+        model = DistributedDataParallel(model, device_ids=setup.ddp_device_ids,
+                                        **distributed.DDP_KWARGS)
     return model, optimizer, scheduler, scaler
 
 
@@ -38,9 +42,10 @@ def fit(cfg, setup: RunSetup, model, optimizer, scheduler, scaler) -> None:
     autocast = torch.autocast(device.type, dtype=setup.policy.dtype,
                               enabled=setup.policy.autocast)
     steps = metrics.StepCounter(optimizer)
+    net = getattr(model, "module", model)  # without DDP's wrapper: what is saved and hashed
 
     def save(path):  # apex: amp.state_dict() for the scaler; lightning: trainer.save_checkpoint
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                     **setup.recorder.state()}, path)
     with progress.Bar(progress.enabled(cfg)) as bar:
@@ -76,7 +81,7 @@ def fit(cfg, setup: RunSetup, model, optimizer, scheduler, scaler) -> None:
                     meter.eval_batch(model(x), y)
             # apex: amp.state_dict()["loss_scaler0"]["loss_scale"]
             row, losses = meter.finish(scaler.get_scale() if scaler.is_enabled() else None)
-            setup.recorder.end_epoch(row, losses, model, save)  # also checks for divergence
+            setup.recorder.end_epoch(row, losses, net, save)  # also checks for divergence
             bar.update(info=progress.epoch_info(row))
 
 

@@ -3,7 +3,8 @@ processes that compare starts (an environment variable read by tests/fault_hook/
 
 A fault fires in epoch `epoch` — after step `step` of that epoch, or with step=None when its
 training part ends, or with step="save" halfway through writing that epoch's checkpoint — in a
-process whose command line holds every word of `argv`. It does:
+process whose command line holds every word of `argv` (and, given `rank`, only in that rank of
+a job of several processes). It does:
     "raise"      raise RuntimeError("broken on purpose")
     "interrupt"  raise KeyboardInterrupt, as Ctrl-C does
     "exit"       os._exit(137): gone with no chance to record anything, as after SIGKILL
@@ -47,9 +48,11 @@ def act(action: str) -> None:
     raise ValueError(f"unknown fault action {action!r}")
 
 
-def install(setattr, epoch: int, action: str, step=None, argv=()) -> None:
+def install(setattr, epoch: int, action: str, step=None, argv=(), rank=None) -> None:
     """Patch the common EpochMeter (every arm measures through it) with `setattr`."""
     if not all(word in sys.argv for word in argv):
+        return
+    if rank is not None and os.environ.get("RANK") != str(rank):
         return
     import torch
     from common import metrics
@@ -87,14 +90,14 @@ def inject(monkeypatch, epoch: int, action: str, step=None) -> None:
     install(monkeypatch.setattr, epoch, action, step)
 
 
-def inject_children(monkeypatch, epoch: int, action: str, step=None, argv=()) -> None:
+def inject_children(monkeypatch, epoch: int, action: str, step=None, argv=(), rank=None):
     """A fault in every child process started from now on whose argv holds all of `argv`."""
     monkeypatch.setenv(ENV, json.dumps({"epoch": epoch, "action": action, "step": step,
-                                        "argv": list(argv)}))
+                                        "argv": list(argv), "rank": rank}))
     path = [HOOK, ROOT, os.environ.get("PYTHONPATH", "")]
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in path if p))
 
 
 def install_from_env() -> None:
     spec = json.loads(os.environ[ENV])
-    install(setattr, spec["epoch"], spec["action"], spec["step"], spec["argv"])
+    install(setattr, spec["epoch"], spec["action"], spec["step"], spec["argv"], spec["rank"])

@@ -61,7 +61,12 @@ CASES = {
     "ampcompare plain --num-workers -1": "--num-workers must be >= 0, not -1",
     "ampcompare plain --limit-train-batches 0": "--limit-train-batches must be >= 1, not 0",
     "ampcompare plain --devices 0": "--devices must be >= 1, not 0",
-    "ampcompare plain --devices 2": "--devices: only single-device runs are supported",
+    "ampcompare plain --devices 65": "--devices must be <= 64, not 65",
+    "ampcompare plain --num-nodes 0": "--num-nodes must be >= 1, not 0",
+    "ampcompare plain --devices 2 --batch-size 33":
+        "--batch-size 33 does not split evenly over 2 processes",
+    "ampcompare plain --devices 2 --num-nodes 2": "start the job on each node with torchrun",
+    "ampcompare apex --devices 2": _apex_line,
     "ampcompare plain --accelerator tpu": "'tpu' is not one of 'auto', 'cpu', 'cuda'",
     "ampcompare plain --accelerator cuda": _no_cuda_line,
     "ampcompare plain --opt-level O1": "No such option '--opt-level'",

@@ -75,17 +75,48 @@ def test_order_and_augmentation_depend_only_on_seed_and_epoch(tmp_path):
 
 def test_augmentation_is_a_padded_crop_and_flip():
     images = torch.arange(2 * 3 * 32 * 32, dtype=torch.int64).remainder(251).to(torch.uint8)
-    ds = data.AugmentedImages(data.ImageSet(images.view(2, 3, 32, 32), torch.tensor([3, 7])), False)
-    x, y = ds.__getitems__([(0, 4, 4, 0), (1, 0, 8, 1), (0, 4, 4, 1)])
-    mean, std = ds.mean[0], ds.std[0]
+    ds = data.AugmentedImages(data.ImageSet(images.view(2, 3, 32, 32), torch.tensor([3, 7])),
+                              torch.device("cpu"), False)
+    draws = torch.tensor([(0, 4, 4, 0, 1), (1, 0, 8, 1, 1), (0, 4, 4, 1, 1), (1, 4, 4, 0, 0)])
+    x, y = ds.__getitems__(draws)
+    mean, std = torch.tensor(data.MEAN).view(3, 1, 1), torch.tensor(data.STD).view(3, 1, 1)
     raw = (x * std + mean) * 255
     assert torch.allclose(raw[0], images.view(2, 3, 32, 32)[0].float(), atol=1e-3)  # centre crop
     assert torch.allclose(raw[2], raw[0].flip(2), atol=1e-3)  # horizontal flip
-    # dx=0, dy=8: shifted 4 px right and 4 px up, so 4 zero-padding columns on the left and
-    # 4 zero-padding rows at the bottom (zero bytes normalise to -mean/std).
+    # dx=0, dy=8, then mirrored: 4 zero-padding columns on the right (on the left before the
+    # flip) and 4 zero-padding rows at the bottom.
     assert torch.allclose(raw[1][:, :, -4:], torch.zeros(3, 32, 4), atol=1e-3)
     assert torch.allclose(raw[1][:, -4:, :], torch.zeros(3, 4, 32), atol=1e-3)
-    assert y.tolist() == [3, 7, 3]
+    crop = images.view(2, 3, 32, 32)[1][:, 4:, :28]  # what dx=0, dy=8 keeps of the image
+    assert torch.allclose(raw[1].flip(2)[:, :28, 4:], crop.float(), atol=1e-3)
+    assert y.tolist() == [3, 7, 3, -1]  # keep=0: a padding repeat, not counted
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_share_an_epoch_the_way_distributed_sampler_does(world):
+    whole = data.EpochSampler(10, 4, seed=5, augment=True)
+    whole.set_epoch(2)
+    epoch = whole.draws()
+    parts = []
+    for rank in range(world):
+        s = data.EpochSampler(10, 4, seed=5, augment=True, rank=rank, world=world)
+        s.set_epoch(2)
+        parts.append(s.draws())
+        assert len(s) == len(list(s))  # every rank steps as often
+    assert {len(p) for p in parts} == {-(-10 // world)}
+    union = torch.cat(parts)
+    assert {tuple(r) for r in union.tolist()} == {tuple(r) for r in epoch.tolist()}
+    # DistributedSampler's padding: the first draws again, to a multiple of the world size
+    padded = torch.cat([epoch, epoch[: len(union) - 10]])
+    assert torch.equal(torch.stack(parts, 1).reshape(-1, 5)[: len(padded)], padded)
+
+
+def test_evaluation_counts_each_test_image_once_across_ranks():
+    kept = []
+    for rank in range(3):
+        s = data.EpochSampler(10, 4, seed=0, augment=False, rank=rank, world=3)
+        kept += [int(i) for i, *_, keep in s.draws().tolist() if keep]
+    assert sorted(kept) == list(range(10))
 
 
 def nearest_mean_accuracy(train, test, features):

@@ -235,8 +235,8 @@ def test_files_are_readable_as_the_umask_allows(tmp_path):
 
 
 def test_a_killed_child_is_described_by_its_signal():
-    assert compare._exit_description(-9) == "killed by SIGKILL"
-    assert compare._exit_description(3) == "exit code 3"
+    from ampcompare.launch import exit_description
+    assert exit_description(-9) == "killed by SIGKILL" and exit_description(3) == "exit code 3"
 
 
 # --- report ----------------------------------------------------------------------------------

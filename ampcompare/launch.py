@@ -1,0 +1,88 @@
+"""`ampcompare <arm> --devices N`: the N local processes of a DDP job, started with torch's
+elastic launcher (the machinery behind torchrun). Each runs the same command under the
+torchelastic environment, which is also how an external `torchrun` runs it on several nodes.
+
+The run id, the absolute paths and every option are fixed here, before the launch, so that
+all ranks belong to one run folder (rank 0 alone writes it). A rendezvous port is picked free.
+Afterwards the record is made true: a job whose rank died says which rank, and how.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+import uuid
+
+from common import results
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(cfg, args: list[str]) -> int:
+    """Start cfg.devices processes of `ampcompare ARGS`; the job's exit code."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    # Its lines ("Setting OMP_NUM_THREADS ...", "failed (exitcode: ...)") repeat what the
+    # record and the line printed below say.
+    for name in list(logging.root.manager.loggerDict):  # each sets its own level at import
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    # Threads per rank, the same for every arm (1 against 2 threads changed losses by 7e-7).
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.devices)))
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=cfg.devices,
+                          run_id=f"ampcompare-{uuid.uuid4().hex[:8]}", rdzv_backend="c10d",
+                          rdzv_endpoint=f"127.0.0.1:{free_port()}", max_restarts=0,
+                          monitor_interval=0.1, shutdown_timeout=60)
+    failures, stopped = {}, False
+    try:
+        elastic_launch(config, sys.executable)("-m", "ampcompare", *args)
+    except ChildFailedError as e:
+        failures = e.failures
+    except SignalException:  # the ranks were sent the same signal and have stopped
+        stopped = True
+    return settle(os.path.join(cfg.out_dir, cfg.run_id), failures, stopped)
+
+
+def settle(run_dir: str, failures: dict, stopped: bool) -> int:
+    """Make the job's record say how it ended; return the exit code."""
+    try:
+        record = results.read(run_dir)
+    except (OSError, ValueError):
+        record = None
+    codes = [f.exitcode for f in failures.values()]
+    if stopped or (codes and all(c in (130, -signal.SIGINT, -signal.SIGTERM) for c in codes)):
+        if record is not None and record["status"] == "running":
+            record.update(status="interrupted", error=None)
+            results.write_json(os.path.join(run_dir, "result.json"), record)
+        return 130
+    if not failures:
+        return results.EXIT_CODES.get(record["status"], 1) if record else 1
+    rank, first = min(failures.items(), key=lambda item: item[1].timestamp)
+    if record is None:
+        return 2 if first.exitcode == 2 else 1  # it never started: the ranks said why
+    how = f"rank {rank} ended first ({exit_description(first.exitcode)})"
+    if record["status"] in ("running", "ok"):
+        record.update(status="failed", error=how)
+    elif rank != 0:
+        record["error"] = f"{how}; on rank 0: {record.get('error')}"
+    results.write_json(os.path.join(run_dir, "result.json"), record)
+    print(f"ampcompare: {record['status']}: {record['error']}", file=sys.stderr)
+    return results.EXIT_CODES.get(record["status"], 1)
+
+
+def exit_description(code: int) -> str:
+    """A child's exit status in words: a negative one is the signal that ended it."""
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"

@@ -1,0 +1,106 @@
+"""Several processes on torch.distributed: which one this is, the process group, DDP's settings,
+and the few collectives the measurements need. One process (the default) needs none of it.
+
+Every arm runs under the torchelastic environment (RANK, LOCAL_RANK, WORLD_SIZE, ...), which
+`ampcompare <arm> --devices N` sets up by starting N local processes with torch's elastic
+launcher, and which an external `torchrun` sets up the same way (that is how several nodes are
+used). The group is initialised here, the same way for every arm: Lightning and Fabric find it
+initialised and use it. Backend: NCCL on CUDA, gloo on CPU.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from common.errors import UsageError
+
+# DDP's gradient buckets decide the order of the all-reduce sums: with 3 ranks, another
+# bucket_cap_mb changed losses by up to 5e-7. Every arm passes these.
+DDP_KWARGS = {"bucket_cap_mb": 25, "gradient_as_bucket_view": False,
+              "find_unused_parameters": False}
+# A collective that waits longer than this for a dead peer fails instead of hanging.
+TIMEOUT = datetime.timedelta(seconds=120)
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    local_rank: int = 0
+    size: int = 1
+    local_size: int = 1
+    backend: Optional[str] = None
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one process that writes result.json, the checkpoint and the progress."""
+        return self.rank == 0
+
+    @property
+    def nodes(self) -> int:
+        return self.size // self.local_size
+
+    def to_dict(self) -> dict:
+        return {"world_size": self.size, "nodes": self.nodes, "backend": self.backend}
+
+
+def launched() -> bool:
+    """Whether this process is one of several started by torchrun or `--devices N`."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
+
+
+def world(cfg, device: torch.device) -> World:
+    """This process's place in the job, checked against --devices and --num-nodes."""
+    if not launched():
+        return World()
+    env = {k: int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE",
+                                            "LOCAL_WORLD_SIZE")}
+    if env["LOCAL_WORLD_SIZE"] != cfg.devices or env["WORLD_SIZE"] != cfg.devices * cfg.num_nodes:
+        raise UsageError(f"the launcher started {env['LOCAL_WORLD_SIZE']} processes per node, "
+                         f"{env['WORLD_SIZE']} in all; --devices {cfg.devices} --num-nodes "
+                         f"{cfg.num_nodes} asks for {cfg.devices} and "
+                         f"{cfg.devices * cfg.num_nodes}")
+    return World(env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"], env["LOCAL_WORLD_SIZE"],
+                 "nccl" if device.type == "cuda" else "gloo")
+
+
+def init(w: World) -> None:
+    """Join the process group (once, before any framework would)."""
+    if w.size == 1 or dist.is_initialized():
+        return
+    threads = os.environ.get("OMP_NUM_THREADS")
+    if threads:  # torchrun sets 1, `--devices N` cpu_count // N: the same for every arm
+        torch.set_num_threads(int(threads))
+    try:
+        dist.init_process_group(w.backend, timeout=TIMEOUT)
+    except (RuntimeError, ValueError) as e:  # a rendezvous port taken, an unreachable master
+        where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+        raise UsageError(f"cannot join the process group at {where} ({str(e).splitlines()[0]});"
+                         f" is the port in use? give the launcher another one") from None
+
+
+def size() -> int:
+    """The number of ranks in the job (1 without a process group)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def sum_(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum over all ranks (the tensor itself in one process)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def gather_ints(value: int, device: torch.device) -> list[int]:
+    """One int from every rank, in rank order."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [value]
+    out = [torch.zeros(1, dtype=torch.long, device=device)
+           for _ in range(dist.get_world_size())]
+    dist.all_gather(out, torch.tensor([value], dtype=torch.long, device=device))
+    return [int(t.item()) for t in out]

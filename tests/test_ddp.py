@@ -1,0 +1,118 @@
+"""DDP on torch.distributed, 2 processes, gloo, CPU: the plain loop, Lightning and Fabric give
+bitwise-identical per-step losses and weights (DESIGN.md, "Equivalence"), a job resumes, and a
+job that loses a rank or gets Ctrl-C ends with a true record and no process left. Every job runs
+through the command line (`--devices 2` starts the processes with torch's elastic launcher),
+under a time limit, so that a hung process group fails a test instead of blocking the suite."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests import faults
+from tests.conftest import ROOT, run_cli
+
+JOB = ["--devices", "2", "--dataset", "synthetic", "--model", "small", "--synthetic-size", "256",
+       "--batch-size", "16", "--limit-train-batches", "3", "--limit-test-batches", "2",
+       "--accelerator", "cpu", "--quiet"]
+LIMIT = 240  # seconds for any one job
+
+
+def job(arm, out, run_id, *args, expect=0):
+    proc = run_cli([arm, *JOB, "--out-dir", str(out), "--run-id", run_id, *args], timeout=LIMIT)
+    assert proc.returncode == expect, proc.stderr[-3000:]
+    with open(out / run_id / "result.json") as f:
+        return json.load(f)
+
+
+def gone(pids):
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        return False
+    return True
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed"])
+def test_plain_lightning_and_fabric_ddp_are_bitwise_identical(tmp_path, precision):
+    runs = {arm: job(arm, tmp_path, arm, "--precision", precision, "--epochs", "2")
+            for arm in ("plain", "lightning", "fabric")}
+    for arm, record in runs.items():
+        assert record["status"] == "ok", (arm, record["error"])
+        assert record["env"]["world_size"] == 2 and record["env"]["backend"] == "gloo"
+        assert len(record["epochs"][0]["peak_memory_bytes_per_rank"]) == 2
+        assert gone(record["env"]["pids"])
+    plain = runs["plain"]
+    assert len(plain["step_losses"]) == 6
+    for arm in ("lightning", "fabric"):
+        assert runs[arm]["step_losses"] == plain["step_losses"], arm
+        assert runs[arm]["weights_sha256"] == plain["weights_sha256"], arm
+        for a, b in zip(runs[arm]["epochs"], plain["epochs"]):
+            assert (a["test_loss"], a["test_acc"], a["loss_scale"]) == \
+                (b["test_loss"], b["test_acc"], b["loss_scale"]), arm
+
+
+def test_a_ddp_job_stopped_mid_epoch_resumes_bitwise(tmp_path, monkeypatch):
+    straight = job("plain", tmp_path, "straight", "--precision", "32", "--epochs", "2")
+    faults.inject_children(monkeypatch, epoch=1, action="interrupt", step=2)
+    stopped = job("plain", tmp_path, "stopped", "--precision", "32", "--epochs", "2", expect=130)
+    assert stopped["status"] == "interrupted" and stopped["checkpoint"]["epochs"] == 1
+    monkeypatch.delenv(faults.ENV)
+    proc = run_cli(["plain", "--resume", str(tmp_path / "stopped"), "--quiet"], timeout=LIMIT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(tmp_path / "stopped" / "result.json") as f:
+        resumed = json.load(f)
+    assert resumed["status"] == "ok" and resumed["env"]["world_size"] == 2
+    assert resumed["step_losses"] == straight["step_losses"]
+    assert resumed["weights_sha256"] == straight["weights_sha256"]
+
+
+def test_a_killed_rank_fails_the_job_at_once_and_leaves_no_process(tmp_path, monkeypatch):
+    faults.inject_children(monkeypatch, epoch=1, action="exit", step=1, rank=1)
+    start = time.monotonic()
+    record = job("lightning", tmp_path, "k", "--precision", "32", "--epochs", "5", expect=1)
+    assert time.monotonic() - start < 90
+    assert record["status"] == "failed"
+    assert record["error"].startswith("rank 1 ended first (exit code 137)")
+    assert len(record["epochs"]) == 1 and gone(record["env"]["pids"])
+
+
+def test_ctrl_c_to_a_ddp_job_is_interrupted_and_resumable(tmp_path):
+    args = [sys.executable, "-m", "ampcompare", "fabric", *JOB, "--precision", "32",
+            "--epochs", "200", "--limit-train-batches", "8", "--out-dir", str(tmp_path),
+            "--run-id", "c"]
+    proc = subprocess.Popen(args, cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    path = tmp_path / "c" / "result.json"
+    deadline = time.monotonic() + LIMIT
+    while time.monotonic() < deadline and not (
+            path.exists() and json.loads(path.read_text())["epochs"]):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)  # to the launcher, as a terminal's Ctrl-C would be
+    _, stderr = proc.communicate(timeout=LIMIT)
+    assert proc.returncode == 130, stderr[-3000:]
+    record = json.loads(path.read_text())
+    assert record["status"] == "interrupted" and record["checkpoint"]
+    assert gone(record["env"]["pids"])
+
+
+def test_a_rendezvous_port_in_use_is_one_line(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2",
+               "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(busy.getsockname()[1]), "TORCHELASTIC_USE_AGENT_STORE": "0"}
+        proc = subprocess.run([sys.executable, "-m", "ampcompare", "plain", *JOB,
+                               "--out-dir", str(tmp_path)], cwd=ROOT, env=env, text=True,
+                              capture_output=True, timeout=LIMIT)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("ampcompare: error: cannot join the process group at "
+                                  "127.0.0.1:") and proc.stderr.count("\n") == 1, proc.stderr
+    assert not any(tmp_path.iterdir())
