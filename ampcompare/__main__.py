@@ -13,10 +13,21 @@ def main() -> None:
         signals.die_with_parent()
     try:
         from ampcompare.cli import cli
-    except KeyboardInterrupt:
+        cli.main()  # exits with the code the record says
+    except KeyboardInterrupt:  # while torch and the rest were still being imported
         print("ampcompare: interrupted", file=sys.stderr)
         sys.exit(130)
-    cli.main()
+    except SystemExit as end:
+        if "LOCAL_RANK" not in os.environ:
+            raise
+        # A rank of a job, its part done and recorded: leave without the interpreter's teardown,
+        # in which torch.distributed's threads ended 1 finished rank in 30 with SIGABRT here.
+        signals.block_for_exit()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(end.code if isinstance(end.code, int) else 1)
+    finally:
+        signals.block_for_exit()  # from here to the exit, nothing may change that code
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from common import results, signals
 from common.config import Config
 from common.device import resolve_device
 from common.environment import environment
+from common.recorder import clean_leftovers
 from common.errors import UsageError
 
 PLAN = "compare.json"
@@ -98,19 +99,42 @@ def write_plan(folder: str, cfg: Config, impls, precisions, repeats: int, seeds:
         "precisions": list(precisions), "repeats": repeats, "seeds": seeds})
 
 
-def read_plan(folder: str) -> dict:
+def read_plan(folder: str, impls) -> dict:
+    """The plan of the comparison in folder, checked as the command line checks options."""
     path = os.path.join(folder, PLAN)
     if not os.path.isfile(path):
         raise UsageError(f"--resume {folder}: not a compare folder (no {PLAN} there)")
     try:
         with open(path) as f:
             plan = json.load(f)
-        plan["config"], plan["impls"], plan["precisions"], plan["repeats"]
         plan.setdefault("seeds", 1)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UsageError(f"--resume {folder}: its {PLAN} is damaged ({type(e).__name__})") \
-            from None
+        why = _plan_problem(plan, impls)
+    except (OSError, ValueError) as e:
+        why = type(e).__name__
+    if why:
+        raise UsageError(f"--resume {folder}: its {PLAN} is damaged ({why})")
     return plan
+
+
+def _plan_problem(plan, impls):
+    from common.precision import CANONICAL
+    if not isinstance(plan, dict) or not isinstance(plan.get("config"), dict):
+        return "no config"
+    for key, allowed in (("impls", impls), ("precisions", CANONICAL)):
+        names = plan.get(key)
+        if not isinstance(names, list) or not names or not set(names) <= set(allowed):
+            return f"{key}: {names!r}"
+    for key in ("repeats", "seeds"):
+        if type(plan.get(key)) is not int or not 1 <= plan[key] <= 1000:
+            return f"{key}: {plan.get(key)!r}"
+    known = {f.name: f.type for f in dataclasses.fields(Config)}
+    if not set(plan["config"]) <= set(known):
+        return f"unknown options {sorted(set(plan['config']) - set(known))}"
+    try:
+        Config(**plan["config"]).validate()
+    except (UsageError, TypeError, AttributeError) as e:
+        return f"config: {e}"
+    return None
 
 
 def unavailable_result(cfg: Config, arm: Arm, status: str, reason: str, env: dict) -> dict:
@@ -118,7 +142,8 @@ def unavailable_result(cfg: Config, arm: Arm, status: str, reason: str, env: dic
     process's view of the machine, so the row lands with its device)."""
     return {"schema": results.SCHEMA, "run_id": arm.run_id, "impl": arm.impl,
             "repeat": arm.repeat, "seed": arm.seed, "status": status, "error": reason,
-            "precision": {"requested": arm.precision, "effective": None}, "opt_level": None,
+            "precision": {"requested": arm.precision, "effective": None},
+            "opt_level": cfg.opt_level if arm.impl == "apex" else None,
             "config": {**cfg.to_dict(), "precision": arm.precision, "repeat": arm.repeat,
                        "seed": arm.seed},
             "env": env, "epochs": [], "step_losses": [], "weights_sha256": None,
@@ -151,10 +176,14 @@ def run_arm(cfg: Config, arm: Arm, folder: str, unavailable: dict, env: dict):
         cmd = [arm.impl, *child_args(cfg), "--precision", arm.precision, "--seed",
                str(arm.seed), "--repeat", str(arm.repeat), "--out-dir", folder, "--run-id",
                arm.run_id]
+        if arm.impl == "apex" and cfg.opt_level:  # --opt-level is apex's alone
+            cmd += ["--opt-level", cfg.opt_level]
     cmd = [sys.executable, "-m", "ampcompare", *cmd, "--quiet", "--no-keep-checkpoint"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             cwd=ROOT, start_new_session=True, preexec_fn=signals.die_with_parent)
     stderr, interrupted = _wait(proc)
+    if os.path.isdir(run_dir):  # nothing writes it now: a killed child's temporary files go
+        clean_leftovers(run_dir)
     lines = [line for line in stderr.splitlines() if line.strip()]
     last = lines[-1].removeprefix("ampcompare: error: ") if lines else None
     how = exit_description(proc.returncode)

@@ -16,6 +16,7 @@ import sys
 import uuid
 
 from common import results
+from common.recorder import clean_leftovers
 
 
 def free_port() -> int:
@@ -53,6 +54,8 @@ def run(cfg, args: list[str]) -> int:
 
 def settle(run_dir: str, failures: dict, stopped: bool) -> int:
     """Make the job's record say how it ended; return the exit code."""
+    if os.path.isdir(run_dir):  # no rank writes it now: a killed rank's temporary files go
+        clean_leftovers(run_dir)
     try:
         record = results.read(run_dir)
     except (OSError, ValueError):
@@ -65,7 +68,10 @@ def settle(run_dir: str, failures: dict, stopped: bool) -> int:
         return 130
     if not failures:
         return results.EXIT_CODES.get(record["status"], 1) if record else 1
-    rank, first = min(failures.items(), key=lambda item: item[1].timestamp)
+    # The agent notices failures in one sweep, so timestamps can tie: a rank that ended on its
+    # own (a signal, an exit code other than a recorded failure's 1) is the likelier cause.
+    rank, first = min(failures.items(),
+                      key=lambda item: (item[1].exitcode == 1, item[1].timestamp, item[0]))
     if record is None:
         return 2 if first.exitcode == 2 else 1  # it never started: the ranks said why
     how = f"rank {rank} ended first ({exit_description(first.exitcode)})"

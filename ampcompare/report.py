@@ -20,6 +20,7 @@ import statistics
 from ampcompare import chart, explain
 from ampcompare.chart import MIB
 from common import results
+from common.config import Config
 from common.precision import CANONICAL
 
 METRICS = ("median_epoch_time_s", "images_per_s", "achieved_tflops", "mfu",
@@ -33,6 +34,9 @@ IMPL_ORDER = ("plain", "lightning", "fabric", "apex", "apex (O0)", "apex (O1)", 
 # belong in one group (precision and opt level are the table's own axes).
 NOT_SETTINGS = ("precision", "opt_level", "repeat", "seed", "run_id", "out_dir", "data_dir",
                 "download", "quiet", "checkpoint", "keep_checkpoint", "resume")
+
+
+DEFAULTS = Config().to_dict()
 
 
 def load(folders, skipped: list | None = None) -> list[dict]:
@@ -67,7 +71,9 @@ def precision_of(record) -> str:
 
 
 def settings_of(record) -> dict:
-    return {k: v for k, v in sorted(record["config"].items()) if k not in NOT_SETTINGS}
+    """What the run computed with. An option the record predates ran at today's default."""
+    config = {**DEFAULTS, **record["config"]}
+    return {k: v for k, v in sorted(config.items()) if k not in NOT_SETTINGS}
 
 
 def label_of(record) -> str:

@@ -47,11 +47,13 @@ class Config:
     precision: str = _f("auto", "32-true, 16-mixed, bf16-mixed (aliases 32, 16, bf16), or auto: "
                         "16-mixed on CUDA, bf16-mixed on CPU.")
     batch_size: int = _f(256, "Images per optimizer step.", min=1, max=65536)
-    lr: float = _f(1e-4, "Learning rate.", min=0.0, min_open=True)
+    # The optimizers hold it as float32 (largest 3.4e38): 1e30 already diverges at once.
+    lr: float = _f(1e-4, "Learning rate.", min=0.0, min_open=True, max=1e30)
     optimizer: str = _f("adam", "Optimizer (sgd uses momentum 0.9).", choices=OPTIMIZERS)
     schedule: str = _f("constant", "Learning-rate schedule, stepped once per optimizer step.",
                        choices=SCHEDULES)
-    clip_grad: float = _f(0.0, "Clip the gradient norm to this value (0: no clipping).", min=0.0)
+    clip_grad: float = _f(0.0, "Clip the gradient norm to this value (0: no clipping).", min=0.0,
+                          max=1e30)
     epochs: int = _f(10, "Training epochs.", min=1, max=100_000)
     seed: int = _f(0, "Seed for weights, data order and augmentation.", min=0)
     repeat: int = _f(0, "Index of this run among repeats of the same settings (compare sets it; "
@@ -65,7 +67,13 @@ class Config:
                              flag="--deterministic/--no-deterministic")
     tf32: bool = _f(False, "Allow TF32 in fp32 convolutions and matmuls (Ampere and newer).",
                     flag="--tf32/--no-tf32")
-    num_workers: int = _f(0, "Data loader worker processes (augmentation is batched tensor ops).",
+    channels_last: Optional[bool] = _f(None, "Keep the model and images in channels-last "
+                                       "(NHWC) memory format.", shown="on with CUDA, off on CPU",
+                                       flag="--channels-last/--no-channels-last")
+    compile: bool = _f(False, "torch.compile the model, the same way in every arm.",
+                       flag="--compile/--no-compile")
+    num_workers: int = _f(0, "Data loader worker processes on a CPU (augmentation is batched "
+                          "tensor ops; with CUDA it runs on the GPU, without workers).",
                           min=0, max=64)
     limit_train_batches: Optional[int] = _f(None, "Train on at most this many batches per epoch.",
                                             min=1, type=int, shown="all")
@@ -119,9 +127,27 @@ def _dash(name: str) -> str:
     return name.replace("_", "-")
 
 
+def _kind(f: dataclasses.Field) -> type:
+    spec = f.metadata.get("click", {})
+    if "flag" in spec:
+        return bool
+    return spec.get("type") or (type(f.default) if f.default is not None else str)
+
+
 def _check(f: dataclasses.Field, value) -> None:
-    spec, name = f.metadata.get("click", {}), f"--{_dash(f.name)}"
-    if value is None or isinstance(value, bool):
+    spec, name, kind = f.metadata.get("click", {}), f"--{_dash(f.name)}", _kind(f)
+    if value is None:
+        return
+    # From the command line click has made the types right; a Config built from a stored
+    # file (a resume, a comparison's plan) may hold anything.
+    fits = (isinstance(value, bool) if kind is bool else
+            isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
+            isinstance(value, int) and not isinstance(value, bool) if kind is int else
+            isinstance(value, str))
+    if not fits:
+        raise UsageError(f"{name} must be {'a' if kind is not int else 'an'} {kind.__name__}, "
+                         f"not {value!r}")
+    if isinstance(value, bool):
         return
     if "choices" in spec and value not in spec["choices"]:
         raise UsageError(f"{name} must be one of {', '.join(spec['choices'])}, not {value!r}")

@@ -83,6 +83,14 @@ def init(w: World) -> None:
                          f" is the port in use? give the launcher another one") from None
 
 
+def shutdown() -> None:
+    """Leave the process group before the process exits: torch's own threads for it, destroyed
+    with the interpreter instead, could end a finished rank with SIGABRT ("terminate called
+    without an active exception")."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def size() -> int:
     """The number of ranks in the job (1 without a process group)."""
     return dist.get_world_size() if dist.is_initialized() else 1

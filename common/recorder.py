@@ -10,9 +10,10 @@ always belongs together. A reserve file keeps room for the last record when the 
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import os
-import platform
+import shutil
 import resource
 import traceback
 from dataclasses import fields
@@ -28,12 +29,16 @@ from common.results import (SCHEMA, RunResult, new_run_id, problem, read, stage,
 
 CHECKPOINT = "checkpoint.pt"
 RESERVE = ".reserve"
+LOCK = ".lock"
 # Options that may differ when a run is resumed: none of them changes what is computed.
 # --epochs may be raised; --out-dir and --run-id come from the folder being resumed.
 MAY_CHANGE_ON_RESUME = ("epochs", "quiet", "data_dir", "download", "num_workers", "resume",
                         "out_dir", "run_id")
-# A resumed run must run on what the stopped one ran on, or its epochs would mix two machines.
-SAME_ENV = ("device", "device_name", "torch", "lightning", "apex")
+# A resumed run must run on what the stopped one ran on, or its epochs would mix two machines:
+# the same device and torch, and the framework the arm uses.
+_SAME = ("device", "device_name", "torch", "world_size")
+SAME_ENV = {"plain": _SAME, "lightning": (*_SAME, "lightning"), "fabric": (*_SAME, "lightning"),
+            "apex": (*_SAME, "apex")}
 OOM = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), MemoryError)
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
@@ -45,13 +50,20 @@ class Recorder:
                  opt_level: Optional[str] = None, world: distributed.World = distributed.World()):
         self.cfg, self.device, self.world = cfg, device, world
         self.writes = world.main  # with several processes, rank 0 alone writes
+        self.lock = None
         env = {**environment(device, switches), **world.to_dict()}
         if world.size > 1:
             env["pids"] = distributed.gather_ints(os.getpid(), device)
         self.resumed: Optional[dict] = None  # the checkpoint a resumed run continues from
         if cfg.resume:
             self.run_dir = os.path.abspath(cfg.resume)
-            self.result, self.resumed = _open_stopped_run(self.run_dir, cfg, impl, env)
+            if self.writes:  # one process continues a run, never two
+                self.lock = _lock(self.run_dir)
+            try:
+                self.result, self.resumed = _open_stopped_run(self.run_dir, cfg, impl, env)
+            except BaseException:
+                self.unlock()
+                raise
         else:
             run_id = cfg.run_id or new_run_id(impl, policy.effective)
             self.run_dir = os.path.join(cfg.out_dir, run_id)
@@ -76,23 +88,34 @@ class Recorder:
                 if self.resumed:
                     _set_rng(self.resumed["ampcompare"]["rng"])
                 if self.writes:
-                    if not self.resumed:
-                        self._make_folder()
-                    self._reserve(1 << 20)
-                    self.write()
+                    self._start()
         except KeyboardInterrupt:  # held back until the record existed: record it
             self.__exit__(KeyboardInterrupt, KeyboardInterrupt(), None)
             raise
         return self
 
-    def _make_folder(self) -> None:
+    def _start(self) -> None:
+        """The folder (a new one, or the resumed one cleared of what a killed process left),
+        its lock, the room for the last record and the first record. A disk too full for
+        that is a usage error, and a new folder is taken away again."""
+        made = None
         try:
-            os.makedirs(self.run_dir, exist_ok=False)
+            if self.resumed:
+                clean_leftovers(self.run_dir)
+            else:
+                made = _missing_top(self.run_dir)
+                os.makedirs(self.run_dir, exist_ok=False)
+                self.lock = _lock(self.run_dir)
+            self._reserve(1 << 20)
+            self.write()
         except FileExistsError:
             raise UsageError(f"{self.run_dir} already exists; choose another --run-id, or "
                              f"continue it with --resume {self.run_dir}") from None
         except OSError as e:
-            raise UsageError(f"cannot create {self.run_dir}: {e.strerror}") from None
+            self.unlock()
+            if made:
+                shutil.rmtree(made, ignore_errors=True)  # only the folders made just now
+            raise UsageError(f"cannot start a run in {self.run_dir}: {e.strerror}") from None
 
     def state(self) -> dict:
         """The measurements so far, for the checkpoint: what a resumed run continues from."""
@@ -142,8 +165,11 @@ class Recorder:
         finally:
             for tmp in staged:
                 _remove(tmp)
+        if len(self.result.epochs) >= self.cfg.epochs:
+            signals.settled()  # the last epoch is on disk: nothing is left to interrupt
 
     def __exit__(self, kind, exc, tb) -> bool:
+        signals.settled()  # the run has ended: a signal now would only cut this record short
         if kind is None:
             self.result.status = "ok"
         elif issubclass(kind, KeyboardInterrupt) or signals.received():
@@ -172,8 +198,14 @@ class Recorder:
                                  f"updated: {e.strerror}").lstrip("; ")
             if self.result.status == "ok":
                 self.result.status = "failed"
+        self.unlock()
         # Exceptions are the run's status now; SystemExit and the like still propagate.
         return kind is None or issubclass(kind, (Exception, KeyboardInterrupt))
+
+    def unlock(self) -> None:
+        if self.lock is not None:
+            os.close(self.lock)
+            self.lock = None
 
     def _describe(self, kind, exc) -> str:
         if issubclass(kind, OOM):
@@ -226,6 +258,33 @@ def _flops(cfg, precision: str, env: dict) -> dict:
         peak, what = peak * devices, f"{devices} x {what}"
     return {"per_step": step, "per_image": step / cfg.batch_size, "batch_size": cfg.batch_size,
             "peak_tflops": peak, "peak": what}
+
+
+def clean_leftovers(run_dir: str) -> None:
+    """Remove what a process killed outright (SIGKILL) leaves in a run folder: temporary files
+    (up to a checkpoint's size) and the reserve. Called where no process writes the folder."""
+    for name in os.listdir(run_dir):
+        if name.startswith(".tmp-") or name == RESERVE:
+            _remove(os.path.join(run_dir, name))
+
+
+def _lock(run_dir: str):
+    """An exclusive lock on the run folder for as long as this process lives."""
+    fd = os.open(os.path.join(run_dir, LOCK), os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UsageError(f"{run_dir}: another process is writing that run") from None
+    return fd
+
+
+def _missing_top(path: str):
+    """The highest folder on the way to path that does not exist yet (None if path exists)."""
+    path, top = os.path.abspath(path), None
+    while not os.path.exists(path):
+        top, path = path, os.path.dirname(path)
+    return top
 
 
 def _synced_sha256(path: str) -> str:
@@ -286,24 +345,26 @@ def _open_stopped_run(run_dir: str, cfg, impl: str, env: dict) -> tuple[RunResul
     if status == "diverged":
         raise UsageError(f"{where}: that run diverged ({stored.get('error')}); resuming it "
                          f"would replay the same steps")
-    if status == "running" and _alive(stored.get("pid"), stored["env"].get("host")):
-        raise UsageError(f"{where}: process {stored['pid']} is still writing that run")
     given = cfg.to_dict()
     for name, value in given.items():
         if name not in MAY_CHANGE_ON_RESUME and stored["config"].get(name, value) != value:
             raise UsageError(f"{where}: --{name.replace('_', '-')} {value} differs from the "
                              f"stopped run's {stored['config'][name]}; drop it to continue "
                              f"that run as it was")
-    for key in SAME_ENV:
-        if stored["env"].get(key) != env.get(key):
+    for key in SAME_ENV[impl]:
+        if key in stored["env"] and stored["env"][key] != env.get(key):
             raise UsageError(f"{where}: that run ran with {key} {stored['env'].get(key)}, this "
                              f"machine has {env.get(key)}; one record cannot mix the two")
     info = stored.get("checkpoint")
     if not info:
         raise UsageError(f"{where}: that run has no checkpoint (it ran with --no-checkpoint "
                          f"or stopped before its first epoch ended); start it anew")
-    done = info["epochs"]
-    if cfg.epochs <= done:
+    done, started = info["epochs"], stored["config"]["epochs"]
+    if cfg.epochs < started:
+        raise UsageError(f"{where}: that run was started with --epochs {started}; --epochs may "
+                         f"only be raised")
+    # A run stopped after its last epoch was recorded only needs its end written.
+    if cfg.epochs <= done and status == "ok":
         raise UsageError(f"{where}: that run has {done} epochs done; pass --epochs above "
                          f"{done} to train further")
     if cfg.schedule == "cosine" and cfg.epochs != stored["config"]["epochs"]:
@@ -330,19 +391,8 @@ def _open_stopped_run(run_dir: str, cfg, impl: str, env: dict) -> tuple[RunResul
     known = {f.name for f in fields(RunResult)}
     result = RunResult(**{k: v for k, v in stored.items() if k in known})
     result.status, result.error, result.config = "running", None, given
+    result.run_id = os.path.basename(run_dir)  # where the run is now, if it was moved
     result.epochs, result.step_losses = epochs, losses
     result.summary, result.weights_sha256 = summarize(epochs), info["weights_sha256"]
     result.weights_epochs = done
     return result, checkpoint
-
-
-def _alive(pid, host) -> bool:
-    if not pid or host != platform.node():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return pid != os.getpid()

@@ -137,6 +137,13 @@ def problem(record: Any) -> Optional[str]:
         return f"{', '.join(wrong)} of the wrong type"
     if record["status"] not in STATUSES:
         return f"unknown status {record['status']!r}"
+    summary = record.get("summary", {})
+    if not isinstance(summary, dict):
+        return "summary of the wrong type"
+    numbers = [k for k, v in summary.items()
+               if v is not None and (type(v) not in (int, float) or isinstance(v, bool))]
+    if numbers:
+        return f"summary {', '.join(numbers)} not numbers"
     return None
 
 
@@ -153,8 +160,9 @@ def check_out_dir(out_dir: str) -> None:
 def weights_sha256(model: torch.nn.Module) -> str:
     """SHA-256 over the state_dict: keys sorted, each tensor's contiguous CPU bytes in its own
     dtype (with name, dtype and shape, so a reshaped or recast tensor cannot collide)."""
+    from common.models import unwrapped
     h = hashlib.sha256()
-    state = model.state_dict()
+    state = unwrapped(model).state_dict()
     for key in sorted(state):
         t = state[key].detach().cpu().contiguous()
         h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())

@@ -35,6 +35,19 @@ def install() -> None:
     signal.signal(signal.SIGTERM, _handler)
 
 
+def settled() -> None:
+    """The run has reached its end and is writing its last record: a signal from here on has
+    nothing left to interrupt, and is absorbed."""
+    _state["stopping"] = True
+
+
+def block_for_exit() -> None:
+    """Block SIGINT and SIGTERM for the last moments of the process. Python puts the default
+    handlers back while it shuts down, and a signal then would end the process with a status
+    (143, a traceback in an atexit hook) that its record does not say."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
 def received() -> int:
     """How many SIGINT/SIGTERM this process has had since install()."""
     return _state["received"]

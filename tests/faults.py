@@ -2,7 +2,8 @@
 processes that compare starts (an environment variable read by tests/fault_hook/sitecustomize.py).
 
 A fault fires in epoch `epoch` — after step `step` of that epoch, or with step=None when its
-training part ends, or with step="save" halfway through writing that epoch's checkpoint — in a
+training part ends, with step="save" halfway through writing that epoch's checkpoint, or with
+step="recorded" once that epoch's record and checkpoint are on disk — in a
 process whose command line holds every word of `argv` (and, given `rank`, only in that rank of
 a job of several processes). It does:
     "raise"      raise RuntimeError("broken on purpose")
@@ -80,9 +81,17 @@ def install(setattr, epoch: int, action: str, step=None, argv=(), rank=None) -> 
         if step is None and self.epoch == epoch:
             act(action)
         real_done(self)
+    from common import recorder
+    real_end = recorder.Recorder.end_epoch
+
+    def end_epoch(self, row, *args, **kwargs):
+        real_end(self, row, *args, **kwargs)
+        if step == "recorded" and row["epoch"] == epoch:
+            act(action)
     setattr(meter, "step", step_)
     setattr(meter, "train_done", train_done)
     setattr(torch, "save", save)
+    setattr(recorder.Recorder, "end_epoch", end_epoch)
 
 
 def inject(monkeypatch, epoch: int, action: str, step=None) -> None:

@@ -87,7 +87,7 @@ CASES = {
     "ampcompare plain --resume EMPTY": "cannot read its result.json",
     "ampcompare lightning --resume STOPPED": "is a plain run",
     "ampcompare plain --resume STOPPED --lr 0.5": "--lr 0.5 differs from the stopped run's",
-    "ampcompare plain --resume STOPPED --epochs 1": "pass --epochs above 1",
+    "ampcompare plain --resume STOPPED --epochs 2": "--epochs may only be raised",
     "ampcompare plain --resume STOPPED --run-id x": "drop --run-id",
     "ampcompare plain --resume TAMPERED": "checkpoint.pt does not match the SHA-256",
     # apex

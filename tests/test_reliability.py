@@ -38,7 +38,8 @@ def assert_checkpoint_intact(run_dir, epochs):
     assert record["checkpoint"]["epochs"] == epochs
     assert results_sha256(path) == record["checkpoint"]["sha256"]
     assert len(torch.load(path, weights_only=True)["ampcompare"]["epochs"]) == epochs
-    assert not [p.name for p in run_dir.iterdir() if p.name.startswith(".")]  # no temp files
+    assert not [p.name for p in run_dir.iterdir()  # no temporary file, no reserve
+                if p.name.startswith(".tmp-") or p.name == ".reserve"]
 
 
 def results_sha256(path):
@@ -61,6 +62,14 @@ def test_a_signal_while_the_checkpoint_is_written_leaves_the_last_good_one(
     assert record["status"] == "interrupted" and len(record["epochs"]) == 2
     assert record["weights_epochs"] == 1  # the hash is of the weights in the checkpoint
     assert_checkpoint_intact(out / "r", epochs=1)
+
+
+@pytest.mark.parametrize("arm", ["plain", "lightning"])
+def test_signals_after_the_last_epoch_is_recorded_change_nothing(tmp_path, monkeypatch, arm):
+    faults.inject_children(monkeypatch, epoch=1, action="sigint2", step="recorded")
+    proc = run_cli([arm, *TINY_CLI, "--epochs", "2", "--out-dir", str(tmp_path), "--run-id", "r"])
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert saved(tmp_path / "r")["status"] == "ok"
 
 
 def test_ctrl_c_during_start_up_is_one_line(tmp_path):
@@ -249,8 +258,14 @@ def two_runs(tmp_path):
     return out
 
 
-@pytest.mark.parametrize("content", ["garbage{", '{"run_id": "x"', "{}", "[]", ""],
-                         ids=["garbage", "truncated", "empty object", "a list", "empty file"])
+ALMOST = ('{"run_id": "x", "impl": "plain", "status": "ok", "precision": {}, "config": {}, '
+          '"env": {}, "epochs": [], "summary": %s}')
+
+
+@pytest.mark.parametrize("content", ["garbage{", '{"run_id": "x"', "{}", "[]", "",
+                                     ALMOST % "null", ALMOST % '{"median_epoch_time_s": "x"}'],
+                         ids=["garbage", "truncated", "empty object", "a list", "empty file",
+                              "null summary", "a word for a number"])
 def test_report_skips_a_broken_record_and_names_it(two_runs, tmp_path, content):
     bad = two_runs / "broken"
     bad.mkdir()

@@ -118,7 +118,7 @@ def test_a_damaged_checkpoint_is_refused_and_nothing_is_overwritten(stopped, tmp
     (["--lr", "0.5"], "--lr 0.5 differs from the stopped run's 0.0001"),
     (["--precision", "bf16"], "--precision bf16-mixed differs"),
     (["--out-dir", "elsewhere"], "drop --out-dir"),
-    (["--epochs", "1"], "has 1 epochs done; pass --epochs above 1"),
+    (["--epochs", "2"], "was started with --epochs 3; --epochs may only be raised"),
 ], ids=["lr", "precision", "out-dir", "fewer epochs"])
 def test_a_resume_that_would_change_the_run_is_refused(stopped, args, fragment):
     run_dir, before = stopped
@@ -134,6 +134,20 @@ def test_resume_needs_the_same_command_and_a_checkpoint(stopped, tmp_path):
                     "has no checkpoint")
     one_line_exit_2(cli("plain", "--resume", str(tmp_path / "nowhere")), "no such folder")
     assert_unchanged(run_dir, before)
+
+
+def test_a_run_stopped_after_its_last_epoch_is_finished_by_resume(tmp_path):
+    done = plain.train(tiny(tmp_path, run_id="late"))
+    run_dir = tmp_path / "runs" / "late"
+    path = run_dir / "result.json"
+    record = json.loads(path.read_text())
+    # What a signal after the last checkpoint, during the final write, used to leave.
+    record["status"] = "interrupted"
+    path.write_text(json.dumps(record))
+    finished = plain.train(tiny(tmp_path, run_id="late", resume=str(run_dir)))
+    assert finished.status == "ok" and finished.step_losses == done.step_losses
+    assert json.loads(path.read_text())["status"] == "ok"
+    one_line_exit_2(cli("plain", "--resume", str(run_dir)), "has 2 epochs done")
 
 
 def test_resume_through_the_cli_finishes_the_run(stopped):
@@ -170,3 +184,18 @@ def test_compare_resume_keeps_finished_arms_and_continues_the_rest(tmp_path):
     assert done["epochs"][0] == stopped["epochs"][0]  # measured epochs are kept, not rerun
     assert sum(e["warmup"] for e in done["epochs"]) == 2
     assert "plain" in (folder / "report.md").read_text()
+
+
+@pytest.mark.parametrize("damage", [
+    {"repeats": "2"}, {"repeats": -3}, {"impls": []}, {"impls": "plain"},
+    {"impls": ["tensorflow"]}, {"precisions": ["fp8"]}, {"config": {"epochs": "x"}},
+    {"config": {"out_dir": 5}}, {"config": {"lr": -1}}, {"config": {"nonsense": 1}},
+], ids=lambda d: str(d))
+def test_a_damaged_compare_plan_is_refused(tmp_path, damage):
+    plan = {"config": {}, "impls": ["plain"], "precisions": ["32-true"], "repeats": 1,
+            "seeds": 1}
+    for key, value in damage.items():
+        plan[key] = {**plan["config"], **value} if key == "config" else value
+    (tmp_path / "compare.json").write_text(json.dumps(plan))
+    one_line_exit_2(cli("compare", "--resume", str(tmp_path)), "its compare.json is damaged")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["compare.json"]

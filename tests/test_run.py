@@ -154,7 +154,8 @@ def test_loss_is_cross_entropy():
 def test_no_checkpoint_option(tmp_path):
     result = plain.train(tiny(tmp_path, epochs=1, checkpoint=False, run_id="nock"))
     assert result.status == "ok" and result.weights_sha256
-    assert sorted(p.name for p in (tmp_path / "runs" / "nock").iterdir()) == ["result.json"]
+    assert sorted(p.name for p in (tmp_path / "runs" / "nock").iterdir()) == [".lock",
+                                                                             "result.json"]
 
 
 def test_sigterm_ends_a_run_like_ctrl_c(tmp_path):
