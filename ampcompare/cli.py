@@ -12,6 +12,7 @@ from typing import Optional
 import click
 from click.core import ParameterSource
 
+from common import signals
 from common.config import INT_MAX, Config
 from common.errors import UsageError
 from common.recorder import MAY_CHANGE_ON_RESUME
@@ -141,7 +142,10 @@ def run_one(impl: str, cfg: Config) -> int:
         module = importlib.import_module(IMPLS[impl])
     except ImportError as e:
         raise UsageError(f"{impl}: cannot import its framework ({e})") from None
-    result = module.train(cfg)
+    try:
+        result = module.train(cfg)
+    finally:
+        distributed.shutdown()
     if os.environ.get("RANK", "0") == "0":  # one job, one summary
         _summary(impl, result.to_dict(), cfg)
     return result.exit_code
@@ -238,6 +242,7 @@ def _names(value: str, allowed, what: str) -> list[str]:
                    "precision: 16-mixed on CUDA, bf16-mixed on CPU]")
 @click.option("--repeats", default=1, type=click.IntRange(min=1, max=1000),
               help="Runs of each (impl, precision); spreads are min–max over them.  [default: 1]")
+@option("opt_level")
 @click.option("--seeds", default=1, type=click.IntRange(min=1, max=1000),
               help="Train every arm at this many seeds (--seed, --seed + 1, ...), so that an "
                    "accuracy change can be weighed against seed-to-seed spread.  [default: 1]")
@@ -249,7 +254,7 @@ def compare_command(impls, precisions, repeats, seeds, **options):
     ctx = click.get_current_context()
     if options["resume"]:
         folder = os.path.abspath(options["resume"])
-        plan = compare.read_plan(folder)
+        plan = compare.read_plan(folder, tuple(IMPLS))
         planned = {"impls": ",".join(plan["impls"]), "precisions": ",".join(plan["precisions"]),
                    "repeats": plan["repeats"], "seeds": plan["seeds"]}
         for name, value in (("impls", impls), ("precisions", precisions), ("repeats", repeats),
@@ -304,11 +309,16 @@ def compare_command(impls, precisions, repeats, seeds, **options):
     for path, why in skipped:
         click.echo(f"ampcompare: warning: skipped {path}: {why}", err=True)
     try:
-        paths = report.write(records, folder)
+        with signals.deferred():  # a report is written whole; a signal now waits for it
+            paths = report.write(records, folder)
     except OSError as e:
         click.echo(f"ampcompare: error: could not write the report into {folder}: "
                    f"{e.strerror}", err=True)
         return 1
+    except KeyboardInterrupt:
+        click.echo(f"ampcompare: interrupted; the report is complete (finish the comparison "
+                   f"with ampcompare compare --resume {folder})", err=True)
+        return 130
     _echo_report(paths)
     failed = [r for r in records if r["status"] not in ("ok", "unavailable")]
     return code or (1 if failed else 0)
@@ -319,7 +329,9 @@ RESUME_MAY_CHANGE = tuple(set(MAY_CHANGE_ON_RESUME) - {"epochs"})
 
 
 def _given(ctx, name: str) -> bool:
-    return ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT,
+    """Whether the option was on the command line (or in the environment); False for one the
+    command does not have."""
+    return ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT,
                                                  ParameterSource.DEFAULT_MAP)
 
 

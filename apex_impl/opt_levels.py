@@ -46,7 +46,7 @@ def require_cuda(device: torch.device) -> None:
     if device.type != "cuda":
         why = "none is available here" if not torch.cuda.is_available() else "--accelerator is cpu"
         raise UsageError(f"apex.amp needs a CUDA GPU (its loss scaler allocates CUDA tensors); "
-                         f"{why}. ampcompare plain and lightning run on CPU")
+                         f"{why}. ampcompare plain, lightning and fabric run on CPU")
 
 
 def resolve(precision: str, opt_level: str | None) -> tuple[str, Policy]:
@@ -55,7 +55,7 @@ def resolve(precision: str, opt_level: str | None) -> tuple[str, Policy]:
     requested = canonical(precision)
     if requested == "bf16-mixed":
         raise UsageError("apex.amp has no bf16 mode (its opt levels are fp32 or fp16); use "
-                         "--precision 16-mixed or 32-true, or ampcompare plain/lightning for bf16")
+                         "--precision 16-mixed or 32-true, or ampcompare plain/lightning/fabric for bf16")
     if opt_level is None:
         # auto: apex runs on CUDA only, where the mixed precision is fp16.
         opt_level = DEFAULT_OPT_LEVEL["16-mixed" if requested == "auto" else requested]

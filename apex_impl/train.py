@@ -38,6 +38,8 @@ def build(cfg, setup: RunSetup):
         optimizer.load_state_dict(setup.resumed["optimizer"])
         scheduler.load_state_dict(setup.resumed["scheduler"])
         amp.load_state_dict(setup.resumed["amp"])  # apex: after amp.initialize
+    if cfg.compile:  # the same in every arm: the common model, before any wrapper
+        model = torch.compile(model)
     if setup.world.size > 1:  # around the model amp.initialize returned, as apex documents
         model = DistributedDataParallel(model, device_ids=setup.ddp_device_ids,
                                         **distributed.DDP_KWARGS)
@@ -48,7 +50,7 @@ def fit(cfg, setup: RunSetup, model, optimizer, scheduler) -> None:
     device = setup.device
     dynamic = cfg.opt_level in ("O1", "O2")  # O0 and O3 use a static loss scale of 1
     steps = metrics.StepCounter(optimizer)
-    net = getattr(model, "module", model)  # without DDP's wrapper: what is saved and hashed
+    net = models.unwrapped(model)  # without DDP's or compile's wrapper: what is saved
 
     def save(path):  # plain: scaler.state_dict(); lightning: trainer.save_checkpoint
         torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(),

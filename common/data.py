@@ -195,6 +195,9 @@ def loaders(cfg, sets: tuple[ImageSet, ImageSet], device: torch.device, channels
     images live on the GPU, so the loader runs in the main process."""
     out = []
     on_device = device.type == "cuda"
+    if on_device and cfg.num_workers:
+        raise UsageError(f"--num-workers {cfg.num_workers}: with CUDA the images live on the GPU "
+                         f"and are cropped there; worker processes would have nothing to do")
     for images, augment in zip(sets, (True, False)):
         sampler = EpochSampler(len(images.labels), cfg.batch_size // world, cfg.seed, augment,
                                rank, world)
@@ -202,8 +205,7 @@ def loaders(cfg, sets: tuple[ImageSet, ImageSet], device: torch.device, channels
             AugmentedImages(images, device if on_device else torch.device("cpu"),
                             channels_last),
             batch_sampler=sampler, collate_fn=_whole_batch,
-            num_workers=0 if on_device else cfg.num_workers, pin_memory=False,
-            persistent_workers=cfg.num_workers > 0 and not on_device))
+            num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0))
     return tuple(out)
 
 

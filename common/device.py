@@ -30,9 +30,10 @@ def apply_speed_switches(cfg, device: torch.device) -> dict:
     switches = {
         "cudnn_benchmark": cuda and not cfg.deterministic,
         "tf32": bool(cfg.tf32 and cuda),
-        # NHWC lets cuDNN use tensor-core kernels without transposes; on CPU it buys nothing.
-        "channels_last": cuda,
+        # NHWC lets cuDNN use tensor-core kernels without transposes; on CPU it bought nothing.
+        "channels_last": cuda if cfg.channels_last is None else cfg.channels_last,
         "deterministic": cfg.deterministic,
+        "compile": cfg.compile,
     }
     torch.backends.cudnn.benchmark = switches["cudnn_benchmark"]
     torch.backends.cuda.matmul.allow_tf32 = switches["tf32"]

@@ -88,6 +88,13 @@ class LinearProbe(nn.Module):
 MODELS = {"resnet18": ResNet18, "small": SmallCNN, "linear": LinearProbe}
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The common model itself, out of DDP's wrapper (.module) and torch.compile's
+    (._orig_mod): what is saved, loaded and hashed, so that every arm's keys are the same."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
 def build_model(cfg) -> nn.Module:
     """Same seed, same initial weights, whichever implementation asks."""
     torch.manual_seed(cfg.seed)

@@ -47,6 +47,8 @@ def build(cfg, setup: RunSetup):
     # plain: .to(device) here; fabric.setup moves the model itself
     model = models.build_model(cfg).to(memory_format=setup.memory_format)
     optimizer, scheduler = models.build_optimizer(cfg, model, setup.steps_per_epoch)
+    if cfg.compile:  # the same in every arm: the common model, before any wrapper
+        model = torch.compile(model)
     # plain: torch.amp.GradScaler(...); here the precision plugin holds it (None unless fp16)
     model, optimizer = fabric.setup(model, optimizer)
     if setup.resumed:  # plain: load_state_dict on each; lightning: Trainer.fit(ckpt_path=...)

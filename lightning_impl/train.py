@@ -28,6 +28,8 @@ from lightning_impl.module import LitClassifier
 def build(cfg, setup: RunSetup):
     # plain: .to(device) here; the Trainer moves the model itself
     model = models.build_model(cfg).to(memory_format=setup.memory_format)
+    if cfg.compile:  # the same in every arm: the common model, before any wrapper
+        model = torch.compile(model)
     # plain: models.build_optimizer(...) inline; here in configure_optimizers
     module = LitClassifier(cfg, model, setup)
     precision, plugins = setup.policy.effective, []

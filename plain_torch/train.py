@@ -30,6 +30,8 @@ def build(cfg, setup: RunSetup):
         optimizer.load_state_dict(setup.resumed["optimizer"])
         scheduler.load_state_dict(setup.resumed["scheduler"])
         scaler.load_state_dict(setup.resumed["scaler"])
+    if cfg.compile:  # the same in every arm: the common model, before any wrapper
+        model = torch.compile(model)
     if setup.world.size > 1:  # fabric: Fabric(strategy=DDPStrategy(...)); lightning: Trainer(...)
         model = DistributedDataParallel(model, device_ids=setup.ddp_device_ids,
                                         **distributed.DDP_KWARGS)
@@ -42,7 +44,7 @@ def fit(cfg, setup: RunSetup, model, optimizer, scheduler, scaler) -> None:
     autocast = torch.autocast(device.type, dtype=setup.policy.dtype,
                               enabled=setup.policy.autocast)
     steps = metrics.StepCounter(optimizer)
-    net = getattr(model, "module", model)  # without DDP's wrapper: what is saved and hashed
+    net = models.unwrapped(model)  # without DDP's or compile's wrapper: what is saved
 
     def save(path):  # apex: amp.state_dict() for the scaler; lightning: trainer.save_checkpoint
         torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(),

@@ -84,3 +84,17 @@ def test_the_bench_runs_and_writes_every_ratio(tmp_path):
     assert bench["lightning_over_plain"]["verdict"].split()[0] in ("meets", "misses",
                                                                   "straddles")
     assert "fabric_over_plain" in proc.stdout
+
+
+def test_the_gpu_check_runs_every_step_in_its_cpu_mode(tmp_path):
+    root = os.path.dirname(os.path.dirname(__file__))
+    proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--cpu", str(tmp_path)], cwd=root,
+                          env={**os.environ, "PYTHON": sys.executable}, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (tmp_path / "report" / "benchmark.png").exists()
+    targets = (tmp_path / "targets.txt").read_text()
+    assert "plain       bf16-mixed images/s" in targets and "activations 0.5" in targets
+    assert "reference (2 P40s / 2 T4s)" in targets
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "apex (O2)" in report  # the second compare, reported with the first

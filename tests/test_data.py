@@ -137,3 +137,14 @@ def test_synthetic_classes_must_be_learnt(seed):
     counts = torch.bincount(train.labels, minlength=10)
     assert counts.min() > 800  # every class is there, about equally
 
+
+
+@pytest.mark.gpu
+def test_crops_on_the_gpu_are_the_cpu_crops():
+    train, _ = data.synthetic(0, 512, 10)
+    sampler = data.EpochSampler(512, 256, seed=0, augment=True)
+    sampler.set_epoch(3)
+    draws = next(iter(sampler))
+    cpu = data.AugmentedImages(train, torch.device("cpu"), False).crops(draws)
+    gpu = data.AugmentedImages(train, torch.device("cuda"), True).crops(draws)
+    assert gpu.device.type == "cuda" and torch.equal(gpu.cpu(), cpu)

@@ -103,3 +103,27 @@ def test_plain_and_lightning_bitwise_identical_on_gpu(tmp_path, precision):
     a, b = both(tmp_path, make=on_gpu, precision=precision)
     assert_identical(a, b)
     assert a.env["device"] == "cuda" and a.env["channels_last"]
+
+
+def test_identical_in_channels_last(tmp_path):
+    a, b = both(tmp_path, precision="bf16-mixed", channels_last=True)
+    assert_identical(a, b)
+    assert a.env["channels_last"] is True
+    default = plain.train(tiny(tmp_path, run_id="default", precision="bf16-mixed"))
+    assert default.env["channels_last"] is False  # on CPU it is off unless asked for
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_compiled_arms_stay_bitwise_identical(tmp_path, precision):
+    # Each run compiles afresh, as each process does: one process running all three arms
+    # would otherwise share dynamo's cache (and its limit of 8 graphs a function). The linear
+    # model keeps compiling to seconds; README gives the small CNN's figures.
+    from fabric_impl import train as fabric
+    runs = []
+    for arm in (plain, lightning, fabric):
+        torch._dynamo.reset()
+        runs.append(arm.train(tiny(tmp_path, run_id=arm.__name__, precision=precision,
+                                   model="linear", compile=True)))
+    for run in runs[1:]:
+        assert_identical(runs[0], run)
+    assert runs[0].env["compile"] is True

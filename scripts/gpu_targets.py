@@ -1,0 +1,96 @@
+"""The GPU check's verdicts: each mixed precision against 32-true, from a report's summary.json,
+beside the targets and the reference benchmark's figures.
+
+    python scripts/gpu_targets.py runs/gpu-check/report/summary.json
+
+Targets (a GPU with tensor cores, TF32 off): 16-mixed at least 2x the images/s of 32-true,
+activation memory at most 0.55x and the CUDA allocator's peak at most 0.65x of 32-true's.
+The reference benchmark (Lightning precision 16 against 32, CIFAR-10, batch 256, two P40s and two
+T4s): memory about half, epoch time -23% (P40) and -30% (T4), accuracy about the same. apex is
+measured, not held to the targets: its speed is apex's. It prints; it never fails the run.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+TARGETS = {"images": 2.0, "activations": 0.55, "allocator": 0.65}
+REFERENCE = ("reference (2 P40s / 2 T4s): memory ~0.5x, epoch time -23% / -30% "
+             "(1.30x / 1.43x the speed), accuracy about the same")
+
+
+def median(cell, metric):
+    return (cell.get(metric) or {}).get("median")
+
+
+def ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def verdict(value, target, at_least):
+    if value is None:
+        return "n/a"
+    good = value >= target if at_least else value <= target
+    return f"{value:.2f}x {'meets' if good else 'misses'} {'>=' if at_least else '<='} {target}"
+
+
+def lines(summary: dict) -> list[str]:
+    out = []
+    for group in summary["devices"]:
+        table, env = group["precisions"], group["env"]
+        out.append(f"{group['device']}  (tf32 {env.get('tf32')}, tensor cores "
+                   f"{env.get('tensor_cores')})")
+        base = {c["impl"]: c for c in table.get("32-true", {}).values()}
+        for precision, cells in table.items():
+            if precision == "32-true":
+                continue
+            for label, cell in cells.items():
+                ref = base.get(cell["impl"])
+                if not ref or not cell["ok"] or not ref["ok"]:
+                    continue
+                targeted = cell["impl"] != "apex" and precision == "16-mixed"
+                images = ratio(median(cell, "images_per_s"), median(ref, "images_per_s"))
+                acts = ratio(median(cell, "activation_bytes"), median(ref, "activation_bytes"))
+                peak = ratio(median(cell, "peak_memory_bytes"), median(ref, "peak_memory_bytes"))
+                time_change = ratio(median(cell, "median_epoch_time_s"),
+                                    median(ref, "median_epoch_time_s"))
+                acc = [median(c, "final_test_acc") for c in (ref, cell)]
+                mfu = [median(c, "mfu") for c in (ref, cell)]
+                wait = [median(c, "data_wait_fraction") for c in (ref, cell)]
+                cuda = env.get("device") == "cuda"
+                out.append(
+                    f"  {label:<11} {precision:<10} images/s "
+                    + (verdict(images, TARGETS["images"], True) if targeted else _x(images))
+                    + "; activations "
+                    + (verdict(acts, TARGETS["activations"], False) if targeted else _x(acts))
+                    + "; allocator peak "
+                    + ((verdict(peak, TARGETS["allocator"], False) if targeted else _x(peak))
+                       if cuda else "n/a (CPU: process RSS only)")
+                    + (f"; epoch time {time_change - 1:+.0%}" if time_change else "")
+                    + (f"; accuracy {acc[1] - acc[0]:+.4f}" if None not in acc else "")
+                    + (f"; MFU {mfu[0]:.1%} -> {mfu[1]:.1%}" if None not in mfu else "; MFU n/a")
+                    + (f"; data wait {wait[0]:.1%} / {wait[1]:.1%}" if None not in wait else "")
+                    + (f"; skipped fp16 steps {median(cell, 'skipped_steps'):g}"
+                       if precision == "16-mixed" and median(cell, "skipped_steps") is not None
+                       else ""))
+        out.append(f"  {REFERENCE}")
+    return out
+
+
+def _x(value):
+    return f"{value:.2f}x" if value is not None else "n/a"
+
+
+def main(argv) -> int:
+    try:
+        with open(argv[0]) as f:
+            summary = json.load(f)
+    except (OSError, ValueError) as e:
+        print(f"gpu_targets: no report to read ({e})", file=sys.stderr)
+        return 1
+    print("\n".join(lines(summary)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
