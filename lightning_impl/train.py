@@ -5,10 +5,10 @@ Run:    ampcompare lightning --dataset synthetic --model small --epochs 2
 Read:   sdiff -w 200 plain_torch/train.py lightning_impl/train.py
 Shows:  per-step losses and final weights bitwise identical to the plain loop at 32-true,
         bf16-mixed and 16-mixed (tests/test_parity.py), and what the Trainer costs per epoch
-        (benchmarks/lightning_overhead.py).
-Measured: same setup as plain_torch/train.py, pytorch-lightning 2.6.6: 3.35 s/epoch at
-        bf16-mixed (plain: 3.27); alternating with plain in one process, lightning/plain =
-        1.011 at 32-true and 0.998 at bf16-mixed (README, "What Lightning costs").
+        (benchmarks/bench.py).
+Measured: same setup as plain_torch/train.py, pytorch-lightning 2.6.6: 8.07 s/epoch at
+        32-true, 7.36 s at bf16-mixed (plain: 8.12, 7.46); taking turns with plain epoch by
+        epoch in one process, lightning/plain = 0.93 [0.89-1.00] (README, "make bench").
 """
 from __future__ import annotations
 
