@@ -76,10 +76,12 @@ def test_the_bench_runs_and_writes_every_ratio(tmp_path):
     assert proc.returncode == 0, proc.stderr
     import json
     bench = json.loads((tmp_path / "bench.json").read_text())
-    for name in ("lightning_over_plain", "fabric_over_plain", "lightning_over_plain_cpu",
-                 "lightning_overhead_us_per_step", "fabric_overhead_us_per_step",
-                 "loader_over_torchvision", "data_wait_fraction", "bf16_over_fp32"):
-        assert bench[name]["n"] == 2 and bench[name]["min"] <= bench[name]["median"], name
+    # the framework ratios pair rounds in two thread orders: twice the repeats
+    for name, n in (("lightning_over_plain", 4), ("fabric_over_plain", 4),
+                    ("lightning_over_plain_cpu", 4), ("lightning_overhead_us_per_step", 4),
+                    ("fabric_overhead_us_per_step", 4), ("loader_over_torchvision", 2),
+                    ("data_wait_fraction", 2), ("bf16_over_fp32", 2)):
+        assert bench[name]["n"] == n and bench[name]["min"] <= bench[name]["median"], name
     assert bench["bf16_over_fp32_activation_memory"] < 0.7
     assert bench["lightning_over_plain"]["verdict"].split()[0] in ("meets", "misses",
                                                                   "straddles")
