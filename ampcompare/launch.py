@@ -52,6 +52,11 @@ def run(cfg, args: list[str]) -> int:
     return settle(os.path.join(cfg.out_dir, cfg.run_id), failures, stopped)
 
 
+# How a rank ends when it was told to stop (Ctrl-C, or the launcher's SIGTERM once another
+# rank failed): not a cause of anything.
+INTERRUPTS = (130, -signal.SIGINT, -signal.SIGTERM)
+
+
 def settle(run_dir: str, failures: dict, stopped: bool) -> int:
     """Make the job's record say how it ended; return the exit code."""
     if os.path.isdir(run_dir):  # no rank writes it now: a killed rank's temporary files go
@@ -60,28 +65,39 @@ def settle(run_dir: str, failures: dict, stopped: bool) -> int:
         record = results.read(run_dir)
     except (OSError, ValueError):
         record = None
-    codes = [f.exitcode for f in failures.values()]
-    if stopped or (codes and all(c in (130, -signal.SIGINT, -signal.SIGTERM) for c in codes)):
+    path = os.path.join(run_dir, "result.json")
+    causes = {rank: f for rank, f in failures.items() if f.exitcode not in INTERRUPTS}
+    if record is not None and record["status"] == "ok":
+        if causes:  # after rank 0 recorded the whole run: its numbers stand
+            print(f"ampcompare: warning: {_first(causes)} after the run was recorded",
+                  file=sys.stderr)
+        return 0
+    if stopped or (failures and not causes):
         if record is not None and record["status"] == "running":
             record.update(status="interrupted", error=None)
-            results.write_json(os.path.join(run_dir, "result.json"), record)
+            results.write_json(path, record)
         return 130
     if not failures:
         return results.EXIT_CODES.get(record["status"], 1) if record else 1
-    # The agent notices failures in one sweep, so timestamps can tie: a rank that ended on its
-    # own (a signal, an exit code other than a recorded failure's 1) is the likelier cause.
-    rank, first = min(failures.items(),
-                      key=lambda item: (item[1].exitcode == 1, item[1].timestamp, item[0]))
-    if record is None:
-        return 2 if first.exitcode == 2 else 1  # it never started: the ranks said why
-    how = f"rank {rank} ended first ({exit_description(first.exitcode)})"
-    if record["status"] in ("running", "ok"):
+    if record is None:  # it never started: the ranks said why
+        return 2 if all(f.exitcode == 2 for f in causes.values()) else 1
+    how = _first(causes)
+    if record["status"] in ("running", "interrupted"):  # rank 0 was stopped by what happened
         record.update(status="failed", error=how)
-    elif rank != 0:
+    elif not how.startswith("rank 0 "):
         record["error"] = f"{how}; on rank 0: {record.get('error')}"
-    results.write_json(os.path.join(run_dir, "result.json"), record)
+    results.write_json(path, record)
     print(f"ampcompare: {record['status']}: {record['error']}", file=sys.stderr)
     return results.EXIT_CODES.get(record["status"], 1)
+
+
+def _first(causes: dict) -> str:
+    """Which rank ended first on its own. The agent notices failures in one sweep, so their
+    timestamps can tie: a signal or an exit code other than a recorded failure's 1 is the
+    likelier cause."""
+    rank, first = min(causes.items(),
+                      key=lambda item: (item[1].exitcode == 1, item[1].timestamp, item[0]))
+    return f"rank {rank} ended first ({exit_description(first.exitcode)})"
 
 
 def exit_description(code: int) -> str:

@@ -96,7 +96,8 @@ def train(cfg) -> RunResult:
     opt_level, policy = check(cfg)
     cfg.opt_level = opt_level
     setup = prepare(cfg, impl="apex", opt_level=opt_level, policy=policy)
-    model, optimizer, scheduler = build(cfg, setup)
-    with setup.recorder:  # any exception ends here, as the run's status (failed, oom, ...)
+    # Any exception ends here, as the run's status (failed, oom, ...); a usage error, exit 2.
+    with setup.recorder:
+        model, optimizer, scheduler = build(cfg, setup)
         fit(cfg, setup, model, optimizer, scheduler)
     return setup.recorder.result

@@ -96,9 +96,11 @@ def unwrapped(model: nn.Module) -> nn.Module:
 
 
 def build_model(cfg) -> nn.Module:
-    """Same seed, same initial weights, whichever implementation asks."""
-    torch.manual_seed(cfg.seed)
-    return MODELS[cfg.model]()
+    """Same seed, same initial weights, whichever implementation asks. The global RNG is left
+    as it was (a resumed run has just restored it)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return MODELS[cfg.model]()
 
 
 def build_optimizer(cfg, model: nn.Module, steps_per_epoch: int):

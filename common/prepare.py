@@ -47,6 +47,7 @@ class RunSetup:
 
 def prepare(cfg, impl: str, opt_level: Optional[str] = None, policy=None) -> RunSetup:
     cfg.validate()
+    torch.manual_seed(cfg.seed)  # anything random in a run draws from (seed, ...) alone
     # A loss scaler skips the first steps by design when its initial scale is too high; torch
     # then warns that the LR scheduler stepped first. Expected, and nothing to act on.
     warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")

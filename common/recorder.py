@@ -60,6 +60,7 @@ class Recorder:
             if self.writes:  # one process continues a run, never two
                 self.lock = _lock(self.run_dir)
             try:
+                self.stored = read(self.run_dir)  # put back if the resume is refused later
                 self.result, self.resumed = _open_stopped_run(self.run_dir, cfg, impl, env)
             except BaseException:
                 self.unlock()
@@ -143,6 +144,8 @@ class Recorder:
         if not self.writes:
             if self.cfg.checkpoint and save is not None and everyone:
                 save(os.devnull)  # the framework writes nothing here, and waits for rank 0
+            if len(self.result.epochs) >= self.cfg.epochs:
+                signals.settled()  # as rank 0 does: the job's last epoch is done
             return
         # With several ranks, rank 0's weights: BatchNorm's running statistics are each rank's.
         weights, info, staged = weights_sha256(model), self.result.checkpoint, []
@@ -169,6 +172,16 @@ class Recorder:
             signals.settled()  # the last epoch is on disk: nothing is left to interrupt
 
     def __exit__(self, kind, exc, tb) -> bool:
+        if kind is not None and issubclass(kind, UsageError):
+            # A bad option or a missing piece found while building (Lightning choosing another
+            # precision, say): one line and exit 2, and the folder as it was.
+            if self.writes:
+                if self.resumed:
+                    write_json(self.path, self.stored)
+                else:
+                    shutil.rmtree(self.run_dir, ignore_errors=True)
+            self.unlock()
+            return False
         signals.settled()  # the run has ended: a signal now would only cut this record short
         if kind is None:
             self.result.status = "ok"

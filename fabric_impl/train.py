@@ -110,7 +110,8 @@ def fit(cfg, setup: RunSetup, fabric, model, optimizer, scheduler) -> None:
 
 def train(cfg) -> RunResult:
     setup = prepare(cfg, impl="fabric")
-    fabric, model, optimizer, scheduler = build(cfg, setup)
-    with setup.recorder:  # any exception ends here, as the run's status (failed, oom, ...)
+    # Any exception ends here, as the run's status (failed, oom, ...); a usage error, exit 2.
+    with setup.recorder:
+        fabric, model, optimizer, scheduler = build(cfg, setup)
         fit(cfg, setup, fabric, model, optimizer, scheduler)
     return setup.recorder.result

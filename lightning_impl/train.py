@@ -61,7 +61,7 @@ def build(cfg, setup: RunSetup):
     return module, trainer
 
 
-def fit(cfg, setup: RunSetup, module, trainer) -> None:
+def fit(setup: RunSetup, module, trainer) -> None:
     # plain: loads setup.resumed into each object in build()
     ckpt_path = setup.recorder.checkpoint_path if setup.resumed else None
     try:
@@ -76,7 +76,8 @@ def fit(cfg, setup: RunSetup, module, trainer) -> None:
 
 def train(cfg) -> RunResult:
     setup = prepare(cfg, impl="lightning")
-    module, trainer = build(cfg, setup)
-    with setup.recorder:  # any exception ends here, as the run's status (failed, oom, ...)
-        fit(cfg, setup, module, trainer)
+    # Any exception ends here, as the run's status (failed, oom, ...); a usage error, exit 2.
+    with setup.recorder:
+        module, trainer = build(cfg, setup)
+        fit(setup, module, trainer)
     return setup.recorder.result

@@ -89,7 +89,8 @@ def fit(cfg, setup: RunSetup, model, optimizer, scheduler, scaler) -> None:
 
 def train(cfg) -> RunResult:
     setup = prepare(cfg, impl="plain")
-    model, optimizer, scheduler, scaler = build(cfg, setup)
-    with setup.recorder:  # any exception ends here, as the run's status (failed, oom, ...)
+    # Any exception ends here, as the run's status (failed, oom, ...); a usage error, exit 2.
+    with setup.recorder:
+        model, optimizer, scheduler, scaler = build(cfg, setup)
         fit(cfg, setup, model, optimizer, scheduler, scaler)
     return setup.recorder.result
