@@ -14,7 +14,7 @@ from click.core import ParameterSource
 
 from common import signals
 from common.config import INT_MAX, Config
-from common.errors import UsageError
+from common.errors import Unavailable, UsageError, unavailable_exit
 from common.recorder import MAY_CHANGE_ON_RESUME
 
 IMPLS = {"plain": "plain_torch.train", "lightning": "lightning_impl.train",
@@ -113,7 +113,7 @@ class OneLineErrors(click.Group):
             code = 2
         except UsageError as e:
             _say(f"ampcompare: error: {e}")
-            code = 2
+            code = unavailable_exit() if isinstance(e, Unavailable) else 2
         except (KeyboardInterrupt, click.exceptions.Abort):
             _say("ampcompare: interrupted")
             code = 130
@@ -141,7 +141,7 @@ def run_one(impl: str, cfg: Config) -> int:
     try:
         module = importlib.import_module(IMPLS[impl])
     except ImportError as e:
-        raise UsageError(f"{impl}: cannot import its framework ({e})") from None
+        raise Unavailable(f"{impl}: cannot import its framework ({e})") from None
     try:
         result = module.train(cfg)
     finally:
@@ -276,6 +276,7 @@ def compare_command(impls, precisions, repeats, seeds, **options):
         cfg = config_from(options).validate()
         impls = _names(impls, tuple(IMPLS), "impls")
         precisions = _precisions(precisions, cfg)
+        _check_compare(cfg, impls, precisions)
         folder = None
     if cfg.seed + seeds - 1 > INT_MAX:
         raise UsageError(f"--seed {cfg.seed} with --seeds {seeds} goes past {INT_MAX}")
@@ -322,6 +323,21 @@ def compare_command(impls, precisions, repeats, seeds, **options):
     _echo_report(paths)
     failed = [r for r in records if r["status"] not in ("ok", "unavailable")]
     return code or (1 if failed else 0)
+
+
+def _check_compare(cfg: Config, impls, precisions) -> None:
+    """What compare cannot do with options that an arm alone accepts."""
+    if cfg.num_nodes > 1:
+        raise UsageError(f"compare --num-nodes {cfg.num_nodes}: compare starts its arms on this "
+                         f"node only; run each arm on every node with torchrun (README, "
+                         f"\"Several devices and nodes\") and gather the folders with report")
+    if cfg.opt_level is not None:
+        from ampcompare.compare import applies
+        if "apex" not in impls:
+            raise UsageError(f"--opt-level {cfg.opt_level} is apex's; --impls has no apex")
+        if not any(applies(cfg.opt_level, p) for p in precisions):
+            raise UsageError(f"--opt-level {cfg.opt_level} runs none of --precisions "
+                             f"{','.join(precisions)} (O0: 32-true; O1, O2: 16-mixed)")
 
 
 # Options that compare --resume may change: as for a run, but its arms keep their --epochs.

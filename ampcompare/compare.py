@@ -30,7 +30,7 @@ from common.config import Config
 from common.device import resolve_device
 from common.environment import environment
 from common.recorder import clean_leftovers
-from common.errors import UsageError
+from common.errors import COMPARE_CHILD, UNAVAILABLE_EXIT, UsageError
 
 PLAN = "compare.json"
 NOT_PASSED = ("precision", "run_id", "out_dir", "quiet", "opt_level", "repeat", "resume",
@@ -169,18 +169,21 @@ def run_arm(cfg: Config, arm: Arm, folder: str, unavailable: dict, env: dict):
     if key in unavailable:
         return _save(run_dir, unavailable_result(cfg, arm, "unavailable", unavailable[key],
                                                  env)), False
-    if before is not None and before.get("checkpoint") and before["status"] in RESUMABLE:
+    resuming = bool(before is not None and before.get("checkpoint")
+                    and before["status"] in RESUMABLE)
+    if resuming:
         cmd = [arm.impl, "--resume", run_dir]
     else:
         shutil.rmtree(run_dir, ignore_errors=True)  # nothing to continue from: start over
         cmd = [arm.impl, *child_args(cfg), "--precision", arm.precision, "--seed",
                str(arm.seed), "--repeat", str(arm.repeat), "--out-dir", folder, "--run-id",
                arm.run_id]
-        if arm.impl == "apex" and cfg.opt_level:  # --opt-level is apex's alone
+        if arm.impl == "apex" and applies(cfg.opt_level, arm.precision):
             cmd += ["--opt-level", cfg.opt_level]
     cmd = [sys.executable, "-m", "ampcompare", *cmd, "--quiet", "--no-keep-checkpoint"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            cwd=ROOT, start_new_session=True, preexec_fn=signals.die_with_parent)
+                            cwd=ROOT, start_new_session=True, preexec_fn=signals.die_with_parent,
+                            env={**os.environ, COMPARE_CHILD: "1"})
     stderr, interrupted = _wait(proc)
     if os.path.isdir(run_dir):  # nothing writes it now: a killed child's temporary files go
         clean_leftovers(run_dir)
@@ -189,6 +192,11 @@ def run_arm(cfg: Config, arm: Arm, folder: str, unavailable: dict, env: dict):
     how = exit_description(proc.returncode)
     stop = interrupted or proc.returncode == 130  # also a child interrupted on its own
     record = _existing(run_dir)
+    if resuming and record is not None and proc.returncode in (2, UNAVAILABLE_EXIT):
+        # Refused before it ran (a checkpoint that no longer matches, say): what it measured
+        # earlier stays, and the record says why it could not go on.
+        record.update(status="failed", error=last or how)
+        return _save(run_dir, record), stop
     if record is not None:
         if record["status"] != "running":
             return record, stop
@@ -196,11 +204,18 @@ def run_arm(cfg: Config, arm: Arm, folder: str, unavailable: dict, env: dict):
         status = "interrupted" if interrupted else "failed"
         record.update(status=status, error=f"{last}; {how}" if last else how)
         return _save(run_dir, record), stop
-    if proc.returncode == 2 and last:  # a usage or environment error: it cannot run here
+    if proc.returncode == UNAVAILABLE_EXIT and last:  # this machine cannot run it at all
         unavailable[key] = last
         return _save(run_dir, unavailable_result(cfg, arm, "unavailable", last, env)), stop
     status = "interrupted" if interrupted else "failed"
     return _save(run_dir, unavailable_result(cfg, arm, status, last or how, env)), stop
+
+
+def applies(opt_level, precision: str) -> bool:
+    """Whether compare's --opt-level is the one for apex's arm at this precision (O2 for
+    16-mixed, say); the other apex arms run their default (O0 for 32-true)."""
+    from apex_impl.opt_levels import OPT_LEVELS
+    return opt_level is not None and OPT_LEVELS[opt_level] == precision
 
 
 def _wait(proc: subprocess.Popen) -> tuple[str, bool]:

@@ -16,6 +16,7 @@ import sys
 import uuid
 
 from common import results
+from common.errors import UNAVAILABLE_EXIT
 from common.recorder import clean_leftovers
 
 
@@ -79,8 +80,9 @@ def settle(run_dir: str, failures: dict, stopped: bool) -> int:
         return 130
     if not failures:
         return results.EXIT_CODES.get(record["status"], 1) if record else 1
-    if record is None:  # it never started: the ranks said why
-        return 2 if all(f.exitcode == 2 for f in causes.values()) else 1
+    if record is None:  # it never started: the ranks said why (one usage error: its code)
+        codes = {f.exitcode for f in causes.values()}
+        return codes.pop() if len(codes) == 1 and codes <= {2, UNAVAILABLE_EXIT} else 1
     how = _first(causes)
     if record["status"] in ("running", "interrupted"):  # rank 0 was stopped by what happened
         record.update(status="failed", error=how)

@@ -235,7 +235,8 @@ def markdown(summary, records) -> str:
         lines += [f"## {dev['device']}", ""]
         lines += ["| environment | |", "|---|---|"]
         for key in ("device_name", "cuda_capability", "tensor_cores", "cpu_model", "cpu_bf16",
-                    "world_size", "nodes", "backend", "threads", "tf32", "cudnn_benchmark", "channels_last", "deterministic",
+                    "world_size", "nodes", "backend", "threads", "tf32", "cudnn_benchmark",
+                    "channels_last", "deterministic",
                     "torch", "torchvision", "lightning", "apex", "python", "git_commit"):
             lines.append(f"| {key} | {env.get(key, '–')} |")
         lines += ["", f"Model `{cfg.get('model')}` on `{cfg.get('dataset')}`, batch "

@@ -11,7 +11,7 @@ import importlib.metadata
 
 import torch
 
-from common.errors import UsageError
+from common.errors import Unavailable, UsageError
 from common.device import resolve_device
 from common.precision import Policy, canonical
 
@@ -29,8 +29,8 @@ def load_amp():
     try:
         importlib.import_module("apex")
     except ImportError:
-        raise UsageError(f"apex is not installed (it is not on the package index); apex.amp needs "
-                         f"NVIDIA apex {RELEASE} or older: {INSTALL}") from None
+        raise Unavailable(f"apex is not installed (it is not on the package index); apex.amp needs "
+                          f"NVIDIA apex {RELEASE} or older: {INSTALL}") from None
     try:
         return importlib.import_module("apex.amp")
     except ImportError:
@@ -38,15 +38,15 @@ def load_amp():
             version = importlib.metadata.version("apex")
         except importlib.metadata.PackageNotFoundError:
             version = "this apex"
-        raise UsageError(f"apex {version} has no apex.amp (removed after release {RELEASE}); "
-                         f"install {RELEASE}: {INSTALL}") from None
+        raise Unavailable(f"apex {version} has no apex.amp (removed after release {RELEASE}); "
+                          f"install {RELEASE}: {INSTALL}") from None
 
 
 def require_cuda(device: torch.device) -> None:
     if device.type != "cuda":
         why = "none is available here" if not torch.cuda.is_available() else "--accelerator is cpu"
-        raise UsageError(f"apex.amp needs a CUDA GPU (its loss scaler allocates CUDA tensors); "
-                         f"{why}. ampcompare plain, lightning and fabric run on CPU")
+        raise Unavailable(f"apex.amp needs a CUDA GPU (its loss scaler allocates CUDA tensors); "
+                          f"{why}. ampcompare plain, lightning and fabric run on CPU")
 
 
 def resolve(precision: str, opt_level: str | None) -> tuple[str, Policy]:
@@ -54,8 +54,9 @@ def resolve(precision: str, opt_level: str | None) -> tuple[str, Policy]:
     that contradicts it, and bf16, are usage errors."""
     requested = canonical(precision)
     if requested == "bf16-mixed":
-        raise UsageError("apex.amp has no bf16 mode (its opt levels are fp32 or fp16); use "
-                         "--precision 16-mixed or 32-true, or ampcompare plain/lightning/fabric for bf16")
+        raise Unavailable("apex.amp has no bf16 mode (its opt levels are fp32 or fp16); use "
+                          "--precision 16-mixed or 32-true, or ampcompare plain/lightning/fabric "
+                          "for bf16")
     if opt_level is None:
         # auto: apex runs on CUDA only, where the mixed precision is fp16.
         opt_level = DEFAULT_OPT_LEVEL["16-mixed" if requested == "auto" else requested]
@@ -71,6 +72,11 @@ def check(cfg) -> tuple[str, Policy]:
     cfg.validate()
     device = resolve_device(cfg)
     opt_level, policy = resolve(cfg.precision, cfg.opt_level)
+    if cfg.resume and opt_level == "O2":
+        # The checkpoint holds the model's fp16 weights; O2's fp32 master weights live only in
+        # amp's optimizer wrapper, which rebuilds them from the fp16 ones on a resume.
+        raise UsageError("--resume: a run at --opt-level O2 cannot be continued exactly (its "
+                         "fp32 master weights are not in the checkpoint); start it again")
     load_amp()
     require_cuda(device)
     return opt_level, policy

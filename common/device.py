@@ -5,19 +5,19 @@ import os
 
 import torch
 
-from common.errors import UsageError
+from common.errors import Unavailable
 
 
 def resolve_device(cfg) -> torch.device:
     """The device of this process: the CPU, or its own GPU (LOCAL_RANK among several)."""
     if cfg.accelerator == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--accelerator cuda: no CUDA device is available here; use "
-                         "--accelerator cpu")
+        raise Unavailable("--accelerator cuda: no CUDA device is available here; use "
+                          "--accelerator cpu")
     if cfg.accelerator == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     if cfg.devices > torch.cuda.device_count():
-        raise UsageError(f"--devices {cfg.devices}: this machine has "
-                         f"{torch.cuda.device_count()} GPU(s)")
+        raise Unavailable(f"--devices {cfg.devices}: this machine has "
+                          f"{torch.cuda.device_count()} GPU(s)")
     index = int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))
     torch.cuda.set_device(index)
     return torch.device("cuda", index)

@@ -72,7 +72,8 @@ def environment(device: torch.device, switches: dict) -> dict:
         "device": device.type,
         "device_name": torch.cuda.get_device_name(device) if cuda else cpu,
         "cuda_capability": f"{capability[0]}.{capability[1]}" if capability else None,
-        # Tensor cores arrived with Volta (7.0): the usual reason fp16 gains more on a T4 than a P40.
+        # Tensor cores arrived with Volta (7.0): the usual reason fp16 gains more on a T4 than a
+        # P40.
         "tensor_cores": capability >= (7, 0) if capability else False,
         "cpu_model": cpu,
         "cpu_bf16": cpu_bf16(),

@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from common.errors import UsageError
+from common.errors import Unavailable, UsageError
 
 CANONICAL = ("32-true", "16-mixed", "bf16-mixed")
 ALIASES = {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed"}
@@ -58,8 +58,8 @@ def resolve(requested: str, device: torch.device) -> tuple[Policy, list[str]]:
     effective = mixed_default(device) if name == "auto" else name
     warnings = []
     if effective == "bf16-mixed" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UsageError(f"bf16-mixed needs a GPU with bfloat16 support (compute capability 8.0+); "
-                         f"{torch.cuda.get_device_name(device)} has none: use 16-mixed")
+        raise Unavailable(f"bf16-mixed needs a GPU with bfloat16 support (compute capability "
+                          f"8.0+); {torch.cuda.get_device_name(device)} has none: use 16-mixed")
     if effective == "16-mixed" and device.type == "cpu":
         warnings.append("16-mixed on CPU runs real fp16 with a GradScaler, which has no fast CPU "
                         "kernels (about 100x slower than fp32); bf16-mixed is the fast CPU choice")

@@ -21,7 +21,7 @@ from lightning_fabric.plugins import MixedPrecision
 from lightning_fabric.strategies import DDPStrategy
 
 from common import distributed, metrics, models, progress
-from common.errors import UsageError
+from common.errors import Unavailable
 from common.prepare import RunSetup, prepare
 from common.results import RunResult
 
@@ -43,9 +43,9 @@ def build(cfg, setup: RunSetup):
                     plugins=plugins)
     fabric.launch()  # under torchrun or --devices N the processes exist already: no spawning
     if fabric.strategy.precision.precision != setup.policy.effective:
-        raise UsageError(f"Fabric chose {fabric.strategy.precision.precision} for "
-                         f"{setup.policy.effective} on {setup.device.type}; refusing to record "
-                         f"the wrong one")
+        raise Unavailable(f"Fabric chose {fabric.strategy.precision.precision} for "
+                          f"{setup.policy.effective} on {setup.device.type}; refusing to record "
+                          f"the wrong one")
     # plain: .to(device) here; fabric.setup moves the model itself
     model = models.build_model(cfg).to(memory_format=setup.memory_format)
     optimizer, scheduler = models.build_optimizer(cfg, model, setup.steps_per_epoch)
@@ -67,8 +67,6 @@ def fit(cfg, setup: RunSetup, fabric, model, optimizer, scheduler) -> None:
     # plain: torch.autocast; here every forward of the model Fabric set up runs in its autocast
     train_loader, test_loader = fabric.setup_dataloaders(
         setup.train_loader, setup.test_loader, use_distributed_sampler=False)
-    # Fabric calls set_epoch with its count of iter() calls: a resumed run counts from its epoch.
-    train_loader._num_iter_calls = setup.recorder.start_epoch
     steps = metrics.StepCounter(optimizer.optimizer)
     scaler = fabric.strategy.precision.scaler if setup.policy.scaler else None
 
@@ -78,8 +76,9 @@ def fit(cfg, setup: RunSetup, fabric, model, optimizer, scheduler) -> None:
                            **setup.recorder.state()})
     with progress.Bar(progress.enabled(cfg)) as bar:
         for epoch in range(setup.recorder.start_epoch, cfg.epochs):
-            # the order of (seed, epoch), whatever iter() count Fabric passes on
-            setup.train_loader.batch_sampler.sampler.set_epoch(epoch)
+            # plain: sampler.set_epoch(epoch). Fabric's loader calls it at iter() with its count
+            # of iter() calls, made the epoch here (a resumed run starts at a later one).
+            train_loader._num_iter_calls = epoch
             meter = metrics.EpochMeter(device, epoch, steps)
             bar.task(f"epoch {epoch}", setup.steps_per_epoch)
             model.train()

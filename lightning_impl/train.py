@@ -19,7 +19,7 @@ from pytorch_lightning.plugins import MixedPrecision
 from pytorch_lightning.strategies import DDPStrategy
 
 from common import distributed, models, progress
-from common.errors import UsageError
+from common.errors import Unavailable
 from common.prepare import RunSetup, prepare
 from common.results import RunResult
 from lightning_impl.module import LitClassifier
@@ -55,9 +55,9 @@ def build(cfg, setup: RunSetup):
         enable_checkpointing=False,  # module.py saves checkpoint.pt each epoch, as every arm
         enable_model_summary=False)  # a table at start-up that the other arms do not print
     if trainer.precision_plugin.precision != setup.policy.effective:
-        raise UsageError(f"Lightning chose {trainer.precision_plugin.precision} for "
-                         f"{setup.policy.effective} on {setup.device.type}; refusing to record "
-                         f"the wrong one")
+        raise Unavailable(f"Lightning chose {trainer.precision_plugin.precision} for "
+                          f"{setup.policy.effective} on {setup.device.type}; refusing to record "
+                          f"the wrong one")
     return module, trainer
 
 

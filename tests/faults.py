@@ -13,6 +13,8 @@ a job of several processes). It does:
     "sigint2"    send SIGINT to itself twice, 20 ms apart: an impatient Ctrl-C
     "stop"       send SIGSTOP to itself: a hung process
     "enospc"     raise OSError(ENOSPC), as a full disk does
+    "usage"      raise UsageError("refused on purpose"): a refusal found while running
+    "unavailable" raise Unavailable("unavailable on purpose"), as a missing framework does
 """
 from __future__ import annotations
 
@@ -46,6 +48,10 @@ def act(action: str) -> None:
         return
     if action == "enospc":
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    if action in ("usage", "unavailable"):
+        from common.errors import Unavailable, UsageError
+        raise (UsageError("refused on purpose") if action == "usage"
+               else Unavailable("unavailable on purpose"))
     raise ValueError(f"unknown fault action {action!r}")
 
 

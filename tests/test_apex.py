@@ -44,6 +44,18 @@ def test_bad_combinations_are_rejected(precision, opt_level, message):
         opt_levels.resolve(precision, opt_level)
 
 
+@pytest.mark.parametrize("opt_level", ["O1", "O2"])
+def test_an_o2_run_is_not_resumed(tmp_path, opt_level):
+    # Checked before apex is even imported, so it holds on any machine.
+    cfg = tiny(tmp_path, precision="16-mixed", opt_level=opt_level, resume=str(tmp_path))
+    try:
+        opt_levels.check(cfg)
+        line = ""
+    except UsageError as e:  # O1 goes on to what this machine lacks (apex, CUDA), if anything
+        line = str(e)
+    assert ("--opt-level O2 cannot be continued exactly" in line) == (opt_level == "O2")
+
+
 def apex_cli(tmp_path, *args):
     out = tmp_path / "runs"
     result = CliRunner().invoke(cli, ["apex", "--dataset", "synthetic", "--out-dir", str(out),
@@ -69,7 +81,8 @@ def test_apex_without_amp(tmp_path, monkeypatch):
     assert "has no apex.amp (removed after release 25.04)" in line and "pip install" in line
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without CUDA")
+@pytest.mark.skipif(torch.cuda.is_available(),
+                    reason="checks the message for a machine without CUDA")
 def test_apex_without_cuda(tmp_path, monkeypatch):
     fake = types.ModuleType("apex")
     fake.amp = types.ModuleType("apex.amp")
@@ -148,7 +161,8 @@ def poison_gradient_at(monkeypatch, step):
 @pytest.mark.parametrize("impl", ["plain", "apex"])
 def test_an_inf_gradient_skips_the_step_and_lowers_the_scale(tmp_path, monkeypatch, impl):
     import importlib
-    module = importlib.import_module({"plain": "plain_torch.train", "apex": "apex_impl.train"}[impl])
+    module = importlib.import_module(
+        {"plain": "plain_torch.train", "apex": "apex_impl.train"}[impl])
     cfg = dict(precision="16-mixed", epochs=1, deterministic=False)
     clean = module.train(on_gpu(tmp_path, run_id="clean", **cfg))
     poison_gradient_at(monkeypatch, 3)
@@ -239,6 +253,7 @@ def test_apex_o1_resumes_bitwise_on_gpu(tmp_path, monkeypatch):
     monkeypatch.delenv(faults.ENV)
     proc = run_cli(["apex", "--resume", str(out / "stopped")])
     assert proc.returncode == 0, proc.stderr
-    a, b = (json.loads((out / name / "result.json").read_text()) for name in ("straight", "stopped"))
+    a, b = (json.loads((out / name / "result.json").read_text())
+            for name in ("straight", "stopped"))
     assert a["step_losses"] == b["step_losses"] and a["weights_sha256"] == b["weights_sha256"]
     assert [e["loss_scale"] for e in a["epochs"]] == [e["loss_scale"] for e in b["epochs"]]

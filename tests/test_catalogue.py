@@ -101,6 +101,9 @@ CASES = {
     "ampcompare compare --repeats 0": "'--repeats': 0 is not in the range 1<=x<=1000",
     "ampcompare compare --dataset cifar10 --no-download --data-dir EMPTY":
         "is not there; run with --download, or use --dataset synthetic",
+    "ampcompare compare --num-nodes 2": "compare starts its arms on this node only",
+    "ampcompare compare --impls plain --opt-level O2": "--opt-level O2 is apex's; --impls has no",
+    "ampcompare compare --precisions 32 --opt-level O2": "--opt-level O2 runs none of --precisions",
     "ampcompare compare --resume EMPTY": "not a compare folder (no compare.json there)",
     "ampcompare compare --resume COMPARED --impls lightning": "--impls lightning differs",
     "ampcompare report NOWHERE": "Directory 'NOWHERE' does not exist",

@@ -96,6 +96,22 @@ def test_apex_unavailable_here_is_a_row_that_says_why(compared):
     assert "unavailable" in (folder / "report.md").read_text()
 
 
+@pytest.mark.parametrize("action, status", [("usage", "failed"), ("unavailable", "unavailable")])
+def test_only_what_the_machine_lacks_makes_an_arm_unavailable(tmp_path, monkeypatch, action,
+                                                              status):
+    # A child's exit 2 (a full disk at start, a port in use) is that run's failure, with its
+    # line; only what this machine cannot do at all (exit 3 towards compare) is "unavailable".
+    faults.inject_children(monkeypatch, epoch=0, action=action, argv=("plain",))
+    result = CliRunner().invoke(cli, ["compare", *ARGS, "--epochs", "1", "--impls", "plain",
+                                      "--precisions", "32", "--repeats", "2",
+                                      "--out-dir", str(tmp_path)])
+    assert result.exit_code == (1 if status == "failed" else 0), result.output
+    rows = csv_rows(next(tmp_path.iterdir()))
+    assert [r["status"] for r in rows] == [status, status]
+    assert all(r["error"] == f"{'refused' if action == 'usage' else 'unavailable'} on purpose"
+               for r in rows)
+
+
 def test_report_speedup_follows_from_the_csv(compared):
     # Independently of the report's code: the median epoch time over repeats, per arm, from
     # results.csv; the speed-up is 32-true's over bf16-mixed's.

@@ -203,7 +203,8 @@ def test_two_compares_in_the_same_second_get_their_own_folders(tmp_path, monkeyp
 def test_a_huge_learning_rate_diverges(tmp_path, precision):
     result = plain.train(tiny(tmp_path, lr=1e6, epochs=3, precision=precision))
     assert result.status == "diverged" and result.exit_code == 1
-    assert result.error.startswith("mean training loss") and "above 23.0 (10 x ln 10" in result.error
+    assert result.error.startswith("mean training loss")
+    assert "above 23.0 (10 x ln 10" in result.error
     assert len(result.epochs) == 1  # stopped after the first epoch that showed it
 
 

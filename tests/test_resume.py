@@ -186,6 +186,29 @@ def test_compare_resume_keeps_finished_arms_and_continues_the_rest(tmp_path):
     assert "plain" in (folder / "report.md").read_text()
 
 
+def test_compare_resume_records_an_arm_whose_resume_is_refused(tmp_path, monkeypatch):
+    # An arm left stopped by an earlier attempt, whose checkpoint no longer matches: compare
+    # --resume keeps its measured epochs and says why it could not continue, as a failure.
+    with monkeypatch.context() as m:
+        faults.inject(m, epoch=1, action="interrupt")
+        plain.train(tiny(tmp_path, run_id="plain-32-true-r0", epochs=3,
+                         keep_checkpoint=False))
+    folder = tmp_path / "runs"
+    arm = folder / "plain-32-true-r0"
+    cfg = json.loads((arm / "result.json").read_text())["config"]
+    (folder / "compare.json").write_text(json.dumps({
+        "config": {**cfg, "out_dir": str(folder)}, "impls": ["plain"],
+        "precisions": ["32-true"], "repeats": 1, "seeds": 1}))
+    ckpt = arm / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:-10])
+    before = json.loads((arm / "result.json").read_text())
+    r = cli("compare", "--resume", str(folder))
+    assert r.exit_code == 1, r.output
+    after = json.loads((arm / "result.json").read_text())
+    assert after["status"] == "failed" and "does not match the SHA-256" in after["error"]
+    assert after["epochs"] == before["epochs"] and len(after["epochs"]) == 1
+
+
 @pytest.mark.parametrize("damage", [
     {"repeats": "2"}, {"repeats": -3}, {"impls": []}, {"impls": "plain"},
     {"impls": ["tensorflow"]}, {"precisions": ["fp8"]}, {"config": {"epochs": "x"}},
