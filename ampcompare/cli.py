@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import importlib
 import os
+import shutil
 import sys
 from typing import Optional
 
@@ -285,7 +286,11 @@ def compare_command(impls, precisions, repeats, seeds, **options):
     data.load(cfg)
     if folder is None:
         folder = compare.new_folder(cfg.out_dir)
-        compare.write_plan(folder, cfg, impls, precisions, repeats, seeds)
+        try:
+            compare.write_plan(folder, cfg, impls, precisions, repeats, seeds)
+        except OSError as e:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise UsageError(f"cannot start a comparison in {folder}: {e.strerror}") from None
     code = 0
     try:
         with progress.Bar(progress.enabled(cfg)) as bar:

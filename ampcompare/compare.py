@@ -90,6 +90,8 @@ def new_folder(out_dir: str) -> str:
             return folder
         except FileExistsError:
             continue
+        except OSError as e:  # a full disk, a folder made read-only since it was checked
+            raise UsageError(f"cannot start a comparison in {folder}: {e.strerror}") from None
     raise UsageError(f"cannot find a free folder name like {base} in --out-dir")
 
 

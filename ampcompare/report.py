@@ -24,7 +24,8 @@ from common.config import Config
 from common.precision import CANONICAL
 
 METRICS = ("median_epoch_time_s", "images_per_s", "achieved_tflops", "mfu",
-           "data_wait_fraction", "activation_bytes", "peak_memory_bytes", "skipped_steps",
+           "data_wait_fraction", "activation_bytes", "peak_memory_bytes",
+           "peak_beyond_data_bytes", "skipped_steps",
            "loss_scale_first", "loss_scale_last", "final_test_acc")
 CSV_COLUMNS = ("device_name", "device", "impl", "precision", "opt_level", "seed", "repeat",
                "status", "error", *METRICS, "epochs_done", "weights_sha256", "run_id", "path")
@@ -191,7 +192,7 @@ def _ratios(table) -> dict:
                 continue
             ratio = {"speedup": _median(ref, "median_epoch_time_s")
                      / _median(cell, "median_epoch_time_s")}
-            for metric in ("activation_bytes", "peak_memory_bytes"):
+            for metric in ("activation_bytes", "peak_memory_bytes", "peak_beyond_data_bytes"):
                 a, b = _median(cell, metric), _median(ref, metric)
                 ratio[metric] = a / b if a is not None and b else None
             a, b = cell["final_test_acc"], ref["final_test_acc"]
@@ -246,16 +247,19 @@ def markdown(summary, records) -> str:
                   f"first a process runs). Activation memory is what one training step saves "
                   f"for backward, measured on any device; peak memory is "
                   + ("the process's peak RSS on this CPU (set by libraries and data, not by "
-                     "precision)." if cpu else "the CUDA allocator's peak."), ""]
+                     "precision)." if cpu else "the CUDA allocator's peak; beyond data is that "
+                     "peak less the image sets kept on the GPU, the same in every run, and is "
+                     "the part a precision can change."), ""]
         if cpu:
             lines += ["On CPU the mixed precision is bf16-mixed: fp16 has no fast CPU kernels.",
                       ""]
+        columns = ["impl", "runs ok", "epoch time (s)", "images/s", "TFLOP/s", "MFU",
+                   "activation memory (MiB)",
+                   *(["peak memory (MiB, process RSS)"] if cpu else
+                     ["peak memory (MiB, allocator)", "beyond data (MiB)"]), "final test acc"]
         for precision, impls in dev["precisions"].items():
-            lines += [f"### {precision}", "",
-                      "| impl | runs ok | epoch time (s) | images/s | TFLOP/s | MFU "
-                      "| activation memory (MiB) | peak memory (MiB"
-                      + (", process RSS" if cpu else ", allocator") + ") | final test acc |",
-                      "|---|---|---|---|---|---|---|---|---|"]
+            lines += [f"### {precision}", "", "| " + " | ".join(columns) + " |",
+                      "|" + "---|" * len(columns)]
             for name, c in impls.items():
                 lines.append(
                     f"| {name} | {c['ok']}/{c['runs']} | {_fmt(c['median_epoch_time_s'])} "
@@ -264,18 +268,21 @@ def markdown(summary, records) -> str:
                     f"| {_fmt(c['mfu'], 0.01, '{:.1f}%')} "
                     f"| {_fmt(c['activation_bytes'], MIB, '{:.1f}')} "
                     f"| {_fmt(c['peak_memory_bytes'], MIB, '{:.0f}')} "
-                    f"| {_fmt(c['final_test_acc'], fmt='{:.4f}')} |")
+                    + ("" if cpu else f"| {_fmt(c['peak_beyond_data_bytes'], MIB, '{:.0f}')} ")
+                    + f"| {_fmt(c['final_test_acc'], fmt='{:.4f}')} |")
             lines.append("")
         if dev["ratios"]:
             lines += ["### Mixed precision against 32-true", "",
                       "| impl | precision | speed-up (32-true time / mixed time) "
-                      "| activation memory (mixed / 32-true) | peak memory (mixed / 32-true) "
-                      "| accuracy change |", "|---|---|---|---|---|---|"]
+                      "| activation memory (mixed / 32-true) | peak memory (mixed / 32-true"
+                      + (", process RSS" if cpu else ", allocator beyond data")
+                      + ") | accuracy change |", "|---|---|---|---|---|---|"]
+            peak = "peak_memory_bytes" if cpu else "peak_beyond_data_bytes"
             for impl, per in dev["ratios"].items():
                 for precision, r in per.items():
                     lines.append(f"| {impl} | {precision} | {_x(r['speedup'])} "
-                                 f"| {_x(r['activation_bytes'])} "
-                                 f"| {_x(r['peak_memory_bytes'])} | {accuracy_words(r)} |")
+                                 f"| {_x(r['activation_bytes'])} | {_x(r[peak])} "
+                                 f"| {accuracy_words(r)} |")
             lines += ["", *[f"- {line}" for line in dev["explanations"]], "",
                       f"Reference: {explain.REFERENCE}", ""]
     failed = {}

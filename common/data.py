@@ -186,6 +186,18 @@ class AugmentedImages(Dataset):
         return x.contiguous(memory_format=self.memory_format), y
 
 
+def device_bytes(*loaders: DataLoader) -> int:
+    """Bytes the loaders' image sets hold on a CUDA device (0 on a CPU): the same in every arm
+    and at every precision, and part of the allocator's peak."""
+    total = 0
+    for loader in loaders:
+        images = loader.dataset
+        if images.labels.device.type == "cuda":
+            total += sum(t.untyped_storage().nbytes()
+                         for t in (images.windows, images.labels, images.scale, images.shift))
+    return total
+
+
 def _whole_batch(batch):
     return batch  # __getitems__ already returns the collated (images, labels)
 

@@ -29,7 +29,8 @@ def apply_speed_switches(cfg, device: torch.device) -> dict:
     cuda = device.type == "cuda"
     switches = {
         "cudnn_benchmark": cuda and not cfg.deterministic,
-        "tf32": bool(cfg.tf32 and cuda),
+        # TF32 exists from Ampere (8.0) on; earlier GPUs would record a switch that did nothing.
+        "tf32": bool(cfg.tf32 and cuda and torch.cuda.get_device_capability(device) >= (8, 0)),
         # NHWC lets cuDNN use tensor-core kernels without transposes; on CPU it bought nothing.
         "channels_last": cuda if cfg.channels_last is None else cfg.channels_last,
         "deterministic": cfg.deterministic,

@@ -63,12 +63,24 @@ def prepare(cfg, impl: str, opt_level: Optional[str] = None, policy=None) -> Run
         for line in notes if world.main else ():
             print(f"ampcompare: warning: {line}", file=sys.stderr)
     switches = apply_speed_switches(cfg, device)
-    train_loader, test_loader = data.loaders(cfg, data.load(cfg), device,
+    train_loader, test_loader = data.loaders(cfg, _load(cfg, world), device,
                                              switches["channels_last"], world.rank, world.size)
     test_steps = min(len(test_loader), cfg.limit_test_batches or len(test_loader))
+    switches["data_on_device_bytes"] = data.device_bytes(train_loader, test_loader)
     recorder = Recorder(cfg, impl, policy, device, switches, opt_level, world)
     # Where a framework builds its loader iterator before it calls set_epoch (Lightning, on
     # resume), the order must already be the resumed epoch's.
     train_loader.batch_sampler.sampler.set_epoch(recorder.start_epoch)
     return RunSetup(device, policy, switches, train_loader, test_loader,
                     data.steps_per_epoch(cfg, train_loader), test_steps, recorder, world)
+
+
+def _load(cfg, world):
+    """The data sets. Under an external torchrun one process per node downloads CIFAR-10 while
+    the others wait (`ampcompare <arm> --devices N` has fetched it before the launch)."""
+    if world.size == 1 or cfg.dataset != "cifar10" or not cfg.download:
+        return data.load(cfg)
+    if world.local_rank == 0:
+        sets = data.load(cfg)
+    torch.distributed.barrier()  # a rank 0 that failed ends the job: the launcher stops all
+    return sets if world.local_rank == 0 else data.load(cfg)

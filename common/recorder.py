@@ -137,7 +137,7 @@ class Recorder:
         row["mfu"] = achieved / peak if achieved is not None and peak else None
         self.result.epochs.append(row)
         self.result.step_losses.extend(losses)
-        self.result.summary = summarize(self.result.epochs)
+        self.result.summary = summarize(self.result.epochs, self.result.env)
         reason = metrics.divergence(row, losses)  # the same on every rank: the row is the job's
         if reason:
             raise metrics.Diverged(reason)
@@ -406,6 +406,7 @@ def _open_stopped_run(run_dir: str, cfg, impl: str, env: dict) -> tuple[RunResul
     result.status, result.error, result.config = "running", None, given
     result.run_id = os.path.basename(run_dir)  # where the run is now, if it was moved
     result.epochs, result.step_losses = epochs, losses
-    result.summary, result.weights_sha256 = summarize(epochs), info["weights_sha256"]
+    result.summary, result.weights_sha256 = summarize(epochs, env), info["weights_sha256"]
     result.weights_epochs = done
+    result.resumes = [*stored.get("resumes", []), {"epoch": done, "env": env}]
     return result, checkpoint

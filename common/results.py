@@ -19,7 +19,7 @@ import torch
 from common import activations
 from common.errors import UsageError
 
-SCHEMA = 3  # 2: repeat and seed as fields; 3: checkpoint, nonfinite, warm-up rows, pid
+SCHEMA = 3  # 2: repeat and seed as fields; 3: checkpoint, nonfinite, warm-up rows, pid, resumes
 EXIT_CODES = {"ok": 0, "interrupted": 130}  # diverged, oom, failed: 1
 STATUSES = ("running", "ok", "interrupted", "diverged", "oom", "failed", "unavailable")
 UMASK = os.umask(0o022)  # read once (os.umask can only be read by setting it)
@@ -46,6 +46,9 @@ class RunResult:
     weights_sha256: Optional[str] = None
     weights_epochs: Optional[int] = None  # how many epochs of training the hashed weights had
     checkpoint: Optional[dict] = None
+    # Each resume: the epoch it continued from and its process's env (env itself is the first
+    # process's; what must match, such as the torch version, was checked at each resume).
+    resumes: list = field(default_factory=list)
     summary: dict = field(default_factory=dict)
 
     @property
@@ -137,6 +140,12 @@ def problem(record: Any) -> Optional[str]:
         return f"{', '.join(wrong)} of the wrong type"
     if record["status"] not in STATUSES:
         return f"unknown status {record['status']!r}"
+    precision = record["precision"]
+    if not isinstance(precision.get("requested"), str) or \
+            not isinstance(precision.get("effective"), (str, type(None))):
+        return "precision without its requested and effective names"
+    if not all(isinstance(e, dict) for e in record["epochs"]):
+        return "epochs that are not objects"
     summary = record.get("summary", {})
     if not isinstance(summary, dict):
         return "summary of the wrong type"
@@ -170,9 +179,10 @@ def weights_sha256(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def summarize(epochs: list) -> dict:
+def summarize(epochs: list, env: Optional[dict] = None) -> dict:
     """Medians leave out warm-up epochs (the first a process runs: a resumed run has two) when
-    any other epoch is there."""
+    any other epoch is there. On CUDA the allocator's peak is also given less the image sets
+    held there (env's data_on_device_bytes): what the precision can change."""
     warm = [e.get("warmup", i == 0) for i, e in enumerate(epochs)]
     timed = [e for e, w in zip(epochs, warm) if not w] or epochs
 
@@ -181,6 +191,7 @@ def summarize(epochs: list) -> dict:
         return statistics.median(values) if values else None
 
     saved = next((e["saved_tensors"] for e in epochs if e.get("saved_tensors")), None)
+    peak, env = max((e["peak_memory_bytes"] for e in epochs), default=None), env or {}
     scales = [e["loss_scale"] for e in epochs if e.get("loss_scale") is not None]
     return {
         "median_epoch_time_s": median(e.get("epoch_time_s") for e in timed),
@@ -190,7 +201,9 @@ def summarize(epochs: list) -> dict:
         "data_wait_fraction": median(e["data_wait_s"] / e["train_time_s"] for e in timed
                                      if e.get("train_time_s")),
         "activation_bytes": activations.total(saved) if saved else None,
-        "peak_memory_bytes": max((e["peak_memory_bytes"] for e in epochs), default=None),
+        "peak_memory_bytes": peak,
+        "peak_beyond_data_bytes": peak - env.get("data_on_device_bytes", 0)
+        if peak is not None and env.get("device") == "cuda" else None,
         "skipped_steps": sum(e.get("skipped_steps") or 0 for e in epochs),
         "loss_scale_first": scales[0] if scales else None,
         "loss_scale_last": scales[-1] if scales else None,

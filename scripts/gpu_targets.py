@@ -4,7 +4,9 @@ beside the targets and the reference benchmark's figures.
     python scripts/gpu_targets.py runs/gpu-check/report/summary.json
 
 Targets (a GPU with tensor cores, TF32 off): 16-mixed at least 2x the images/s of 32-true,
-activation memory at most 0.55x and the CUDA allocator's peak at most 0.65x of 32-true's.
+activation memory at most 0.55x and the CUDA allocator's peak at most 0.65x of 32-true's. The
+peak is taken less the image sets kept on the GPU (the same at every precision; the reference
+kept its data on the host), where the record has that figure.
 The reference benchmark (Lightning precision 16 against 32, CIFAR-10, batch 256, two P40s and two
 T4s): memory about half, epoch time -23% (P40) and -30% (T4), accuracy about the same. apex is
 measured, not held to the targets: its speed is apex's. It prints; it never fails the run.
@@ -51,7 +53,9 @@ def lines(summary: dict) -> list[str]:
                 targeted = cell["impl"] != "apex" and precision == "16-mixed"
                 images = ratio(median(cell, "images_per_s"), median(ref, "images_per_s"))
                 acts = ratio(median(cell, "activation_bytes"), median(ref, "activation_bytes"))
-                peak = ratio(median(cell, "peak_memory_bytes"), median(ref, "peak_memory_bytes"))
+                key = "peak_beyond_data_bytes" if median(ref, "peak_beyond_data_bytes") \
+                    else "peak_memory_bytes"
+                peak = ratio(median(cell, key), median(ref, key))
                 time_change = ratio(median(cell, "median_epoch_time_s"),
                                     median(ref, "median_epoch_time_s"))
                 acc = [median(c, "final_test_acc") for c in (ref, cell)]
@@ -63,7 +67,8 @@ def lines(summary: dict) -> list[str]:
                     + (verdict(images, TARGETS["images"], True) if targeted else _x(images))
                     + "; activations "
                     + (verdict(acts, TARGETS["activations"], False) if targeted else _x(acts))
-                    + "; allocator peak "
+                    + ("; allocator peak beyond data " if key != "peak_memory_bytes"
+                       else "; allocator peak ")
                     + ((verdict(peak, TARGETS["allocator"], False) if targeted else _x(peak))
                        if cuda else "n/a (CPU: process RSS only)")
                     + (f"; epoch time {time_change - 1:+.0%}" if time_change else "")

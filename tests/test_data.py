@@ -148,3 +148,22 @@ def test_crops_on_the_gpu_are_the_cpu_crops():
     cpu = data.AugmentedImages(train, torch.device("cpu"), False).crops(draws)
     gpu = data.AugmentedImages(train, torch.device("cuda"), True).crops(draws)
     assert gpu.device.type == "cuda" and torch.equal(gpu.cpu(), cpu)
+
+
+@pytest.mark.gpu
+def test_the_image_sets_on_the_gpu_are_counted_once():
+    from torch.utils.data import DataLoader
+    sets = data.synthetic(0, 512, 128)
+    on_gpu = [DataLoader(data.AugmentedImages(s, torch.device("cuda"), False)) for s in sets]
+    # Each set padded to 40 x 40 and kept twice (as drawn and mirrored), plus int64 labels.
+    images = sum(2 * len(s.labels) * 3 * 40 * 40 + 8 * len(s.labels) for s in sets)
+    assert images <= data.device_bytes(*on_gpu) <= images + 1024
+
+
+def test_on_cpu_no_data_is_on_a_device_and_no_peak_is_taken_less_it(tmp_path):
+    from plain_torch import train as plain
+    from tests.conftest import tiny
+    record = plain.train(tiny(tmp_path, epochs=1)).to_dict()
+    assert record["env"]["data_on_device_bytes"] == 0
+    assert record["summary"]["peak_memory_bytes"] > 0
+    assert record["summary"]["peak_beyond_data_bytes"] is None  # an RSS has no such part

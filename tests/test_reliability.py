@@ -170,6 +170,22 @@ def test_a_full_disk_when_compare_writes_its_report_is_one_line(tmp_path, monkey
     assert r.exit_code == 1 and r.stderr.strip().endswith("No space left on device"), r.stderr
 
 
+@pytest.mark.parametrize("where", ["folder", "plan"])
+def test_a_full_disk_when_compare_starts_is_one_line(tmp_path, monkeypatch, where):
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    if where == "folder":
+        monkeypatch.setattr(compare.os, "makedirs", full)
+    else:
+        monkeypatch.setattr(compare.results, "write_json", full)
+    r = CliRunner().invoke(cli, ["compare", *TINY_CMP, "--epochs", "1", "--impls", "plain",
+                                 "--out-dir", str(tmp_path)])
+    assert r.exit_code == 2, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot start a comparison in" in lines[0], r.stderr
+    assert lines[0].endswith("No space left on device") and not list(tmp_path.iterdir())
+
+
 # --- paths -----------------------------------------------------------------------------------
 
 def test_compare_with_relative_paths_from_another_folder(tmp_path):
@@ -259,14 +275,22 @@ def two_runs(tmp_path):
     return out
 
 
-ALMOST = ('{"run_id": "x", "impl": "plain", "status": "ok", "precision": {}, "config": {}, '
-          '"env": {}, "epochs": [], "summary": %s}')
+ALMOST = ('{"run_id": "x", "impl": "plain", "status": "ok", "config": {}, "env": {}, '
+          '"precision": %s, "epochs": %s, "summary": %s}')
+GOOD = ('{"requested": "32-true", "effective": "32-true"}', "[]", "{}")
+
+
+def almost(precision=GOOD[0], epochs=GOOD[1], summary=GOOD[2]):
+    return ALMOST % (precision, epochs, summary)
 
 
 @pytest.mark.parametrize("content", ["garbage{", '{"run_id": "x"', "{}", "[]", "",
-                                     ALMOST % "null", ALMOST % '{"median_epoch_time_s": "x"}'],
+                                     almost(summary="null"),
+                                     almost(summary='{"median_epoch_time_s": "x"}'),
+                                     almost(precision="{}"), almost(epochs="[1, 2]")],
                          ids=["garbage", "truncated", "empty object", "a list", "empty file",
-                              "null summary", "a word for a number"])
+                              "null summary", "a word for a number", "no precision names",
+                              "epochs not objects"])
 def test_report_skips_a_broken_record_and_names_it(two_runs, tmp_path, content):
     bad = two_runs / "broken"
     bad.mkdir()

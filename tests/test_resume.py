@@ -41,6 +41,8 @@ def test_stopped_mid_epoch_and_resumed_is_bitwise_a_straight_run(tmp_path, monke
     assert resumed.weights_sha256 == straight.weights_sha256
     assert [r["loss_scale"] for r in resumed.epochs] == [r["loss_scale"] for r in straight.epochs]
     assert [r["warmup"] for r in resumed.epochs] == [True, True]  # a new process warms up
+    assert straight.resumes == [] and [r["epoch"] for r in resumed.resumes] == [1]
+    assert resumed.resumes[0]["env"]["torch"] == torch.__version__
 
 
 @pytest.mark.parametrize("arm", ["plain", "lightning"])
