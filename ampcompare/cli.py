@@ -14,7 +14,7 @@ import click
 from click.core import ParameterSource
 
 from common import signals
-from common.config import INT_MAX, Config
+from common.config import INT_MAX, Config, option_flag
 from common.errors import Unavailable, UsageError, unavailable_exit
 from common.recorder import MAY_CHANGE_ON_RESUME
 
@@ -40,7 +40,7 @@ def option(name: str):
         kwargs["type"] = click.Choice(spec["choices"])
     elif "type" in spec or default not in (None, True, False):  # flags: click infers them
         kwargs["type"] = spec.get("type", type(default))
-    decls = [spec.get("flag", f"--{name.replace('_', '-')}")]
+    decls = [spec.get("flag", option_flag(name))]
     return click.option(*decls, name, **kwargs)
 
 
@@ -63,14 +63,10 @@ def config_from(options: dict, stored: Optional[dict] = None, ctx=None) -> Confi
     given = {k for k in values if _given(ctx, k)}
     for name in ("out_dir", "run_id"):
         if name in given:
-            raise UsageError(f"--resume names the folder to continue; drop --{_dash(name)}")
+            raise UsageError(f"--resume names the folder to continue; drop {option_flag(name)}")
     merged = {k: v for k, v in stored.items() if k in FIELDS}
     merged.update({k: values[k] for k in given}, resume=values["resume"])
     return Config(**merged)
-
-
-def _dash(name: str) -> str:
-    return name.replace("_", "-")
 
 
 def _stored_run(run_dir: str, what: str) -> dict:
@@ -267,7 +263,7 @@ def compare_command(impls, precisions, repeats, seeds, **options):
         for name in FIELDS:
             if _given(ctx, name) and name not in RESUME_MAY_CHANGE and \
                     getattr(cfg, name) != plan["config"].get(name):
-                raise UsageError(f"--resume {folder}: --{_dash(name)} differs from the "
+                raise UsageError(f"--resume {folder}: {option_flag(name)} differs from the "
                                  f"comparison's; drop it to finish that one")
         cfg.out_dir, cfg.resume = plan["config"]["out_dir"], None
         cfg.validate()

@@ -26,7 +26,7 @@ import click
 
 from ampcompare.launch import exit_description
 from common import results, signals
-from common.config import Config
+from common.config import Config, option_flag
 from common.device import resolve_device
 from common.environment import environment
 from common.recorder import clean_leftovers
@@ -76,7 +76,7 @@ def child_args(cfg: Config, exclude=NOT_PASSED) -> list[str]:
             on, off = fld.metadata["click"]["flag"].split("/")
             args.append(on if value else off)
         else:
-            args += [f"--{fld.name.replace('_', '-')}", str(value)]
+            args += [option_flag(fld.name), str(value)]
     return args
 
 

@@ -106,7 +106,7 @@ class Config:
             value = getattr(self, name)
             if value is not None:
                 if not value.strip() or "\0" in value:
-                    raise UsageError(f"--{_dash(name)} must name a folder, not {value!r}")
+                    raise UsageError(f"{option_flag(name)} must name a folder, not {value!r}")
                 setattr(self, name, os.path.abspath(os.path.expanduser(value)))
         if self.run_id is not None and not RUN_ID.fullmatch(self.run_id):
             raise UsageError(f"--run-id {self.run_id!r}: use a plain folder name (letters, "
@@ -123,8 +123,9 @@ class Config:
         return dataclasses.asdict(self)
 
 
-def _dash(name: str) -> str:
-    return name.replace("_", "-")
+def option_flag(name: str) -> str:
+    """The command-line spelling of a Config field: --data-dir for data_dir."""
+    return "--" + name.replace("_", "-")
 
 
 def _kind(f: dataclasses.Field) -> type:
@@ -135,7 +136,7 @@ def _kind(f: dataclasses.Field) -> type:
 
 
 def _check(f: dataclasses.Field, value) -> None:
-    spec, name, kind = f.metadata.get("click", {}), f"--{_dash(f.name)}", _kind(f)
+    spec, name, kind = f.metadata.get("click", {}), option_flag(f.name), _kind(f)
     if value is None:
         return
     # From the command line click has made the types right; a Config built from a stored

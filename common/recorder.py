@@ -22,6 +22,7 @@ from typing import Callable, Optional
 import torch
 
 from common import distributed, flops, metrics, peaks, signals
+from common.config import option_flag
 from common.environment import environment
 from common.errors import UsageError
 from common.results import (SCHEMA, RunResult, new_run_id, problem, read, stage,
@@ -361,7 +362,7 @@ def _open_stopped_run(run_dir: str, cfg, impl: str, env: dict) -> tuple[RunResul
     given = cfg.to_dict()
     for name, value in given.items():
         if name not in MAY_CHANGE_ON_RESUME and stored["config"].get(name, value) != value:
-            raise UsageError(f"{where}: --{name.replace('_', '-')} {value} differs from the "
+            raise UsageError(f"{where}: {option_flag(name)} {value} differs from the "
                              f"stopped run's {stored['config'][name]}; drop it to continue "
                              f"that run as it was")
     for key in SAME_ENV[impl]:
