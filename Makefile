@@ -31,8 +31,12 @@ $(BIN)/.apex: $(BIN)/.installed
 	$(if $(APEX_WHEEL),$(BIN)/python -m pip install --quiet --no-deps $(APEX_WHEEL))
 	touch $@
 
+# Two pytest workers, one thread each (tests/conftest.py): the suite's processes mostly start
+# up and wait, and the machines it was written on have 2 cores. WORKERS=0 runs it serially.
+WORKERS ?= 2
+
 test: $(BIN)/.apex
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(if $(filter 0,$(WORKERS)),,-n $(WORKERS) --dist worksteal)
 
 # Ratios measured side by side in one process (benchmarks/bench.py): a few minutes on a CPU.
 bench: $(BIN)/.installed

@@ -41,7 +41,9 @@ def gone(pids):
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed"])
 def test_plain_lightning_and_fabric_ddp_are_bitwise_identical(tmp_path, precision):
-    runs = {arm: job(arm, tmp_path, arm, "--precision", precision, "--epochs", "2")
+    # fp16 has no fast CPU kernels: 2 images a rank instead of 8
+    small = ["--batch-size", "4"] if precision == "16-mixed" else []
+    runs = {arm: job(arm, tmp_path, arm, "--precision", precision, "--epochs", "2", *small)
             for arm in ("plain", "lightning", "fabric")}
     for arm, record in runs.items():
         assert record["status"] == "ok", (arm, record["error"])
