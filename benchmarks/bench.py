@@ -37,6 +37,7 @@ import statistics
 import sys
 import threading
 import time
+import types
 
 import torch
 
@@ -47,6 +48,7 @@ from common import data, metrics  # noqa: E402
 from common.config import Config  # noqa: E402
 from common.device import resolve_device  # noqa: E402
 from common.environment import environment  # noqa: E402
+from common.errors import UsageError  # noqa: E402
 from fabric_impl import train as fabric  # noqa: E402
 from lightning_impl import train as lightning  # noqa: E402
 from plain_torch import train as plain  # noqa: E402
@@ -109,6 +111,9 @@ def take_turns(cfgs: dict) -> dict:
         torch.set_num_threads(team)  # each thread's own OpenMP team, sized alike
         try:
             out[name] = ARMS[cfg.impl_name].train(cfg.cfg)
+        except Exception as e:  # a refused option, say: its measures say so, the rest go on
+            out[name] = types.SimpleNamespace(status="failed", error=f"{type(e).__name__}: {e}",
+                                              epochs=[], summary={})
         finally:
             turns.done(name)
     metrics.EpochMeter.__init__ = init
@@ -225,6 +230,10 @@ def precisions(base: Config, folder: str, repeats: int, report: dict) -> None:
             for p in ("32-true", "bf16-mixed")}
     res = take_turns(jobs)
     fp32, bf16 = res["32-true"], res["bf16-mixed"]
+    if fp32.status != "ok" or bf16.status != "ok":
+        for name in ("bf16_over_fp32", "data_wait_fraction"):
+            report[name] = {"error": fp32.error or bf16.error}
+        return
     report["bf16_over_fp32"] = spread(a / b for a, b in zip(timed(bf16, "epoch_time_s"),
                                                             timed(fp32, "epoch_time_s")))
     report["bf16_over_fp32_activation_memory"] = (bf16.summary["activation_bytes"]
@@ -249,9 +258,14 @@ def main(argv=None) -> int:
     p.add_argument("--out-dir", default="runs/bench", help="[default: runs/bench]")
     args = p.parse_args(argv)
 
-    base = Config(dataset="synthetic", synthetic_size=args.synthetic_size,
-                  batch_size=args.batch_size, precision="32-true", quiet=True,
-                  accelerator=args.accelerator, checkpoint=False).validate()
+    try:
+        base = Config(dataset="synthetic", synthetic_size=args.synthetic_size,
+                      batch_size=args.batch_size, precision="32-true", quiet=True,
+                      accelerator=args.accelerator, checkpoint=False).validate()
+        device = resolve_device(base)
+    except UsageError as e:
+        print(f"bench: error: {e}", file=sys.stderr)
+        return 2
     os.makedirs(args.out_dir, exist_ok=True)
     folder = compare.new_folder(args.out_dir)
     report = {"command": " ".join(sys.argv), "repeats": args.repeats}
@@ -261,7 +275,7 @@ def main(argv=None) -> int:
     for name, (target, at_most) in TARGETS.items():
         if "median" in report.get(name, {}):
             report[name]["verdict"] = verdict(report[name], target, at_most)
-    env = environment(resolve_device(base), {})
+    env = environment(device, {})
     report["env"] = {k: env.get(k) for k in ("device_name", "threads", "torch", "lightning")}
     with open(os.path.join(args.out_dir, "bench.json"), "w") as f:
         json.dump(report, f, indent=1)

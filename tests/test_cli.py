@@ -7,6 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from ampcompare.cli import cli
+from tests.conftest import tiny
 
 
 def commands():
@@ -100,3 +101,22 @@ def test_the_gpu_check_runs_every_step_in_its_cpu_mode(tmp_path):
     assert "reference (2 P40s / 2 T4s)" in targets
     report = (tmp_path / "report" / "report.md").read_text()
     assert "apex (O2)" in report  # the second compare, reported with the first
+
+
+def test_an_arm_that_raises_in_the_bench_is_reported_not_a_traceback(tmp_path, monkeypatch):
+    import importlib.util
+    import types
+    spec = importlib.util.spec_from_file_location(
+        "bench", os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks",
+                              "bench.py"))
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench", bench)  # its dataclasses look themselves up
+    spec.loader.exec_module(bench)
+
+    def refuse(cfg):
+        raise RuntimeError("refused on purpose")
+    monkeypatch.setitem(bench.ARMS, "plain", types.SimpleNamespace(train=refuse))
+    base = tiny(tmp_path, batch_size=64)
+    report = {}
+    bench.precisions(base, str(tmp_path), 1, report)
+    assert report["bf16_over_fp32"] == {"error": "RuntimeError: refused on purpose"}
