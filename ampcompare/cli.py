@@ -16,7 +16,7 @@ from click.core import ParameterSource
 from common import signals
 from common.config import INT_MAX, Config, option_flag
 from common.errors import Unavailable, UsageError, unavailable_exit
-from common.recorder import MAY_CHANGE_ON_RESUME
+from common.recorder import MAY_CHANGE_ON_RESUME, lock
 
 IMPLS = {"plain": "plain_torch.train", "lightning": "lightning_impl.train",
          "fabric": "fabric_impl.train", "apex": "apex_impl.train"}
@@ -287,6 +287,11 @@ def compare_command(impls, precisions, repeats, seeds, **options):
         except OSError as e:
             shutil.rmtree(folder, ignore_errors=True)
             raise UsageError(f"cannot start a comparison in {folder}: {e.strerror}") from None
+    try:  # held until the command ends: one compare per folder, never two
+        held = lock(folder, f"--resume {folder}: another compare is running there")
+    except OSError as e:
+        raise UsageError(f"cannot lock {folder}: {e.strerror}") from None
+    ctx.call_on_close(lambda: os.close(held))
     code = 0
     try:
         with progress.Bar(progress.enabled(cfg)) as bar:

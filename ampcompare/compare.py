@@ -145,7 +145,8 @@ def unavailable_result(cfg: Config, arm: Arm, status: str, reason: str, env: dic
     return {"schema": results.SCHEMA, "run_id": arm.run_id, "impl": arm.impl,
             "repeat": arm.repeat, "seed": arm.seed, "status": status, "error": reason,
             "precision": {"requested": arm.precision, "effective": None},
-            "opt_level": cfg.opt_level if arm.impl == "apex" else None,
+            "opt_level": cfg.opt_level if arm.impl == "apex" and applies(cfg.opt_level,
+                                                                         arm.precision) else None,
             "config": {**cfg.to_dict(), "precision": arm.precision, "repeat": arm.repeat,
                        "seed": arm.seed},
             "env": env, "epochs": [], "step_losses": [], "weights_sha256": None,
@@ -195,9 +196,10 @@ def run_arm(cfg: Config, arm: Arm, folder: str, unavailable: dict, env: dict):
     stop = interrupted or proc.returncode == 130  # also a child interrupted on its own
     record = _existing(run_dir)
     if resuming and record is not None and proc.returncode in (2, UNAVAILABLE_EXIT):
-        # Refused before it ran (a checkpoint that no longer matches, say): what it measured
-        # earlier stays, and the record says why it could not go on.
-        record.update(status="failed", error=last or how)
+        # Refused before it ran (a checkpoint that no longer matches, an apex O2 run): what it
+        # measured stays, the record says why, and the next --resume starts it over.
+        record.update(status="failed", checkpoint=None,
+                      error=f"{last or how}; compare --resume starts it over")
         return _save(run_dir, record), stop
     if record is not None:
         if record["status"] != "running":

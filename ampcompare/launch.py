@@ -60,6 +60,12 @@ INTERRUPTS = (130, -signal.SIGINT, -signal.SIGTERM)
 
 def settle(run_dir: str, failures: dict, stopped: bool) -> int:
     """Make the job's record say how it ended; return the exit code."""
+    causes = {rank: f for rank, f in failures.items() if f.exitcode not in INTERRUPTS}
+    codes = {f.exitcode for f in causes.values()}
+    if codes and codes <= {2, UNAVAILABLE_EXIT}:
+        # Refused before it ran (a resume that does not match, a run another process writes):
+        # the ranks said why in one line, and the folder, if any, is left as it was.
+        return codes.pop() if len(codes) == 1 else 2
     if os.path.isdir(run_dir):  # no rank writes it now: a killed rank's temporary files go
         clean_leftovers(run_dir)
     try:
@@ -67,7 +73,6 @@ def settle(run_dir: str, failures: dict, stopped: bool) -> int:
     except (OSError, ValueError):
         record = None
     path = os.path.join(run_dir, "result.json")
-    causes = {rank: f for rank, f in failures.items() if f.exitcode not in INTERRUPTS}
     if record is not None and record["status"] == "ok":
         if causes:  # after rank 0 recorded the whole run: its numbers stand
             print(f"ampcompare: warning: {_first(causes)} after the run was recorded",
@@ -80,9 +85,8 @@ def settle(run_dir: str, failures: dict, stopped: bool) -> int:
         return 130
     if not failures:
         return results.EXIT_CODES.get(record["status"], 1) if record else 1
-    if record is None:  # it never started: the ranks said why (one usage error: its code)
-        codes = {f.exitcode for f in causes.values()}
-        return codes.pop() if len(codes) == 1 and codes <= {2, UNAVAILABLE_EXIT} else 1
+    if record is None:  # it never started: the ranks said why
+        return 1
     how = _first(causes)
     if record["status"] in ("running", "interrupted"):  # rank 0 was stopped by what happened
         record.update(status="failed", error=how)

@@ -49,6 +49,7 @@ from common.config import Config  # noqa: E402
 from common.device import resolve_device  # noqa: E402
 from common.environment import environment  # noqa: E402
 from common.errors import UsageError  # noqa: E402
+from common.results import check_out_dir  # noqa: E402
 from fabric_impl import train as fabric  # noqa: E402
 from lightning_impl import train as lightning  # noqa: E402
 from plain_torch import train as plain  # noqa: E402
@@ -170,7 +171,8 @@ def overhead(base: Config, folder: str, repeats: int, report: dict) -> None:
             for n in ("lightning", "fabric"):
                 arm, ref = res[n], res["plain"]
                 if arm.status != "ok" or ref.status != "ok":
-                    values.setdefault(f"{n}_{key}", []).append(arm.error or ref.error)
+                    values.setdefault(f"{n}_{key}", []).append(
+                        arm.error or ref.error or f"{arm.status} / {ref.status}")
                     continue
                 if key == "over_plain":
                     for what in ("epoch_time_s", "train_cpu_s"):
@@ -232,7 +234,8 @@ def precisions(base: Config, folder: str, repeats: int, report: dict) -> None:
     fp32, bf16 = res["32-true"], res["bf16-mixed"]
     if fp32.status != "ok" or bf16.status != "ok":
         for name in ("bf16_over_fp32", "data_wait_fraction"):
-            report[name] = {"error": fp32.error or bf16.error}
+            report[name] = {"error": fp32.error or bf16.error or
+                            f"{fp32.status} / {bf16.status}"}
         return
     report["bf16_over_fp32"] = spread(a / b for a, b in zip(timed(bf16, "epoch_time_s"),
                                                             timed(fp32, "epoch_time_s")))
@@ -246,9 +249,16 @@ TARGETS = {"lightning_over_plain": (1.02, True), "fabric_over_plain": (1.01, Tru
            "loader_over_torchvision": (20, False), "data_wait_fraction": (0.02, True)}
 
 
+def _repeats(value: str) -> int:
+    n = int(value)
+    if not 1 <= n <= 100:
+        raise argparse.ArgumentTypeError(f"{n}: use 1 to 100")
+    return n
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--repeats", type=int, default=3,
+    p.add_argument("--repeats", type=_repeats, default=3,
                    help="timed epochs (rounds) per measurement; the framework ratios take "
                         "twice as many, in two thread orders [default: 3]")
     p.add_argument("--synthetic-size", type=int, default=5000,
@@ -263,11 +273,11 @@ def main(argv=None) -> int:
                       batch_size=args.batch_size, precision="32-true", quiet=True,
                       accelerator=args.accelerator, checkpoint=False).validate()
         device = resolve_device(base)
+        check_out_dir(args.out_dir)
+        folder = compare.new_folder(args.out_dir)
     except UsageError as e:
         print(f"bench: error: {e}", file=sys.stderr)
         return 2
-    os.makedirs(args.out_dir, exist_ok=True)
-    folder = compare.new_folder(args.out_dir)
     report = {"command": " ".join(sys.argv), "repeats": args.repeats}
     overhead(base, folder, args.repeats, report)
     loaders(base, args.repeats, report)

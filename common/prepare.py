@@ -3,6 +3,7 @@ precision policy, speed switches, data loaders and the (not yet created) run rec
 Usage and environment errors surface here, before anything is written to --out-dir."""
 from __future__ import annotations
 
+import datetime
 import sys
 import warnings
 from dataclasses import dataclass
@@ -77,10 +78,14 @@ def prepare(cfg, impl: str, opt_level: Optional[str] = None, policy=None) -> Run
 
 def _load(cfg, world):
     """The data sets. Under an external torchrun one process per node downloads CIFAR-10 while
-    the others wait (`ampcompare <arm> --devices N` has fetched it before the launch)."""
+    the others wait, as long as the download takes (`ampcompare <arm> --devices N` has fetched
+    it before the launch). A local rank 0 that fails ends the job: the launcher stops all."""
     if world.size == 1 or cfg.dataset != "cifar10" or not cfg.download:
         return data.load(cfg)
     if world.local_rank == 0:
         sets = data.load(cfg)
-    torch.distributed.barrier()  # a rank 0 that failed ends the job: the launcher stops all
+    # Not the job's group: its timeout is for a dead peer, not for a slow download.
+    waiting = torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(hours=6))
+    torch.distributed.barrier(group=waiting)
+    torch.distributed.destroy_process_group(waiting)
     return sets if world.local_rank == 0 else data.load(cfg)

@@ -59,7 +59,7 @@ class Recorder:
         if cfg.resume:
             self.run_dir = os.path.abspath(cfg.resume)
             if self.writes:  # one process continues a run, never two
-                self.lock = _lock(self.run_dir)
+                self._lock()
             try:
                 self.stored = read(self.run_dir)  # put back if the resume is refused later
                 self.result, self.resumed = _open_stopped_run(self.run_dir, cfg, impl, env)
@@ -107,7 +107,7 @@ class Recorder:
             else:
                 made = _missing_top(self.run_dir)
                 os.makedirs(self.run_dir, exist_ok=False)
-                self.lock = _lock(self.run_dir)
+                self._lock()
             self._reserve(1 << 20)
             self.write()
         except FileExistsError:
@@ -216,6 +216,9 @@ class Recorder:
         # Exceptions are the run's status now; SystemExit and the like still propagate.
         return kind is None or issubclass(kind, (Exception, KeyboardInterrupt))
 
+    def _lock(self) -> None:
+        self.lock = lock(self.run_dir, f"{self.run_dir}: another process is writing that run")
+
     def unlock(self) -> None:
         if self.lock is not None:
             os.close(self.lock)
@@ -282,14 +285,15 @@ def clean_leftovers(run_dir: str) -> None:
             _remove(os.path.join(run_dir, name))
 
 
-def _lock(run_dir: str):
-    """An exclusive lock on the run folder for as long as this process lives."""
-    fd = os.open(os.path.join(run_dir, LOCK), os.O_RDWR | os.O_CREAT, 0o666)
+def lock(folder: str, busy: str) -> int:
+    """An exclusive lock on the folder for as long as this process lives (or the descriptor
+    returned stays open); UsageError(busy) when another process holds it."""
+    fd = os.open(os.path.join(folder, LOCK), os.O_RDWR | os.O_CREAT, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise UsageError(f"{run_dir}: another process is writing that run") from None
+        raise UsageError(busy) from None
     return fd
 
 

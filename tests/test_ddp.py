@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from ampcompare import launch
 from tests import faults
 from tests.conftest import ROOT, run_cli
 
@@ -66,6 +67,14 @@ def test_a_ddp_job_stopped_mid_epoch_resumes_bitwise(tmp_path, monkeypatch):
     stopped = job("plain", tmp_path, "stopped", "--precision", "32", "--epochs", "2", expect=130)
     assert stopped["status"] == "interrupted" and stopped["checkpoint"]["epochs"] == 1
     monkeypatch.delenv(faults.ENV)
+    # A resume every rank refuses: one line, exit 2, and the stopped run as it was.
+    before = (tmp_path / "stopped" / "result.json").read_bytes()
+    proc = run_cli(["plain", "--resume", str(tmp_path / "stopped"), "--lr", "0.5", "--quiet"],
+                   timeout=LIMIT)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--lr 0.5 differs from the stopped run's" in lines[0], lines
+    assert (tmp_path / "stopped" / "result.json").read_bytes() == before
     proc = run_cli(["plain", "--resume", str(tmp_path / "stopped"), "--quiet"], timeout=LIMIT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(tmp_path / "stopped" / "result.json") as f:
@@ -118,3 +127,39 @@ def test_a_rendezvous_port_in_use_is_one_line(tmp_path):
     assert proc.stderr.startswith("ampcompare: error: cannot join the process group at "
                                   "127.0.0.1:") and proc.stderr.count("\n") == 1, proc.stderr
     assert not any(tmp_path.iterdir())
+
+
+WAITER = """
+import datetime, os, sys, time
+import torch.distributed as dist
+sys.path.insert(0, {root!r})
+from common import data, prepare
+from common.distributed import World
+
+class Cfg:
+    dataset, download = "cifar10", True
+
+def load(cfg):  # a slow download on local rank 0; the other rank must find it done
+    rank = int(os.environ["RANK"])
+    if rank == 0:
+        time.sleep(2)
+        open({marker!r}, "w").close()
+    elif not os.path.exists({marker!r}):
+        raise SystemExit("rank 1 read the data before rank 0 had it")
+    return rank
+
+data.load = load
+dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+rank = int(os.environ["RANK"])
+assert prepare._load(Cfg, World(rank, rank, 2, 2, "gloo")) == rank
+dist.destroy_process_group()
+"""
+
+
+def test_under_torchrun_one_process_a_node_downloads_and_the_others_wait(tmp_path):
+    script = tmp_path / "waiter.py"
+    script.write_text(WAITER.format(root=str(ROOT), marker=str(tmp_path / "downloaded")))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
+                           "2", "--master-port", str(launch.free_port()), str(script)],
+                          capture_output=True, text=True, timeout=LIMIT)
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -4,6 +4,7 @@ checkpoint is written atomically each epoch and read back with weights_only=True
 or changed one, or an option that differs, is refused before anything is overwritten."""
 import hashlib
 import json
+import os
 
 import pytest
 import torch
@@ -209,6 +210,18 @@ def test_compare_resume_records_an_arm_whose_resume_is_refused(tmp_path, monkeyp
     after = json.loads((arm / "result.json").read_text())
     assert after["status"] == "failed" and "does not match the SHA-256" in after["error"]
     assert after["epochs"] == before["epochs"] and len(after["epochs"]) == 1
+    # It cannot be continued, so the next --resume runs it again from the start; never while
+    # another compare works in that folder.
+    from common.recorder import lock
+    held = lock(str(folder), "held by this test")
+    try:
+        one_line_exit_2(cli("compare", "--resume", str(folder)), "another compare is running")
+    finally:
+        os.close(held)
+    r = cli("compare", "--resume", str(folder))
+    assert r.exit_code == 0, r.output
+    again = json.loads((arm / "result.json").read_text())
+    assert again["status"] == "ok" and len(again["epochs"]) == 3 and again["resumes"] == []
 
 
 @pytest.mark.parametrize("damage", [
