@@ -142,11 +142,11 @@ def _plan_problem(plan, impls):
 def unavailable_result(cfg: Config, arm: Arm, status: str, reason: str, env: dict) -> dict:
     """The record of an arm that produced no result.json of its own (env: the comparing
     process's view of the machine, so the row lands with its device)."""
+    passed = arm.impl == "apex" and applies(cfg.opt_level, arm.precision)
     return {"schema": results.SCHEMA, "run_id": arm.run_id, "impl": arm.impl,
             "repeat": arm.repeat, "seed": arm.seed, "status": status, "error": reason,
             "precision": {"requested": arm.precision, "effective": None},
-            "opt_level": cfg.opt_level if arm.impl == "apex" and applies(cfg.opt_level,
-                                                                         arm.precision) else None,
+            "opt_level": cfg.opt_level if passed else None,
             "config": {**cfg.to_dict(), "precision": arm.precision, "repeat": arm.repeat,
                        "seed": arm.seed},
             "env": env, "epochs": [], "step_losses": [], "weights_sha256": None,
