@@ -16,7 +16,7 @@ from click.core import ParameterSource
 from common import signals
 from common.config import INT_MAX, Config, option_flag
 from common.errors import Unavailable, UsageError, unavailable_exit
-from common.recorder import MAY_CHANGE_ON_RESUME, lock
+from common.recorder import MAY_CHANGE_ON_RESUME, lock, read_stopped
 
 IMPLS = {"plain": "plain_torch.train", "lightning": "lightning_impl.train",
          "fabric": "fabric_impl.train", "apex": "apex_impl.train"}
@@ -67,26 +67,6 @@ def config_from(options: dict, stored: Optional[dict] = None, ctx=None) -> Confi
     merged = {k: v for k, v in stored.items() if k in FIELDS}
     merged.update({k: values[k] for k in given}, resume=values["resume"])
     return Config(**merged)
-
-
-def _stored_run(run_dir: str, what: str) -> dict:
-    from common import results
-    if not os.path.isdir(run_dir):
-        raise UsageError(f"--resume {run_dir}: no such folder")
-    try:
-        record = results.read(run_dir)
-    except OSError as e:
-        raise UsageError(f"--resume {run_dir}: cannot read its result.json ({e.strerror})") \
-            from None
-    except ValueError:
-        raise UsageError(f"--resume {run_dir}: its result.json is not valid JSON") from None
-    why = results.problem(record)
-    if why:
-        raise UsageError(f"--resume {run_dir}: result.json is not a run record ({why})")
-    if record["impl"] != what:
-        raise UsageError(f"--resume {run_dir} is a {record['impl']} run; continue it with "
-                         f"ampcompare {record['impl']} --resume")
-    return record["config"]
 
 
 def _say(line: str) -> None:
@@ -190,7 +170,8 @@ def _launch(impl: str, cfg: Config) -> int:
 def arm_config(impl: str, options: dict) -> Config:
     if not options.get("resume"):
         return config_from(options)
-    cfg = config_from(options, _stored_run(options["resume"], impl), click.get_current_context())
+    stored = read_stopped(options["resume"], impl)["config"]
+    cfg = config_from(options, stored, click.get_current_context())
     resume = os.path.abspath(cfg.resume)  # the run lives where it is now, wherever it began
     cfg.out_dir, cfg.run_id = os.path.dirname(resume), os.path.basename(resume)
     return cfg

@@ -208,18 +208,16 @@ def loaders(cfg, sets: tuple[ImageSet, ImageSet], device: torch.device, channels
     whole job's: each of `world` ranks takes batch_size / world images a step. On CUDA the
     images live on the GPU, so the loader runs in the main process."""
     out = []
-    on_device = device.type == "cuda"
-    if on_device and cfg.num_workers:
+    if device.type == "cuda" and cfg.num_workers:
         raise UsageError(f"--num-workers {cfg.num_workers}: with CUDA the images live on the GPU "
                          f"and are cropped there; worker processes would have nothing to do")
     for images, augment in zip(sets, (True, False)):
         sampler = EpochSampler(len(images.labels), cfg.batch_size // world, cfg.seed, augment,
                                rank, world)
         out.append(DataLoader(
-            AugmentedImages(images, device if on_device else torch.device("cpu"),
-                            channels_last),
-            batch_sampler=sampler, collate_fn=_whole_batch,
-            num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0))
+            AugmentedImages(images, device, channels_last), batch_sampler=sampler,
+            collate_fn=_whole_batch, num_workers=cfg.num_workers,
+            persistent_workers=cfg.num_workers > 0))
     return tuple(out)
 
 

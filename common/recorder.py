@@ -60,9 +60,9 @@ class Recorder:
             self.run_dir = os.path.abspath(cfg.resume)
             if self.writes:  # one process continues a run, never two
                 self._lock()
-            try:
-                self.stored = read(self.run_dir)  # put back if the resume is refused later
-                self.result, self.resumed = _open_stopped_run(self.run_dir, cfg, impl, env)
+            try:  # self.stored: put back if the resume is refused while building
+                self.result, self.resumed, self.stored = _open_stopped_run(self.run_dir, cfg,
+                                                                           impl, env)
             except BaseException:
                 self.unlock()
                 raise
@@ -343,10 +343,11 @@ def _memory_figures(device: torch.device) -> str:
     return f"process peak RSS {peak / mib:.0f} MiB of {total / mib:.0f} MiB RAM"
 
 
-def _open_stopped_run(run_dir: str, cfg, impl: str, env: dict) -> tuple[RunResult, dict]:
-    """The record and checkpoint of the stopped run in run_dir, checked: same command, same
-    options (but those in MAY_CHANGE_ON_RESUME), same machine, an intact checkpoint."""
+def read_stopped(run_dir: str, impl: str) -> dict:
+    """The record in run_dir, checked to be one that `ampcompare <impl> --resume` continues."""
     where = f"--resume {run_dir}"
+    if not os.path.isdir(run_dir):
+        raise UsageError(f"{where}: no such folder")
     try:
         stored = read(run_dir)
     except OSError as e:
@@ -359,6 +360,16 @@ def _open_stopped_run(run_dir: str, cfg, impl: str, env: dict) -> tuple[RunResul
     if stored["impl"] != impl:
         raise UsageError(f"{where} is a {stored['impl']} run; continue it with ampcompare "
                          f"{stored['impl']} --resume")
+    return stored
+
+
+def _open_stopped_run(run_dir: str, cfg, impl: str,
+                      env: dict) -> tuple[RunResult, dict, dict]:
+    """The record and checkpoint of the stopped run in run_dir, checked: same command, same
+    options (but those in MAY_CHANGE_ON_RESUME), same machine, an intact checkpoint; and the
+    record as it was on disk."""
+    where = f"--resume {run_dir}"
+    stored = read_stopped(run_dir, impl)
     status = stored["status"]
     if status == "diverged":
         raise UsageError(f"{where}: that run diverged ({stored.get('error')}); resuming it "
@@ -411,7 +422,8 @@ def _open_stopped_run(run_dir: str, cfg, impl: str, env: dict) -> tuple[RunResul
     result.status, result.error, result.config = "running", None, given
     result.run_id = os.path.basename(run_dir)  # where the run is now, if it was moved
     result.epochs, result.step_losses = epochs, losses
-    result.summary, result.weights_sha256 = summarize(epochs, env), info["weights_sha256"]
-    result.weights_epochs = done
+    # Summarised with the env the record keeps, as every later epoch is (end_epoch).
+    result.summary = summarize(epochs, result.env)
+    result.weights_sha256, result.weights_epochs = info["weights_sha256"], done
     result.resumes = [*stored.get("resumes", []), {"epoch": done, "env": env}]
-    return result, checkpoint
+    return result, checkpoint, stored
