@@ -1,6 +1,7 @@
 """Device choice and every switch that changes speed, set once here for every loop."""
 from __future__ import annotations
 
+import ctypes
 import os
 
 import torch
@@ -28,6 +29,7 @@ def apply_speed_switches(cfg, device: torch.device) -> dict:
     Lightning's Trainer(benchmark=..., deterministic=...) gets the same values from here."""
     cuda = device.type == "cuda"
     switches = {
+        "steady_malloc": steady_malloc(),
         "cudnn_benchmark": cuda and not cfg.deterministic,
         # TF32 exists from Ampere (8.0) on; earlier GPUs would record a switch that did nothing.
         "tf32": bool(cfg.tf32 and cuda and torch.cuda.get_device_capability(device) >= (8, 0)),
@@ -43,6 +45,26 @@ def apply_speed_switches(cfg, device: torch.device) -> dict:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(cfg.deterministic)
     return switches
+
+
+# glibc's mallopt parameters
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+
+
+def steady_malloc() -> bool:
+    """Keep freed memory in the process instead of handing it back to the system (glibc: no
+    mmap'd chunks, no trimming). Otherwise glibc's mmap threshold moves with whatever the
+    process allocated and freed before (importing Lightning, say), and a step's large CPU
+    tensors are mmap'd and page-faulted in afresh each step in one arm and not in another:
+    measured here, the plain loop's processes took 2.2x the page faults and were 20% slower per
+    small-CNN step than Fabric's; with this, 8x fewer faults and no difference detectable.
+    Whether it took effect is recorded (False off glibc)."""
+    try:
+        libc = ctypes.CDLL(None)
+        return bool(libc.mallopt(M_MMAP_MAX, 0)) and \
+            bool(libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
+    except (OSError, AttributeError):
+        return False
 
 
 def synchronize(device: torch.device) -> None:
