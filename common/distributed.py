@@ -104,6 +104,18 @@ def sum_(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def max_(tensor: torch.Tensor) -> torch.Tensor:
+    """The elementwise maximum over all ranks (the tensor itself in one process), returned on
+    the CPU. NCCL reduces tensors on the GPU only, gloo those on the CPU."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        device = torch.device("cuda", torch.cuda.current_device()) \
+            if dist.get_backend() == "nccl" else torch.device("cpu")
+        tensor = tensor.to(device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor.cpu()
+    return tensor
+
+
 def gather_ints(value: int, device: torch.device) -> list[int]:
     """One int from every rank, in rank order."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):

@@ -1,7 +1,9 @@
 """Per-epoch measurements, taken the same way by each loop.
 
 Step losses stay on the device and are copied to the host once per epoch: a .item() per step
-would force a device sync per step and distort the very timing being compared.
+would force a device sync per step and distort the very timing being compared. Step times follow
+the same rule: on a CPU each step is stamped with perf_counter; on CUDA with a pair of timing
+events recorded on the stream, read once when the epoch ends.
 """
 from __future__ import annotations
 
@@ -46,18 +48,66 @@ class StepCounter:
         self.executed += 1
 
 
+class HostClock:
+    """Stamps with perf_counter: on a CPU the host's time is the step's time."""
+    name = "perf_counter"
+
+    def __init__(self):
+        self.stamps = []
+
+    def mark(self) -> None:
+        self.stamps.append(time.perf_counter())
+
+    def read(self) -> list[float]:
+        return [b - a for a, b in zip(self.stamps, self.stamps[1:])]
+
+
+class CudaClock:
+    """Stamps on the GPU: a timing event recorded on the current stream, without a sync, read
+    once after the epoch's synchronize. The time between two is the stream's, so a step the
+    host holds up (a small model, a slow framework) counts as long as the GPU waited for it."""
+    name = "cuda events"
+    Event = torch.cuda.Event  # tests put a stand-in here to check the bookkeeping on a CPU
+
+    def __init__(self):
+        self.stamps = []
+
+    def mark(self) -> None:
+        event = self.Event(enable_timing=True)
+        event.record()
+        self.stamps.append(event)
+
+    def read(self) -> list[float]:
+        """Seconds between stamps; call after the device is synchronised (elapsed_time is in
+        milliseconds)."""
+        return [a.elapsed_time(b) / 1000 for a, b in zip(self.stamps, self.stamps[1:])]
+
+
+def clock(device: torch.device):
+    return CudaClock() if device.type == "cuda" else HostClock()
+
+
+# Called with the epoch number as each EpochMeter starts, before its clock does. Nothing in a
+# run sets it; the bench makes arms that run side by side in one process take turns here.
+epoch_start_hooks: list = []
+
+
 class EpochMeter:
-    """Wall time (device-synchronised) and process CPU time, data wait, images, step losses and
-    test metrics of one epoch. data_wait_s is host time between the end of one step and the
-    start of the next."""
+    """Wall time (device-synchronised) and process CPU time, data wait, images, step losses,
+    step times and test metrics of one epoch. A step's time runs from the end of the step before
+    to the end of this one (the epoch's first step: from its batch_start), so that whatever a
+    framework does between two steps is in it; its data wait, the part of that between the end
+    of the step before (the first: the epoch's start) and batch_start, is host time."""
 
     def __init__(self, device: torch.device, epoch: int, steps: StepCounter):
         self.device, self.epoch, self.steps = device, epoch, steps
+        for hook in epoch_start_hooks:
+            hook(epoch)
         synchronize(device)
         self.start = self.last = time.perf_counter()
         self.cpu_start = time.process_time()
         self.executed_at_start = steps.executed
-        self.losses, self.images, self.data_wait = [], 0, 0.0
+        self.losses, self.images, self.waits, self.clock = [], 0, [], clock(device)
         self.test_sums = None  # test loss, correct and counted images, summed on the device
         self.saved = None
 
@@ -70,9 +120,12 @@ class EpochMeter:
         return self.saved
 
     def batch_start(self) -> None:
-        self.data_wait += time.perf_counter() - self.last
+        self.waits.append(time.perf_counter() - self.last)
+        if len(self.waits) == 1:  # the epoch's first step starts here, later ones where the
+            self.clock.mark()  # step before them ended
 
     def step(self, loss: torch.Tensor, images: int) -> None:
+        self.clock.mark()
         self.losses.append(loss.detach())
         self.images += images
         self.last = time.perf_counter()
@@ -96,13 +149,15 @@ class EpochMeter:
         """(epoch row, step losses), with the losses copied to the host in one transfer. With
         several ranks (every rank calls this), a step's loss is the mean of the ranks' losses,
         the test metrics cover the whole test set, images count the whole job's and peak memory
-        is the largest rank's (each rank's is listed)."""
+        is the largest rank's (each rank's is listed), and a step's time is the slowest rank's
+        (the ranks meet at every step's gradient all-reduce)."""
         synchronize(self.device)
         epoch_time = time.perf_counter() - self.start
         world = distributed.size()
-        losses = []
+        losses, times = [], self.clock.read()
         if self.losses:
             losses = (distributed.sum_(torch.stack(self.losses).float()) / world).cpu().tolist()
+            times = distributed.max_(torch.tensor(times, dtype=torch.float64)).tolist()
         finite = [v for v in losses if math.isfinite(v)]
         attempted = len(losses)
         test = [None, None]
@@ -120,12 +175,15 @@ class EpochMeter:
             "train_time_s": self.train_time,
             "train_cpu_s": self.train_cpu,  # process CPU time: on a GPU, the host's share
             "images_per_s": images / self.train_time if self.train_time > 0 else None,
-            "data_wait_s": self.data_wait,
+            "data_wait_s": sum(self.waits),
             "peak_memory_bytes": max(peaks),
             **({"peak_memory_bytes_per_rank": peaks} if world > 1 else {}),
             "steps": attempted,
             "skipped_steps": attempted - (self.steps.executed - self.executed_at_start),
             "loss_scale": loss_scale,
+            "step_clock": self.clock.name,
+            "step_times_s": times,
+            "step_waits_s": self.waits,
         }
         if self.saved is not None:
             row["saved_tensors"] = self.saved.bytes

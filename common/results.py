@@ -19,8 +19,11 @@ import torch
 from common import activations
 from common.errors import UsageError
 
-SCHEMA = 3  # 2: repeat and seed as fields; 3: checkpoint, nonfinite, warm-up rows, pid, resumes
+# 2: repeat and seed as fields; 3: checkpoint, nonfinite, warm-up rows, pid, resumes; 4: step
+# times (each epoch's step_times_s and step_waits_s, the summary's step-time figures, the clock)
+SCHEMA = 4
 EXIT_CODES = {"ok": 0, "interrupted": 130}  # diverged, oom, failed: 1
+SUMMARY_TEXT = ("step_timing",)  # the summary's entries that are words, not numbers
 STATUSES = ("running", "ok", "interrupted", "diverged", "oom", "failed", "unavailable")
 UMASK = os.umask(0o022)  # read once (os.umask can only be read by setting it)
 os.umask(UMASK)
@@ -149,8 +152,8 @@ def problem(record: Any) -> Optional[str]:
     summary = record.get("summary", {})
     if not isinstance(summary, dict):
         return "summary of the wrong type"
-    numbers = [k for k, v in summary.items()
-               if v is not None and (type(v) not in (int, float) or isinstance(v, bool))]
+    numbers = [k for k, v in summary.items() if k not in SUMMARY_TEXT and v is not None
+               and (type(v) not in (int, float) or isinstance(v, bool))]
     if numbers:
         return f"summary {', '.join(numbers)} not numbers"
     return None
@@ -179,10 +182,36 @@ def weights_sha256(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+# A run of one epoch (or a resumed run's only new one) has no warm-up-free epoch: its first
+# steps, slow while the allocator and the kernels' caches fill, are left out instead.
+WARMUP_STEPS = 5
+
+
+def timed_steps(epochs: list) -> tuple[list, str]:
+    """The step times that timing figures rest on, in order, and the rule that chose them: the
+    steps of every epoch that is not a warm-up epoch (the first a process runs: a resumed run
+    has two); where every epoch is one, each epoch's steps after its first WARMUP_STEPS (fewer
+    when an epoch has fewer than twice that many)."""
+    warm = [e.get("warmup", i == 0) for i, e in enumerate(epochs)]
+    timed = [e for e, w in zip(epochs, warm) if not w]
+    if timed:
+        return ([t for e in timed for t in e.get("step_times_s") or []],
+                "warm-up epochs left out (the first epoch of each process)")
+    steps = []
+    for e in epochs:
+        times = e.get("step_times_s") or []
+        steps += times[min(WARMUP_STEPS, len(times) // 2):]
+    return steps, (f"every epoch is a warm-up epoch: the first {WARMUP_STEPS} steps of each "
+                   f"left out (fewer in an epoch of under {2 * WARMUP_STEPS} steps)")
+
+
 def summarize(epochs: list, env: Optional[dict] = None) -> dict:
     """Medians leave out warm-up epochs (the first a process runs: a resumed run has two) when
-    any other epoch is there. On CUDA the allocator's peak is also given less the image sets
-    held there (env's data_on_device_bytes): what the precision can change."""
+    any other epoch is there; step times follow timed_steps(). On CUDA the allocator's peak is
+    also given less the image sets held there (env's data_on_device_bytes): what the precision
+    can change."""
+    from common import stats
+
     warm = [e.get("warmup", i == 0) for i, e in enumerate(epochs)]
     timed = [e for e, w in zip(epochs, warm) if not w] or epochs
 
@@ -193,7 +222,14 @@ def summarize(epochs: list, env: Optional[dict] = None) -> dict:
     saved = next((e["saved_tensors"] for e in epochs if e.get("saved_tensors")), None)
     peak, env = max((e["peak_memory_bytes"] for e in epochs), default=None), env or {}
     scales = [e["loss_scale"] for e in epochs if e.get("loss_scale") is not None]
+    steps, rule = timed_steps(epochs)
+    q1, step, q3 = stats.quartiles(steps) or (None, None, None)
     return {
+        "median_step_time_s": step,
+        "step_time_q1_s": q1,
+        "step_time_q3_s": q3,
+        "timed_steps": len(steps),
+        "step_timing": rule,
         "median_epoch_time_s": median(e.get("epoch_time_s") for e in timed),
         "images_per_s": median(e.get("images_per_s") for e in timed),
         "achieved_tflops": median(e.get("achieved_tflops") for e in timed),
