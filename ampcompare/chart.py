@@ -1,5 +1,7 @@
-"""benchmark.png: grouped bars like the reference benchmark's chart — memory, epoch time and
-accuracy per implementation and precision, median over repeats with min–max error bars.
+"""benchmark.png: grouped bars like the reference benchmark's chart — memory, step time and
+accuracy per implementation and precision. Step time is the report's figure with its 95%
+interval as the error bar; memory and accuracy are medians with min–max error bars (over repeats;
+accuracy over seeds).
 
 The memory panel shows activation memory (what a step saves for backward), which means the
 same on every device; with a GPU, a second panel shows the CUDA allocator's peak. A CPU's peak
@@ -18,7 +20,7 @@ def figure(summary):
     cuda = any(dev["env"].get("device") == "cuda" for dev in summary["devices"])
     panels = (("activation_bytes", "activation memory (MiB)", MIB),
               *((("peak_memory_bytes", "CUDA allocator peak (MiB)", MIB),) if cuda else ()),
-              ("median_epoch_time_s", "epoch time (s)", 1.0),
+              ("step_time_s", "step time (ms), 95% interval", 1e-3),
               ("final_test_acc", "final test accuracy", 1.0))
     groups, precisions = [], []
     for dev in summary["devices"]:
@@ -36,15 +38,15 @@ def figure(summary):
         for j, precision in enumerate(precisions):
             xs, heights, errs = [], [], [[], []]
             for i, (dev, impl, _) in enumerate(groups):
-                spread = dev["precisions"].get(precision, {}).get(impl, {}).get(metric)
-                if not spread or (metric == "peak_memory_bytes" and
-                                  dev["env"].get("device") != "cuda"):
+                figure_ = dev["precisions"].get(precision, {}).get(impl, {}).get(metric)
+                if not figure_ or (metric == "peak_memory_bytes" and
+                                   dev["env"].get("device") != "cuda"):
                     continue
-                med = spread["median"] / scale
+                mid, lo, hi = _bar(figure_)
                 xs.append(i + (j - (len(precisions) - 1) / 2) * width)
-                heights.append(med)
-                errs[0].append(med - spread["min"] / scale)
-                errs[1].append(spread["max"] / scale - med)
+                heights.append(mid / scale)
+                errs[0].append((mid - lo) / scale)
+                errs[1].append((hi - mid) / scale)
             ax.bar(xs, heights, width, yerr=errs, capsize=3, label=precision)
         for i, (dev, impl, _) in enumerate(groups):
             if not any((cell.get(impl) or {}).get("ok") for cell in dev["precisions"].values()):
@@ -55,9 +57,17 @@ def figure(summary):
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(loc="lower left", fontsize=8, framealpha=0.9)
     devices = ", ".join(dev["device"] for dev in summary["devices"])
-    fig.suptitle(f"ampcompare on {devices}: median over repeats, error bars min–max")
+    fig.suptitle(f"ampcompare on {devices}: step time with its 95% interval; memory and "
+                 f"accuracy median [min–max]")
     fig.tight_layout()
     return fig
+
+
+def _bar(figure_: dict) -> tuple[float, float, float]:
+    """(height, low, high): an estimate and its interval, or a median and its min and max."""
+    if "interval" in figure_:
+        return figure_["estimate"], *figure_["interval"]
+    return figure_["median"], figure_["min"], figure_["max"]
 
 
 def write(summary, path: str) -> None:

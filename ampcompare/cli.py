@@ -129,11 +129,15 @@ def run_one(impl: str, cfg: Config) -> int:
 
 
 def _summary(impl: str, record: dict, cfg: Config) -> None:
+    from common import results, stats
+
     s = record.get("summary") or {}
     acc = f"{s['final_test_acc']:.4f}" if s.get("final_test_acc") is not None else "-"
-    t = f"{s['median_epoch_time_s']:.2f}s" if s.get("median_epoch_time_s") is not None else "-"
+    sample = stats.Sample([results.timed_steps(record.get("epochs") or [])[0]], record["run_id"])
+    est = sample.estimate() if sample else None
+    step = stats.duration_with_interval(est.value, est.lo, est.hi) if est else "-"
     click.echo(f"{impl} {record['precision']['effective']}: {record['status']}, "
-               f"test acc {acc}, median epoch {t}")
+               f"test acc {acc}, median step {step}")
     if record.get("error"):
         click.echo(f"error: {record['error']}", err=True)
     click.echo(f"result: {os.path.join(cfg.out_dir, record['run_id'], 'result.json')}")

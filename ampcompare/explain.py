@@ -23,9 +23,9 @@ def lines(group: dict) -> list[str]:
         if precision == "32-true" or label is None:
             continue
         mixed, ref, ratio = cells[label], base[cells[label]["impl"]], ratios[label][precision]
-        slower = " (slower than 32-true on this machine)" if ratio["speedup"] < 1 else ""
-        parts = [f"{precision} against 32-true ({label}): {ratio['speedup']:.2f}× the "
-                 f"speed{slower}", hardware(env, precision)]
+        speed = ratio["speedup"]["verdict"] if ratio["speedup"] else "no step times recorded"
+        parts = [f"{precision} against 32-true ({label}): {speed}",
+                 hardware(env, precision)]
         mfu = [_median(c, "mfu") for c in (ref, mixed)]
         if None not in mfu:
             parts.append(f"MFU {mfu[0]:.1%} at 32-true, {mfu[1]:.1%} at {precision}")

@@ -1,0 +1,271 @@
+"""Timing figures that can be trusted: the bootstrap's intervals and verdicts against step times
+built by hand (a known difference, a known null, bursts, runs that differ), the report's
+ratios and notes on hand-made records, and the meters' step times in every arm."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from ampcompare import report
+from common import metrics, results, stats
+from fabric_impl import train as fabric
+from lightning_impl import train as lightning
+from plain_torch import train as plain
+from tests.conftest import tiny
+
+
+def noisy(level, n=200, seed=0, noise=0.02):
+    """n step times around `level` seconds, with independent noise of `noise` (relative)."""
+    return list(level * (1 + noise * np.random.default_rng(seed).standard_normal(n)))
+
+
+def test_a_known_difference_is_found_and_said():
+    a = stats.Sample([noisy(0.26, seed=1), noisy(0.26, seed=2)], "32")
+    b = stats.Sample([noisy(0.20, seed=3), noisy(0.20, seed=4)], "mixed")
+    est = stats.ratio(a, b)
+    assert est.lo > 1.25 and est.hi < 1.35 and est.contains(1.3)
+    words = stats.speed_words(est)
+    assert float(words.split("×")[0]) == pytest.approx(1.3, abs=0.01)
+    assert "× faster [" in words and words.endswith("]")
+    assert "× slower [" in stats.speed_words(stats.ratio(b, a))
+
+
+def test_a_known_null_is_no_difference_detectable():
+    a = stats.Sample([noisy(0.2, seed=s) for s in (1, 2, 3)], "a")
+    b = stats.Sample([noisy(0.2, seed=s) for s in (4, 5, 6)], "b")
+    est = stats.ratio(a, b)
+    assert est.contains(1.0)
+    assert stats.speed_words(est).startswith("no difference detectable [")
+    assert stats.time_ratio_words(est).startswith("no difference detectable [")
+
+
+def test_the_same_records_give_the_same_interval():
+    runs = [noisy(0.2, seed=s) for s in (1, 2)]
+    first = stats.Sample(runs, "x").estimate()
+    assert stats.Sample([list(r) for r in runs], "x").estimate() == first
+
+
+def test_runs_that_differ_widen_the_interval_beyond_one_runs():
+    # Three runs whose levels differ by 10% (fresh processes on a noisy machine): the figure's
+    # interval must cover that spread, which one run's steps alone cannot show.
+    between = stats.Sample([noisy(0.2, seed=1), noisy(0.22, seed=2), noisy(0.18, seed=3)], "b")
+    one = stats.Sample([noisy(0.2, seed=1)], "one")
+    wide, narrow = between.estimate(), one.estimate()
+    assert wide.hi - wide.lo > 3 * (narrow.hi - narrow.lo)
+    assert wide.lo < 0.195 and wide.hi > 0.205
+
+
+def test_a_burst_of_slow_steps_is_not_counted_as_independent_evidence():
+    # The same step times twice: in order (a burst: 60 slow steps in a row, as this machine's
+    # noise comes) and shuffled. Blocks of consecutive steps make the bursty run's interval wider.
+    rng = np.random.default_rng(0)
+    steps = np.concatenate([0.2 + 0.002 * rng.standard_normal(140),
+                            0.3 + 0.002 * rng.standard_normal(60)])
+    bursty = stats.Sample([steps], "bursty").estimate()
+    shuffled = stats.Sample([rng.permutation(steps)], "shuffled").estimate()
+    assert bursty.hi - bursty.lo > 1.5 * (shuffled.hi - shuffled.lo)
+
+
+def test_a_round_effect_cancels_when_the_runs_were_measured_side_by_side():
+    # Rounds whose machine speed differs by up to 50%; in each, b takes 10 ms more than a.
+    levels = [0.2, 0.3, 0.25, 0.22, 0.28, 0.21]
+    a = stats.Sample([noisy(v, 40, seed=i, noise=0.005) for i, v in enumerate(levels)], "a")
+    b = stats.Sample([noisy(v + 0.01, 40, seed=10 + i, noise=0.005)
+                      for i, v in enumerate(levels)], "b")
+    paired, unpaired = stats.difference(b, a, paired=True), stats.difference(b, a)
+    assert paired.lo > 0.008 and paired.hi < 0.012
+    assert unpaired.contains(0.0)
+    assert stats.overhead_words(paired, a.value).startswith("+10.")
+    assert " ms a step [+" in stats.overhead_words(paired, a.value)
+    assert stats.overhead_words(unpaired, a.value).startswith("no difference detectable")
+    with pytest.raises(ValueError):
+        stats.difference(b, stats.Sample(a.runs[:3], "short"), paired=True)
+
+
+@pytest.mark.parametrize("est,words", [
+    (stats.Estimate(1.31, 1.25, 1.38), "1.31× faster [1.25–1.38]"),
+    (stats.Estimate(1.002, 0.97, 1.04), "no difference detectable [0.97–1.04]"),
+    (stats.Estimate(0.8, 0.78, 0.82), "1.25× slower [1.22–1.28]"),
+    (stats.Estimate(1.004, 1.001, 1.007), "1.004× faster [1.001–1.007]"),
+])
+def test_speed_words(est, words):
+    assert stats.speed_words(est) == words
+
+
+@pytest.mark.parametrize("est,words", [
+    (stats.Estimate(812e-6, 690e-6, 930e-6),
+     "+812 µs a step [+690, +930], 0.33% of plain's 246 ms step"),
+    (stats.Estimate(30e-6, -80e-6, 150e-6),
+     "no difference detectable [−80, +150] µs a step, against plain's 246 ms"),
+    (stats.Estimate(-20e-3, -30e-3, -10e-3),
+     "−20.0 ms a step [−30.0, −10.0]: plain's steps took longer here (246 ms)"),
+])
+def test_overhead_words(est, words):
+    assert stats.overhead_words(est, 0.246) == words
+
+
+@pytest.mark.parametrize("est,target,at_most,words", [
+    (stats.Estimate(2.5, 2.2, 2.8), 2.0, False, "meets ≥ 2.0"),
+    (stats.Estimate(1.5, 1.4, 1.6), 2.0, False, "misses ≥ 2.0"),
+    (stats.Estimate(2.0, 1.9, 2.1), 2.0, False, "cannot tell"),
+])
+def test_targets_are_judged_on_the_whole_interval(est, target, at_most, words):
+    assert stats.against(est, target, at_most).startswith(words)
+
+
+# --- the report, on records built by hand --------------------------------------------------
+
+def record(impl, precision, steps_by_run_epoch, run, weights="w"):
+    """A run record whose epochs hold the given step times (the first epoch a warm-up)."""
+    epochs = [{"epoch": i, "warmup": i == 0, "step_times_s": list(times), "train_loss": 1.0,
+               "test_loss": 1.0, "test_acc": 0.5, "epoch_time_s": 1.0, "train_time_s": 1.0,
+               "images_per_s": 1.0, "data_wait_s": 0.0, "peak_memory_bytes": 1}
+              for i, times in enumerate(steps_by_run_epoch)]
+    return {"run_id": f"{impl}-{precision}-r{run}", "impl": impl, "seed": 0, "repeat": run,
+            "status": "ok", "precision": {"requested": precision, "effective": precision},
+            "opt_level": None, "config": {"model": "small"}, "weights_sha256": weights,
+            "env": {"device": "cpu", "device_name": "CPU"}, "epochs": epochs,
+            "summary": results.summarize(epochs)}
+
+
+def group_of(records):
+    (group,) = report.summarize(records)["devices"]
+    return group
+
+
+def test_the_report_finds_a_known_speedup_and_a_known_null():
+    records = []
+    for run in range(2):
+        for impl, extra in (("plain", 0.0), ("lightning", 0.0)):
+            records.append(record(impl, "32-true", [noisy(0.3, 20, run), noisy(0.2 + extra, 50,
+                                                   seed=run)], run, weights=f"w32-{run}"))
+            records.append(record(impl, "bf16-mixed", [noisy(0.3, 20, run),
+                                                        noisy(0.1, 50, seed=9 + run)], run,
+                                  weights=f"w16-{run}"))
+    group = group_of(records)
+    speed = group["ratios"]["plain"]["bf16-mixed"]["speedup"]
+    # independently: the mean over runs of each run's median timed step
+    medians = {p: np.mean([np.median(r["epochs"][1]["step_times_s"]) for r in records
+                           if (r["impl"], r["precision"]["effective"]) == ("plain", p)])
+               for p in ("32-true", "bf16-mixed")}
+    expected = medians["32-true"] / medians["bf16-mixed"]
+    lo, hi = speed["interval"]
+    assert speed["estimate"] == pytest.approx(expected) and 1.9 < lo < expected < hi < 2.1
+    assert speed["verdict"].startswith(f"{expected:.2f}× faster [")
+    cost = group["overheads"]["32-true"]["lightning"]
+    assert cost["interval"][0] < 0 < cost["interval"][1]
+    assert cost["verdict"].startswith("no difference detectable")
+    assert not any("do not overlap" in n for n in group["notes"])
+    md = report.markdown(report.summarize(records), records)
+    assert speed["verdict"] in md and "no difference detectable [" in md
+    assert "One run per cell" not in md
+
+
+def test_one_run_per_cell_says_what_its_interval_covers():
+    records = [record("plain", p, [noisy(0.3, 20), noisy(t, 50)], 0)
+               for p, t in (("32-true", 0.2), ("bf16-mixed", 0.1))]
+    notes = group_of(records)["notes"]
+    assert any("One run per cell" in n and "--repeats" in n for n in notes)
+
+
+def test_identical_arithmetic_with_speedups_that_do_not_overlap_is_called_noise():
+    # plain and Lightning trained the same weights, yet one got 2x and the other 1.5x.
+    records = []
+    for impl, mixed in (("plain", 0.1), ("lightning", 0.1333)):
+        records.append(record(impl, "32-true", [[0.3] * 5, noisy(0.2, 100, seed=1, noise=0.001)],
+                              0, weights="same-32"))
+        records.append(record(impl, "bf16-mixed", [[0.3] * 5, noisy(mixed, 100, seed=2,
+                                                                    noise=0.001)],
+                              0, weights="same-16"))
+    notes = group_of(records)["notes"]
+    assert any("plain and lightning trained bitwise-identical weights" in n
+               and "noise exceeded" in n for n in notes), notes
+    # Different weights: not the same arithmetic, nothing to say.
+    records[-1]["weights_sha256"] = "other"
+    assert not any("noise exceeded" in n for n in group_of(records)["notes"])
+
+
+def test_a_one_epoch_run_leaves_out_its_first_steps():
+    steps = [1.0] * results.WARMUP_STEPS + [0.2] * 20
+    timed, rule = results.timed_steps([{"warmup": True, "step_times_s": steps}])
+    assert timed == [0.2] * 20 and "first" in rule
+    timed, rule = results.timed_steps([{"warmup": True, "step_times_s": [1.0] * 3},
+                                       {"warmup": False, "step_times_s": [0.2] * 4}])
+    assert timed == [0.2] * 4 and "warm-up epochs left out" in rule
+
+
+# --- the meters ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arm", [plain, lightning, fabric])
+def test_every_arm_records_a_time_and_a_wait_per_step(tmp_path, arm):
+    result = arm.train(tiny(tmp_path, epochs=2))
+    for e in result.epochs:
+        assert len(e["step_times_s"]) == len(e["step_waits_s"]) == e["steps"] == 3
+        assert all(t > 0 for t in e["step_times_s"])
+        assert e["step_clock"] == "perf_counter"
+        # a step's time holds its wait: together they cannot exceed the training time
+        assert sum(e["step_times_s"]) <= e["train_time_s"]
+        assert sum(e["step_waits_s"]) == pytest.approx(e["data_wait_s"])
+    s = result.summary
+    assert s["timed_steps"] == 3 and s["step_time_q1_s"] <= s["median_step_time_s"] <= \
+        s["step_time_q3_s"]
+    assert result.env["steady_malloc"] is True  # glibc here: the same allocator for every arm
+
+
+class StandInEvent:
+    """torch.cuda.Event's interface, on a CPU: a stamp on a fake stream clock."""
+    clock, made, synced = 0.0, [], False
+
+    def __init__(self, enable_timing=False):
+        assert enable_timing
+        self.at = None
+        StandInEvent.made.append(self)
+
+    def record(self):
+        self.at = StandInEvent.clock
+
+    def elapsed_time(self, end):  # milliseconds, as CUDA's; only once the stream is synced
+        assert StandInEvent.synced, "read before the epoch's synchronize"
+        return (end.at - self.at) * 1e3
+
+
+def test_the_cuda_clock_stamps_each_step_without_a_sync(monkeypatch):
+    monkeypatch.setattr(metrics.CudaClock, "Event", StandInEvent)
+    monkeypatch.setattr(StandInEvent, "made", [])
+    monkeypatch.setattr(metrics, "clock", lambda device: metrics.CudaClock())
+    synced = []
+    monkeypatch.setattr(metrics, "synchronize", lambda device: synced.append(True))
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    meter = metrics.EpochMeter(torch.device("cpu"), 1, metrics.StepCounter(optimizer))
+    syncs_at_start = len(synced)
+    for step, took in enumerate((0.010, 0.020, 0.015)):
+        StandInEvent.clock += 0.001  # the wait for the batch
+        meter.batch_start()
+        StandInEvent.clock += took
+        meter.step(torch.tensor(1.0), 4)
+    assert len(synced) == syncs_at_start  # no sync per step
+    assert len(StandInEvent.made) == 4  # one stamp to start, one at each step's end
+    meter.train_done()
+    StandInEvent.synced = True
+    try:
+        row, _ = meter.finish(None)
+    finally:
+        StandInEvent.synced = False
+    assert row["step_clock"] == "cuda events"
+    # the first step from its batch start; later ones from the end of the step before
+    assert row["step_times_s"] == pytest.approx([0.010, 0.021, 0.016])
+
+
+def test_old_records_without_step_times_still_report(tmp_path):
+    rec = record("plain", "32-true", [[0.3] * 5, [0.2] * 5], 0)
+    old = copy.deepcopy(rec)
+    for e in old["epochs"]:
+        del e["step_times_s"]
+    old["summary"] = results.summarize(old["epochs"])
+    old["precision"] = {"requested": "bf16-mixed", "effective": "bf16-mixed"}
+    group = group_of([rec, old])
+    assert group["precisions"]["bf16-mixed"]["plain"]["step_time_s"] is None
+    assert group["ratios"]["plain"]["bf16-mixed"]["speedup"] is None
+    assert "– (no step times)" in report.markdown(report.summarize([rec, old]), [rec, old])
