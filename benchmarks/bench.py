@@ -1,30 +1,40 @@
-"""`make bench`: ratios measured side by side, in one process, on this machine.
+"""`make bench`: what each framework costs per step, and the ratios around it, measured side by
+side in one process on this machine, each with its 95% interval and a verdict in words.
 
-    .venv/bin/python benchmarks/bench.py                 # CPU, a few minutes
-    .venv/bin/python benchmarks/bench.py --repeats 5 --accelerator cuda
+    .venv/bin/python benchmarks/bench.py                 # CPU, about 3 minutes
+    .venv/bin/python benchmarks/bench.py --rounds 10 --accelerator cuda
 
-What it measures, each as median [min–max] over repeats:
+How it measures. The arms of a measurement run as threads of one process that take turns epoch
+by epoch: epoch k of every arm runs before epoch k + 1 of any, in an order that rotates each
+round. Each timed epoch is a round; a round's arms ran within seconds of each other, so a burst
+of machine noise (here, a fresh process ran up to 40% slower than the next) falls on all of
+them, and the paired bootstrap (common/stats.py: rounds drawn, then blocks of steps within each
+round) cancels it. A control arm, the plain loop a second time, is measured by the same
+procedure: plain against plain must show no difference, its interval's width is the noise floor
+of every other figure, and a bias of the procedure (the threads' start order) would show there.
 
-- lightning_over_plain, fabric_over_plain: epoch time of each framework over the plain loop,
-  small CNN, batch 256. The arms run in threads of one process that take turns epoch by epoch
-  (epoch k of every arm runs before epoch k + 1 of any, the order rotating each round), so that
-  neighbouring epochs see the same machine: a fresh process here ran up to ±15% faster or
-  slower than the last, which buried a 1–2% difference when whole runs alternated. It runs
-  twice, the threads started in opposite orders (the first-started thread was seen to run up to
-  15% slower). Process CPU time is recorded beside wall time. Targets: 1.02 and 1.01.
-- *_overhead_us_per_step: what each framework adds to an optimizer step, with the `linear`
-  model (a linear classifier: next to no compute), so that the framework dominates.
-  Lightning documents its own overhead as about 0.06 s an epoch.
+- lightning_cost_per_step, fabric_cost_per_step: the step time each framework adds to the
+  plain loop, in µs, with the `linear` model (a linear classifier: next to no compute, so that
+  the framework dominates) and one thread (a framework's own work is single-threaded Python).
+  control_cost_per_step and control_ratio: plain against plain, the same way. Target for
+  Lightning's: an interval that excludes 0, half as wide as the estimate at most (±25%).
+- lightning_cost_share_of_small_step, fabric_...: that cost as a share of the small CNN's step
+  (batch 256), where a step is mostly arithmetic: what a user of a real model pays. A ratio of
+  small-CNN step times cannot show it: its control's interval is wider than the whole effect.
+- bf16_over_fp32: step time of bf16-mixed over 32-true (plain loop, small CNN), beside
+  control_over_fp32 (32-true against itself: the noise floor of that ratio), and the activation
+  memory ratio.
+- data_wait_fraction: the share of a training step spent waiting for data, with the common
+  pipeline (plain loop, small CNN, batch 256). Target: at most 0.02.
 - loader_over_torchvision: images/s of the common pipeline (batched crop, flip and normalise as
   tensor ops, order and draws from (seed, epoch)) over a torchvision DataLoader with
   RandomCrop(32, 4) + RandomHorizontalFlip + Normalize and 2 workers, both only iterating.
   Target: at least 20.
-- data_wait_fraction: the share of a real training epoch's time spent waiting for data, with
-  the common pipeline (plain loop, small CNN, batch 256). Target: at most 0.02.
-- bf16_over_fp32: epoch time and activation memory of bf16-mixed over 32-true on this device
-  (plain loop, small CNN; measured, no target).
 
-A ratio whose [min–max] straddles its target is reported as such, not as a bare pass or fail.
+Why threads of one process, not a fresh process per arm: measured here with the linear model,
+three rounds of fresh processes put plain against plain at −315 µs [−950, +190] (a noise floor
+about 1100 µs wide), while 60 rounds of threads put it at +7 µs [−114, +129].
+A figure whose interval holds both sides of its target says so, not a bare pass or fail.
 Everything lands in --out-dir (default runs/bench): bench.json, and every run's result.json.
 """
 from __future__ import annotations
@@ -33,7 +43,6 @@ import argparse
 import dataclasses
 import json
 import os
-import statistics
 import sys
 import threading
 import time
@@ -44,7 +53,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ampcompare import compare  # noqa: E402 (compare: the run folder)
-from common import data, metrics  # noqa: E402
+from common import data, metrics, stats  # noqa: E402
 from common.config import Config  # noqa: E402
 from common.device import resolve_device  # noqa: E402
 from common.environment import environment  # noqa: E402
@@ -55,6 +64,8 @@ from lightning_impl import train as lightning  # noqa: E402
 from plain_torch import train as plain  # noqa: E402
 
 ARMS = {"plain": plain, "lightning": lightning, "fabric": fabric}
+# The arms of the framework measurements: the control is the plain loop once more.
+FRAMEWORKS = {"plain": "plain", "lightning": "lightning", "fabric": "fabric", "control": "plain"}
 
 
 class Turns:
@@ -96,101 +107,120 @@ class Turns:
             self.cond.notify_all()
 
 
-def take_turns(cfgs: dict) -> dict:
-    """Run every arm's train(cfg) in a thread of its own, epoch by epoch in turn; their
-    results, by name. (Lightning registers signal handlers only from the main thread.)"""
-    turns, out = Turns(cfgs), {}
-    real_init = metrics.EpochMeter.__init__
+@dataclasses.dataclass
+class Job:
+    impl: str
+    cfg: Config
 
-    def init(self, *args, **kwargs):
-        turns.take(threading.current_thread().name)
-        real_init(self, *args, **kwargs)
 
-    team = torch.get_num_threads()
+def take_turns(jobs: dict, threads: int) -> dict:
+    """Run every job's train(cfg) in a thread of its own, epoch by epoch in turn, each with an
+    OpenMP team of `threads`; their results, by name. (Lightning registers signal handlers only
+    from the main thread.)"""
+    turns, out = Turns(jobs), {}
 
-    def run(name, cfg):
-        torch.set_num_threads(team)  # each thread's own OpenMP team, sized alike
+    def hook(epoch):
+        name = threading.current_thread().name
+        if name in jobs:
+            turns.take(name)
+
+    def run(name, job):
+        torch.set_num_threads(threads)
         try:
-            out[name] = ARMS[cfg.impl_name].train(cfg.cfg)
+            out[name] = ARMS[job.impl].train(job.cfg)
         except Exception as e:  # a refused option, say: its measures say so, the rest go on
             out[name] = types.SimpleNamespace(status="failed", error=f"{type(e).__name__}: {e}",
                                               epochs=[], summary={})
         finally:
             turns.done(name)
-    metrics.EpochMeter.__init__ = init
+    metrics.epoch_start_hooks.append(hook)
     try:
-        threads = [threading.Thread(target=run, name=n, args=(n, c)) for n, c in cfgs.items()]
-        for t in threads:
+        workers = [threading.Thread(target=run, name=n, args=(n, j)) for n, j in jobs.items()]
+        for t in workers:
             t.start()
-        for t in threads:
+        for t in workers:
             t.join()
     finally:
-        metrics.EpochMeter.__init__ = real_init
+        metrics.epoch_start_hooks.remove(hook)
     return out
 
 
-@dataclasses.dataclass
-class Job:
-    impl_name: str
-    cfg: Config
-
-
-def timed(result, key):
+def rounds(result, key: str = "step_times_s") -> list[list[float]]:
+    """A run's timed epochs, one list of per-step values each: the bench's rounds."""
     return [e[key] for e in result.epochs if not e["warmup"]]
 
 
-def spread(values):
-    values = list(values)
-    return {"median": statistics.median(values), "min": min(values), "max": max(values),
-            "n": len(values)}
+def failure(results: dict):
+    """The first arm's error line, or None when every arm ended ok."""
+    bad = [r for r in results.values() if r.status != "ok"]
+    return (bad[0].error or bad[0].status) if bad else None
 
 
-def verdict(s, target, at_most=True):
-    if target is None:
-        return "measured"
-    good = (lambda v: v <= target) if at_most else (lambda v: v >= target)
-    if good(s["min"]) and good(s["max"]):
-        return f"meets {'≤' if at_most else '≥'} {target}"
-    if not good(s["min"]) and not good(s["max"]):
-        return f"misses {'≤' if at_most else '≥'} {target}"
-    return f"straddles {target}: the spread holds both sides"
+def side_by_side(base: Config, folder: str, arms: dict, tag: str, threads: int):
+    """Run `arms` ({name: impl}) in turns; their samples by name (one run per round), or the
+    error that stopped one of them."""
+    jobs = {n: Job(impl, dataclasses.replace(base, run_id=f"{tag}-{n}", out_dir=folder))
+            for n, impl in arms.items()}
+    res = take_turns(jobs, threads)
+    why = failure(res)
+    if why:
+        return None, why, res
+    return {n: stats.Sample(rounds(r), f"{tag} {n}") for n, r in res.items()}, None, res
 
 
-def overhead(base: Config, folder: str, repeats: int, report: dict) -> None:
-    """Epoch-time ratios (small CNN) and µs per step added (linear model), paired by round.
-    Each is measured twice, the arms' threads started in one order and then in the reverse:
-    which thread starts first was seen to cost an arm up to 15% here, and both orders pooled
-    cancel that out."""
-    for model, key in (("small", "over_plain"), ("linear", "overhead_us_per_step")):
-        cfg = dataclasses.replace(base, model=model, epochs=repeats + 1)
-        values = {}
-        for order in (list(ARMS), list(ARMS)[::-1]):
-            jobs = {n: Job(n, dataclasses.replace(cfg, run_id=f"{model}-{n}-{order[0]}",
-                                                  out_dir=folder)) for n in order}
-            res = take_turns(jobs)
-            for n in ("lightning", "fabric"):
-                arm, ref = res[n], res["plain"]
-                if arm.status != "ok" or ref.status != "ok":
-                    values.setdefault(f"{n}_{key}", []).append(
-                        arm.error or ref.error or f"{arm.status} / {ref.status}")
-                    continue
-                if key == "over_plain":
-                    for what in ("epoch_time_s", "train_cpu_s"):
-                        name = f"{n}_over_plain" + ("" if what == "epoch_time_s" else "_cpu")
-                        values.setdefault(name, []).extend(
-                            a / b for a, b in zip(timed(arm, what), timed(ref, what)))
-                else:
-                    steps = arm.epochs[-1]["steps"]
-                    values.setdefault(f"{n}_{key}", []).extend(
-                        (a - b) / steps * 1e6
-                        for a, b in zip(timed(arm, "train_time_s"), timed(ref, "train_time_s")))
-        for name, got in values.items():
-            errors = [v for v in got if isinstance(v, str)]
-            report[name] = {"error": errors[0]} if errors else spread(got)
+def figure(est: stats.Estimate, words: str, unit: str = "", scale: float = 1.0,
+           target=None) -> dict:
+    out = {"estimate": est.value * scale, "interval": [est.lo * scale, est.hi * scale],
+           "rounds": est.runs[0], "unit": unit, "verdict": words}
+    if target is not None:
+        out.update(target=target[0], target_verdict=stats.against(est, *target))
+    return out
 
 
-def loaders(base: Config, repeats: int, report: dict) -> None:
-    import torch
+def framework_cost(base: Config, folder: str, n: int, report: dict) -> None:
+    """µs a step that each framework adds to the plain loop, with the linear model."""
+    cfg = dataclasses.replace(base, model="linear", epochs=n + 1)
+    samples, why, _ = side_by_side(cfg, folder, FRAMEWORKS, "linear", threads=1)
+    names = ("lightning_cost_per_step", "fabric_cost_per_step", "control_cost_per_step",
+             "control_ratio")
+    if why:
+        report.update({k: {"error": why} for k in names})
+        return None
+    ref = samples["plain"]
+    for arm in ("lightning", "fabric", "control"):
+        est = stats.difference(samples[arm], ref, paired=True)
+        report[f"{arm}_cost_per_step"] = figure(
+            est, stats.overhead_words(est, ref.value), "µs", 1e6)
+    est = stats.ratio(samples["control"], ref, paired=True)
+    report["control_ratio"] = figure(est, stats.time_ratio_words(est))
+    report["control_ratio"]["target_verdict"] = (
+        "holds: its interval contains 1" if est.contains(1.0) else
+        "FAILS: plain against plain should show no difference; the method is biased here")
+    lightning_cost = report["lightning_cost_per_step"]
+    lo, hi = lightning_cost["interval"]
+    half = (hi - lo) / 2 / abs(lightning_cost["estimate"]) if lightning_cost["estimate"] else None
+    lightning_cost["half_width_share"] = half
+    lightning_cost["target_verdict"] = (
+        f"resolved: excludes 0, half-width {half:.0%} of the estimate (target ≤ 25%)"
+        if lo > 0 and half is not None and half <= 0.25 else
+        f"not resolved: interval [{lo:.0f}, {hi:.0f}] µs, half-width "
+        f"{'–' if half is None else f'{half:.0%}'} of the estimate (target: excludes 0, ≤ 25%)")
+    return samples
+
+
+def cost_shares(linear: dict, small: stats.Sample, report: dict) -> None:
+    """The linear model's cost per step as a share of the small CNN's 32-true step: what the
+    framework costs where a step does real work. (A ratio of small-CNN step times cannot
+    resolve it: the control's interval there is wider than the whole effect.)"""
+    for arm in ("lightning", "fabric"):
+        est = stats.share(linear[arm], linear["plain"], small, paired=True)
+        report[f"{arm}_cost_share_of_small_step"] = figure(
+            est, f"{est.value:.2%} of the small CNN's {stats.duration(small.value)} step "
+                 f"{stats.span(est.lo * 100, est.hi * 100)}%", "share")
+
+
+def loaders(base: Config, n: int, report: dict) -> None:
+    """Per-batch times of the common loader and of torchvision's, round by round."""
     import torchvision.transforms as T
     from torch.utils.data import DataLoader, Dataset
 
@@ -212,97 +242,142 @@ def loaders(base: Config, repeats: int, report: dict) -> None:
     theirs = DataLoader(Pil(), batch_size=base.batch_size, shuffle=True, num_workers=2,
                         persistent_workers=True, generator=torch.Generator().manual_seed(0))
 
-    def images_per_s(loader, epoch):
+    def batch_times(loader, epoch):
         if hasattr(loader.batch_sampler.sampler, "set_epoch"):  # ours; torchvision's reshuffles
             loader.batch_sampler.sampler.set_epoch(epoch)
-        start, n = time.perf_counter(), 0
-        for x, y in loader:
-            n += len(y)
-        return n / (time.perf_counter() - start)
-    images_per_s(theirs, 0)  # start the workers
-    pairs = [(images_per_s(ours, r), images_per_s(theirs, r)) for r in range(repeats)]
-    report["loader_over_torchvision"] = spread(a / b for a, b in pairs)
-    report["loader_images_per_s"] = spread(a for a, _ in pairs)
-    report["torchvision_images_per_s"] = spread(b for _, b in pairs)
+        times, last = [], time.perf_counter()
+        for x, y in loader:  # per image, so that a short last batch counts for what it is
+            now = time.perf_counter()
+            times.append((now - last) / len(y))
+            last = now
+        return times
+    batch_times(theirs, 0)  # start the workers
+    pairs = [(batch_times(ours, r), batch_times(theirs, r)) for r in range(4 * n)]
+    a = stats.Sample([p[0] for p in pairs], "loader ours")
+    b = stats.Sample([p[1] for p in pairs], "loader torchvision")
+    est = stats.ratio(b, a, paired=True)  # their time per image over ours: our speed over theirs
+    report["loader_over_torchvision"] = figure(est, stats.speed_words(est), target=(20, False))
+    for name, sample in (("loader_images_per_s", a), ("torchvision_images_per_s", b)):
+        e = sample.estimate()
+        report[name] = figure(stats.Estimate(1 / e.value, 1 / e.hi, 1 / e.lo, e.runs),
+                              "measured", "images/s")
 
 
-def precisions(base: Config, folder: str, repeats: int, report: dict) -> None:
-    cfg = dataclasses.replace(base, model="small", epochs=repeats + 1, out_dir=folder)
-    jobs = {p: Job("plain", dataclasses.replace(cfg, precision=p, run_id=f"plain-{p}"))
-            for p in ("32-true", "bf16-mixed")}
-    res = take_turns(jobs)
-    fp32, bf16 = res["32-true"], res["bf16-mixed"]
-    if fp32.status != "ok" or bf16.status != "ok":
-        for name in ("bf16_over_fp32", "data_wait_fraction"):
-            report[name] = {"error": fp32.error or bf16.error or
-                            f"{fp32.status} / {bf16.status}"}
-        return
-    report["bf16_over_fp32"] = spread(a / b for a, b in zip(timed(bf16, "epoch_time_s"),
-                                                            timed(fp32, "epoch_time_s")))
-    report["bf16_over_fp32_activation_memory"] = (bf16.summary["activation_bytes"]
-                                                  / fp32.summary["activation_bytes"])
-    report["data_wait_fraction"] = spread(
-        w / t for w, t in zip(timed(fp32, "data_wait_s"), timed(fp32, "train_time_s")))
+def precisions(base: Config, folder: str, n: int, threads: int, report: dict):
+    """bf16-mixed against 32-true, plain against plain (the control) and the data wait, with
+    the plain loop and the small CNN; returns the 32-true sample."""
+    cfg = dataclasses.replace(base, model="small", epochs=n + 1)
+    arms = {"32-true": "32-true", "bf16-mixed": "bf16-mixed", "control": "32-true"}
+    jobs = {name: Job("plain", dataclasses.replace(cfg, precision=p, run_id=f"small-{name}",
+                                                   out_dir=folder)) for name, p in arms.items()}
+    res = take_turns(jobs, threads)
+    why = failure(res)
+    if why:
+        for name in ("bf16_over_fp32", "control_over_fp32", "data_wait_fraction"):
+            report[name] = {"error": why}
+        return None
+    fp32, bf16, control = (stats.Sample(rounds(res[name]), f"small {name}") for name in arms)
+    est = stats.ratio(bf16, fp32, paired=True)
+    report["bf16_over_fp32"] = figure(est, stats.time_ratio_words(est))
+    est = stats.ratio(control, fp32, paired=True)
+    report["control_over_fp32"] = figure(est, stats.time_ratio_words(est))
+    report["control_over_fp32"]["target_verdict"] = (
+        "holds: its interval contains 1" if est.contains(1.0) else
+        "FAILS: plain against plain should show no difference; the ratios above it are "
+        "narrower than this machine's noise")
+    report["bf16_over_fp32_activation_memory"] = (res["bf16-mixed"].summary["activation_bytes"]
+                                                  / res["32-true"].summary["activation_bytes"])
+    waits = stats.Sample(rounds(res["32-true"], "step_waits_s"), "small waits")
+    est = stats.ratio(waits, fp32, paired=True)
+    report["data_wait_fraction"] = figure(est, f"{est.value:.2%} of a step waits for data "
+                                          f"{stats.span(est.lo * 100, est.hi * 100)}%",
+                                          target=(0.02, True))
+    return fp32
 
 
-TARGETS = {"lightning_over_plain": (1.02, True), "fabric_over_plain": (1.01, True),
-           "loader_over_torchvision": (20, False), "data_wait_fraction": (0.02, True)}
-
-
-def _repeats(value: str) -> int:
+def _count(value: str) -> int:
     n = int(value)
-    if not 1 <= n <= 100:
-        raise argparse.ArgumentTypeError(f"{n}: use 1 to 100")
+    if not 1 <= n <= 1000:
+        raise argparse.ArgumentTypeError(f"{n}: use 1 to 1000")
     return n
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--repeats", type=_repeats, default=3,
-                   help="timed epochs (rounds) per measurement; the framework ratios take "
-                        "twice as many, in two thread orders [default: 3]")
-    p.add_argument("--synthetic-size", type=int, default=5000,
-                   help="training images [default: 5000]")
-    p.add_argument("--batch-size", type=int, default=256, help="[default: 256]")
-    p.add_argument("--accelerator", default="cpu", help="[default: cpu]")
+    p.add_argument("--rounds", type=_count, default=5,
+                   help="timed rounds (epochs) of the small-CNN and loader measurements "
+                        "[default: 5]")
+    p.add_argument("--linear-rounds", type=_count, default=200,
+                   help="timed rounds of the framework cost, linear model [default: 200]")
+    p.add_argument("--synthetic-size", type=_count_images, default=5120,
+                   help="training images: 20 steps an epoch at batch 256 [default: 5120]")
+    p.add_argument("--batch-size", type=_count, default=256, help="[default: 256]")
+    p.add_argument("--accelerator", default="cpu", choices=("auto", "cpu", "cuda"),
+                   help="[default: cpu]")
     p.add_argument("--out-dir", default="runs/bench", help="[default: runs/bench]")
     args = p.parse_args(argv)
 
     try:
         base = Config(dataset="synthetic", synthetic_size=args.synthetic_size,
                       batch_size=args.batch_size, precision="32-true", quiet=True,
-                      accelerator=args.accelerator, checkpoint=False).validate()
+                      accelerator=args.accelerator, checkpoint=False,
+                      out_dir=args.out_dir).validate()
         device = resolve_device(base)
         check_out_dir(args.out_dir)
         folder = compare.new_folder(args.out_dir)
     except UsageError as e:
         print(f"bench: error: {e}", file=sys.stderr)
         return 2
-    report = {"command": " ".join(sys.argv), "repeats": args.repeats}
-    overhead(base, folder, args.repeats, report)
-    loaders(base, args.repeats, report)
-    precisions(base, folder, args.repeats, report)
-    for name, (target, at_most) in TARGETS.items():
-        if "median" in report.get(name, {}):
-            report[name]["verdict"] = verdict(report[name], target, at_most)
+    threads = torch.get_num_threads()
+    report = {"command": " ".join(sys.argv), "rounds": args.rounds,
+              "linear_rounds": args.linear_rounds}
+    took = {}
+    start = time.monotonic()
+    linear = framework_cost(base, folder, args.linear_rounds, report)
+    took["framework_cost"], start = time.monotonic() - start, time.monotonic()
+    small = precisions(base, folder, args.rounds, threads, report)
+    if linear and small:
+        cost_shares(linear, small, report)
+    took["precisions"], start = time.monotonic() - start, time.monotonic()
+    loaders(base, args.rounds, report)  # 4 x --rounds: an epoch of theirs is half a second
+    took["loaders"] = time.monotonic() - start
+    report["seconds"] = {k: round(v, 1) for k, v in took.items()}
     env = environment(device, {})
-    report["env"] = {k: env.get(k) for k in ("device_name", "threads", "torch", "lightning")}
+    report["env"] = {k: env.get(k) for k in ("device_name", "torch", "lightning")}
+    report["env"]["threads"] = threads
     with open(os.path.join(args.out_dir, "bench.json"), "w") as f:
         json.dump(report, f, indent=1)
-    print(f"\n{'measure':<34} {'median':>10} {'[min–max]':<22} verdict")
-    for name, value in report.items():
-        if isinstance(value, dict) and "median" in value:
-            lo_hi = f"[{value['min']:.3g}–{value['max']:.3g}]"
-            print(f"{name:<34} {value['median']:>10.4g} {lo_hi:<22} "
-                  f"{value.get('verdict', '')}")
-        elif isinstance(value, float):
-            print(f"{name:<34} {value:>10.4g}")
-        elif isinstance(value, dict) and "error" in value:
-            print(f"{name:<34} failed: {value['error']}")
-    print(f"\n{report['env']['device_name']}, {report['env']['threads']} threads, torch "
-          f"{report['env']['torch']}, lightning {report['env']['lightning']}; "
+    print(table(report))
+    print(f"\n{report['env']['device_name']}, {threads} threads (1 for the linear model), "
+          f"torch {report['env']['torch']}, lightning {report['env']['lightning']}; "
           f"{args.out_dir}/bench.json, runs in {folder}")
     return 0
+
+
+def _count_images(value: str) -> int:
+    n = int(value)
+    if not 1 <= n <= 10 ** 6:
+        raise argparse.ArgumentTypeError(f"{n}: use 1 to 1000000")
+    return n
+
+
+def table(report: dict) -> str:
+    lines = [f"{'measure':<34} {'estimate [95% interval]':<28} verdict"]
+    for name, value in report.items():
+        if isinstance(value, float):
+            lines.append(f"{name:<34} {value:<28.3f} measured")
+        if not isinstance(value, dict) or name in ("env", "seconds"):
+            continue
+        if "error" in value:
+            lines.append(f"{name:<34} failed: {value['error']}")
+            continue
+        lo, hi = value["interval"]
+        digits = 0 if value["unit"] in ("µs", "images/s") else 4 if value["unit"] else 3
+        est = f"{value['estimate']:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}] {value['unit']}"
+        verdict = value["verdict"] + (f"; {value['target_verdict']}"
+                                      if value.get("target_verdict") else "")
+        lines.append(f"{name:<34} {est:<28} {verdict}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -71,22 +71,27 @@ def test_every_command_is_in_the_readme(name):
 
 def test_the_bench_runs_and_writes_every_ratio(tmp_path):
     root = os.path.dirname(os.path.dirname(__file__))
-    proc = subprocess.run([sys.executable, "benchmarks/bench.py", "--repeats", "2",
-                           "--synthetic-size", "128", "--batch-size", "64",
-                           "--out-dir", str(tmp_path)], cwd=root, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "benchmarks/bench.py", "--rounds", "2",
+                           "--linear-rounds", "3", "--synthetic-size", "128", "--batch-size",
+                           "64", "--out-dir", str(tmp_path)], cwd=root, capture_output=True,
+                          text=True)
     assert proc.returncode == 0, proc.stderr
     import json
     bench = json.loads((tmp_path / "bench.json").read_text())
-    # the framework ratios pair rounds in two thread orders: twice the repeats
-    for name, n in (("lightning_over_plain", 4), ("fabric_over_plain", 4),
-                    ("lightning_over_plain_cpu", 4), ("lightning_overhead_us_per_step", 4),
-                    ("fabric_overhead_us_per_step", 4), ("loader_over_torchvision", 2),
-                    ("data_wait_fraction", 2), ("bf16_over_fp32", 2)):
-        assert bench[name]["n"] == n and bench[name]["min"] <= bench[name]["median"], name
+    for name, rounds in (("lightning_cost_per_step", 3), ("fabric_cost_per_step", 3),
+                         ("control_cost_per_step", 3), ("control_ratio", 3),
+                         ("lightning_cost_share_of_small_step", 3), ("bf16_over_fp32", 2),
+                         ("control_over_fp32", 2), ("data_wait_fraction", 2),
+                         ("loader_over_torchvision", 8)):
+        figure = bench[name]
+        lo, hi = figure["interval"]
+        assert figure["rounds"] == rounds and lo <= figure["estimate"] <= hi, name
+        assert figure["verdict"], name
     assert bench["bf16_over_fp32_activation_memory"] < 0.7
-    assert bench["lightning_over_plain"]["verdict"].split()[0] in ("meets", "misses",
-                                                                  "straddles")
-    assert "fabric_over_plain" in proc.stdout
+    assert bench["control_ratio"]["target_verdict"].split(":")[0] in ("holds", "FAILS")
+    assert bench["lightning_cost_per_step"]["target_verdict"].split(":")[0] in (
+        "resolved", "not resolved")
+    assert "lightning_cost_per_step" in proc.stdout and "µs a step" in proc.stdout
 
 
 def test_the_gpu_check_runs_every_step_in_its_cpu_mode(tmp_path):
@@ -97,7 +102,7 @@ def test_the_gpu_check_runs_every_step_in_its_cpu_mode(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (tmp_path / "report" / "benchmark.png").exists()
     targets = (tmp_path / "targets.txt").read_text()
-    assert "plain       bf16-mixed images/s" in targets and "activations 0.5" in targets
+    assert "plain       bf16-mixed speed " in targets and "activations 0.5" in targets
     assert "reference (2 P40s / 2 T4s)" in targets
     report = (tmp_path / "report" / "report.md").read_text()
     assert "apex (O2)" in report  # the second compare, reported with the first
@@ -118,5 +123,5 @@ def test_an_arm_that_raises_in_the_bench_is_reported_not_a_traceback(tmp_path, m
     monkeypatch.setitem(bench.ARMS, "plain", types.SimpleNamespace(train=refuse))
     base = tiny(tmp_path, batch_size=64)
     report = {}
-    bench.precisions(base, str(tmp_path), 1, report)
+    bench.precisions(base, str(tmp_path), 1, 1, report)
     assert report["bf16_over_fp32"] == {"error": "RuntimeError: refused on purpose"}
