@@ -18,9 +18,11 @@ $(BIN)/.installed: setup.cfg pyproject.toml
 	touch $@
 
 # The main job in short: every implementation at 32-true and the device's mixed precision, on
-# synthetic data, into one folder with report.md and benchmark.png.
+# synthetic data, into one folder with report.md and benchmark.png. Two repeats, so that every
+# interval covers the noise between processes too; lr 1e-3, so that three short epochs learn.
 demo: $(BIN)/.installed
-	$(BIN)/ampcompare compare --dataset synthetic --model small --epochs 2 --out-dir $(DEMO_DIR)
+	$(BIN)/ampcompare compare --dataset synthetic --model small --synthetic-size 5120 \
+		--epochs 3 --lr 1e-3 --repeats 2 --out-dir $(DEMO_DIR)
 
 # The python-only wheel of apex 25.04, where this checkout has it beside it (../shared/wheels):
 # make test installs it, so that the suite runs real apex's import and its exit-2 line without

@@ -217,6 +217,8 @@ def _ratios(table, samples) -> dict:
             if ref_label is None:
                 continue
             ref = table["32-true"][ref_label]
+            if not ref["ok"] or not cell["ok"]:
+                continue
             a, b = samples["32-true", ref_label], samples[precision, label]
             speedup = stats.ratio(a, b) if a and b else None
             ratio = {"speedup": {**speedup.to_dict(), "verdict": stats.speed_words(speedup)}
