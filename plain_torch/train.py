@@ -5,8 +5,9 @@ Run:    ampcompare plain --dataset synthetic --model small --epochs 2
 Read:   sdiff -w 200 plain_torch/train.py lightning_impl/train.py   (or apex_impl/train.py)
 Shows:  the reference loop the others are measured against; per-step losses and final
         weights are bitwise identical to Lightning's at 32-true, bf16-mixed and 16-mixed.
-Measured: small CNN, batch 256, 10k synthetic images, 2-core Intel Xeon CPU, torch 2.14.1:
-        8.12 s/epoch at 32-true, 7.46 s at bf16-mixed (README, "A real comparison").
+Measured: small CNN, batch 256, 10k synthetic images, 2-core AMD EPYC, torch 2.14.1: a step
+        takes 164 ms [154-174] at 32-true and 105 ms [102-109] at bf16-mixed, 1.56x faster
+        [1.45-1.67] (95% intervals, 3 repeats; README, "A real comparison").
 """
 from __future__ import annotations
 

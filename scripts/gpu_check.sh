@@ -6,8 +6,8 @@
 #   2. compare: ResNet-18 at batch 256 on the synthetic set, 32-true against 16-mixed and
 #      bf16-mixed, for plain, Lightning, Fabric and apex (O1), and apex O2 at 16-mixed;
 #   3. one report of both, and the targets beside the reference benchmark's figures
-#      (scripts/gpu_targets.py): images/s, activation memory, allocator peak, MFU, data wait,
-#      skipped fp16 steps.
+#      (scripts/gpu_targets.py): speed (step times, with the interval: CUDA events), activation
+#      memory, allocator peak, MFU, data wait, skipped fp16 steps.
 # Everything lands in OUT_DIR ($OUT when set, else runs/gpu-check): env.txt, gpu-tests.log,
 # the compare folders, report/ (report.md, results.csv, summary.json, benchmark.png),
 # targets.txt.
