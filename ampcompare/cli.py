@@ -223,7 +223,8 @@ def _names(value: str, allowed, what: str) -> list[str]:
               help="Precisions, comma-separated.  [default: 32-true and the device's mixed "
                    "precision: 16-mixed on CUDA, bf16-mixed on CPU]")
 @click.option("--repeats", default=1, type=click.IntRange(min=1, max=1000),
-              help="Runs of each (impl, precision); spreads are min–max over them.  [default: 1]")
+              help="Runs of each (impl, precision), each a fresh process: with 2 or more the "
+                   "step-time intervals cover the noise between processes too.  [default: 1]")
 @option("opt_level")
 @click.option("--seeds", default=1, type=click.IntRange(min=1, max=1000),
               help="Train every arm at this many seeds (--seed, --seed + 1, ...), so that an "
