@@ -16,7 +16,8 @@ from click.core import ParameterSource
 from common import signals
 from common.config import INT_MAX, Config, option_flag
 from common.errors import Unavailable, UsageError, unavailable_exit
-from common.recorder import MAY_CHANGE_ON_RESUME, lock, read_stopped
+from common.recorder import MAY_CHANGE_ON_RESUME, lock
+from common.resume import read_stopped
 
 IMPLS = {"plain": "plain_torch.train", "lightning": "lightning_impl.train",
          "fabric": "fabric_impl.train", "apex": "apex_impl.train"}

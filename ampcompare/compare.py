@@ -29,7 +29,7 @@ from common import results, signals
 from common.config import Config, option_flag
 from common.device import resolve_device
 from common.environment import environment
-from common.recorder import clean_leftovers
+from common import checkpoints
 from common.errors import COMPARE_CHILD, UNAVAILABLE_EXIT, UsageError
 
 PLAN = "compare.json"
@@ -189,7 +189,7 @@ def run_arm(cfg: Config, arm: Arm, folder: str, unavailable: dict, env: dict):
                             env={**os.environ, COMPARE_CHILD: "1"})
     stderr, interrupted = _wait(proc)
     if os.path.isdir(run_dir):  # nothing writes it now: a killed child's temporary files go
-        clean_leftovers(run_dir)
+        checkpoints.clean(run_dir, _existing(run_dir))
     lines = [line for line in stderr.splitlines() if line.strip()]
     last = lines[-1].removeprefix("ampcompare: error: ") if lines else None
     how = exit_description(proc.returncode)

@@ -17,7 +17,7 @@ import uuid
 
 from common import results
 from common.errors import UNAVAILABLE_EXIT
-from common.recorder import clean_leftovers
+from common import checkpoints
 
 
 def free_port() -> int:
@@ -66,12 +66,13 @@ def settle(run_dir: str, failures: dict, stopped: bool) -> int:
         # Refused before it ran (a resume that does not match, a run another process writes):
         # the ranks said why in one line, and the folder, if any, is left as it was.
         return codes.pop() if len(codes) == 1 else 2
-    if os.path.isdir(run_dir):  # no rank writes it now: a killed rank's temporary files go
-        clean_leftovers(run_dir)
     try:
         record = results.read(run_dir)
+        record = None if results.problem(record) else record
     except (OSError, ValueError):
         record = None
+    if os.path.isdir(run_dir):  # no rank writes it now: a killed rank's temporary files go
+        checkpoints.clean(run_dir, record)
     path = os.path.join(run_dir, "result.json")
     if record is not None and record["status"] == "ok":
         if causes:  # after rank 0 recorded the whole run: its numbers stand

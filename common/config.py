@@ -83,11 +83,11 @@ class Config:
     run_id: Optional[str] = _f(None, "Name of the run folder.",
                                shown="<time>-<impl>-<precision>-<6 random hex digits>")
     quiet: bool = _f(False, "No progress bar.", flag="--quiet/--no-quiet")
-    checkpoint: bool = _f(True, "Save checkpoint.pt (model, optimizer, scheduler, loss-scaler "
+    checkpoint: bool = _f(True, "Save a checkpoint (model, optimizer, scheduler, loss-scaler "
                           "state, measurements) beside result.json at the end of every epoch, "
                           "so that --resume can continue the run.",
                           flag="--checkpoint/--no-checkpoint")
-    keep_checkpoint: bool = _f(True, "Keep checkpoint.pt once the run has ended ok (compare "
+    keep_checkpoint: bool = _f(True, "Keep the checkpoint once the run has ended ok (compare "
                                "keeps none: a ResNet-18 with Adam state is 128 MiB a run).",
                                flag="--keep-checkpoint/--no-keep-checkpoint")
     resume: Optional[str] = _f(None, "Continue the stopped run in this folder (compare: the "

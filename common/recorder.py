@@ -1,17 +1,18 @@
-"""The folder of one run (result.json, checkpoint.pt, error.log) and statuses that are true.
+"""The folder of one run (result.json, checkpoint-<epochs>.pt, error.log) and statuses that
+are true.
 
-As a context manager the Recorder turns the way a loop ended (normally, Ctrl-C or SIGTERM, out
-of memory, divergence, a full disk, any error) into the recorded status. A status is final only
-once everything it names is on disk: `ok` is written after the last epoch's checkpoint and
-weights hash. At the end of every epoch the checkpoint and result.json are staged as synced
-temporary files and then renamed together, with signals held back, so that the pair on disk
-always belongs together. A reserve file keeps room for the last record when the disk fills up.
+As a context manager the Recorder turns the way a loop ended (normally, Ctrl-C, SIGTERM or
+SIGHUP, out of memory, divergence, a full disk, any error) into the recorded status. A status
+is final only once everything it names is on disk: `ok` is written after the last epoch's
+checkpoint and weights hash. At the end of every epoch the checkpoint and result.json are
+written as a pair that a crash at any instant leaves whole (common/checkpoints.py); an epoch's
+row joins the record's epochs only with its checkpoint. A reserve file keeps room for the last
+record when the disk fills up.
 """
 from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import os
 import shutil
 import resource
@@ -21,25 +22,14 @@ from typing import Callable, Optional
 
 import torch
 
-from common import distributed, flops, metrics, peaks, signals
-from common.config import option_flag
+from common import checkpoints, distributed, flops, metrics, peaks, resume, signals
+from common.checkpoints import LOCK, RESERVE
 from common.environment import environment
 from common.errors import UsageError
-from common.results import (SCHEMA, RunResult, new_run_id, problem, read, stage,
-                            stage_json, summarize, weights_sha256, write_json)
+from common.results import (SCHEMA, RunResult, new_run_id, stage, summarize, weights_sha256,
+                            write_json)
 
-CHECKPOINT = "checkpoint.pt"
-RESERVE = ".reserve"
-LOCK = ".lock"
-# Options that may differ when a run is resumed: none of them changes what is computed.
-# --epochs may be raised; --out-dir and --run-id come from the folder being resumed.
-MAY_CHANGE_ON_RESUME = ("epochs", "quiet", "data_dir", "download", "num_workers", "resume",
-                        "out_dir", "run_id")
-# A resumed run must run on what the stopped one ran on, or its epochs would mix two machines:
-# the same device and torch, and the framework the arm uses.
-_SAME = ("device", "device_name", "torch", "world_size")
-SAME_ENV = {"plain": _SAME, "lightning": (*_SAME, "lightning"), "fabric": (*_SAME, "lightning"),
-            "apex": (*_SAME, "apex")}
+MAY_CHANGE_ON_RESUME = resume.MAY_CHANGE
 OOM = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), MemoryError)
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
@@ -56,6 +46,7 @@ class Recorder:
         if world.size > 1:
             env["pids"] = distributed.gather_ints(os.getpid(), device)
         self.resumed: Optional[dict] = None  # the checkpoint a resumed run continues from
+        self.checkpoint_path: Optional[str] = None  # and its file
         if cfg.resume:
             self.run_dir = os.path.abspath(cfg.resume)
             if self.writes:  # one process continues a run, never two
@@ -66,6 +57,7 @@ class Recorder:
             except BaseException:
                 self.unlock()
                 raise
+            self.checkpoint_path = os.path.join(self.run_dir, self.result.checkpoint["file"])
         else:
             run_id = cfg.run_id or new_run_id(impl, policy.effective)
             self.run_dir = os.path.join(cfg.out_dir, run_id)
@@ -76,8 +68,9 @@ class Recorder:
         self.result.pid = os.getpid()
         self.result.flops = _flops(cfg, self.result.precision["effective"], self.result.env)
         self.path = os.path.join(self.run_dir, "result.json")
-        self.checkpoint_path = os.path.join(self.run_dir, CHECKPOINT)
         self.fresh = True  # no epoch has ended in this process yet: the next is a warm-up
+        self.saving = None  # the hash of the weights being saved, for state()
+        self.pending, self.pending_losses = [], []  # the epoch whose checkpoint is being saved
 
     @property
     def start_epoch(self) -> int:
@@ -103,7 +96,7 @@ class Recorder:
         made = None
         try:
             if self.resumed:
-                clean_leftovers(self.run_dir)
+                checkpoints.clean(self.run_dir, self.stored)
             else:
                 made = _missing_top(self.run_dir)
                 os.makedirs(self.run_dir, exist_ok=False)
@@ -120,57 +113,86 @@ class Recorder:
             raise UsageError(f"cannot start a run in {self.run_dir}: {e.strerror}") from None
 
     def state(self) -> dict:
-        """The measurements so far, for the checkpoint: what a resumed run continues from."""
-        return {"ampcompare": {"schema": SCHEMA, "epochs": self.result.epochs,
-                               "step_losses": self.result.step_losses, "rng": _get_rng()}}
+        """The measurements so far, the options and the hash of the weights being saved, for
+        the checkpoint: what a resumed run continues from, and checks the record against."""
+        return {"ampcompare": {"schema": SCHEMA, "epochs": self.result.epochs + self.pending,
+                               "step_losses": self.result.step_losses + self.pending_losses,
+                               "rng": _get_rng(), "config": self.cfg.to_dict(),
+                               "weights_sha256": self.saving}}
 
     def end_epoch(self, row: dict, losses: list, model: torch.nn.Module,
                   save: Optional[Callable[[str], None]] = None, everyone: bool = False) -> None:
         """Record a finished epoch: its row and step losses, the hash of the weights and (unless
-        --no-checkpoint) the checkpoint that `save(path)` writes, which must hold state().
-        Raises Diverged after the row is recorded; the last good checkpoint stays. With several
-        processes every rank calls this and rank 0 writes; `everyone`: a framework whose save
-        is a collective (it writes on rank 0 only) gets called on every rank."""
+        --no-checkpoint) the checkpoint that `save(path)` writes, which must hold state(). The
+        row joins the record's epochs together with its checkpoint; interrupted before that,
+        it is kept as `unsaved_epoch` (a resume redoes it). Raises Diverged after the row is
+        recorded; the last good checkpoint stays. With several processes every rank calls this
+        and rank 0 writes; `everyone`: a framework whose save is a collective (it writes on
+        rank 0 only) gets called on every rank."""
         row["warmup"], self.fresh = self.fresh, False
         per_image, peak = self.result.flops["per_image"], self.result.flops["peak_tflops"]
         achieved = per_image * row["images_per_s"] / 1e12 if row["images_per_s"] else None
         row["achieved_tflops"] = achieved
         row["mfu"] = achieved / peak if achieved is not None and peak else None
-        self.result.epochs.append(row)
-        self.result.step_losses.extend(losses)
-        self.result.summary = summarize(self.result.epochs, self.result.env)
         reason = metrics.divergence(row, losses)  # the same on every rank: the row is the job's
-        if reason:
-            raise metrics.Diverged(reason)
+        checkpointing = self.cfg.checkpoint and save is not None and not reason
+        if not checkpointing:
+            self._add(row, losses)
+            if reason:
+                raise metrics.Diverged(reason)
         if not self.writes:
-            if self.cfg.checkpoint and save is not None and everyone:
-                save(os.devnull)  # the framework writes nothing here, and waits for rank 0
+            if checkpointing:
+                if everyone:
+                    save(os.devnull)  # the framework writes nothing here, and waits for rank 0
+                self._add(row, losses)
             if len(self.result.epochs) >= self.cfg.epochs:
                 signals.settled()  # as rank 0 does: the job's last epoch is done
             return
         # With several ranks, rank 0's weights: BatchNorm's running statistics are each rank's.
-        weights, info, staged = weights_sha256(model), self.result.checkpoint, []
+        weights, info, staged = weights_sha256(model), self.result.checkpoint, None
+        old = checkpoints.named(self.result.to_dict())
         try:
-            if self.cfg.checkpoint and save is not None:
-                staged.append(self._temp(".pt"))
-                self._save(save, staged[0])
-                info = {"file": CHECKPOINT, "epochs": len(self.result.epochs),
-                        "sha256": _synced_sha256(staged[0]), "weights_sha256": weights}
-            record = {**self.result.to_dict(), "weights_sha256": weights, "checkpoint": info,
-                      "weights_epochs": len(self.result.epochs)}
-            with signals.deferred():
-                staged.append(stage_json(self.path, record))
-                if len(staged) == 2:
-                    os.replace(staged.pop(0), self.checkpoint_path)
-                os.replace(staged.pop(), self.path)
-                self.result.weights_sha256, self.result.checkpoint = weights, info
-                self.result.weights_epochs = record["weights_epochs"]
+            if checkpointing:
+                self.pending, self.pending_losses, self.saving = [row], list(losses), weights
+                staged = self._temp(".pt")
+                self._save(save, staged)
+                done = len(self.result.epochs) + 1
+                info = {"file": checkpoints.name(done), "epochs": done,
+                        "sha256": checkpoints.synced_sha256(staged), "weights_sha256": weights}
+            epochs, step_losses = self.result.epochs + self.pending, \
+                self.result.step_losses + self.pending_losses
+            record = {**self.result.to_dict(), "epochs": epochs, "step_losses": step_losses,
+                      "summary": summarize(epochs, self.result.env), "weights_sha256": weights,
+                      "checkpoint": info, "weights_epochs": len(epochs), "unsaved_epoch": None}
+            checkpoints.commit(self.run_dir, record, staged, info and info["file"])
+            staged = None
+            if self.pending:
+                self._add(*self._take_pending())
+            self.result.weights_sha256, self.result.checkpoint = weights, info
+            self.result.weights_epochs = len(self.result.epochs)
+            self.result.unsaved_epoch = None
+            if old and info and old != info["file"]:
+                checkpoints.remove(os.path.join(self.run_dir, old))
             self._reserve(4 * os.path.getsize(self.path) + (64 << 10))
         finally:
-            for tmp in staged:
-                _remove(tmp)
+            if staged is not None:
+                checkpoints.remove(staged)
+            if self.pending:  # not committed: measured, but no checkpoint holds it
+                self.result.unsaved_epoch = self.pending[0]
+                self._take_pending()
+            self.saving = None
         if len(self.result.epochs) >= self.cfg.epochs:
             signals.settled()  # the last epoch is on disk: nothing is left to interrupt
+
+    def _add(self, row: dict, losses: list) -> None:
+        self.result.epochs.append(row)
+        self.result.step_losses.extend(losses)
+        self.result.summary = summarize(self.result.epochs, self.result.env)
+
+    def _take_pending(self) -> tuple[dict, list]:
+        row, losses = (self.pending or [None])[0], self.pending_losses
+        self.pending, self.pending_losses = [], []
+        return row, losses
 
     def __exit__(self, kind, exc, tb) -> bool:
         if kind is not None and issubclass(kind, UsageError):
@@ -196,8 +218,9 @@ class Recorder:
             self.result.error = self._describe(kind, exc)
         if not self.writes:
             return kind is None or issubclass(kind, (Exception, KeyboardInterrupt))
-        _remove(os.path.join(self.run_dir, RESERVE))  # the room kept for this last record
-        drop = self.result.status == "ok" and not self.cfg.keep_checkpoint
+        checkpoints.remove(os.path.join(self.run_dir, RESERVE))  # the room for this record
+        drop = checkpoints.named(self.result.to_dict()) \
+            if self.result.status == "ok" and not self.cfg.keep_checkpoint else None
         if drop:  # the record stops naming the file before the file goes
             self.result.checkpoint = None
         try:
@@ -206,7 +229,7 @@ class Recorder:
                     f.write("".join(traceback.format_exception(kind, exc, tb)))
             self.write()
             if drop:
-                _remove(self.checkpoint_path)
+                checkpoints.remove(os.path.join(self.run_dir, drop))
         except OSError as e:
             self.result.error = (f"{self.result.error or ''}; and the record could not be "
                                  f"updated: {e.strerror}").lstrip("; ")
@@ -242,7 +265,7 @@ class Recorder:
             # torch.save's zip writer reports a full disk as a RuntimeError ("unexpected pos").
             stat = os.statvfs(self.run_dir)
             if stat.f_bavail * stat.f_frsize < (1 << 20):
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), CHECKPOINT) from e
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "the checkpoint") from e
             raise
 
     def _temp(self, suffix: str) -> str:
@@ -277,14 +300,6 @@ def _flops(cfg, precision: str, env: dict) -> dict:
             "peak_tflops": peak, "peak": what}
 
 
-def clean_leftovers(run_dir: str) -> None:
-    """Remove what a process killed outright (SIGKILL) leaves in a run folder: temporary files
-    (up to a checkpoint's size) and the reserve. Called where no process writes the folder."""
-    for name in os.listdir(run_dir):
-        if name.startswith(".tmp-") or name == RESERVE:
-            _remove(os.path.join(run_dir, name))
-
-
 def lock(folder: str, busy: str) -> int:
     """An exclusive lock on the folder for as long as this process lives (or the descriptor
     returned stays open); UsageError(busy) when another process holds it."""
@@ -303,22 +318,6 @@ def _missing_top(path: str):
     while not os.path.exists(path):
         top, path = path, os.path.dirname(path)
     return top
-
-
-def _synced_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _remove(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def _get_rng() -> dict:
@@ -343,87 +342,26 @@ def _memory_figures(device: torch.device) -> str:
     return f"process peak RSS {peak / mib:.0f} MiB of {total / mib:.0f} MiB RAM"
 
 
-def read_stopped(run_dir: str, impl: str) -> dict:
-    """The record in run_dir, checked to be one that `ampcompare <impl> --resume` continues."""
-    where = f"--resume {run_dir}"
-    if not os.path.isdir(run_dir):
-        raise UsageError(f"{where}: no such folder")
-    try:
-        stored = read(run_dir)
-    except OSError as e:
-        raise UsageError(f"{where}: cannot read its result.json ({e.strerror})") from None
-    except ValueError:
-        raise UsageError(f"{where}: its result.json is not valid JSON") from None
-    why = problem(stored)
-    if why:
-        raise UsageError(f"{where}: result.json is not a run record ({why})")
-    if stored["impl"] != impl:
-        raise UsageError(f"{where} is a {stored['impl']} run; continue it with ampcompare "
-                         f"{stored['impl']} --resume")
-    return stored
-
-
 def _open_stopped_run(run_dir: str, cfg, impl: str,
                       env: dict) -> tuple[RunResult, dict, dict]:
-    """The record and checkpoint of the stopped run in run_dir, checked: same command, same
-    options (but those in MAY_CHANGE_ON_RESUME), same machine, an intact checkpoint; and the
-    record as it was on disk."""
+    """The record and checkpoint of the stopped run in run_dir, checked (common/resume.py);
+    and the record as it was on disk."""
     where = f"--resume {run_dir}"
-    stored = read_stopped(run_dir, impl)
-    status = stored["status"]
-    if status == "diverged":
-        raise UsageError(f"{where}: that run diverged ({stored.get('error')}); resuming it "
-                         f"would replay the same steps")
+    stored = resume.read_stopped(run_dir, impl)
     given = cfg.to_dict()
-    for name, value in given.items():
-        if name not in MAY_CHANGE_ON_RESUME and stored["config"].get(name, value) != value:
-            raise UsageError(f"{where}: {option_flag(name)} {value} differs from the "
-                             f"stopped run's {stored['config'][name]}; drop it to continue "
-                             f"that run as it was")
-    for key in SAME_ENV[impl]:
-        if key in stored["env"] and stored["env"][key] != env.get(key):
-            raise UsageError(f"{where}: that run ran with {key} {stored['env'].get(key)}, this "
-                             f"machine has {env.get(key)}; one record cannot mix the two")
     info = stored.get("checkpoint")
-    if not info:
-        raise UsageError(f"{where}: that run has no checkpoint (it ran with --no-checkpoint "
-                         f"or stopped before its first epoch ended); start it anew")
-    done, started = info["epochs"], stored["config"]["epochs"]
-    if cfg.epochs < started:
-        raise UsageError(f"{where}: that run was started with --epochs {started}; --epochs may "
-                         f"only be raised")
-    # A run stopped after its last epoch was recorded only needs its end written.
-    if cfg.epochs <= done and status == "ok":
-        raise UsageError(f"{where}: that run has {done} epochs done; pass --epochs above "
-                         f"{done} to train further")
-    if cfg.schedule == "cosine" and cfg.epochs != stored["config"]["epochs"]:
-        raise UsageError(f"{where}: --epochs changes the length of its cosine schedule; a "
-                         f"resumed cosine run keeps --epochs {stored['config']['epochs']}")
-    path = os.path.join(run_dir, CHECKPOINT)
-    try:
-        digest = _synced_sha256(path)
-    except OSError as e:
-        raise UsageError(f"{where}: cannot read {CHECKPOINT} ({e.strerror})") from None
-    if digest != info["sha256"]:
-        raise UsageError(f"{where}: {CHECKPOINT} does not match the SHA-256 result.json "
-                         f"recorded for it (truncated or changed); nothing was overwritten")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        state = checkpoint["ampcompare"]
-        epochs, losses = list(state["epochs"]), list(state["step_losses"])
-    except Exception as e:  # a file that passed the hash but is not ours
-        raise UsageError(f"{where}: {CHECKPOINT} is not a checkpoint of this tool "
-                         f"({type(e).__name__})") from None
-    if len(epochs) != done:
-        raise UsageError(f"{where}: {CHECKPOINT} holds {len(epochs)} epochs, result.json "
-                         f"says {done}")
+    ckpt, state = resume.read_checkpoint(run_dir, info["file"], impl, where) if info \
+        else (None, {})
+    resume.check(where, stored, given, impl, env, ckpt)
     known = {f.name for f in fields(RunResult)}
     result = RunResult(**{k: v for k, v in stored.items() if k in known})
     result.status, result.error, result.config = "running", None, given
     result.run_id = os.path.basename(run_dir)  # where the run is now, if it was moved
-    result.epochs, result.step_losses = epochs, losses
+    result.epochs = list(state["ampcompare"]["epochs"])
+    result.step_losses = list(state["ampcompare"]["step_losses"])
+    result.unsaved_epoch = None  # the resume redoes it
     # Summarised with the env the record keeps, as every later epoch is (end_epoch).
-    result.summary = summarize(epochs, result.env)
-    result.weights_sha256, result.weights_epochs = info["weights_sha256"], done
-    result.resumes = [*stored.get("resumes", []), {"epoch": done, "env": env}]
-    return result, checkpoint, stored
+    result.summary = summarize(result.epochs, result.env)
+    result.weights_sha256, result.weights_epochs = info["weights_sha256"], info["epochs"]
+    result.resumes = [*stored.get("resumes", []), {"epoch": info["epochs"], "env": env}]
+    return result, state, stored

@@ -3,6 +3,7 @@ renamed), in strict JSON (a NaN or infinite number becomes null, and `nonfinite`
 that any reader at any moment sees a complete, valid file."""
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -23,7 +24,6 @@ from common.errors import UsageError
 # times (each epoch's step_times_s and step_waits_s, the summary's step-time figures, the clock)
 SCHEMA = 4
 EXIT_CODES = {"ok": 0, "interrupted": 130}  # diverged, oom, failed: 1
-SUMMARY_TEXT = ("step_timing",)  # the summary's entries that are words, not numbers
 STATUSES = ("running", "ok", "interrupted", "diverged", "oom", "failed", "unavailable")
 UMASK = os.umask(0o022)  # read once (os.umask can only be read by setting it)
 os.umask(UMASK)
@@ -52,6 +52,9 @@ class RunResult:
     # Each resume: the epoch it continued from and its process's env (env itself is the first
     # process's; what must match, such as the torch version, was checked at each resume).
     resumes: list = field(default_factory=list)
+    # An epoch that ended but whose checkpoint was never written (interrupted, disk full): its
+    # measurements, in no figure; a resume redoes that epoch.
+    unsaved_epoch: Optional[dict] = None
     summary: dict = field(default_factory=dict)
 
     @property
@@ -128,34 +131,27 @@ def read(run_dir: str) -> dict:
         return json.load(f)
 
 
-def problem(record: Any) -> Optional[str]:
-    """Why a parsed result.json is not a run record this tool can read, or None."""
+def problem(record: Any, complete: bool = False) -> Optional[str]:
+    """Why a parsed result.json is not a run record this tool can read, or None (every reader
+    of a record checks it here: common/schema.py). complete: also every option in its config,
+    as a resume needs them to continue the run as it was."""
+    from common import config, schema
+
     if not isinstance(record, dict):
         return f"a JSON {type(record).__name__}, not an object"
-    missing = [k for k in ("run_id", "impl", "status", "precision", "config", "env", "epochs")
-               if k not in record]
-    if missing:
-        return f"no {', '.join(missing)}"
-    kinds = {"run_id": str, "impl": str, "status": str, "precision": dict, "config": dict,
-             "env": dict, "epochs": list}
-    wrong = [k for k, kind in kinds.items() if not isinstance(record[k], kind)]
+    wrong = schema.why(record, schema.record_shape(STATUSES), "")
     if wrong:
-        return f"{', '.join(wrong)} of the wrong type"
-    if record["status"] not in STATUSES:
-        return f"unknown status {record['status']!r}"
-    precision = record["precision"]
-    if not isinstance(precision.get("requested"), str) or \
-            not isinstance(precision.get("effective"), (str, type(None))):
-        return "precision without its requested and effective names"
-    if not all(isinstance(e, dict) for e in record["epochs"]):
-        return "epochs that are not objects"
-    summary = record.get("summary", {})
-    if not isinstance(summary, dict):
-        return "summary of the wrong type"
-    numbers = [k for k, v in summary.items() if k not in SUMMARY_TEXT and v is not None
-               and (type(v) not in (int, float) or isinstance(v, bool))]
-    if numbers:
-        return f"summary {', '.join(numbers)} not numbers"
+        return wrong
+    fields = {f.name: f for f in dataclasses.fields(config.Config)}
+    for name, value in record["config"].items():
+        if name in fields:
+            try:
+                config._check(fields[name], value)
+            except UsageError as e:
+                return f"config.{name}: {e}"
+    missing = [name for name in fields if name not in record["config"]]
+    if complete and missing:
+        return f"config has no {', '.join(missing)}"
     return None
 
 
@@ -170,11 +166,15 @@ def check_out_dir(out_dir: str) -> None:
 
 
 def weights_sha256(model: torch.nn.Module) -> str:
-    """SHA-256 over the state_dict: keys sorted, each tensor's contiguous CPU bytes in its own
-    dtype (with name, dtype and shape, so a reshaped or recast tensor cannot collide)."""
+    """SHA-256 over the common model's state_dict (state_sha256), out of any wrapper."""
     from common.models import unwrapped
+    return state_sha256(unwrapped(model).state_dict())
+
+
+def state_sha256(state: dict) -> str:
+    """SHA-256 over a state_dict: keys sorted, each tensor's contiguous CPU bytes in its own
+    dtype (with name, dtype and shape, so a reshaped or recast tensor cannot collide)."""
     h = hashlib.sha256()
-    state = unwrapped(model).state_dict()
     for key in sorted(state):
         t = state[key].detach().cpu().contiguous()
         h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())

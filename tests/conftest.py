@@ -1,6 +1,7 @@
 import hashlib
 import json
 import os
+import pathlib
 import pickle
 import subprocess
 import sys
@@ -34,6 +35,10 @@ def tiny(tmp_path, **overrides) -> Config:
     return Config(**values)
 
 
+# tiny()'s settings as command-line options (at 32-true): the same run from a CLI process.
+TINY_ARGS = ["--dataset", "synthetic", "--model", "small", "--synthetic-size", "256",
+             "--batch-size", "32", "--limit-train-batches", "3", "--limit-test-batches", "2",
+             "--accelerator", "cpu", "--precision", "32", "--quiet"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL_RUN = ["--dataset", "synthetic", "--model", "small", "--synthetic-size", "256",
              "--batch-size", "64", "--accelerator", "cpu"]
@@ -58,6 +63,12 @@ def start_until_first_epoch(args, out_dir, pattern):
         time.sleep(0.2)
     proc.kill()
     raise AssertionError(f"no epoch finished: {proc.communicate()[1][-2000:]}")
+
+
+def checkpoint_of(run_dir):
+    """The checkpoint file the run's result.json names (checkpoint-<epochs>.pt)."""
+    record = json.loads((pathlib.Path(run_dir) / "result.json").read_text())
+    return pathlib.Path(run_dir) / record["checkpoint"]["file"]
 
 
 def on_gpu(tmp_path, **overrides) -> Config:

@@ -2,8 +2,10 @@
 processes that compare starts (an environment variable read by tests/fault_hook/sitecustomize.py).
 
 A fault fires in epoch `epoch` — after step `step` of that epoch, or with step=None when its
-training part ends, with step="save" halfway through writing that epoch's checkpoint, or with
-step="recorded" once that epoch's record and checkpoint are on disk — in a
+training part ends, with step="save" halfway through writing that epoch's checkpoint, with
+step="between" once that checkpoint has its name but before the record that names it does,
+with step="committed" once that record is in place but before the old checkpoint is removed,
+or with step="recorded" once that epoch's record and checkpoint are on disk — in a
 process whose command line holds every word of `argv` (and, given `rank`, only in that rank of
 a job of several processes). It does:
     "raise"      raise RuntimeError("broken on purpose")
@@ -94,6 +96,19 @@ def install(setattr, epoch: int, action: str, step=None, argv=(), rank=None) -> 
         real_end(self, row, *args, **kwargs)
         if step == "recorded" and row["epoch"] == epoch:
             act(action)
+    real_replace = os.replace
+
+    def replace(src, dst, *args, **kwargs):  # the renames that commit a checkpoint and record
+        real_replace(src, dst, *args, **kwargs)
+        folder, name = os.path.split(os.fspath(dst))
+        new = f"checkpoint-{epoch + 1}.pt"
+        if step == "between" and name == new:
+            act(action)
+        if step == "committed" and name == "result.json" and \
+                os.path.exists(os.path.join(folder, new)) and \
+                os.path.exists(os.path.join(folder, f"checkpoint-{epoch}.pt")):
+            act(action)
+    setattr(os, "replace", replace)
     setattr(meter, "step", step_)
     setattr(meter, "train_done", train_done)
     setattr(torch, "save", save)

@@ -14,7 +14,7 @@ from apex_impl import opt_levels
 from ampcompare.cli import cli
 from common.errors import UsageError
 from tests import faults
-from tests.conftest import on_gpu, run_cli, tiny
+from tests.conftest import checkpoint_of, on_gpu, run_cli, tiny
 
 
 
@@ -214,7 +214,7 @@ def test_apex_loop_matches_plain_at_o0_with_a_stand_in_amp(tmp_path, monkeypatch
     assert b.precision == {"requested": "32-true", "effective": "32-true"}
     assert a.step_losses == b.step_losses and a.weights_sha256 == b.weights_sha256
     assert [r["loss_scale"] for r in b.epochs] == [None, None]
-    ckpt = torch.load(tmp_path / "runs" / "apex" / "checkpoint.pt", weights_only=True)
+    ckpt = torch.load(checkpoint_of(tmp_path / "runs" / "apex"), weights_only=True)
     assert ckpt["amp"] == {"loss_scaler0": {"loss_scale": 1.0, "unskipped": 0}}
 
 

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from ampcompare.cli import cli
 from plain_torch import train as plain
 from tests import faults
-from tests.conftest import tiny
+from tests.conftest import checkpoint_of, tiny
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CPU_RUN = "--dataset synthetic --model small --synthetic-size 64 --batch-size 32 --epochs 1"
@@ -89,7 +89,7 @@ CASES = {
     "ampcompare plain --resume STOPPED --lr 0.5": "--lr 0.5 differs from the stopped run's",
     "ampcompare plain --resume STOPPED --epochs 2": "--epochs may only be raised",
     "ampcompare plain --resume STOPPED --run-id x": "drop --run-id",
-    "ampcompare plain --resume TAMPERED": "checkpoint.pt does not match the SHA-256",
+    "ampcompare plain --resume TAMPERED": "checkpoint-1.pt does not match the SHA-256",
     # apex
     "ampcompare apex --precision bf16": "apex.amp has no bf16 mode",
     "ampcompare apex --precision 32 --opt-level O1": "--opt-level O1 runs 16-mixed",
@@ -120,7 +120,7 @@ def places(tmp_path_factory):
     plain.train(tiny(tmp, run_id="stopped", epochs=3))
     plain.train(tiny(tmp, run_id="tampered", epochs=3))
     mp.undo()
-    ckpt = tmp / "runs" / "tampered" / "checkpoint.pt"
+    ckpt = checkpoint_of(tmp / "runs" / "tampered")
     ckpt.write_bytes(ckpt.read_bytes()[:-10])
     (tmp / "compared").mkdir()
     (tmp / "compared" / "compare.json").write_text(

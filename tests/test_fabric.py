@@ -9,7 +9,7 @@ from common.errors import UsageError
 from fabric_impl import train as fabric
 from plain_torch import train as plain
 from tests import faults
-from tests.conftest import on_gpu, tiny
+from tests.conftest import checkpoint_of, on_gpu, tiny
 from tests.test_parity import assert_identical
 
 
@@ -61,7 +61,7 @@ def test_fabric_stopped_mid_epoch_and_resumed_is_bitwise_a_straight_run(tmp_path
                                 resume=str(tmp_path / "runs" / "stopped")))
     assert resumed.status == "ok" and resumed.step_losses == straight.step_losses
     assert resumed.weights_sha256 == straight.weights_sha256
-    ckpt = torch.load(tmp_path / "runs" / "stopped" / "checkpoint.pt", weights_only=True)
+    ckpt = torch.load(checkpoint_of(tmp_path / "runs" / "stopped"), weights_only=True)
     assert ("scaler" in ckpt) == (precision == "16-mixed")
 
 

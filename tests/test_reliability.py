@@ -20,7 +20,8 @@ from common import metrics, results
 from lightning_impl import train as lightning
 from plain_torch import train as plain
 from tests import faults
-from tests.conftest import SMALL_RUN, run_cli, start_until_first_epoch, tiny
+from tests.conftest import (SMALL_RUN, checkpoint_of, run_cli, start_until_first_epoch,
+                            tiny)
 
 TINY_CMP = [*SMALL_RUN, "--batch-size", "32", "--limit-train-batches", "2",
             "--limit-test-batches", "1", "--quiet"]
@@ -34,7 +35,7 @@ def saved(run_dir):
 
 def assert_checkpoint_intact(run_dir, epochs):
     record = saved(run_dir)
-    path = run_dir / "checkpoint.pt"
+    path = checkpoint_of(run_dir)
     assert record["checkpoint"]["epochs"] == epochs
     assert results_sha256(path) == record["checkpoint"]["sha256"]
     assert len(torch.load(path, weights_only=True)["ampcompare"]["epochs"]) == epochs
@@ -59,7 +60,9 @@ def test_a_signal_while_the_checkpoint_is_written_leaves_the_last_good_one(
     assert proc.returncode == 130, proc.stderr
     assert "Traceback" not in proc.stderr
     record = saved(out / "r")
-    assert record["status"] == "interrupted" and len(record["epochs"]) == 2
+    # epoch 1 was measured but never saved: kept aside, in no figure; a resume redoes it
+    assert record["status"] == "interrupted" and len(record["epochs"]) == 1
+    assert record["unsaved_epoch"]["epoch"] == 1
     assert record["weights_epochs"] == 1  # the hash is of the weights in the checkpoint
     assert_checkpoint_intact(out / "r", epochs=1)
 
@@ -134,7 +137,8 @@ def test_a_full_disk_fails_the_run_keeps_what_was_measured_and_it_resumes(tmp_pa
     assert full.status == "failed" and full.exit_code == 1
     assert full.error.startswith("disk full (No space left on device) while writing")
     record = saved(run_dir)
-    assert record["status"] == "failed" and len(record["epochs"]) == 2  # epoch 1 was measured
+    assert record["status"] == "failed" and len(record["epochs"]) == 1
+    assert record["unsaved_epoch"]["epoch"] == 1  # epoch 1 was measured, and is kept aside
     assert_checkpoint_intact(run_dir, epochs=1)
     assert "No space left on device" in (run_dir / "error.log").read_text()
     again = plain.train(tiny(tmp_path, run_id="full", epochs=3, resume=str(run_dir)))
@@ -157,7 +161,8 @@ def test_a_really_full_tmpfs(tmp_path):
     assert record, (proc.stdout, proc.stderr)
     record = json.loads(record)
     assert record["status"] == "failed" and "disk full" in record["error"]
-    assert record["checkpoint"]["epochs"] >= 1 and len(record["epochs"]) > 1
+    assert record["checkpoint"]["epochs"] == len(record["epochs"]) >= 1
+    assert record["unsaved_epoch"]["epoch"] == len(record["epochs"])
     assert "Traceback" not in proc.stderr
 
 
@@ -255,9 +260,9 @@ def test_files_are_readable_as_the_umask_allows(tmp_path):
     plain.train(tiny(tmp_path, run_id="p", epochs=1))
     mask = os.umask(0)
     os.umask(mask)
-    for name in ("result.json", "checkpoint.pt"):
-        mode = stat.S_IMODE((tmp_path / "runs" / "p" / name).stat().st_mode)
-        assert mode == 0o666 & ~mask, (name, oct(mode))
+    for path in (tmp_path / "runs" / "p" / "result.json", checkpoint_of(tmp_path / "runs" / "p")):
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode == 0o666 & ~mask, (path, oct(mode))
 
 
 def test_a_killed_child_is_described_by_its_signal():

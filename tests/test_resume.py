@@ -14,7 +14,7 @@ from ampcompare.cli import cli
 from lightning_impl import train as lightning
 from plain_torch import train as plain
 from tests import faults
-from tests.conftest import tiny
+from tests.conftest import checkpoint_of, tiny
 
 ARMS = {"plain": plain, "lightning": lightning}
 
@@ -59,7 +59,7 @@ def test_an_ok_run_trains_further_with_more_epochs(tmp_path, arm):
 
 def test_the_checkpoint_holds_everything_and_loads_weights_only(tmp_path):
     result = plain.train(tiny(tmp_path, run_id="r", precision="16-mixed", epochs=1))
-    path = tmp_path / "runs" / "r" / "checkpoint.pt"
+    path = checkpoint_of(tmp_path / "runs" / "r")
     ckpt = torch.load(path, weights_only=True)
     assert set(ckpt) == {"model", "optimizer", "scheduler", "scaler", "ampcompare"}
     assert ckpt["scaler"]["scale"] == 65536.0
@@ -68,7 +68,7 @@ def test_the_checkpoint_holds_everything_and_loads_weights_only(tmp_path):
     saved = json.loads((tmp_path / "runs" / "r" / "result.json").read_text())
     assert saved["checkpoint"] == result.checkpoint
     lit = lightning.train(tiny(tmp_path, run_id="l", epochs=1))
-    ckpt = torch.load(tmp_path / "runs" / "l" / "checkpoint.pt", weights_only=True)
+    ckpt = torch.load(checkpoint_of(tmp_path / "runs" / "l"), weights_only=True)
     assert {"state_dict", "optimizer_states", "lr_schedulers", "loops", "ampcompare"} <= set(ckpt)
     assert lit.checkpoint["epochs"] == 1
 
@@ -103,17 +103,17 @@ def assert_unchanged(run_dir, before):
 @pytest.mark.parametrize("damage", ["truncate", "flip a byte", "swap for another run's"])
 def test_a_damaged_checkpoint_is_refused_and_nothing_is_overwritten(stopped, tmp_path, damage):
     run_dir, before = stopped
-    ckpt = run_dir / "checkpoint.pt"
-    blob = before["checkpoint.pt"]
+    ckpt = checkpoint_of(run_dir)
+    blob = before[ckpt.name]
     if damage == "truncate":
         ckpt.write_bytes(blob[: len(blob) // 2])
     elif damage == "flip a byte":
         ckpt.write_bytes(blob[:100] + bytes([blob[100] ^ 1]) + blob[101:])
     else:
         plain.train(tiny(tmp_path, run_id="other", epochs=1, seed=5))
-        ckpt.write_bytes((tmp_path / "runs" / "other" / "checkpoint.pt").read_bytes())
+        ckpt.write_bytes(checkpoint_of(tmp_path / "runs" / "other").read_bytes())
     before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
-    one_line_exit_2(cli("plain", "--resume", str(run_dir)), "checkpoint.pt does not match")
+    one_line_exit_2(cli("plain", "--resume", str(run_dir)), f"{ckpt.name} does not match")
     assert_unchanged(run_dir, before)
 
 
@@ -175,7 +175,7 @@ def test_compare_resume_keeps_finished_arms_and_continues_the_rest(tmp_path):
     folder = second.parent.parent
     first = json.loads((folder / "plain-32-true-r0" / "result.json").read_text())
     stopped = json.loads(second.read_text())
-    assert first["status"] == "ok" and not (folder / "plain-32-true-r0" / "checkpoint.pt").exists()
+    assert first["status"] == "ok" and not list((folder / "plain-32-true-r0").glob("checkpoint*.pt"))
     assert stopped["status"] == "interrupted" and stopped["checkpoint"]
     one_line_exit_2(cli("compare", "--resume", str(folder), "--lr", "0.1"), "--lr differs")
     proc = run_cli(["compare", "--resume", str(folder)])
@@ -202,7 +202,7 @@ def test_compare_resume_records_an_arm_whose_resume_is_refused(tmp_path, monkeyp
     (folder / "compare.json").write_text(json.dumps({
         "config": {**cfg, "out_dir": str(folder)}, "impls": ["plain"],
         "precisions": ["32-true"], "repeats": 1, "seeds": 1}))
-    ckpt = arm / "checkpoint.pt"
+    ckpt = checkpoint_of(arm)
     ckpt.write_bytes(ckpt.read_bytes()[:-10])
     before = json.loads((arm / "result.json").read_text())
     r = cli("compare", "--resume", str(folder))

@@ -11,7 +11,7 @@ from ampcompare.cli import cli
 from click.testing import CliRunner
 from plain_torch import train as plain
 from tests import faults
-from tests.conftest import SMALL_RUN, start_until_first_epoch, tiny
+from tests.conftest import SMALL_RUN, checkpoint_of, start_until_first_epoch, tiny
 
 RESULT_FIELDS = {"schema", "run_id", "impl", "status", "error", "precision", "opt_level", "config",
                  "env", "epochs", "step_losses", "weights_sha256", "summary"}
@@ -70,7 +70,7 @@ def test_two_epochs_learn_and_write_every_field(tmp_path):
     assert saved["epochs"][1]["train_loss"] < saved["epochs"][0]["train_loss"]
     assert saved["summary"]["median_epoch_time_s"] == saved["epochs"][1]["epoch_time_s"]
     assert saved["weights_sha256"] == result.weights_sha256
-    ckpt = torch.load(os.path.join(cfg.out_dir, result.run_id, "checkpoint.pt"),
+    ckpt = torch.load(checkpoint_of(os.path.join(cfg.out_dir, result.run_id)),
                       weights_only=True)
     assert set(ckpt) == {"model", "optimizer", "scheduler", "scaler", "ampcompare"}
     assert ckpt["ampcompare"]["epochs"] == saved["epochs"]
@@ -102,7 +102,7 @@ def test_interrupted_run_keeps_what_it_measured(tmp_path, monkeypatch):
     assert saved["status"] == "interrupted"
     assert [row["epoch"] for row in saved["epochs"]] == [0]
     assert len(saved["step_losses"]) == 4 and saved["weights_sha256"]
-    assert (out / "x" / "checkpoint.pt").exists()
+    assert checkpoint_of(out / "x").exists()
 
 
 def test_failed_run_is_recorded_with_its_error(tmp_path, monkeypatch):
@@ -168,4 +168,4 @@ def test_sigterm_ends_a_run_like_ctrl_c(tmp_path):
     assert proc.returncode == 130, stderr
     saved = json.loads(path.read_text())
     assert saved["status"] == "interrupted" and 0 < len(saved["epochs"]) < 200
-    assert (out / "t" / "checkpoint.pt").exists()
+    assert checkpoint_of(out / "t").exists()
