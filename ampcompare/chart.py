@@ -55,7 +55,8 @@ def figure(summary):
         ax.set_xticks(range(len(groups)), [g[2] for g in groups])
         ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(loc="lower left", fontsize=8, framealpha=0.9)
+    if axes[0].get_legend_handles_labels()[0]:  # no bar at all: no legend either
+        axes[0].legend(loc="lower left", fontsize=8, framealpha=0.9)
     devices = ", ".join(dev["device"] for dev in summary["devices"])
     fig.suptitle(f"ampcompare on {devices}: step time with its 95% interval; memory and "
                  f"accuracy median [min–max]")

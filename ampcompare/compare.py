@@ -15,12 +15,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import click
 
@@ -153,31 +153,140 @@ def unavailable_result(cfg: Config, arm: Arm, status: str, reason: str, env: dic
             "summary": {}}
 
 
-def _existing(run_dir: str):
+SUPERSEDED = ".superseded"  # where a run that is started over goes (report does not look)
+BUSY = "another process is writing that run"
+
+
+@dataclass
+class Folder:
+    """What an arm's folder holds before compare touches it."""
+    exists: bool
+    record: Optional[dict] = None  # a readable run record
+    bad: Optional[str] = None  # why its result.json is not one
+    busy: bool = False  # another process holds its lock
+
+
+def look(run_dir: str) -> Folder:
+    if not os.path.isdir(run_dir):
+        return Folder(exists=os.path.exists(run_dir), bad="it is not a folder"
+                      if os.path.exists(run_dir) else None)
+    if held(run_dir):
+        return Folder(True, busy=True)
     try:
         record = results.read(run_dir)
-    except (OSError, ValueError):
-        return None
-    return None if results.problem(record) else record
+    except FileNotFoundError:
+        return Folder(True)
+    except (OSError, ValueError) as e:
+        return Folder(True, bad=f"its result.json cannot be read ({type(e).__name__})")
+    why = results.problem(record)
+    return Folder(True, bad=f"its result.json is not a run record ({why})") if why \
+        else Folder(True, record)
+
+
+def held(run_dir: str) -> bool:
+    """Whether a live process holds the run's lock (a run writes nothing before taking it)."""
+    import fcntl
+    try:
+        fd = os.open(os.path.join(run_dir, checkpoints.LOCK), os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Outcome:
+    """What compare makes of an arm's attempt: keep the child's record, update the record on
+    disk (status and error), write a stand-in record, start the run over (its resume was
+    refused), or leave it alone (another process took it)."""
+    action: str  # "keep", "update", "stand-in", "start over", "leave"
+    status: Optional[str] = None
+    error: Optional[str] = None
+
+
+def outcome(before: Optional[dict], after: Optional[dict], code: int, last: Optional[str],
+            interrupted: bool, resuming: bool) -> Outcome:
+    """How an arm's attempt ended, from the records before and after it, the child's exit
+    code, its last line on stderr and whether compare was interrupted."""
+    how = exit_description(code)
+    ended = "interrupted" if interrupted else "failed"
+    if last and BUSY in last:
+        return Outcome("leave", error=last)
+    if after is None:
+        if code == UNAVAILABLE_EXIT and last:  # this machine cannot run it at all
+            return Outcome("stand-in", "unavailable", last)
+        return Outcome("stand-in", ended, last or how)
+    if after == before:  # the child wrote nothing
+        if resuming and code in (2, UNAVAILABLE_EXIT):
+            return Outcome("start over", error=last or how)
+        why = f"{last}; {how}" if last else how
+        return Outcome("update", ended, f"{why}, before it wrote anything; what an earlier "
+                                        f"attempt measured is kept")
+    if after["status"] != "running":
+        return Outcome("keep")
+    # Gone before it could record how it ended (OOM killer, SIGKILL, a hang we ended).
+    return Outcome("update", ended, f"{last}; {how}" if last else how)
 
 
 def run_arm(cfg: Config, arm: Arm, folder: str, unavailable: dict, env: dict):
     """Run (or, with a checkpoint left by an earlier attempt, resume) one arm in a child
-    process. Returns its record, always also left on disk, and whether to stop comparing."""
+    process. Returns its record, also left on disk (None: the arm was skipped, and why was
+    said), and whether to stop comparing. A run is never deleted: one that must start over
+    is moved into .superseded/ first, and one another process writes is left alone."""
     run_dir = os.path.join(folder, arm.run_id)
     key = (arm.impl, arm.precision)  # e.g. apex: missing altogether, or only no bf16 mode
-    before = _existing(run_dir)
+    found = look(run_dir)
+    if found.busy or found.bad:
+        _warn(f"skipped {run_dir}: {BUSY if found.busy else found.bad}; it is left as it is "
+              f"(finish or move it, then compare --resume)")
+        return found.record, False
+    before = found.record
     if before is not None and before["status"] == "ok":
         return before, False  # finished in an earlier attempt: kept
     if key in unavailable:
+        if found.exists:
+            _supersede(folder, run_dir, "this machine cannot run it")
         return _save(run_dir, unavailable_result(cfg, arm, "unavailable", unavailable[key],
                                                  env)), False
     resuming = bool(before is not None and before.get("checkpoint")
                     and before["status"] in RESUMABLE)
+    if found.exists and not resuming:
+        _supersede(folder, run_dir, "it left nothing to continue from")
+    code, last, interrupted = _attempt(cfg, arm, folder, run_dir, resuming)
+    after = look(run_dir).record
+    if os.path.isdir(run_dir) and not held(run_dir):  # a killed child's leftovers go
+        checkpoints.clean(run_dir, after)
+    result = outcome(before if resuming else None, after, code, last, interrupted, resuming)
+    stop = interrupted or code == 130  # also a child interrupted on its own
+    if result.action == "leave":
+        _warn(f"skipped {run_dir}: {result.error}")
+        return after, stop
+    if result.action == "start over":
+        _warn(f"{run_dir}: its resume was refused ({result.error}); starting it over")
+        if stop:
+            return after, stop
+        _supersede(folder, run_dir, "its resume was refused")
+        return run_arm(cfg, arm, folder, unavailable, env)
+    if result.action == "keep":
+        return after, stop
+    if result.action == "update":
+        after.update(status=result.status, error=result.error)
+        return _save(run_dir, after), stop
+    if result.status == "unavailable":
+        unavailable[key] = result.error
+    return _save(run_dir, unavailable_result(cfg, arm, result.status, result.error, env)), stop
+
+
+def _attempt(cfg: Config, arm: Arm, folder: str, run_dir: str, resuming: bool):
+    """The arm's child process, to its end: (exit code, last stderr line, interrupted)."""
     if resuming:
         cmd = [arm.impl, "--resume", run_dir]
     else:
-        shutil.rmtree(run_dir, ignore_errors=True)  # nothing to continue from: start over
         cmd = [arm.impl, *child_args(cfg), "--precision", arm.precision, "--seed",
                str(arm.seed), "--repeat", str(arm.repeat), "--out-dir", folder, "--run-id",
                arm.run_id]
@@ -188,31 +297,26 @@ def run_arm(cfg: Config, arm: Arm, folder: str, unavailable: dict, env: dict):
                             cwd=ROOT, start_new_session=True, preexec_fn=signals.die_with_parent,
                             env={**os.environ, COMPARE_CHILD: "1"})
     stderr, interrupted = _wait(proc)
-    if os.path.isdir(run_dir):  # nothing writes it now: a killed child's temporary files go
-        checkpoints.clean(run_dir, _existing(run_dir))
     lines = [line for line in stderr.splitlines() if line.strip()]
     last = lines[-1].removeprefix("ampcompare: error: ") if lines else None
-    how = exit_description(proc.returncode)
-    stop = interrupted or proc.returncode == 130  # also a child interrupted on its own
-    record = _existing(run_dir)
-    if resuming and record is not None and proc.returncode in (2, UNAVAILABLE_EXIT):
-        # Refused before it ran (a checkpoint that no longer matches, an apex O2 run): what it
-        # measured stays, the record says why, and the next --resume starts it over.
-        record.update(status="failed", checkpoint=None,
-                      error=f"{last or how}; compare --resume starts it over")
-        return _save(run_dir, record), stop
-    if record is not None:
-        if record["status"] != "running":
-            return record, stop
-        # Gone before it could record how it ended (OOM killer, SIGKILL, a hang we ended).
-        status = "interrupted" if interrupted else "failed"
-        record.update(status=status, error=f"{last}; {how}" if last else how)
-        return _save(run_dir, record), stop
-    if proc.returncode == UNAVAILABLE_EXIT and last:  # this machine cannot run it at all
-        unavailable[key] = last
-        return _save(run_dir, unavailable_result(cfg, arm, "unavailable", last, env)), stop
-    status = "interrupted" if interrupted else "failed"
-    return _save(run_dir, unavailable_result(cfg, arm, status, last or how, env)), stop
+    return proc.returncode, last, interrupted
+
+
+def _supersede(folder: str, run_dir: str, why: str) -> None:
+    """Move a run that is started over out of the way, whole, into .superseded/."""
+    aside = os.path.join(folder, SUPERSEDED)
+    os.makedirs(aside, exist_ok=True)
+    name = os.path.basename(run_dir)
+    for n in range(1, 10000):
+        target = os.path.join(aside, f"{name}-{n}")
+        if not os.path.exists(target):
+            break
+    os.rename(run_dir, target)
+    _warn(f"{run_dir}: {why}; moved to {target} and run again")
+
+
+def _warn(line: str) -> None:
+    click.echo(f"ampcompare: warning: {line}", err=True)
 
 
 def applies(opt_level, precision: str) -> bool:
@@ -281,7 +385,8 @@ def compare(cfg: Config, impls, precisions, repeats: int, folder: str, show=None
             show(k, len(arms), arm, time.monotonic() - start)
         with signals.deferred():  # a signal now is passed to the child by _wait
             record, stop = run_arm(cfg, arm, folder, unavailable, env)
-            records.append(record)
+            if record is not None:
+                records.append(record)
         if stop:
             raise KeyboardInterrupt
     return records

@@ -5,12 +5,14 @@ A fault fires in epoch `epoch` — after step `step` of that epoch, or with step
 training part ends, with step="save" halfway through writing that epoch's checkpoint, with
 step="between" once that checkpoint has its name but before the record that names it does,
 with step="committed" once that record is in place but before the old checkpoint is removed,
-or with step="recorded" once that epoch's record and checkpoint are on disk — in a
+with step="recorded" once that epoch's record and checkpoint are on disk, or with
+step="start" as the run is about to write its first record (any epoch) — in a
 process whose command line holds every word of `argv` (and, given `rank`, only in that rank of
 a job of several processes). It does:
     "raise"      raise RuntimeError("broken on purpose")
     "interrupt"  raise KeyboardInterrupt, as Ctrl-C does
     "exit"       os._exit(137): gone with no chance to record anything, as after SIGKILL
+    "kill"       send SIGKILL to itself
     "sigterm"    send SIGTERM to itself, as a scheduler or `timeout` does
     "sigint2"    send SIGINT to itself twice, 20 ms apart: an impatient Ctrl-C
     "stop"       send SIGSTOP to itself: a hung process
@@ -39,6 +41,8 @@ def act(action: str) -> None:
         raise KeyboardInterrupt
     if action == "exit":
         os._exit(137)
+    if action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
     if action in ("sigterm", "stop"):
         os.kill(os.getpid(), signal.SIGTERM if action == "sigterm" else signal.SIGSTOP)
         return
@@ -90,7 +94,13 @@ def install(setattr, epoch: int, action: str, step=None, argv=(), rank=None) -> 
             act(action)
         real_done(self)
     from common import recorder
-    real_end = recorder.Recorder.end_epoch
+    real_end, real_start = recorder.Recorder.end_epoch, recorder.Recorder._start
+
+    def start(self):
+        if step == "start":
+            act(action)
+        real_start(self)
+    setattr(recorder.Recorder, "_start", start)
 
     def end_epoch(self, row, *args, **kwargs):
         real_end(self, row, *args, **kwargs)

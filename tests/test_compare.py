@@ -184,6 +184,34 @@ def test_chart_is_an_image_with_the_three_panels(compared):
                       "final test accuracy"]
 
 
+RUNNING = {"status": "running", "pid": 2, "epochs": [1]}
+BEFORE = {"status": "interrupted", "pid": 1, "epochs": [1], "checkpoint": {"epochs": 1}}
+
+
+@pytest.mark.parametrize("before,after,code,last,interrupted,resuming,expected", [
+    (None, None, 3, "no CUDA", False, False, ("stand-in", "unavailable", "no CUDA")),
+    (None, None, 1, None, False, False, ("stand-in", "failed", "exit code 1")),
+    (None, None, -9, None, True, False, ("stand-in", "interrupted", "killed by SIGKILL")),
+    (None, {"status": "ok"}, 0, None, False, False, ("keep", None, None)),
+    (None, {"status": "diverged"}, 1, "x", False, False, ("keep", None, None)),
+    (None, RUNNING, -9, None, False, False, ("update", "failed", "killed by SIGKILL")),
+    (None, RUNNING, -9, "oom", True, False, ("update", "interrupted", "oom; killed by SIGKILL")),
+    (BEFORE, BEFORE, 2, "checkpoint-1.pt does not match", False, True,
+     ("start over", None, "checkpoint-1.pt does not match")),
+    (BEFORE, BEFORE, -9, None, False, True,
+     ("update", "failed", "killed by SIGKILL, before it wrote anything; what an earlier "
+                          "attempt measured is kept")),
+    (BEFORE, BEFORE, 2, "/r: another process is writing that run", False, True,
+     ("leave", None, "/r: another process is writing that run")),
+    (BEFORE, {**RUNNING, "epochs": [1, 2]}, 130, None, True, True,
+     ("update", "interrupted", "exit code 130")),
+])
+def test_what_an_arms_attempt_ended_as(before, after, code, last, interrupted, resuming,
+                                       expected):
+    got = compare.outcome(before, after, code, last, interrupted, resuming)
+    assert (got.action, got.status, got.error) == expected
+
+
 def test_schedule_interleaves_and_rotates():
     arms = compare.schedule(["plain", "lightning"], ["32-true", "bf16-mixed"], 3)
     assert len(arms) == 12

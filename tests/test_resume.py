@@ -5,6 +5,10 @@ or changed one, or an option that differs, is refused before anything is overwri
 import hashlib
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -14,7 +18,7 @@ from ampcompare.cli import cli
 from lightning_impl import train as lightning
 from plain_torch import train as plain
 from tests import faults
-from tests.conftest import checkpoint_of, tiny
+from tests.conftest import ROOT, checkpoint_of, run_cli, tiny
 
 ARMS = {"plain": plain, "lightning": lightning}
 
@@ -189,9 +193,11 @@ def test_compare_resume_keeps_finished_arms_and_continues_the_rest(tmp_path):
     assert "plain" in (folder / "report.md").read_text()
 
 
-def test_compare_resume_records_an_arm_whose_resume_is_refused(tmp_path, monkeypatch):
+def test_compare_resume_starts_over_an_arm_whose_resume_is_refused_and_keeps_the_old(
+        tmp_path, monkeypatch):
     # An arm left stopped by an earlier attempt, whose checkpoint no longer matches: compare
-    # --resume keeps its measured epochs and says why it could not continue, as a failure.
+    # --resume says why it cannot continue it, moves it aside whole (nothing is deleted) and
+    # runs it from the start.
     with monkeypatch.context() as m:
         faults.inject(m, epoch=1, action="interrupt")
         plain.train(tiny(tmp_path, run_id="plain-32-true-r0", epochs=3,
@@ -204,14 +210,9 @@ def test_compare_resume_records_an_arm_whose_resume_is_refused(tmp_path, monkeyp
         "precisions": ["32-true"], "repeats": 1, "seeds": 1}))
     ckpt = checkpoint_of(arm)
     ckpt.write_bytes(ckpt.read_bytes()[:-10])
-    before = json.loads((arm / "result.json").read_text())
-    r = cli("compare", "--resume", str(folder))
-    assert r.exit_code == 1, r.output
-    after = json.loads((arm / "result.json").read_text())
-    assert after["status"] == "failed" and "does not match the SHA-256" in after["error"]
-    assert after["epochs"] == before["epochs"] and len(after["epochs"]) == 1
-    # It cannot be continued, so the next --resume runs it again from the start; never while
-    # another compare works in that folder.
+    (arm / "NOTES.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in arm.iterdir() if p.name != ".lock"}
+    # never while another compare works in that folder
     from common.recorder import lock
     held = lock(str(folder), "held by this test")
     try:
@@ -220,8 +221,82 @@ def test_compare_resume_records_an_arm_whose_resume_is_refused(tmp_path, monkeyp
         os.close(held)
     r = cli("compare", "--resume", str(folder))
     assert r.exit_code == 0, r.output
+    assert "its resume was refused" in r.stderr and "does not match the SHA-256" in r.stderr
+    aside = folder / ".superseded" / "plain-32-true-r0-1"
+    assert {p.name: p.read_bytes() for p in aside.iterdir() if p.name != ".lock"} == before
     again = json.loads((arm / "result.json").read_text())
     assert again["status"] == "ok" and len(again["epochs"]) == 3 and again["resumes"] == []
+    assert "1/1" in (folder / "report.md").read_text()  # the aside copy is not reported
+
+
+def stopped_comparison(tmp_path, monkeypatch, epochs=3):
+    """A compare folder whose one arm stopped after its first epoch (a checkpoint to go on)."""
+    with monkeypatch.context() as m:
+        faults.inject(m, epoch=1, action="interrupt")
+        plain.train(tiny(tmp_path, run_id="plain-32-true-r0", epochs=epochs,
+                         keep_checkpoint=False))
+    folder = tmp_path / "runs"
+    cfg = json.loads((folder / "plain-32-true-r0" / "result.json").read_text())["config"]
+    (folder / "compare.json").write_text(json.dumps({
+        "config": {**cfg, "out_dir": str(folder)}, "impls": ["plain"],
+        "precisions": ["32-true"], "repeats": 1, "seeds": 1}))
+    return folder, folder / "plain-32-true-r0"
+
+
+def test_compare_resume_never_touches_a_run_another_process_writes(tmp_path, monkeypatch):
+    folder, arm = stopped_comparison(tmp_path, monkeypatch, epochs=2000)
+    hand = subprocess.Popen([sys.executable, "-m", "ampcompare", "plain", "--resume", str(arm)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while json.loads((arm / "result.json").read_text())["pid"] != hand.pid:
+            assert time.monotonic() < deadline and hand.poll() is None, hand.communicate()
+            time.sleep(0.1)
+        for _ in range(2):  # twice: the second once deleted the live run's folder
+            r = run_cli(["compare", "--resume", str(folder)])
+            assert r.returncode == 1, r.stderr
+            assert "skipped" in r.stderr and "another process is writing that run" in r.stderr
+            assert json.loads((arm / "result.json").read_text())["status"] == "running"
+    finally:
+        hand.send_signal(signal.SIGINT)
+        hand.communicate(timeout=120)
+    assert hand.returncode == 130
+    record = json.loads((arm / "result.json").read_text())
+    assert record["status"] == "interrupted" and len(record["epochs"]) >= 1
+    assert not (folder / ".superseded").exists()
+
+
+@pytest.mark.parametrize("damage", ["paused", "truncated"])
+def test_compare_resume_leaves_a_folder_with_a_bad_record_as_it_is(tmp_path, monkeypatch,
+                                                                   damage):
+    folder, arm = stopped_comparison(tmp_path, monkeypatch)
+    path = arm / "result.json"
+    if damage == "paused":
+        path.write_text(path.read_text().replace('"interrupted"', '"paused"'))
+    else:
+        path.write_text(path.read_text()[:200])
+    (arm / "NOTES.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in arm.iterdir()}
+    r = cli("compare", "--resume", str(folder))
+    assert r.exit_code == 0, r.output  # nothing failed: the arm was not run
+    assert f"skipped {arm}" in r.stderr and "left as it is" in r.stderr
+    assert {p.name: p.read_bytes() for p in arm.iterdir()} == before
+
+
+def test_an_arm_killed_before_it_wrote_says_so_and_resumes_later(tmp_path, monkeypatch):
+    folder, arm = stopped_comparison(tmp_path, monkeypatch)
+    with monkeypatch.context() as m:
+        faults.inject_children(m, epoch=0, action="kill", step="start")
+        r = cli("compare", "--resume", str(folder))
+    assert r.exit_code == 1, r.output
+    record = json.loads((arm / "result.json").read_text())
+    assert record["status"] == "failed", record["status"]  # not the stale "interrupted"
+    assert record["error"].startswith("killed by SIGKILL, before it wrote anything")
+    assert record["checkpoint"] and len(record["epochs"]) == 1  # still resumable
+    r = cli("compare", "--resume", str(folder))
+    assert r.exit_code == 0, r.output
+    done = json.loads((arm / "result.json").read_text())
+    assert done["status"] == "ok" and [x["epoch"] for x in done["resumes"]] == [1]
 
 
 @pytest.mark.parametrize("damage", [
