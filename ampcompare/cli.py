@@ -13,7 +13,7 @@ from typing import Optional
 import click
 from click.core import ParameterSource
 
-from common import signals
+from common import console, ranks, signals
 from common.config import INT_MAX, Config, option_flag
 from common.errors import Unavailable, UsageError, unavailable_exit
 from common.recorder import MAY_CHANGE_ON_RESUME, lock
@@ -72,19 +72,24 @@ def config_from(options: dict, stored: Optional[dict] = None, ctx=None) -> Confi
 
 def _say(line: str) -> None:
     """One line on stderr; in a job of several processes, rank 0's only."""
-    if os.environ.get("RANK", "0") == "0":
-        click.echo(line, err=True)
+    if ranks.main():
+        console.say(line, err=True)
 
 
 class OneLineErrors(click.Group):
     """Usage and environment errors print one line and exit 2, never a traceback."""
 
     def main(self, args=None, prog_name=None, **extra):
+        console.setup()
+        stray = ranks.stray()
+        if stray:
+            _say(f"ampcompare: warning: {', '.join(f'{v}={os.environ[v]}' for v in stray)} "
+                 f"set without the rest of a launcher's variables; running as one process")
         try:
             code = super().main(args=args, prog_name=prog_name or "ampcompare",
                                 standalone_mode=False, **extra)
         except NO_ARGS as e:
-            click.echo(e.ctx.get_help())
+            console.say(e.ctx.get_help())
             code = 0
         except click.ClickException as e:
             _say(f"ampcompare: error: {e.format_message()}")
@@ -94,7 +99,10 @@ class OneLineErrors(click.Group):
             code = unavailable_exit() if isinstance(e, Unavailable) else 2
         except (KeyboardInterrupt, click.exceptions.Abort):
             _say("ampcompare: interrupted")
-            code = 130
+            code = signals.interrupted_exit()
+        except BrokenPipeError:  # click's own output (--help) to a reader that has gone
+            console.silence(sys.stdout)
+            code = 0
         sys.exit(code or 0)
 
 
@@ -124,9 +132,11 @@ def run_one(impl: str, cfg: Config) -> int:
         result = module.train(cfg)
     finally:
         distributed.shutdown()
-    if os.environ.get("RANK", "0") == "0":  # one job, one summary
+    # One job, one summary: rank 0's, or, under `--devices N`, the launcher's (it knows how
+    # every rank ended).
+    if ranks.main() and not ranks.under_our_launcher():
         _summary(impl, result.to_dict(), cfg)
-    return result.exit_code
+    return signals.interrupted_exit() if result.status == "interrupted" else result.exit_code
 
 
 def _summary(impl: str, record: dict, cfg: Config) -> None:
@@ -137,11 +147,11 @@ def _summary(impl: str, record: dict, cfg: Config) -> None:
     sample = stats.Sample([results.timed_steps(record.get("epochs") or [])[0]], record["run_id"])
     est = sample.estimate() if sample else None
     step = stats.duration_with_interval(est.value, est.lo, est.hi) if est else "-"
-    click.echo(f"{impl} {record['precision']['effective']}: {record['status']}, "
-               f"test acc {acc}, median step {step}")
+    console.say(f"{impl} {record['precision']['effective']}: {record['status']}, "
+                f"test acc {acc}, median step {step}")
     if record.get("error"):
-        click.echo(f"error: {record['error']}", err=True)
-    click.echo(f"result: {os.path.join(cfg.out_dir, record['run_id'], 'result.json')}")
+        console.say(f"error: {record['error']}", err=True)
+    console.say(f"result: {os.path.join(cfg.out_dir, record['run_id'], 'result.json')}")
 
 
 def _launch(impl: str, cfg: Config) -> int:
@@ -159,6 +169,8 @@ def _launch(impl: str, cfg: Config) -> int:
     device = resolve_device(cfg)  # --devices against the GPUs there are
     data.load(cfg)  # a missing CIFAR-10 is one line here, not one per rank
     if cfg.resume:
+        if compare.held(cfg.resume):  # refused here, before any rank could touch the record
+            raise UsageError(f"{cfg.resume}: another process is writing that run")
         args = [impl, "--resume", cfg.resume,
                 *compare.child_args(cfg, exclude=("resume", "out_dir", "run_id"))]
     else:
@@ -169,7 +181,14 @@ def _launch(impl: str, cfg: Config) -> int:
             raise UsageError(f"{os.path.join(cfg.out_dir, cfg.run_id)} already exists; choose "
                              f"another --run-id")
         args = [impl, *compare.child_args(cfg, exclude=("resume",))]
-    return launch.run(cfg, args)  # rank 0 printed the summary
+    code = launch.run(cfg, args)
+    try:  # the job's one summary line, from its record as the launcher settled it
+        record = results.read(os.path.join(cfg.out_dir, cfg.run_id))
+        if not results.problem(record) and code not in launch.REFUSED:
+            _summary(impl, record, cfg)
+    except (OSError, ValueError):
+        pass
+    return code
 
 
 def arm_config(impl: str, options: dict) -> Config:
@@ -286,7 +305,7 @@ def compare_command(impls, precisions, repeats, seeds, **options):
                 seed = f" seed {arm.seed}" if seeds > 1 else ""
                 what = f"{arm.impl} {arm.precision}{seed} repeat {arm.repeat + 1}"
                 if not bar.on:  # a line per arm off the terminal
-                    click.echo(f"[{k + 1}/{n}] {what}  (elapsed {elapsed:.0f}s)", err=True)
+                    console.say(f"[{k + 1}/{n}] {what}  (elapsed {elapsed:.0f}s)", err=True)
                     return
                 if k == 0:
                     bar.task(what, n)
@@ -295,23 +314,23 @@ def compare_command(impls, precisions, repeats, seeds, **options):
                                    seeds=seeds)
             bar.update(completed=len(done), description="done")
     except KeyboardInterrupt:
-        click.echo(f"ampcompare: interrupted; reporting what was measured (finish it with "
-                   f"ampcompare compare --resume {folder})", err=True)
+        console.say(f"ampcompare: interrupted; reporting what was measured (finish it with "
+                    f"ampcompare compare --resume {folder})", err=True)
         code = 130
     skipped = []
     records = report.load([folder], skipped)
     for path, why in skipped:
-        click.echo(f"ampcompare: warning: skipped {path}: {why}", err=True)
+        console.say(f"ampcompare: warning: skipped {path}: {why}", err=True)
     try:
         with signals.deferred():  # a report is written whole; a signal now waits for it
             paths = report.write(records, folder)
     except OSError as e:
-        click.echo(f"ampcompare: error: could not write the report into {folder}: "
-                   f"{e.strerror}", err=True)
+        console.say(f"ampcompare: error: could not write the report into {folder}: "
+                    f"{e.strerror}", err=True)
         return 1
     except KeyboardInterrupt:
-        click.echo(f"ampcompare: interrupted; the report is complete (finish the comparison "
-                   f"with ampcompare compare --resume {folder})", err=True)
+        console.say(f"ampcompare: interrupted; the report is complete (finish the comparison "
+                    f"with ampcompare compare --resume {folder})", err=True)
         return 130
     _echo_report(paths)
     failed = [r for r in records if r["status"] not in ("ok", "unavailable")]
@@ -356,10 +375,10 @@ def _precisions(value: Optional[str], cfg: Config) -> list[str]:
 
 
 def _echo_report(paths: dict) -> None:
-    with open(paths["report.md"]) as f:
-        click.echo(f.read())
+    with open(paths["report.md"], encoding="utf-8") as f:
+        console.say(f.read())
     for name, path in paths.items():
-        click.echo(f"{name}: {path}")
+        console.say(f"{name}: {path}")
 
 
 @cli.command("report", help="Rebuild report.md, results.csv, summary.json and benchmark.png "
@@ -373,7 +392,7 @@ def report_command(run_dirs, out):
     skipped = []
     records = report.load(run_dirs, skipped)
     for path, why in skipped:
-        click.echo(f"ampcompare: warning: skipped {path}: {why}", err=True)
+        console.say(f"ampcompare: warning: skipped {path}: {why}", err=True)
     if not records:
         raise UsageError(f"no readable run record under {', '.join(run_dirs)}")
     out = os.path.abspath(out or (run_dirs[0] if len(run_dirs) == 1 else

@@ -22,14 +22,13 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-import click
 
 from ampcompare.launch import exit_description
 from common import results, signals
 from common.config import Config, option_flag
 from common.device import resolve_device
 from common.environment import environment
-from common import checkpoints
+from common import checkpoints, console
 from common.errors import COMPARE_CHILD, UNAVAILABLE_EXIT, UsageError
 
 PLAN = "compare.json"
@@ -107,7 +106,7 @@ def read_plan(folder: str, impls) -> dict:
     if not os.path.isfile(path):
         raise UsageError(f"--resume {folder}: not a compare folder (no {PLAN} there)")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             plan = json.load(f)
         plan.setdefault("seeds", 1)
         why = _plan_problem(plan, impls)
@@ -316,7 +315,7 @@ def _supersede(folder: str, run_dir: str, why: str) -> None:
 
 
 def _warn(line: str) -> None:
-    click.echo(f"ampcompare: warning: {line}", err=True)
+    console.say(f"ampcompare: warning: {line}", err=True)
 
 
 def applies(opt_level, precision: str) -> bool:
@@ -367,8 +366,8 @@ def _save(run_dir: str, record: dict) -> dict:
         os.makedirs(run_dir, exist_ok=True)
         results.write_json(os.path.join(run_dir, "result.json"), record)
     except OSError as e:
-        click.echo(f"ampcompare: warning: could not write {run_dir}/result.json "
-                   f"({e.strerror})", err=True)
+        console.say(f"ampcompare: warning: could not write {run_dir}/result.json "
+                    f"({e.strerror})", err=True)
     return record
 
 

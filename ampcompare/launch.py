@@ -4,7 +4,8 @@ torchelastic environment, which is also how an external `torchrun` runs it on se
 
 The run id, the absolute paths and every option are fixed here, before the launch, so that
 all ranks belong to one run folder (rank 0 alone writes it). A rendezvous port is picked free.
-Afterwards the record is made true: a job whose rank died says which rank, and how.
+Afterwards the record is made true: a job whose rank died says which rank, and how, and this
+process prints the job's one summary line from that record.
 """
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ import socket
 import sys
 import uuid
 
-from common import results
-from common.errors import UNAVAILABLE_EXIT
-from common import checkpoints
+from dataclasses import dataclass
+from typing import Optional
+
+from common import checkpoints, console, distributed, ranks, results
+from common.errors import UNAVAILABLE_EXIT, UsageError
 
 
 def free_port() -> int:
@@ -39,72 +42,101 @@ def run(cfg, args: list[str]) -> int:
             logging.getLogger(name).setLevel(logging.CRITICAL)
     # Threads per rank, the same for every arm (1 against 2 threads changed losses by 7e-7).
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.devices)))
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=cfg.devices,
-                          run_id=f"ampcompare-{uuid.uuid4().hex[:8]}", rdzv_backend="c10d",
-                          rdzv_endpoint=f"127.0.0.1:{free_port()}", max_restarts=0,
-                          monitor_interval=0.1, shutdown_timeout=60)
+    os.environ[ranks.OURS] = "1"  # the ranks leave the summary line to this process
+    job = f"ampcompare-{uuid.uuid4().hex[:8]}"
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=cfg.devices, run_id=job,
+                          rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{free_port()}",
+                          max_restarts=0, monitor_interval=0.1, shutdown_timeout=60)
     failures, stopped = {}, False
     try:
         elastic_launch(config, sys.executable)("-m", "ampcompare", *args)
     except ChildFailedError as e:
-        failures = e.failures
+        failures = {rank: (f.exitcode, f.timestamp) for rank, f in e.failures.items()}
     except SignalException:  # the ranks were sent the same signal and have stopped
         stopped = True
-    return settle(os.path.join(cfg.out_dir, cfg.run_id), failures, stopped)
+    except Exception as e:  # the launcher itself could not start them (its port taken, say)
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UsageError(f"cannot start the {cfg.devices} processes of the job ({first})") \
+            from None
+    run_dir = os.path.join(cfg.out_dir, cfg.run_id)
+    return settle(run_dir, failures, distributed.read_endings(run_dir, job), stopped)
 
 
 # How a rank ends when it was told to stop (Ctrl-C, or the launcher's SIGTERM once another
-# rank failed): not a cause of anything.
-INTERRUPTS = (130, -signal.SIGINT, -signal.SIGTERM)
+# rank failed): an interrupted rank exits with 128 + the signal's number.
+STOPPING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+INTERRUPTS = {130, *(128 + s for s in STOPPING), *(-s for s in STOPPING)}
+REFUSED = (2, UNAVAILABLE_EXIT)
 
 
-def settle(run_dir: str, failures: dict, stopped: bool) -> int:
-    """Make the job's record say how it ended; return the exit code."""
-    causes = {rank: f for rank, f in failures.items() if f.exitcode not in INTERRUPTS}
-    codes = {f.exitcode for f in causes.values()}
-    if codes and codes <= {2, UNAVAILABLE_EXIT}:
-        # Refused before it ran (a resume that does not match, a run another process writes):
-        # the ranks said why in one line, and the folder, if any, is left as it was.
-        return codes.pop() if len(codes) == 1 else 2
+@dataclass
+class Verdict:
+    """How a job ended: the status and error its record must say (None: the record stands as
+    rank 0 wrote it), the exit code, and a warning to print."""
+    code: int
+    status: Optional[str] = None
+    error: Optional[str] = None
+    warning: Optional[str] = None
+
+
+def judge(record: Optional[dict], failures: dict, endings: dict, stopped: bool) -> Verdict:
+    """How a job ended, from its record, the ranks that exited other than 0 ({rank: (exit
+    code, timestamp)}), how each rank said it ended ({rank: ending}) and whether the launcher
+    itself was stopped by a signal. The rank that ended first is the cause: one killed outright
+    (it could say nothing) before any that said how it ended, and among those the earliest."""
+    codes = {rank: code for rank, (code, _) in failures.items()}
+    refusals = [c for c in codes.values() if c in REFUSED]
+    if codes.get(0) in REFUSED or (refusals and set(codes.values()) <= INTERRUPTS | set(REFUSED)):
+        # Refused before it ran (a resume that does not match, a run another process writes,
+        # a disk too full to start): the ranks said why in one line; nothing was written.
+        return Verdict(codes[0] if codes.get(0) in REFUSED else refusals[0])
+    if record is None:  # it never started: the ranks said why
+        return Verdict(1)
+    silent = {rank: failures[rank] for rank in codes
+              if rank not in endings and codes[rank] not in INTERRUPTS}
+    said = {rank: e for rank, e in endings.items() if e.get("status") != "ok"}
+    cause = _cause(silent, said)
+    if record["status"] == "ok":  # rank 0 recorded the whole run: its numbers stand
+        return Verdict(0, warning=f"{cause[2]} after the run was recorded" if cause else None)
+    if stopped:
+        return Verdict(130, "interrupted", None)
+    if cause is None:  # nothing failed: the run's own record says how it ended
+        return Verdict(results.EXIT_CODES.get(record["status"], 1))
+    status, _, how = cause
+    return Verdict(results.EXIT_CODES.get(status, 1), status, how)
+
+
+def _cause(silent: dict, said: dict):
+    """(status, rank, words) of the rank whose ending caused the job's, or None."""
+    if silent:  # killed outright (SIGKILL, the OOM killer): nothing else could have been first
+        rank, (code, _) = min(silent.items(), key=lambda item: (item[1][1], item[0]))
+        return "failed", rank, f"rank {rank} ended first ({exit_description(code)})"
+    if not said:
+        return None
+    rank, first = min(said.items(), key=lambda item: (item[1].get("time") or 0, item[0]))
+    if first["status"] == "interrupted":
+        by = f"by {first['signal']}" if first.get("signal") else "by an interrupt"
+        return "interrupted", rank, f"rank {rank} was stopped {by}; the others stopped with it"
+    return first["status"], rank, f"rank {rank} ended first: {first.get('error')}"
+
+
+def settle(run_dir: str, failures: dict, endings: dict, stopped: bool) -> int:
+    """Make the job's record say how it ended (judge); return the exit code."""
     try:
         record = results.read(run_dir)
         record = None if results.problem(record) else record
     except (OSError, ValueError):
         record = None
-    if os.path.isdir(run_dir):  # no rank writes it now: a killed rank's temporary files go
+    verdict = judge(record, failures, endings, stopped)
+    if record is not None and os.path.isdir(run_dir):  # no rank writes it now
         checkpoints.clean(run_dir, record)
-    path = os.path.join(run_dir, "result.json")
-    if record is not None and record["status"] == "ok":
-        if causes:  # after rank 0 recorded the whole run: its numbers stand
-            print(f"ampcompare: warning: {_first(causes)} after the run was recorded",
-                  file=sys.stderr)
-        return 0
-    if stopped or (failures and not causes):
-        if record is not None and record["status"] == "running":
-            record.update(status="interrupted", error=None)
-            results.write_json(path, record)
-        return 130
-    if not failures:
-        return results.EXIT_CODES.get(record["status"], 1) if record else 1
-    if record is None:  # it never started: the ranks said why
-        return 1
-    how = _first(causes)
-    if record["status"] in ("running", "interrupted"):  # rank 0 was stopped by what happened
-        record.update(status="failed", error=how)
-    elif not how.startswith("rank 0 "):
-        record["error"] = f"{how}; on rank 0: {record.get('error')}"
-    results.write_json(path, record)
-    print(f"ampcompare: {record['status']}: {record['error']}", file=sys.stderr)
-    return results.EXIT_CODES.get(record["status"], 1)
-
-
-def _first(causes: dict) -> str:
-    """Which rank ended first on its own. The agent notices failures in one sweep, so their
-    timestamps can tie: a signal or an exit code other than a recorded failure's 1 is the
-    likelier cause."""
-    rank, first = min(causes.items(),
-                      key=lambda item: (item[1].exitcode == 1, item[1].timestamp, item[0]))
-    return f"rank {rank} ended first ({exit_description(first.exitcode)})"
+    if verdict.warning:
+        console.say(f"ampcompare: warning: {verdict.warning}", err=True)
+    if record is not None and verdict.status is not None and \
+            (verdict.status, verdict.error) != (record["status"], record.get("error")):
+        record.update(status=verdict.status, error=verdict.error)
+        results.write_json(os.path.join(run_dir, "result.json"), record)
+    return verdict.code
 
 
 def exit_description(code: int) -> str:

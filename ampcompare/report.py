@@ -51,7 +51,7 @@ def load(folders, skipped: list | None = None) -> list[dict]:
     for folder in folders:
         for path in sorted(glob.glob(os.path.join(folder, "**", "result.json"), recursive=True)):
             try:
-                with open(path) as f:
+                with open(path, encoding="utf-8") as f:
                     record = json.load(f)
                 why = results.problem(record)
             except (OSError, ValueError) as e:

@@ -345,7 +345,7 @@ def main(argv=None) -> int:
     env = environment(device, {})
     report["env"] = {k: env.get(k) for k in ("device_name", "torch", "lightning")}
     report["env"]["threads"] = threads
-    with open(os.path.join(args.out_dir, "bench.json"), "w") as f:
+    with open(os.path.join(args.out_dir, "bench.json"), "w", encoding="utf-8") as f:
         json.dump(report, f, indent=1)
     print(table(report))
     print(f"\n{report['env']['device_name']}, {threads} threads (1 for the linear model), "

@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from common import ranks
 from common.errors import Unavailable
 
 
@@ -19,7 +20,7 @@ def resolve_device(cfg) -> torch.device:
     if cfg.devices > torch.cuda.device_count():
         raise Unavailable(f"--devices {cfg.devices}: this machine has "
                           f"{torch.cuda.device_count()} GPU(s)")
-    index = int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))
+    index = int(os.environ["LOCAL_RANK"]) if ranks.launched() else torch.cuda.current_device()
     torch.cuda.set_device(index)
     return torch.device("cuda", index)
 

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from common import ranks
 from common.errors import UsageError
 
 # DDP's gradient buckets decide the order of the all-reduce sums: with 3 ranks, another
@@ -50,15 +51,20 @@ class World:
 
 def launched() -> bool:
     """Whether this process is one of several started by torchrun or `--devices N`."""
-    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
+    return ranks.launched()
 
 
 def world(cfg, device: torch.device) -> World:
     """This process's place in the job, checked against --devices and --num-nodes."""
     if not launched():
         return World()
-    env = {k: int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE",
-                                            "LOCAL_WORLD_SIZE")}
+    env = {}
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        try:
+            env[k] = int(os.environ[k])
+        except ValueError:
+            raise UsageError(f"{k}={os.environ[k]!r}: the launcher's variables must be "
+                             f"numbers") from None
     if env["LOCAL_WORLD_SIZE"] != cfg.devices or env["WORLD_SIZE"] != cfg.devices * cfg.num_nodes:
         raise UsageError(f"the launcher started {env['LOCAL_WORLD_SIZE']} processes per node, "
                          f"{env['WORLD_SIZE']} in all; --devices {cfg.devices} --num-nodes "
@@ -72,15 +78,58 @@ def init(w: World) -> None:
     """Join the process group (once, before any framework would)."""
     if w.size == 1 or dist.is_initialized():
         return
-    threads = os.environ.get("OMP_NUM_THREADS")
+    try:
+        threads = ranks.threads()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     if threads:  # torchrun sets 1, `--devices N` cpu_count // N: the same for every arm
-        torch.set_num_threads(int(threads))
+        torch.set_num_threads(threads)
     try:
         dist.init_process_group(w.backend, timeout=TIMEOUT)
     except (RuntimeError, ValueError) as e:  # a rendezvous port taken, an unreachable master
         where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
         raise UsageError(f"cannot join the process group at {where} ({str(e).splitlines()[0]});"
                          f" is the port in use? give the launcher another one") from None
+
+
+ENDINGS = ".ranks"  # in the run folder: how each rank of the job ended, for its launcher
+
+
+def mark_ending(run_dir: str, rank: int, status: str, error, signal) -> None:
+    """Leave how this rank ended (and when, and by which signal) where the launcher that
+    started the job reads it: which rank ended first, and why, is what its record must say."""
+    import json
+    import time
+    if not os.path.isdir(run_dir):
+        return
+    folder = os.path.join(run_dir, ENDINGS)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"{rank}.json")
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump({"run": os.environ.get("TORCHELASTIC_RUN_ID"), "rank": rank,
+                       "status": status, "error": error, "signal": signal,
+                       "time": time.time()}, f)
+        os.replace(path + ".tmp", path)
+    except OSError:
+        pass  # a full disk: the launcher still has the exit codes
+
+
+def read_endings(run_dir: str, run: str) -> dict:
+    """{rank: ending} that the ranks of job `run` left; the folder goes with them."""
+    import json
+    import shutil
+    folder, out = os.path.join(run_dir, ENDINGS), {}
+    for name in os.listdir(folder) if os.path.isdir(folder) else ():
+        try:
+            with open(os.path.join(folder, name), encoding="utf-8") as f:
+                ending = json.load(f)
+            if ending.get("run") == run:
+                out[int(ending["rank"])] = ending
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    shutil.rmtree(folder, ignore_errors=True)
+    return out
 
 
 def shutdown() -> None:

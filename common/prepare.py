@@ -4,7 +4,6 @@ Usage and environment errors surface here, before anything is written to --out-d
 from __future__ import annotations
 
 import datetime
-import sys
 import warnings
 from dataclasses import dataclass
 from typing import Optional
@@ -12,7 +11,7 @@ from typing import Optional
 import torch
 from torch.utils.data import DataLoader
 
-from common import data, distributed, precision, results
+from common import console, data, distributed, precision, results
 from common.device import apply_speed_switches, resolve_device
 from common.errors import UsageError
 from common.recorder import Recorder
@@ -62,7 +61,7 @@ def prepare(cfg, impl: str, opt_level: Optional[str] = None, policy=None) -> Run
     if policy is None:
         policy, notes = precision.resolve(cfg.precision, device)
         for line in notes if world.main else ():
-            print(f"ampcompare: warning: {line}", file=sys.stderr)
+            console.say(f"ampcompare: warning: {line}", err=True)
     switches = apply_speed_switches(cfg, device)
     train_loader, test_loader = data.loaders(cfg, _load(cfg, world), device,
                                              switches["channels_last"], world.rank, world.size)

@@ -3,13 +3,14 @@ shows which arm of how many is running. Lightning's Trainer brings its own RichP
 Off the terminal, or with --quiet, every call is a no-op."""
 from __future__ import annotations
 
-import os
 import sys
+
+from common import ranks
 
 
 def enabled(cfg) -> bool:
     """On a terminal, unless --quiet; with several processes, rank 0's only."""
-    return not cfg.quiet and sys.stderr.isatty() and os.environ.get("RANK", "0") == "0"
+    return not cfg.quiet and sys.stderr.isatty() and ranks.main()
 
 
 def epoch_info(row: dict) -> str:

@@ -216,6 +216,9 @@ class Recorder:
             self.result.status = ("oom" if issubclass(kind, OOM) else
                                   "diverged" if issubclass(kind, metrics.Diverged) else "failed")
             self.result.error = self._describe(kind, exc)
+        if self.world.size > 1:
+            distributed.mark_ending(self.run_dir, self.world.rank, self.result.status,
+                                    self.result.error, signals.first())
         if not self.writes:
             return kind is None or issubclass(kind, (Exception, KeyboardInterrupt))
         checkpoints.remove(os.path.join(self.run_dir, RESERVE))  # the room for this record
@@ -225,7 +228,7 @@ class Recorder:
             self.result.checkpoint = None
         try:
             if self.result.status in ("failed", "oom"):
-                with open(os.path.join(self.run_dir, "error.log"), "w") as f:
+                with open(os.path.join(self.run_dir, "error.log"), "w", encoding="utf-8") as f:
                     f.write("".join(traceback.format_exception(kind, exc, tb)))
             self.write()
             if drop:

@@ -94,7 +94,7 @@ def stage(path: str, write: Callable[[Any], None], binary: bool = False) -> str:
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix)
     try:
         os.fchmod(fd, 0o666 & ~UMASK)  # mkstemp makes files only their owner can read
-        with os.fdopen(fd, "wb" if binary else "w") as f:
+        with os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -127,7 +127,7 @@ def write_json(path: str, obj: Any) -> None:
 
 
 def read(run_dir: str) -> dict:
-    with open(os.path.join(run_dir, "result.json")) as f:
+    with open(os.path.join(run_dir, "result.json"), encoding="utf-8") as f:
         return json.load(f)
 
 

@@ -1,7 +1,8 @@
-"""Ctrl-C and SIGTERM end a run as an interruption, exactly once.
+"""Ctrl-C, SIGTERM and SIGHUP end a run as an interruption, exactly once.
 
-The first SIGINT or SIGTERM raises KeyboardInterrupt (SIGTERM too: a scheduler or `timeout`
-sends it, and it must leave the same partial result as Ctrl-C). Later ones are absorbed: the run
+The first SIGINT, SIGTERM or SIGHUP raises KeyboardInterrupt (SIGTERM too: a scheduler or
+`timeout` sends it; SIGHUP: the terminal was closed; each must leave the same partial result as
+Ctrl-C). Later ones are absorbed: the run
 is already stopping, and a second exception raised while the first one's result is being written
 would leave that result half done. A `deferred()` section (renaming a checkpoint and its record
 together) holds a signal back until the section ends.
@@ -15,11 +16,14 @@ import os
 import signal
 from contextlib import contextmanager
 
-_state = {"installed": False, "stopping": False, "pending": False, "depth": 0, "received": 0}
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_state = {"installed": False, "stopping": False, "pending": False, "depth": 0, "received": 0,
+          "first": None}
 
 
 def _handler(signum, frame):
     _state["received"] += 1
+    _state["first"] = _state["first"] or signum
     if _state["stopping"]:
         return
     if _state["depth"]:
@@ -30,9 +34,10 @@ def _handler(signum, frame):
 
 
 def install() -> None:
-    _state.update(installed=True, stopping=False, pending=False, depth=0, received=0)
-    signal.signal(signal.SIGINT, _handler)
-    signal.signal(signal.SIGTERM, _handler)
+    _state.update(installed=True, stopping=False, pending=False, depth=0, received=0,
+                  first=None)
+    for sig in SIGNALS:
+        signal.signal(sig, _handler)
 
 
 def settled() -> None:
@@ -42,20 +47,34 @@ def settled() -> None:
 
 
 def block_for_exit() -> None:
-    """Block SIGINT and SIGTERM for the last moments of the process. Python puts the default
-    handlers back while it shuts down, and a signal then would end the process with a status
-    (143, a traceback in an atexit hook) that its record does not say."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    """Ignore SIGINT, SIGTERM and SIGHUP for the last moments of the process. Python puts the
+    default handlers back while it shuts down (but leaves an ignored signal ignored), and a
+    signal then, to any of its threads, would end the process with a status (143, 129, a
+    traceback in an atexit hook) that its record does not say."""
+    for sig in SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def received() -> int:
-    """How many SIGINT/SIGTERM this process has had since install()."""
+    """How many SIGINT/SIGTERM/SIGHUP this process has had since install()."""
     return _state["received"]
+
+
+def first() -> str | None:
+    """The name of the first of them (SIGTERM, say), or None."""
+    return signal.Signals(_state["first"]).name if _state["first"] else None
+
+
+def interrupted_exit() -> int:
+    """The exit code of an interrupted process: 130 (Ctrl-C's) for the command a user ran; for
+    a rank of a job, 128 + the signal's number, so that the launcher can tell which it was."""
+    from common import ranks
+    return 128 + _state["first"] if ranks.launched() and _state["first"] else 130
 
 
 @contextmanager
 def deferred():
-    """Hold SIGINT/SIGTERM back until the block ends; then raise the interrupt, if one came."""
+    """Hold the signals back until the block ends; then raise the interrupt, if one came."""
     _state["depth"] += 1
     try:
         yield

@@ -177,7 +177,7 @@ def span(lo: float, hi: float, digits: int = 2, unit: str = "") -> str:
 
 def speed_words(est: Estimate, faster: str = "faster", slower: str = "slower") -> str:
     """A ratio of times where above 1 means `faster` (the reference's time over this one's):
-    "1.31× faster [1.25–1.38]", "no difference detectable [0.97–1.04]", "1.25× slower [...]"."""
+    "1.31× faster [1.25–1.38]", "no difference detectable [0.97–1.04]", "1.25× slower"."""
     if est.lo > 1:
         d = _digits(est.value, est.lo, est.hi)
         return f"{est.value:.{d}f}× {faster} {span(est.lo, est.hi, d)}"

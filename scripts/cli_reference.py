@@ -38,7 +38,7 @@ def updated(readme: str) -> str:
 
 
 def main(argv) -> int:
-    with open(README) as f:
+    with open(README, encoding="utf-8") as f:
         readme = f.read()
     new = updated(readme)
     if "--check" in argv:
@@ -47,7 +47,7 @@ def main(argv) -> int:
                   file=sys.stderr)
             return 1
         return 0
-    with open(README, "w") as f:
+    with open(README, "w", encoding="utf-8") as f:
         f.write(new)
     return 0
 

@@ -101,7 +101,7 @@ def _x(value):
 
 def main(argv) -> int:
     try:
-        with open(argv[0]) as f:
+        with open(argv[0], encoding="utf-8") as f:
             summary = json.load(f)
     except (OSError, ValueError) as e:
         print(f"gpu_targets: no report to read ({e})", file=sys.stderr)

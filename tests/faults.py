@@ -94,13 +94,14 @@ def install(setattr, epoch: int, action: str, step=None, argv=(), rank=None) -> 
             act(action)
         real_done(self)
     from common import recorder
-    real_end, real_start = recorder.Recorder.end_epoch, recorder.Recorder._start
+    real_end, real_reserve = recorder.Recorder.end_epoch, recorder.Recorder._reserve
 
-    def start(self):
-        if step == "start":
+    def reserve(self, size):  # first called as the run starts, before its first record
+        if step == "start" and not saves:
+            saves.append(1)
             act(action)
-        real_start(self)
-    setattr(recorder.Recorder, "_start", start)
+        real_reserve(self, size)
+    setattr(recorder.Recorder, "_reserve", reserve)
 
     def end_epoch(self, row, *args, **kwargs):
         real_end(self, row, *args, **kwargs)

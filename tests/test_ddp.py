@@ -113,6 +113,100 @@ def test_ctrl_c_to_a_ddp_job_is_interrupted_and_resumable(tmp_path):
     assert gone(record["env"]["pids"])
 
 
+def start_job(arm, tmp_path, run_id="live"):
+    """A long DDP job, running: (its process, its result.json, the ranks' pids)."""
+    args = [sys.executable, "-m", "ampcompare", arm, *JOB, "--precision", "32",
+            "--epochs", "500", "--out-dir", str(tmp_path), "--run-id", run_id]
+    proc = subprocess.Popen(args, cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    path = tmp_path / run_id / "result.json"
+    deadline = time.monotonic() + LIMIT
+    while not (path.exists() and json.loads(path.read_text())["epochs"]):
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    return proc, path, json.loads(path.read_text())["env"]["pids"]
+
+
+def test_a_second_resume_of_a_running_job_writes_nothing(tmp_path):
+    proc, path, _ = start_job("plain", tmp_path)
+    try:
+        for _ in range(3):
+            before = path.read_bytes()
+            second = run_cli(["plain", "--resume", str(path.parent), "--quiet"], timeout=LIMIT)
+            assert second.returncode == 2, second.stderr
+            lines = second.stderr.strip().splitlines()
+            assert len(lines) == 1 and "another process is writing that run" in lines[0], lines
+            record = json.loads(path.read_text())
+            assert record["status"] == "running" and record["error"] is None
+            assert json.loads(before)["pid"] == record["pid"]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=LIMIT)
+    assert proc.returncode == 130
+
+
+def test_a_disk_too_full_to_start_a_job_is_exit_2(tmp_path, monkeypatch):
+    faults.inject_children(monkeypatch, epoch=0, action="enospc", step="start")
+    proc = run_cli(["plain", *JOB, "--precision", "32", "--out-dir", str(tmp_path),
+                    "--run-id", "full"], timeout=LIMIT)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "cannot start a run in" in proc.stderr and "No space left on device" in proc.stderr
+    assert not (tmp_path / "full").exists()
+
+
+@pytest.mark.parametrize("arm,rank,sig,status,words,code", [
+    ("plain", 1, signal.SIGTERM, "interrupted", "rank 1 was stopped by SIGTERM", 130),
+    ("fabric", 0, signal.SIGTERM, "interrupted", "rank 0 was stopped by SIGTERM", 130),
+    ("plain", 1, signal.SIGKILL, "failed", "rank 1 ended first (killed by SIGKILL)", 1),
+    ("lightning", 1, signal.SIGHUP, "interrupted", "rank 1 was stopped by SIGHUP", 130),
+])
+def test_a_signal_to_one_rank_is_named_alike_in_the_record_and_the_line(tmp_path, arm, rank,
+                                                                        sig, status, words,
+                                                                        code):
+    proc, path, pids = start_job(arm, tmp_path)
+    os.kill(pids[rank], sig)
+    out, err = proc.communicate(timeout=LIMIT)
+    assert proc.returncode == code, err[-3000:]
+    record = json.loads(path.read_text())
+    assert record["status"] == status and record["error"].startswith(words), record["error"]
+    summary = [line for line in out.splitlines() if line.startswith(f"{arm} 32-true: ")]
+    assert len(summary) == 1 and summary[0].startswith(f"{arm} 32-true: {status},"), out
+    assert f"error: {record['error']}" in err
+    assert gone(pids) and not (path.parent / ".ranks").exists()
+
+
+RUNNING = {"status": "running", "error": None}
+
+
+@pytest.mark.parametrize("record,failures,endings,stopped,expected", [
+    # rank 0 refused (a live run's lock, a full disk): nothing to write, whatever rank 1 did
+    (RUNNING, {0: (2, 5), 1: (1, 5)}, {}, False, (2, None, None)),
+    (None, {0: (2, 5), 1: (-15, 5)}, {}, False, (2, None, None)),
+    (None, {0: (3, 5), 1: (143, 5)}, {}, False, (3, None, None)),
+    (None, {0: (1, 5)}, {}, False, (1, None, None)),  # it never started
+    # one rank killed outright: it could say nothing, so it was first
+    (RUNNING, {1: (-9, 7), 0: (143, 7)},
+     {0: {"status": "interrupted", "signal": "SIGTERM", "time": 8.0}}, False,
+     (1, "failed", "rank 1 ended first (killed by SIGKILL)")),
+    # a signal to one rank: the earliest to say how it ended is the cause
+    (RUNNING, {1: (143, 7), 0: (1, 7)},
+     {1: {"status": "interrupted", "signal": "SIGTERM", "time": 6.0},
+      0: {"status": "failed", "error": "RuntimeError: Connection reset by peer", "time": 6.5}},
+     False, (130, "interrupted", "rank 1 was stopped by SIGTERM; the others stopped with it")),
+    (RUNNING, {0: (1, 7), 1: (143, 7)},
+     {0: {"status": "oom", "error": "out of memory", "time": 6.0},
+      1: {"status": "interrupted", "signal": "SIGTERM", "time": 6.5}},
+     False, (1, "oom", "rank 0 ended first: out of memory")),
+    # Ctrl-C to the launcher: every rank stopped with it
+    (RUNNING, {0: (130, 7), 1: (130, 7)}, {}, True, (130, "interrupted", None)),
+    # rank 0 had recorded the whole run: it stands
+    ({"status": "ok", "error": None}, {1: (-9, 7)}, {}, False, (0, None, None)),
+])
+def test_how_a_job_ended(record, failures, endings, stopped, expected):
+    verdict = launch.judge(record, failures, endings, stopped)
+    assert (verdict.code, verdict.status, verdict.error) == expected
+
+
 def test_a_rendezvous_port_in_use_is_one_line(tmp_path):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
