@@ -1,30 +1,34 @@
-"""`ampcompare` and `python -m ampcompare`. Ctrl-C and SIGTERM are handled before anything heavy
-is imported (torch takes a second or two), so that an interrupt at any moment ends with one
-line and exit 130, never a traceback."""
+"""`ampcompare` and `python -m ampcompare`. Ctrl-C, SIGTERM and SIGHUP are handled before
+anything heavy is imported (torch takes a second or two), so that an interrupt at any moment
+ends with one line and exit 130, never a traceback."""
 import os
 import sys
 
 
 def main() -> None:
-    from common import signals  # the standard library only
+    from common import ranks, signals  # the standard library only
 
     signals.install()
-    if "LOCAL_RANK" in os.environ:  # a rank of a job: it ends with the launcher that started it
+    if ranks.launched():  # a rank of a job: it ends with the launcher that started it
         signals.die_with_parent()
     try:
         from ampcompare.cli import cli
         cli.main()  # exits with the code the record says
     except KeyboardInterrupt:  # while torch and the rest were still being imported
-        print("ampcompare: interrupted", file=sys.stderr)
-        sys.exit(130)
+        if ranks.main():  # a job's other ranks leave the line to rank 0
+            print("ampcompare: interrupted", file=sys.stderr)
+        sys.exit(signals.interrupted_exit())
     except SystemExit as end:
-        if "LOCAL_RANK" not in os.environ:
+        if not ranks.launched():
             raise
         # A rank of a job, its part done and recorded: leave without the interpreter's teardown,
         # in which torch.distributed's threads ended 1 finished rank in 30 with SIGABRT here.
         signals.block_for_exit()
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a reader that went away
+                pass
         os._exit(end.code if isinstance(end.code, int) else 1)
     finally:
         signals.block_for_exit()  # from here to the exit, nothing may change that code

@@ -166,6 +166,10 @@ def _launch(impl: str, cfg: Config) -> int:
             f"--nnodes {cfg.num_nodes} --nproc-per-node {cfg.devices} --rdzv-backend c10d "
             f"--rdzv-endpoint HOST:PORT -m ampcompare {impl} --devices {cfg.devices} "
             f"--num-nodes {cfg.num_nodes} ... (README, \"Several devices and nodes\")")
+    try:
+        ranks.threads()  # each rank would fail on it
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     device = resolve_device(cfg)  # --devices against the GPUs there are
     data.load(cfg)  # a missing CIFAR-10 is one line here, not one per rank
     if cfg.resume:
@@ -283,7 +287,7 @@ def compare_command(impls, precisions, repeats, seeds, **options):
         folder = None
     if cfg.seed + seeds - 1 > INT_MAX:
         raise UsageError(f"--seed {cfg.seed} with --seeds {seeds} goes past {INT_MAX}")
-    check_out_dir(folder or cfg.out_dir)
+    check_out_dir(folder or cfg.out_dir, "--resume" if folder else "--out-dir")
     # A missing CIFAR-10 is one usage error here, not one per arm (and it downloads once).
     data.load(cfg)
     if folder is None:

@@ -382,10 +382,18 @@ def compare(cfg: Config, impls, precisions, repeats: int, folder: str, show=None
     for k, arm in enumerate(arms):
         if show:
             show(k, len(arms), arm, time.monotonic() - start)
-        with signals.deferred():  # a signal now is passed to the child by _wait
-            record, stop = run_arm(cfg, arm, folder, unavailable, env)
-            if record is not None:
-                records.append(record)
+        record = None
+        try:
+            with signals.deferred():  # a signal now is passed to the child by _wait
+                record, stop = run_arm(cfg, arm, folder, unavailable, env)
+                if record is not None:
+                    records.append(record)
+        except KeyboardInterrupt:  # held back while the arm ran: it has recorded its end
+            stop = True
+        if k == len(arms) - 1 and (record is None or record["status"] != "interrupted"):
+            signals.settled()  # every arm has ended: a signal now interrupts nothing
+            stop = False
         if stop:
             raise KeyboardInterrupt
+    signals.settled()
     return records

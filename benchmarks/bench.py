@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import threading
@@ -53,12 +52,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ampcompare import compare  # noqa: E402 (compare: the run folder)
-from common import data, metrics, stats  # noqa: E402
+from common import console, data, metrics, signals, stats  # noqa: E402
 from common.config import Config  # noqa: E402
 from common.device import resolve_device  # noqa: E402
 from common.environment import environment  # noqa: E402
 from common.errors import UsageError  # noqa: E402
-from common.results import check_out_dir  # noqa: E402
+from common.results import check_out_dir, write_json  # noqa: E402
 from fabric_impl import train as fabric  # noqa: E402
 from lightning_impl import train as lightning  # noqa: E402
 from plain_torch import train as plain  # noqa: E402
@@ -94,6 +93,8 @@ class Turns:
             if self.holder == name:
                 self._release()
             while not (self.holder is None and self.queue and self.queue[0] == name):
+                if STOP.is_set():
+                    raise KeyboardInterrupt
                 self.cond.wait()
             self.queue.pop(0)
             self.holder = name
@@ -113,35 +114,58 @@ class Job:
     cfg: Config
 
 
+STOP = threading.Event()  # set by a signal: every arm stops at its next step
+
+
 def take_turns(jobs: dict, threads: int) -> dict:
     """Run every job's train(cfg) in a thread of its own, epoch by epoch in turn, each with an
     OpenMP team of `threads`; their results, by name. (Lightning registers signal handlers only
-    from the main thread.)"""
+    from the main thread.) After a signal each arm stops at its next step, as a run stops on
+    Ctrl-C: its record says interrupted."""
     turns, out = Turns(jobs), {}
+
+    def stop_here():
+        if STOP.is_set() and threading.current_thread().name in jobs:
+            raise KeyboardInterrupt
 
     def hook(epoch):
         name = threading.current_thread().name
         if name in jobs:
+            stop_here()
             turns.take(name)
+            stop_here()
 
     def run(name, job):
         torch.set_num_threads(threads)
         try:
+            stop_here()
             out[name] = ARMS[job.impl].train(job.cfg)
         except Exception as e:  # a refused option, say: its measures say so, the rest go on
             out[name] = types.SimpleNamespace(status="failed", error=f"{type(e).__name__}: {e}",
                                               epochs=[], summary={})
+        except KeyboardInterrupt:  # stopped before its run had begun
+            out[name] = types.SimpleNamespace(status="interrupted", error="interrupted",
+                                              epochs=[], summary={})
         finally:
             turns.done(name)
     metrics.epoch_start_hooks.append(hook)
+    metrics.batch_start_hooks.append(stop_here)
     try:
         workers = [threading.Thread(target=run, name=n, args=(n, j)) for n, j in jobs.items()]
         for t in workers:
             t.start()
         for t in workers:
-            t.join()
+            while t.is_alive():  # in slices, so that a signal's handler runs at once
+                try:
+                    t.join(0.2)
+                except KeyboardInterrupt:
+                    STOP.set()
+                if STOP.is_set():
+                    with turns.cond:
+                        turns.cond.notify_all()  # a waiting arm wakes, and stops
     finally:
         metrics.epoch_start_hooks.remove(hook)
+        metrics.batch_start_hooks.remove(stop_here)
     return out
 
 
@@ -247,12 +271,21 @@ def loaders(base: Config, n: int, report: dict) -> None:
             loader.batch_sampler.sampler.set_epoch(epoch)
         times, last = [], time.perf_counter()
         for x, y in loader:  # per image, so that a short last batch counts for what it is
+            if STOP.is_set():
+                return times
             now = time.perf_counter()
             times.append((now - last) / len(y))
             last = now
         return times
-    batch_times(theirs, 0)  # start the workers
-    pairs = [(batch_times(ours, r), batch_times(theirs, r)) for r in range(4 * n)]
+    try:
+        batch_times(theirs, 0)  # start the workers
+        pairs = [(batch_times(ours, r), batch_times(theirs, r)) for r in range(4 * n)]
+    except RuntimeError:  # its workers stopped by the same signal
+        if not STOP.is_set():
+            raise
+    if STOP.is_set():
+        report["loader_over_torchvision"] = {"error": "interrupted"}
+        return
     a = stats.Sample([p[0] for p in pairs], "loader ours")
     b = stats.Sample([p[1] for p in pairs], "loader torchvision")
     est = stats.ratio(b, a, paired=True)  # their time per image over ours: our speed over theirs
@@ -326,31 +359,47 @@ def main(argv=None) -> int:
         check_out_dir(args.out_dir)
         folder = compare.new_folder(args.out_dir)
     except UsageError as e:
-        print(f"bench: error: {e}", file=sys.stderr)
+        console.say(f"bench: error: {e}", err=True)
         return 2
     threads = torch.get_num_threads()
     report = {"command": " ".join(sys.argv), "rounds": args.rounds,
               "linear_rounds": args.linear_rounds}
-    took = {}
-    start = time.monotonic()
-    linear = framework_cost(base, folder, args.linear_rounds, report)
-    took["framework_cost"], start = time.monotonic() - start, time.monotonic()
-    small = precisions(base, folder, args.rounds, threads, report)
-    if linear and small:
-        cost_shares(linear, small, report)
-    took["precisions"], start = time.monotonic() - start, time.monotonic()
-    loaders(base, args.rounds, report)  # 4 x --rounds: an epoch of theirs is half a second
-    took["loaders"] = time.monotonic() - start
-    report["seconds"] = {k: round(v, 1) for k, v in took.items()}
+    # Ctrl-C, SIGTERM, SIGHUP: the arms stop at their next step and record it (a framework
+    # that fails while it stops is recorded as interrupted too: the signal came first), the
+    # measures so far are written, and a second signal is absorbed.
+    signals.install()
+    signals.listeners.append(STOP.set)
+    took, samples = {}, {}
+
+    def phase(name, measure):
+        if not STOP.is_set():
+            start = time.monotonic()
+            try:
+                samples[name] = measure()
+            except KeyboardInterrupt:
+                STOP.set()
+            took[name] = round(time.monotonic() - start, 1)
+    phase("framework_cost", lambda: framework_cost(base, folder, args.linear_rounds, report))
+    phase("precisions", lambda: precisions(base, folder, args.rounds, threads, report))
+    if samples.get("framework_cost") and samples.get("precisions") and not STOP.is_set():
+        cost_shares(samples["framework_cost"], samples["precisions"], report)
+    # 4 x --rounds: an epoch of theirs is half a second
+    phase("loaders", lambda: loaders(base, args.rounds, report))
+    signals.settled()  # from here on a signal interrupts nothing: the report is written whole
+    report["seconds"] = took
+    report["interrupted"] = STOP.is_set()
     env = environment(device, {})
     report["env"] = {k: env.get(k) for k in ("device_name", "torch", "lightning")}
     report["env"]["threads"] = threads
-    with open(os.path.join(args.out_dir, "bench.json"), "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=1)
-    print(table(report))
-    print(f"\n{report['env']['device_name']}, {threads} threads (1 for the linear model), "
-          f"torch {report['env']['torch']}, lightning {report['env']['lightning']}; "
-          f"{args.out_dir}/bench.json, runs in {folder}")
+    write_json(os.path.join(args.out_dir, "bench.json"), report)
+    console.say(table(report))
+    console.say(f"\n{report['env']['device_name']}, {threads} threads (1 for the linear "
+                f"model), torch {report['env']['torch']}, lightning "
+                f"{report['env']['lightning']}; {args.out_dir}/bench.json, runs in {folder}")
+    if STOP.is_set():
+        console.say(f"bench: interrupted; {args.out_dir}/bench.json holds what was measured",
+                    err=True)
+        return 130
     return 0
 
 
@@ -381,4 +430,8 @@ def table(report: dict) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        code = main()
+    finally:
+        signals.block_for_exit()
+    sys.exit(code)

@@ -87,9 +87,11 @@ def clock(device: torch.device):
     return CudaClock() if device.type == "cuda" else HostClock()
 
 
-# Called with the epoch number as each EpochMeter starts, before its clock does. Nothing in a
-# run sets it; the bench makes arms that run side by side in one process take turns here.
+# Called with the epoch number as each EpochMeter starts, before its clock does, and before each
+# step's batch_start. Nothing in a run sets them; the bench makes arms that run side by side in
+# one process take turns at the first and stops them at either.
 epoch_start_hooks: list = []
+batch_start_hooks: list = []
 
 
 class EpochMeter:
@@ -120,6 +122,8 @@ class EpochMeter:
         return self.saved
 
     def batch_start(self) -> None:
+        for hook in batch_start_hooks:
+            hook()
         self.waits.append(time.perf_counter() - self.last)
         if len(self.waits) == 1:  # the epoch's first step starts here, later ones where the
             self.clock.mark()  # step before them ended

@@ -51,7 +51,7 @@ def prepare(cfg, impl: str, opt_level: Optional[str] = None, policy=None) -> Run
     # A loss scaler skips the first steps by design when its initial scale is too high; torch
     # then warns that the LR scheduler stepped first. Expected, and nothing to act on.
     warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
-    results.check_out_dir(cfg.resume or cfg.out_dir)
+    results.check_out_dir(cfg.resume or cfg.out_dir, "--resume" if cfg.resume else "--out-dir")
     device = resolve_device(cfg)
     if cfg.devices * cfg.num_nodes > 1 and not distributed.launched():
         raise UsageError(f"--devices {cfg.devices} --num-nodes {cfg.num_nodes}: start it from "

@@ -155,14 +155,24 @@ def problem(record: Any, complete: bool = False) -> Optional[str]:
     return None
 
 
-def check_out_dir(out_dir: str) -> None:
-    """Fail before anything is written if no run folder can be made under out_dir."""
+def check_out_dir(out_dir: str, option: str = "--out-dir") -> None:
+    """Fail before anything is written if nothing can be written in out_dir (the nearest
+    folder of it that exists): `option` names what the user gave."""
     probe = os.path.abspath(out_dir)
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)
-    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
-        raise UsageError(f"--out-dir {out_dir}: {probe} is not a writable folder; choose another "
-                         f"--out-dir")
+    if os.path.isdir(probe) and os.access(probe, os.W_OK | os.X_OK):
+        return
+    why = "is not a writable folder"
+    try:
+        if os.path.isdir(probe) and os.statvfs(probe).f_flag & os.ST_RDONLY:
+            why = "is on a read-only filesystem"
+    except OSError:
+        pass
+    if option == "--resume":
+        raise UsageError(f"--resume {out_dir}: {probe} {why}; a resumed run writes its record "
+                         f"and checkpoint there")
+    raise UsageError(f"{option} {out_dir}: {probe} {why}; choose another {option}")
 
 
 def weights_sha256(model: torch.nn.Module) -> str:

@@ -21,9 +21,16 @@ _state = {"installed": False, "stopping": False, "pending": False, "depth": 0, "
           "first": None}
 
 
+# Called on every signal, before anything else: the bench, whose arms run in threads, stops
+# them all with it (a KeyboardInterrupt reaches only the main thread, or is held back).
+listeners: list = []
+
+
 def _handler(signum, frame):
     _state["received"] += 1
     _state["first"] = _state["first"] or signum
+    for listener in listeners:
+        listener()
     if _state["stopping"]:
         return
     if _state["depth"]:

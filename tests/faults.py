@@ -5,14 +5,16 @@ A fault fires in epoch `epoch` — after step `step` of that epoch, or with step
 training part ends, with step="save" halfway through writing that epoch's checkpoint, with
 step="between" once that checkpoint has its name but before the record that names it does,
 with step="committed" once that record is in place but before the old checkpoint is removed,
-with step="recorded" once that epoch's record and checkpoint are on disk, or with
-step="start" as the run is about to write its first record (any epoch) — in a
+with step="recorded" once that epoch's record and checkpoint are on disk, with step="start"
+as the run is about to write its first record, or with step="ended" once it has written its
+last (both: any epoch) — in a
 process whose command line holds every word of `argv` (and, given `rank`, only in that rank of
 a job of several processes). It does:
     "raise"      raise RuntimeError("broken on purpose")
     "interrupt"  raise KeyboardInterrupt, as Ctrl-C does
     "exit"       os._exit(137): gone with no chance to record anything, as after SIGKILL
     "kill"       send SIGKILL to itself
+    "sigint-parent3" send SIGINT to its parent three times: Ctrl-C to a compare, impatiently
     "sigterm"    send SIGTERM to itself, as a scheduler or `timeout` does
     "sigint2"    send SIGINT to itself twice, 20 ms apart: an impatient Ctrl-C
     "stop"       send SIGSTOP to itself: a hung process
@@ -43,6 +45,12 @@ def act(action: str) -> None:
         os._exit(137)
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+        return
+    if action == "sigint-parent3":
+        for _ in range(3):
+            os.kill(os.getppid(), signal.SIGINT)
+            time.sleep(0.01)
+        return
     if action in ("sigterm", "stop"):
         os.kill(os.getpid(), signal.SIGTERM if action == "sigterm" else signal.SIGSTOP)
         return
@@ -102,6 +110,14 @@ def install(setattr, epoch: int, action: str, step=None, argv=(), rank=None) -> 
             act(action)
         real_reserve(self, size)
     setattr(recorder.Recorder, "_reserve", reserve)
+    real_exit = recorder.Recorder.__exit__
+
+    def exit_(self, *exc):
+        swallowed = real_exit(self, *exc)
+        if step == "ended":
+            act(action)
+        return swallowed
+    setattr(recorder.Recorder, "__exit__", exit_)
 
     def end_epoch(self, row, *args, **kwargs):
         real_end(self, row, *args, **kwargs)
