@@ -8,6 +8,8 @@ same on every device; with a GPU, a second panel shows the CUDA allocator's peak
 RSS (set by libraries and data) is only in the report's table."""
 from __future__ import annotations
 
+import functools
+
 from common import results
 
 MIB = 2 ** 20
@@ -28,7 +30,8 @@ def figure(summary):
             if precision not in precisions:
                 precisions.append(precision)
             for impl in impls:
-                label = impl if len(summary["devices"]) == 1 else f"{impl}\n{dev['device']}"
+                label = _text(impl if len(summary["devices"]) == 1 else
+                              f"{impl}\n{dev['device']}")
                 if (dev, impl, label) not in groups:
                     groups.append((dev, impl, label))
     fig = Figure(figsize=(4.4 * len(panels), 4.2), dpi=100)
@@ -47,7 +50,7 @@ def figure(summary):
                 heights.append(mid / scale)
                 errs[0].append((mid - lo) / scale)
                 errs[1].append((hi - mid) / scale)
-            ax.bar(xs, heights, width, yerr=errs, capsize=3, label=precision)
+            ax.bar(xs, heights, width, yerr=errs, capsize=3, label=_text(precision))
         for i, (dev, impl, _) in enumerate(groups):
             if not any((cell.get(impl) or {}).get("ok") for cell in dev["precisions"].values()):
                 ax.text(i, 0, "not run\n(see report.md)", ha="center", va="bottom", fontsize=8,
@@ -57,11 +60,27 @@ def figure(summary):
         ax.grid(axis="y", alpha=0.3)
     if axes[0].get_legend_handles_labels()[0]:  # no bar at all: no legend either
         axes[0].legend(loc="lower left", fontsize=8, framealpha=0.9)
-    devices = ", ".join(dev["device"] for dev in summary["devices"])
+    devices = _text(", ".join(dev["device"] for dev in summary["devices"]))
     fig.suptitle(f"ampcompare on {devices}: step time with its 95% interval; memory and "
                  f"accuracy median [min–max]")
     fig.tight_layout()
     return fig
+
+
+def _text(value) -> str:
+    """A value from a record as text matplotlib shows as it is: a "$" is not mathtext, and a
+    character its font has no glyph for (CJK, emoji) is a "?" instead of a missing-glyph
+    warning."""
+    glyphs = _glyphs()
+    return "".join(c if c == "\n" or ord(c) in glyphs else "?" for c in str(value)) \
+        .replace("$", r"\$")
+
+
+@functools.lru_cache(maxsize=1)
+def _glyphs() -> frozenset:
+    from matplotlib import font_manager, ft2font
+    return frozenset(ft2font.FT2Font(font_manager.findfont(font_manager.FontProperties()))
+                     .get_charmap())
 
 
 def _bar(figure_: dict) -> tuple[float, float, float]:

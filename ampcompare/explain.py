@@ -12,9 +12,10 @@ REFERENCE = ("the benchmark this tool grew from — Lightning precision 16 again
              "accuracy about the same.")
 
 
-def lines(group: dict) -> list[str]:
+def lines(group: dict, quote=str) -> list[str]:
     """One sentence per mixed precision in the group, about its first impl that has a 32-true
-    run to compare with."""
+    run to compare with. `quote` is applied to every value that comes from a record (the
+    report's Markdown escapes them)."""
     table, ratios, env = group["precisions"], group["ratios"], group["env"]
     base = {c["impl"]: c for c in table.get("32-true", {}).values()}
     out = []
@@ -24,13 +25,13 @@ def lines(group: dict) -> list[str]:
             continue
         mixed, ref, ratio = cells[label], base[cells[label]["impl"]], ratios[label][precision]
         speed = ratio["speedup"]["verdict"] if ratio["speedup"] else "no step times recorded"
-        parts = [f"{precision} against 32-true ({label}): {speed}",
-                 hardware(env, precision)]
+        parts = [f"{quote(precision)} against 32-true ({quote(label)}): {speed}",
+                 hardware(env, precision, quote)]
         mfu = [_median(c, "mfu") for c in (ref, mixed)]
         if None not in mfu:
-            parts.append(f"MFU {mfu[0]:.1%} at 32-true, {mfu[1]:.1%} at {precision}")
+            parts.append(f"MFU {mfu[0]:.1%} at 32-true, {mfu[1]:.1%} at {quote(precision)}")
         else:
-            parts.append(peaks.peak(env, precision)[1])
+            parts.append(quote(peaks.peak(env, precision)[1]))
         wait = [_median(c, "data_wait_fraction") for c in (ref, mixed)]
         if None not in wait:
             parts.append(f"waiting for data took {wait[0]:.0%} and {wait[1]:.0%} of training "
@@ -42,7 +43,7 @@ def lines(group: dict) -> list[str]:
     return out
 
 
-def hardware(env: dict, precision: str) -> str:
+def hardware(env: dict, precision: str, quote=str) -> str:
     """What the device does differently at this precision."""
     if env.get("device") != "cuda":
         if precision == "16-mixed":
@@ -53,15 +54,16 @@ def hardware(env: dict, precision: str) -> str:
                     "and moves")
         return ("this CPU has no bf16 instructions (no avx512_bf16 or amx_bf16): bf16 is "
                 "widened to fp32 for the math, and only the bytes moved are halved")
-    name, cc = env.get("device_name", "the GPU"), env.get("cuda_capability")
+    name, cc = quote(env.get("device_name", "the GPU")), quote(env.get("cuda_capability"))
     if not env.get("tensor_cores"):
-        return (f"{name} (compute capability {cc}) has no tensor cores: whatever {precision} "
-                f"gains here comes from halved memory traffic, not faster math")
+        return (f"{name} (compute capability {cc}) has no tensor cores: whatever "
+                f"{quote(precision)} gains here comes from halved memory traffic, not faster "
+                f"math")
     fp32 = ("32-true ran its matmuls and convolutions as TF32 on tensor cores, so fp32 was "
             "already fast" if env.get("tf32") else
             "32-true ran on the fp32 units (TF32 off)")
-    return (f"{name} (compute capability {cc}) runs {precision}'s matmuls and convolutions on "
-            f"tensor cores; {fp32}")
+    return (f"{name} (compute capability {cc}) runs {quote(precision)}'s matmuls and "
+            f"convolutions on tensor cores; {fp32}")
 
 
 def scaler(cell: dict) -> str:

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import csv
 import glob
+import html
 import io
 import json
 import os
+import re
 import statistics
 
 from ampcompare import chart, explain
@@ -47,9 +49,13 @@ DEFAULTS = Config().to_dict()
 def load(folders, skipped: list | None = None) -> list[dict]:
     """Every run record under the folders. A result.json that cannot be read or is not a run
     record is left out, and (path, reason) appended to `skipped`."""
-    records = []
+    records, seen = [], set()
     for folder in folders:
         for path in sorted(glob.glob(os.path.join(folder, "**", "result.json"), recursive=True)):
+            real = os.path.realpath(path)
+            if real in seen:  # a run is one run, however many of the folders reach it
+                continue
+            seen.add(real)
             try:
                 with open(path, encoding="utf-8") as f:
                     record = json.load(f)
@@ -73,6 +79,16 @@ def device_of(record) -> str:
 def precision_of(record) -> str:
     p = record["precision"]
     return p.get("effective") or p.get("requested")
+
+
+# What a run was measured with, beside its device: runs whose software, code or host differ
+# are different settings, never one cell.
+SOFTWARE = ("torch", "torchvision", "lightning", "apex", "python", "git_commit", "host")
+
+
+def software_of(record) -> dict:
+    env = record.get("env") or {}
+    return {k: env.get(k) for k in SOFTWARE}
 
 
 def settings_of(record) -> dict:
@@ -133,17 +149,19 @@ def _order(names, canonical=()):
 
 
 def groups_of(records) -> list[tuple[str, dict, list]]:
-    """(device, settings, records) per device and settings, in the order first seen."""
+    """(device, settings and software, records) per device, settings and software, in the
+    order first seen."""
     groups = {}
     for r in records:
-        settings = settings_of(r)
+        settings = {**settings_of(r), **software_of(r)}
         key = (device_of(r), json.dumps(settings, sort_keys=True, default=str))
         groups.setdefault(key, (key[0], settings, []))[2].append(r)
     return list(groups.values())
 
 
 def _differences(groups) -> dict:
-    """For each group, the settings in which it differs from another group of its device."""
+    """For each group, the settings or software in which it differs from another group of its
+    device."""
     out = {}
     for i, (device, settings, _) in enumerate(groups):
         others = [s for j, (d, s, _) in enumerate(groups) if d == device and j != i]
@@ -190,7 +208,8 @@ def summarize(records) -> dict:
         diff = differences[i]
         name = device + (" — " + ", ".join(f"{k} {v}" for k, v in diff.items()) if diff else "")
         group = {"device": name, "env": env, "config": (ok or recs)[0].get("config", {}),
-                 "settings": settings, "precisions": table, "ratios": _ratios(table, samples),
+                 "settings": {k: v for k, v in settings.items() if k not in SOFTWARE},
+                 "software": {k: settings[k] for k in SOFTWARE}, "precisions": table, "ratios": _ratios(table, samples),
                  "overheads": _overheads(table, samples)}
         group["notes"] = _notes(group)
         group["explanations"] = explain.lines(group)
@@ -254,7 +273,7 @@ def _overheads(table, samples) -> dict:
     return out
 
 
-def _notes(group) -> list[str]:
+def _notes(group, quote=str) -> list[str]:
     """What the reader must know to weigh the intervals: that one run per arm measures only
     the noise within a run; that arms which did the same arithmetic got speed-ups that do not
     overlap, i.e. the machine's noise exceeded what the runs could measure."""
@@ -273,8 +292,9 @@ def _notes(group) -> list[str]:
             if not stats.Estimate(x["estimate"], *x["interval"]).overlaps(
                     stats.Estimate(y["estimate"], *y["interval"])):
                 notes.append(
-                    f"{a} and {b} trained bitwise-identical weights at 32-true and {precision}, "
-                    f"yet their {precision} speed-ups do not overlap ({x['verdict']}; "
+                    f"{quote(a)} and {quote(b)} trained bitwise-identical weights at 32-true "
+                    f"and {quote(precision)}, yet their {quote(precision)} speed-ups do not "
+                    f"overlap ({x['verdict']}; "
                     f"{y['verdict']}): the machine's noise exceeded these intervals. Measure "
                     f"on an idle machine, with --repeats 3 or more, so that the intervals "
                     f"include the noise between processes.")
@@ -332,10 +352,20 @@ ENV_KEYS = ("device_name", "cuda_capability", "tensor_cores", "cpu_model", "cpu_
             "python", "git_commit")
 
 
+def md(value) -> str:
+    """A value from a record, as Markdown text that stays text: one line, no table cell break,
+    no HTML, no code span, link, emphasis or heading (records come from other machines)."""
+    text = html.escape(" ".join(str(value).split()), quote=False)
+    return MARKUP.sub(r"\\\1", text)
+
+
+MARKUP = re.compile(r"([\\`*_\[\]|#~$])")
+
+
 def markdown(summary, records) -> str:
     lines = ["# ampcompare report", ""]
     for dev in summary["devices"]:
-        lines += [f"## {dev['device']}", "", *_environment(dev), *_method(dev)]
+        lines += [f"## {md(dev['device'])}", "", *_environment(dev), *_method(dev)]
         for precision, impls in dev["precisions"].items():
             lines += _precision_table(dev, precision, impls)
         lines += _overhead_table(dev)
@@ -346,15 +376,15 @@ def markdown(summary, records) -> str:
 
 def _environment(dev) -> list[str]:
     return ["| environment | |", "|---|---|",
-            *[f"| {key} | {dev['env'].get(key, '–')} |" for key in ENV_KEYS], ""]
+            *[f"| {key} | {md(dev['env'].get(key, '–'))} |" for key in ENV_KEYS], ""]
 
 
 def _method(dev) -> list[str]:
     cfg, cpu = dev["config"], dev["env"].get("device") == "cpu"
     clock = "perf_counter" if cpu else "CUDA events read once per epoch"
-    lines = [f"Model `{cfg.get('model')}` on `{cfg.get('dataset')}`, batch "
-             f"{cfg.get('batch_size')}, {cfg.get('optimizer')} at lr {cfg.get('lr')}, epochs: "
-             f"{cfg.get('epochs')}. A step's time runs from the end of one optimizer step to the "
+    lines = [f"Model {md(cfg.get('model'))} on {md(cfg.get('dataset'))}, batch "
+             f"{md(cfg.get('batch_size'))}, {md(cfg.get('optimizer'))} at lr {md(cfg.get('lr'))}, "
+             f"epochs: {md(cfg.get('epochs'))}. A step's time runs from the end of one optimizer step to the "
              f"end of the next, the wait for its batch included ({clock}); warm-up epochs (the "
              f"first a process runs) are left out, or a one-epoch run's first steps. Step time "
              f"is the mean over runs of each run's median step, with its 95% interval (a "
@@ -377,11 +407,11 @@ def _precision_table(dev, precision, impls) -> list[str]:
                "TFLOP/s", "MFU", "activation memory (MiB)",
                *(["peak memory (MiB, process RSS)"] if cpu else
                  ["peak memory (MiB, allocator)", "beyond data (MiB)"]), "final test acc"]
-    lines = [f"### {precision}", "", "| " + " | ".join(columns) + " |",
+    lines = [f"### {md(precision)}", "", "| " + " | ".join(columns) + " |",
              "|" + "---|" * len(columns)]
     for name, c in impls.items():
         lines.append(
-            f"| {name} | {c['ok']}/{c['runs']} | {_step(c.get('step_time_s'))} "
+            f"| {md(name)} | {c['ok']}/{c['runs']} | {_step(c.get('step_time_s'))} "
             f"| {_fmt(c['median_epoch_time_s'])} "
             f"| {_fmt(c['images_per_s'], fmt='{:.0f}')} "
             f"| {_fmt(c['achieved_tflops'], fmt='{:.3f}')} "
@@ -405,7 +435,7 @@ def _overhead_table(dev) -> list[str]:
              "| impl | precision | time added per step |", "|---|---|---|"]
     for precision, per in dev["overheads"].items():
         for label, o in per.items():
-            lines.append(f"| {label} | {precision} | {o['verdict']} |")
+            lines.append(f"| {md(label)} | {md(precision)} | {o['verdict']} |")
     return [*lines, ""]
 
 
@@ -424,11 +454,11 @@ def _ratio_table(dev) -> list[str]:
         for impl, per in dev["ratios"].items():
             for precision, r in per.items():
                 speed = r["speedup"]["verdict"] if r["speedup"] else "– (no step times)"
-                lines.append(f"| {impl} | {precision} | {speed} "
+                lines.append(f"| {md(impl)} | {md(precision)} | {speed} "
                              f"| {_x(r['activation_bytes'])} | {_x(r[peak])} "
                              f"| {accuracy_words(r)} |")
         lines.append("")
-    lines += [*[f"- {line}" for line in (*dev["notes"], *dev["explanations"])], ""]
+    lines += [*[f"- {line}" for line in (*_notes(dev, md), *explain.lines(dev, md))], ""]
     if dev["ratios"]:
         lines += [f"Reference: {explain.REFERENCE}", ""]
     return lines
@@ -446,9 +476,8 @@ def _unfinished(records) -> list[str]:
     lines = ["## Runs that did not finish", "",
              "| device | impl | precision | runs | status | why |", "|---|---|---|---|---|---|"]
     for (device, impl, precision, status, why), run_ids in failed.items():
-        why = why.replace("|", "\\|")
-        lines.append(f"| {device} | {impl} | {precision} | {', '.join(run_ids)} | {status} "
-                     f"| {why} |")
+        lines.append(f"| {md(device)} | {md(impl)} | {md(precision)} "
+                     f"| {', '.join(md(r) for r in run_ids)} | {md(status)} | {md(why)} |")
     return [*lines, ""]
 
 

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from common import console, data, distributed, precision, results
 from common.device import apply_speed_switches, resolve_device
 from common.errors import UsageError
-from common.recorder import Recorder
+from common.recorder import Recorder, out_of_memory
 
 
 @dataclass
@@ -63,8 +63,16 @@ def prepare(cfg, impl: str, opt_level: Optional[str] = None, policy=None) -> Run
         for line in notes if world.main else ():
             console.say(f"ampcompare: warning: {line}", err=True)
     switches = apply_speed_switches(cfg, device)
-    train_loader, test_loader = data.loaders(cfg, _load(cfg, world), device,
-                                             switches["channels_last"], world.rank, world.size)
+    try:
+        train_loader, test_loader = data.loaders(cfg, _load(cfg, world), device,
+                                                 switches["channels_last"], world.rank,
+                                                 world.size)
+    except Exception as e:
+        if not out_of_memory(type(e), e):
+            raise
+        raise UsageError(f"not enough memory for the data: {data.describe_memory(cfg)} "
+                         f"({str(e).splitlines()[0]}); use a smaller --synthetic-size, or "
+                         f"free memory") from None
     test_steps = min(len(test_loader), cfg.limit_test_batches or len(test_loader))
     switches["data_on_device_bytes"] = data.device_bytes(train_loader, test_loader)
     recorder = Recorder(cfg, impl, policy, device, switches, opt_level, world)

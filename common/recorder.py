@@ -31,6 +31,13 @@ from common.results import (SCHEMA, RunResult, new_run_id, stage, summarize, wei
 
 MAY_CHANGE_ON_RESUME = resume.MAY_CHANGE
 OOM = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), MemoryError)
+
+
+def out_of_memory(kind, exc) -> bool:
+    """An allocation that failed: torch's own error, Python's, or the CPU allocator's, which
+    torch raises as a plain RuntimeError ("DefaultCPUAllocator: can't allocate memory")."""
+    return issubclass(kind, OOM) or (issubclass(kind, RuntimeError)
+                                     and "can't allocate memory" in str(exc))
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -213,7 +220,7 @@ class Recorder:
             # failed collective first.
             self.result.status = "interrupted"
         else:
-            self.result.status = ("oom" if issubclass(kind, OOM) else
+            self.result.status = ("oom" if out_of_memory(kind, exc) else
                                   "diverged" if issubclass(kind, metrics.Diverged) else "failed")
             self.result.error = self._describe(kind, exc)
         if self.world.size > 1:
@@ -251,7 +258,7 @@ class Recorder:
             self.lock = None
 
     def _describe(self, kind, exc) -> str:
-        if issubclass(kind, OOM):
+        if out_of_memory(kind, exc):
             return (f"out of memory at batch size {self.cfg.batch_size}: {exc} "
                     f"({_memory_figures(self.device)})")
         if issubclass(kind, OSError) and exc.errno in DISK_FULL:

@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 import urllib.error
 
 import pytest
@@ -6,7 +8,7 @@ import torch
 
 from common import data
 from common.errors import UsageError
-from tests.conftest import tiny
+from tests.conftest import ROOT, tiny
 
 
 def test_cifar10_loader_reads_an_archive_in_cifar_format(cifar_archive):
@@ -21,12 +23,22 @@ def test_cifar10_loader_reads_an_archive_in_cifar_format(cifar_archive):
     assert torch.equal(train.images[0].reshape(-1), torch.from_numpy(raw["data"][0]))
 
 
-def test_cifar10_loader_rejects_a_corrupted_archive(cifar_archive):
+@pytest.mark.parametrize("download", [False, True])
+def test_cifar10_loader_names_the_file_that_fails_its_checksum(cifar_archive, monkeypatch,
+                                                               download):
+    import torchvision.datasets.utils as tvu
     path = cifar_archive / "cifar-10-batches-py" / "data_batch_3"
     blob = bytearray(path.read_bytes())
     blob[-10] ^= 0xFF
     path.write_bytes(bytes(blob))
-    with pytest.raises(UsageError, match="failed its integrity check"):
+    monkeypatch.setattr(tvu, "download_url", lambda *a, **k: pytest.fail("no download"))
+    with pytest.raises(UsageError, match="data_batch_3 is there but fails its md5 check"):
+        data.cifar10(str(cifar_archive), download=download)
+
+
+def test_cifar10_with_a_file_missing_names_it(cifar_archive):
+    (cifar_archive / "cifar-10-batches-py" / "test_batch").unlink()
+    with pytest.raises(UsageError, match="lacks test_batch; run with --download"):
         data.cifar10(str(cifar_archive), download=False)
 
 
@@ -44,6 +56,61 @@ def test_cifar10_missing_and_offline(tmp_path, monkeypatch):
     with pytest.raises(UsageError, match="could not be downloaded.*--dataset synthetic"):
         data.cifar10(str(tmp_path / "nothing"), download=True)
     assert not any((tmp_path / "nothing").glob("**/*.tar.gz"))
+
+
+def test_the_synthetic_set_is_made_a_chunk_at_a_time_with_the_same_draws(monkeypatch):
+    # The whole set in one pass, as it was made before chunks (same generator order: labels,
+    # frequency, tilt, phase, noise, colours), against chunks of 37 images.
+    import math
+    g = torch.Generator().manual_seed(4)
+    n = 100
+    labels = torch.randint(0, 10, (n,), generator=g)
+    freq, tilt = 2 * math.pi / data.WAVES[:, 0::2], data.WAVES[:, 1::2].deg2rad()
+    f = freq[labels] * (0.85 + 0.3 * torch.rand(n, 1, generator=g))
+    theta = tilt[labels] + math.radians(10) * (2 * torch.rand(n, 1, generator=g) - 1)
+    phase = 2 * math.pi * torch.rand(n, 2, generator=g)
+    grating = (data.WAVES[labels, :2] == data.WAVES[labels, 2:]).all(1, keepdim=True)
+    phase = torch.where(grating, phase[:, :1], phase)
+    xs = torch.arange(32.0)
+    along_x = ((f * theta.cos())[..., None] * xs + phase[..., None])[:, :, None, :]
+    along_y = ((f * theta.sin())[..., None] * xs)[:, :, :, None]
+    pattern = (along_x + along_y).cos().sum(1) + 2 * data.NOISE * torch.randn(n, 32, 32,
+                                                                             generator=g)
+    base = 255 * (0.25 + 0.5 * torch.rand(n, 3, 1, 1, generator=g)) + 0.5
+    direction = 2 * torch.rand(n, 3, 1, 1, generator=g) - 1
+    contrast = 0.5 * 255 * (0.1 + 0.15 * torch.rand(n, 1, 1, 1, generator=g))
+    amplitude = contrast * direction / direction.abs().amax(1, keepdim=True)
+    whole = torch.addcmul(base, amplitude, pattern[:, None]).clamp_(0, 255).to(torch.uint8)
+    monkeypatch.setattr(data, "CHUNK", 37)
+    train, _ = data.synthetic(4, n, 10)
+    assert torch.equal(train.labels, labels) and torch.equal(train.images, whole)
+
+
+def test_making_a_big_synthetic_set_takes_little_more_than_the_set(tmp_path):
+    code = ("import resource, torch; from common import data; "
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+            "data.synthetic(0, 100000, 20000); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    grown = int(proc.stdout) * 1024
+    uint8 = 120000 * 3 * 32 * 32
+    assert grown < 1.5 * uint8, (grown / 2 ** 20, uint8 / 2 ** 20)  # one pass: ~20x the set
+
+
+def test_running_out_of_memory_for_the_data_is_one_line(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+    from ampcompare.cli import cli
+
+    def full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: "
+                           "can't allocate memory: you tried to allocate 9600000000 bytes.")
+    monkeypatch.setattr(data, "loaders", full)
+    r = CliRunner().invoke(cli, ["plain", "--dataset", "synthetic", "--synthetic-size", "1000",
+                                 "--accelerator", "cpu", "--out-dir", str(tmp_path)])
+    assert r.exit_code == 2 and r.stderr.startswith(
+        "ampcompare: error: not enough memory for the data: 1200 images take 0.0 GiB as uint8")
+    assert "can't allocate memory" in r.stderr and not list(tmp_path.iterdir())
 
 
 def test_synthetic_is_deterministic_per_seed():
