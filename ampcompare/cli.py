@@ -393,16 +393,17 @@ def _echo_report(paths: dict) -> None:
 def report_command(run_dirs, out):
     from ampcompare import report
 
-    skipped = []
-    records = report.load(run_dirs, skipped)
-    for path, why in skipped:
-        console.say(f"ampcompare: warning: skipped {path}: {why}", err=True)
-    if not records:
-        raise UsageError(f"no readable run record under {', '.join(run_dirs)}")
     out = os.path.abspath(out or (run_dirs[0] if len(run_dirs) == 1 else
                                   os.path.join("runs", "report")))
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--out {out} is a file; name a folder")
+    skipped = []
+    records = report.load(run_dirs, skipped)
+    if not records:
+        first = f" ({len(skipped)} skipped; {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
+        raise UsageError(f"no readable run record under {', '.join(run_dirs)}{first}")
+    for path, why in skipped:
+        console.say(f"ampcompare: warning: skipped {path}: {why}", err=True)
     try:
         paths = report.write(records, out)
     except OSError as e:

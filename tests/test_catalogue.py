@@ -3,10 +3,13 @@ and gets one line, exit 2, no traceback, and nothing written. A second test keep
 catalogue and this table the same list.
 
 Placeholders in a command: FILE is a file, STOPPED a plain run stopped after one of its three
-epochs, COMPARED a compare folder, EMPTY an empty folder, NOWHERE a path that does not exist."""
+epochs (EDITED: one whose record says another lr than its checkpoint; BROKEN: one whose record
+has an unknown status), COMPARED a compare folder, EMPTY an empty folder, NOWHERE a path that
+does not exist. A command may start with environment variables (VAR=value)."""
 import importlib.util
 import pathlib
 import re
+import shutil
 
 import pytest
 import torch
@@ -90,6 +93,12 @@ CASES = {
     "ampcompare plain --resume STOPPED --epochs 2": "--epochs may only be raised",
     "ampcompare plain --resume STOPPED --run-id x": "drop --run-id",
     "ampcompare plain --resume TAMPERED": "checkpoint-1.pt does not match the SHA-256",
+    "ampcompare plain --resume EDITED":
+        "result.json says --lr 0.5, but checkpoint-1.pt was trained with 0.0001",
+    "ampcompare plain --resume BROKEN":
+        "result.json is not a run record (status is 'paused', not one of",
+    "OMP_NUM_THREADS=abc ampcompare plain --devices 2 --batch-size 32":
+        "OMP_NUM_THREADS='abc' is not a number of threads",
     # apex
     "ampcompare apex --precision bf16": "apex.amp has no bf16 mode",
     "ampcompare apex --precision 32 --opt-level O1": "--opt-level O1 runs 16-mixed",
@@ -122,6 +131,12 @@ def places(tmp_path_factory):
     mp.undo()
     ckpt = checkpoint_of(tmp / "runs" / "tampered")
     ckpt.write_bytes(ckpt.read_bytes()[:-10])
+    for name, change in (("edited", ('"lr": 0.0001', '"lr": 0.5')),
+                         ("broken", ('"status": "interrupted"', '"status": "paused"'))):
+        shutil.copytree(tmp / "runs" / "stopped", tmp / "edited" / name)
+        record = tmp / "edited" / name / "result.json"
+        assert change[0] in record.read_text()
+        record.write_text(record.read_text().replace(*change))
     (tmp / "compared").mkdir()
     (tmp / "compared" / "compare.json").write_text(
         '{"config": {}, "impls": ["plain"], "precisions": ["32-true"], "repeats": 1, '
@@ -129,6 +144,7 @@ def places(tmp_path_factory):
     (tmp / "a-file").write_text("not a folder")
     return {"STOPPED_PARENT": tmp / "runs", "STOPPED_NAME": "stopped",
             "STOPPED": tmp / "runs" / "stopped", "TAMPERED": tmp / "runs" / "tampered",
+            "EDITED": tmp / "edited" / "edited", "BROKEN": tmp / "edited" / "broken",
             "COMPARED": tmp / "compared", "FILE": tmp / "a-file", "NOWHERE": tmp / "nowhere"}
 
 
@@ -143,7 +159,9 @@ def test_bad_input_gets_one_line_exit_2_and_writes_nothing(command, places, tmp_
     empty = tmp_path / "empty"
     empty.mkdir()
     names = {**places, "EMPTY": empty}
-    args = command.split()[1:]
+    words = command.split()
+    env = dict(w.split("=", 1) for w in words[:words.index("ampcompare")])
+    args = words[words.index("ampcompare") + 1:]
     args = [re.sub(r"[A-Z_]{4,}", lambda m: str(names.get(m.group(0), m.group(0))), a)
             for a in args]
     args = ["" if a == "''" else a for a in args]
@@ -159,7 +177,7 @@ def test_bad_input_gets_one_line_exit_2_and_writes_nothing(command, places, tmp_
             args.remove("--epochs"), args.remove("1")
     watched = places["STOPPED_PARENT"].parent
     before = snapshot(watched)
-    result = CliRunner().invoke(cli, args)
+    result = CliRunner().invoke(cli, args, env=env)
     assert result.exit_code == 2, (args, result.output)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("ampcompare: error: "), result.stderr
@@ -173,7 +191,7 @@ def readme_catalogue():
     text = (ROOT / "README.md").read_text()
     section = text[text.index("## Bad input"):]
     section = section[:section.index("\n## ", 1)]
-    return re.findall(r"^\| `(ampcompare [^`]*)` \|", section, flags=re.M)
+    return re.findall(r"^\| `((?:[A-Z_]+=\S+ )*ampcompare [^`]*)` \|", section, flags=re.M)
 
 
 def test_the_readme_catalogue_is_this_table():
