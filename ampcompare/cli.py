@@ -20,7 +20,8 @@ from common.recorder import MAY_CHANGE_ON_RESUME, lock
 from common.resume import read_stopped
 
 IMPLS = {"plain": "plain_torch.train", "lightning": "lightning_impl.train",
-         "fabric": "fabric_impl.train", "apex": "apex_impl.train"}
+         "fabric": "fabric_impl.train", "accelerate": "accelerate_impl.train",
+         "apex": "apex_impl.train"}
 # click 8.2 raises this for a bare `ampcompare`; 8.1 prints the help itself.
 NO_ARGS = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
@@ -109,9 +110,9 @@ class OneLineErrors(click.Group):
 @click.group(cls=OneLineErrors, no_args_is_help=True)
 @click.version_option(package_name="ampcompare")
 def cli():
-    """One CIFAR-10 training loop written four times (plain PyTorch, NVIDIA apex, PyTorch
-    Lightning, Lightning Fabric) to compare mixed-precision speed, memory and accuracy side by
-    side."""
+    """One CIFAR-10 training loop written five times (plain PyTorch, NVIDIA apex, PyTorch
+    Lightning, Lightning Fabric, Hugging Face Accelerate) to compare mixed-precision speed,
+    memory and accuracy side by side."""
 
 
 def run_one(impl: str, cfg: Config) -> int:
@@ -121,6 +122,9 @@ def run_one(impl: str, cfg: Config) -> int:
     if impl == "apex":  # say what apex lacks before its loop module is even imported
         from apex_impl.opt_levels import check
         check(cfg)
+    if impl == "accelerate" and not ranks.launched():  # what it would really run, said first
+        from accelerate_impl.precision import check as check_accelerate
+        check_accelerate(cfg)
     cfg.validate()
     if cfg.devices * cfg.num_nodes > 1 and not distributed.launched():
         return _launch(impl, cfg)
@@ -217,6 +221,9 @@ plain = _impl_command("plain", "The hand-written loop: torch.autocast + torch.am
 lightning = _impl_command("lightning", "PyTorch Lightning: Trainer(precision=...).")
 fabric = _impl_command("fabric", "Lightning Fabric: Fabric(precision=...), fabric.setup, "
                        "fabric.backward; the loop written by hand.")
+accelerate = _impl_command("accelerate", "Hugging Face Accelerate: Accelerator(mixed_precision="
+                           "...), accelerator.prepare, accelerator.backward; the loop written "
+                           "by hand.")
 
 
 @cli.command("apex", help="NVIDIA apex: amp.initialize + amp.scale_loss (needs CUDA and apex "

@@ -35,7 +35,7 @@ CSV_COLUMNS = ("device_name", "device", "impl", "precision", "opt_level", "seed"
                "status", "error", *METRICS, "step_time_q1_s", "step_time_q3_s",
                "step_time_lo_s", "step_time_hi_s", "timed_steps", "epochs_done",
                "weights_sha256", "run_id", "path")
-IMPL_ORDER = ("plain", "lightning", "fabric", "apex", "apex (O0)", "apex (O1)", "apex (O2)",
+IMPL_ORDER = ("plain", "lightning", "fabric", "accelerate", "apex", "apex (O0)", "apex (O1)", "apex (O2)",
               "apex (O3)")
 # Config entries that name a run rather than what it computes: runs that differ only in these
 # belong in one group (precision and opt level are the table's own axes).
@@ -83,7 +83,8 @@ def precision_of(record) -> str:
 
 # What a run was measured with, beside its device: runs whose software, code or host differ
 # are different settings, never one cell.
-SOFTWARE = ("torch", "torchvision", "lightning", "apex", "python", "git_commit", "host")
+SOFTWARE = ("torch", "torchvision", "lightning", "accelerate", "apex", "python", "git_commit",
+            "host")
 
 
 def software_of(record) -> dict:
@@ -348,7 +349,8 @@ def accuracy_words(r) -> str:
 
 ENV_KEYS = ("device_name", "cuda_capability", "tensor_cores", "cpu_model", "cpu_bf16",
             "world_size", "nodes", "backend", "threads", "tf32", "cudnn_benchmark",
-            "channels_last", "deterministic", "torch", "torchvision", "lightning", "apex",
+            "channels_last", "deterministic", "torch", "torchvision", "lightning", "accelerate",
+            "apex",
             "python", "git_commit")
 
 

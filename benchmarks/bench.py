@@ -13,12 +13,12 @@ round) cancels it. A control arm, the plain loop a second time, is measured by t
 procedure: plain against plain must show no difference, its interval's width is the noise floor
 of every other figure, and a bias of the procedure (the threads' start order) would show there.
 
-- lightning_cost_per_step, fabric_cost_per_step: the step time each framework adds to the
-  plain loop, in µs, with the `linear` model (a linear classifier: next to no compute, so that
+- lightning_cost_per_step, fabric_cost_per_step, accelerate_cost_per_step: the step time each
+  framework adds to the plain loop, in µs, with the `linear` model (a linear classifier: next to no compute, so that
   the framework dominates) and one thread (a framework's own work is single-threaded Python).
   control_cost_per_step and control_ratio: plain against plain, the same way. Target for
   Lightning's: an interval that excludes 0, half as wide as the estimate at most (±25%).
-- lightning_cost_share_of_small_step, fabric_...: that cost as a share of the small CNN's step
+- lightning_cost_share_of_small_step, fabric_..., accelerate_...: that cost as a share of the small CNN's step
   (batch 256), where a step is mostly arithmetic: what a user of a real model pays. A ratio of
   small-CNN step times cannot show it: its control's interval is wider than the whole effect.
 - bf16_over_fp32: step time of bf16-mixed over 32-true (plain loop, small CNN), beside
@@ -58,13 +58,15 @@ from common.device import resolve_device  # noqa: E402
 from common.environment import environment  # noqa: E402
 from common.errors import UsageError  # noqa: E402
 from common.results import check_out_dir, write_json  # noqa: E402
+from accelerate_impl import train as accelerate  # noqa: E402
 from fabric_impl import train as fabric  # noqa: E402
 from lightning_impl import train as lightning  # noqa: E402
 from plain_torch import train as plain  # noqa: E402
 
-ARMS = {"plain": plain, "lightning": lightning, "fabric": fabric}
+ARMS = {"plain": plain, "lightning": lightning, "fabric": fabric, "accelerate": accelerate}
 # The arms of the framework measurements: the control is the plain loop once more.
-FRAMEWORKS = {"plain": "plain", "lightning": "lightning", "fabric": "fabric", "control": "plain"}
+FRAMEWORKS = {"plain": "plain", "lightning": "lightning", "fabric": "fabric",
+              "accelerate": "accelerate", "control": "plain"}
 
 
 class Turns:
@@ -205,13 +207,13 @@ def framework_cost(base: Config, folder: str, n: int, report: dict) -> None:
     """µs a step that each framework adds to the plain loop, with the linear model."""
     cfg = dataclasses.replace(base, model="linear", epochs=n + 1)
     samples, why, _ = side_by_side(cfg, folder, FRAMEWORKS, "linear", threads=1)
-    names = ("lightning_cost_per_step", "fabric_cost_per_step", "control_cost_per_step",
-             "control_ratio")
+    names = ("lightning_cost_per_step", "fabric_cost_per_step", "accelerate_cost_per_step",
+             "control_cost_per_step", "control_ratio")
     if why:
         report.update({k: {"error": why} for k in names})
         return None
     ref = samples["plain"]
-    for arm in ("lightning", "fabric", "control"):
+    for arm in ("lightning", "fabric", "accelerate", "control"):
         est = stats.difference(samples[arm], ref, paired=True)
         report[f"{arm}_cost_per_step"] = figure(
             est, stats.overhead_words(est, ref.value), "µs", 1e6)
@@ -236,7 +238,7 @@ def cost_shares(linear: dict, small: stats.Sample, report: dict) -> None:
     """The linear model's cost per step as a share of the small CNN's 32-true step: what the
     framework costs where a step does real work. (A ratio of small-CNN step times cannot
     resolve it: the control's interval there is wider than the whole effect.)"""
-    for arm in ("lightning", "fabric"):
+    for arm in ("lightning", "fabric", "accelerate"):
         est = stats.share(linear[arm], linear["plain"], small, paired=True)
         report[f"{arm}_cost_share_of_small_step"] = figure(
             est, f"{est.value:.2%} of the small CNN's {stats.duration(small.value)} step "

@@ -68,6 +68,7 @@ def environment(device: torch.device, switches: dict) -> dict:
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
         "lightning": version("pytorch-lightning") or version("lightning"),
+        "accelerate": version("accelerate"),
         "apex": version("apex"),
         "device": device.type,
         "device_name": torch.cuda.get_device_name(device) if cuda else cpu,

@@ -22,10 +22,10 @@ MAY_CHANGE = ("epochs", "quiet", "data_dir", "download", "num_workers", "resume"
 # the same device and torch, and the framework the arm uses.
 _SAME = ("device", "device_name", "torch", "world_size")
 SAME_ENV = {"plain": _SAME, "lightning": (*_SAME, "lightning"), "fabric": (*_SAME, "lightning"),
-            "apex": (*_SAME, "apex")}
+            "accelerate": (*_SAME, "accelerate"), "apex": (*_SAME, "apex")}
 # Where each arm's checkpoint keeps the common model's weights, and the prefix of their keys.
 MODEL_STATE = {"plain": ("model", ""), "apex": ("model", ""), "fabric": ("model", ""),
-               "lightning": ("state_dict", "model.")}
+               "accelerate": ("model", ""), "lightning": ("state_dict", "model.")}
 
 
 @dataclass

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # What a lent GPU should run, in one call, within 8 minutes including set-up (one H200 here):
-#   1. every test marked gpu or apex: plain, Lightning and Fabric bitwise on CUDA; apex O0
+#   1. every test marked gpu or apex: plain, Lightning, Fabric and Accelerate (16-mixed with its
+#      GradScaler too) bitwise on CUDA; apex O0
 #      bitwise with plain 32-true, O1/O2 within the stated tolerance, O1 resumed bitwise; an
 #      inf gradient skipped by plain and apex; the GPU crops equal to the CPU's;
 #   2. compare: ResNet-18 at batch 256 on the synthetic set, 32-true against 16-mixed and
-#      bf16-mixed, for plain, Lightning, Fabric and apex (O1), and apex O2 at 16-mixed;
+#      bf16-mixed, for plain, Lightning, Fabric, Accelerate and apex (O1), and apex O2 at
+#      16-mixed;
 #   3. one report of both, and the targets beside the reference benchmark's figures
 #      (scripts/gpu_targets.py): speed (step times, with the interval: CUDA events), activation
 #      memory, allocator peak, MFU, data wait, skipped fp16 steps.
@@ -13,9 +15,10 @@
 # targets.txt.
 #
 # Needs present (reaches no network, installs nothing but the project and apex): python with a
-# CUDA build of torch, torchvision, pytorch-lightning, click, rich, matplotlib and pytest. With
-# APEX_WHEEL=<path to apex-0.1-py3-none-any.whl>, apex 25.04 (python-only) is installed first;
-# without it the apex tests are skipped with a reason and apex is an "unavailable" row.
+# CUDA build of torch, torchvision, pytorch-lightning, accelerate, numpy, click, rich, matplotlib
+# and pytest. With APEX_WHEEL=<path to apex-0.1-py3-none-any.whl>, apex 25.04 (python-only) is
+# installed first; without it the apex tests are skipped with a reason and apex is an
+# "unavailable" row.
 #
 # Usage: scripts/gpu_check.sh [--cpu] [OUT_DIR]
 #   --cpu: the same steps on the CPU with a tiny model and a few batches (the tests of step 1
@@ -38,21 +41,21 @@ fi
 
 {
   nvidia-smi --query-gpu=name,compute_cap,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
-  "$PY" -c 'import torch, torchvision, pytorch_lightning as pl; print("torch", torch.__version__, "cuda", torch.version.cuda, "torchvision", torchvision.__version__, "lightning", pl.__version__)'
+  "$PY" -c 'import torch, torchvision, pytorch_lightning as pl, accelerate; print("torch", torch.__version__, "cuda", torch.version.cuda, "torchvision", torchvision.__version__, "lightning", pl.__version__, "accelerate", accelerate.__version__)'
   "$PY" -c 'import apex.amp, importlib.metadata as m; print("apex", m.version("apex"))' 2>&1 | tail -n 1
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
 tests_rc=0
 if [ "$MODE" = gpu ]; then
-  timeout -k 10 180 "$PY" -m pytest -p no:cacheprovider -q -rs -m "gpu or apex" tests 2>&1 | tee "$OUT/gpu-tests.log"
+  timeout -k 10 170 "$PY" -m pytest -p no:cacheprovider -q -rs -m "gpu or apex" tests 2>&1 | tee "$OUT/gpu-tests.log"
   tests_rc=${PIPESTATUS[0]}
-  # 11 processes (apex has no bf16) of about 10 s start-up and 3 short epochs each; at the limit
+  # 14 processes (apex has no bf16) of about 10 s start-up and 3 short epochs each; at the limit
   # compare stops the running arm, records it and reports the rest.
   RUN=(--dataset synthetic --model resnet18 --synthetic-size 5000 --batch-size 256 --epochs 3)
   PRECISIONS=32-true,16-mixed,bf16-mixed
-  IMPLS=plain,lightning,fabric,apex
-  LIMIT=210
+  IMPLS=plain,lightning,fabric,accelerate,apex
+  LIMIT=230
   O2_LIMIT=45
 else
   RUN=(--dataset synthetic --model small --synthetic-size 256 --batch-size 32 --epochs 2
@@ -63,7 +66,7 @@ else
   O2_LIMIT=60
 fi
 
-# Budget (GPU): tests 180 s + compare 210 s + O2 45 s + report: under 8 minutes with set-up.
+# Budget (GPU): tests 170 s + compare 230 s + O2 45 s + report: under 8 minutes with set-up.
 timeout -k 30 "$LIMIT" "$PY" -m ampcompare compare "${RUN[@]}" --precisions "$PRECISIONS" \
   --impls "$IMPLS" --out-dir "$OUT" --quiet > "$OUT/log-compare.txt" 2>&1
 compare_rc=$?

@@ -79,6 +79,7 @@ def test_the_bench_runs_and_writes_every_ratio(tmp_path):
     import json
     bench = json.loads((tmp_path / "bench.json").read_text())
     for name, rounds in (("lightning_cost_per_step", 3), ("fabric_cost_per_step", 3),
+                         ("accelerate_cost_per_step", 3),
                          ("control_cost_per_step", 3), ("control_ratio", 3),
                          ("lightning_cost_share_of_small_step", 3), ("bf16_over_fp32", 2),
                          ("control_over_fp32", 2), ("data_wait_fraction", 2),

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-ARMS = ("plain_torch", "lightning_impl", "fabric_impl", "apex_impl")
+ARMS = ("plain_torch", "lightning_impl", "fabric_impl", "accelerate_impl", "apex_impl")
 SIDE_BY_SIDE = [ROOT / arm / "train.py" for arm in ARMS] + [ROOT / "lightning_impl" / "module.py"]
 
 

@@ -1,0 +1,42 @@
+"""What Accelerate really does with a precision it is asked for, read back from the Accelerator
+it builds: on a CPU, mixed_precision="fp16" trains fp32 (no autocast, no GradScaler, no
+warning; accelerate 1.15), which a record must never call 16-mixed. The arm refuses whatever
+it reads back that differs from the precision asked for, so that the refusal ends by itself
+once a later Accelerate does run fp16 there."""
+from __future__ import annotations
+
+from common.errors import Unavailable
+
+# Accelerate's names for the precisions
+MIXED = {"32-true": "no", "bf16-mixed": "bf16", "16-mixed": "fp16"}
+
+
+def runs(accelerator) -> str:
+    """The precision an Accelerator will train in: its GradScaler means fp16 autocast with
+    loss scaling, native autocast without one bf16, neither fp32."""
+    if accelerator.scaler is not None:
+        return "16-mixed"
+    return "bf16-mixed" if accelerator.native_amp else "32-true"
+
+
+def refuse_unless(accelerator, precision: str, device: str) -> None:
+    ran = runs(accelerator)
+    if ran != precision:
+        raise Unavailable(f"Accelerate would run {ran} for {precision} on {device} "
+                          f"(native_amp {accelerator.native_amp}, GradScaler "
+                          f"{'yes' if accelerator.scaler is not None else 'none'}); refusing to "
+                          f"record the wrong one")
+
+
+def check(cfg) -> None:
+    """Before anything runs: build the Accelerator this run would build and refuse now."""
+    from accelerate import Accelerator
+
+    from common.device import resolve_device
+    from common.precision import resolve
+
+    cfg.validate()
+    device = resolve_device(cfg)
+    policy, _ = resolve(cfg.precision, device)
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=MIXED[policy.effective])
+    refuse_unless(accelerator, policy.effective, device.type)
