@@ -262,7 +262,7 @@ def _names(value: str, allowed, what: str) -> list[str]:
                    "accuracy change can be weighed against seed-to-seed spread.  [default: 1]")
 def compare_command(impls, precisions, repeats, seeds, **options):
     from ampcompare import compare, report
-    from common import data, progress
+    from common import data, model_spec, progress
     from common.results import check_out_dir
 
     ctx = click.get_current_context()
@@ -295,7 +295,9 @@ def compare_command(impls, precisions, repeats, seeds, **options):
     if cfg.seed + seeds - 1 > INT_MAX:
         raise UsageError(f"--seed {cfg.seed} with --seeds {seeds} goes past {INT_MAX}")
     check_out_dir(folder or cfg.out_dir, "--resume" if folder else "--out-dir")
-    # A missing CIFAR-10 is one usage error here, not one per arm (and it downloads once).
+    # A model that cannot train here, or a missing CIFAR-10, is one usage error here, not one
+    # per arm (and CIFAR-10 downloads once).
+    model_spec.check(cfg.model, cfg.seed)
     data.load(cfg)
     if folder is None:
         folder = compare.new_folder(cfg.out_dir)

@@ -292,9 +292,12 @@ def _attempt(cfg: Config, arm: Arm, folder: str, run_dir: str, resuming: bool):
         if arm.impl == "apex" and applies(cfg.opt_level, arm.precision):
             cmd += ["--opt-level", cfg.opt_level]
     cmd = [sys.executable, "-m", "ampcompare", *cmd, "--quiet", "--no-keep-checkpoint"]
+    # The child runs from the project (python -m ampcompare), and imports a --model of the
+    # user's own from the folder compare was started in, as the arm would.
+    path = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             cwd=ROOT, start_new_session=True, preexec_fn=signals.die_with_parent,
-                            env={**os.environ, COMPARE_CHILD: "1"})
+                            env={**os.environ, COMPARE_CHILD: "1", "PYTHONPATH": path})
     stderr, interrupted = _wait(proc)
     lines = [line for line in stderr.splitlines() if line.strip()]
     last = lines[-1].removeprefix("ampcompare: error: ") if lines else None

@@ -88,8 +88,10 @@ SOFTWARE = ("torch", "torchvision", "lightning", "accelerate", "apex", "python",
 
 
 def software_of(record) -> dict:
+    """Its software, code and host, and the source of its model where it is the user's own."""
     env = record.get("env") or {}
-    return {k: env.get(k) for k in SOFTWARE}
+    return {**{k: env.get(k) for k in SOFTWARE},
+            "model_source_sha256": (record.get("model") or {}).get("source_sha256")}
 
 
 def settings_of(record) -> dict:
@@ -209,8 +211,10 @@ def summarize(records) -> dict:
         diff = differences[i]
         name = device + (" — " + ", ".join(f"{k} {v}" for k, v in diff.items()) if diff else "")
         group = {"device": name, "env": env, "config": (ok or recs)[0].get("config", {}),
-                 "settings": {k: v for k, v in settings.items() if k not in SOFTWARE},
-                 "software": {k: settings[k] for k in SOFTWARE}, "precisions": table, "ratios": _ratios(table, samples),
+                 "settings": {k: v for k, v in settings.items()
+                              if k not in (*SOFTWARE, "model_source_sha256")},
+                 "software": {k: settings[k] for k in (*SOFTWARE, "model_source_sha256")},
+                 "precisions": table, "ratios": _ratios(table, samples),
                  "overheads": _overheads(table, samples)}
         group["notes"] = _notes(group)
         group["explanations"] = explain.lines(group)

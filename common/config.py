@@ -12,11 +12,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional
 
+from common import model_spec
 from common.errors import UsageError
 from common.precision import canonical
 
 DATASETS = ("cifar10", "synthetic")
-MODELS = ("resnet18", "small", "linear")
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "cosine")
 ACCELERATORS = ("auto", "cpu", "cuda")
@@ -42,9 +42,10 @@ class Config:
     # padded pair 10.7 GiB more (data.describe_memory); nothing bigger is made on the way.
     synthetic_size: int = _f(10000, "Training images in the synthetic dataset (test: a fifth "
                              "of it).", min=1, max=10 ** 6)
-    model: str = _f("resnet18", "resnet18 (CIFAR variant), small (a fast CNN for CPU runs) or "
-                    "linear (next to no compute: shows a framework's own cost per step).",
-                    choices=MODELS)
+    model: str = _f("resnet18", "resnet18 (CIFAR variant), small (a fast CNN for CPU runs), "
+                    "linear (next to no compute: shows a framework's own cost per step), "
+                    "torchvision:NAME, timm:NAME (num_classes 10, no pretrained weights) or "
+                    "package.module:callable (your own nn.Module: [B, 3, 32, 32] -> [B, 10]).")
     precision: str = _f("auto", "32-true, 16-mixed, bf16-mixed (aliases 32, 16, bf16), or auto: "
                         "16-mixed on CUDA, bf16-mixed on CPU.")
     batch_size: int = _f(256, "Images per optimizer step.", min=1, max=65536)
@@ -103,6 +104,7 @@ class Config:
         for f in dataclasses.fields(self):
             _check(f, getattr(self, f.name))
         self.precision = canonical(self.precision)  # recorded in canonical form
+        model_spec.parse(self.model)  # its form only: the model is checked before a run
         for name in ("data_dir", "out_dir", "resume"):
             value = getattr(self, name)
             if value is not None:

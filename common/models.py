@@ -1,4 +1,5 @@
-"""The models: plain nn.Modules that know nothing about any training loop."""
+"""The models: plain nn.Modules that know nothing about any training loop (and the one place
+every arm builds its model: build_model)."""
 from __future__ import annotations
 
 import torch
@@ -96,11 +97,14 @@ def unwrapped(model: nn.Module) -> nn.Module:
 
 
 def build_model(cfg) -> nn.Module:
-    """Same seed, same initial weights, whichever implementation asks. The global RNG is left
-    as it was (a resumed run has just restored it)."""
+    """Same seed, same initial weights, whichever implementation asks: ours, torchvision's,
+    timm's or the user's own (common/model_spec.py), on the CPU. The global RNG is left as it
+    was (a resumed run has just restored it)."""
+    from common import model_spec
+    make = model_spec.builder(model_spec.parse(cfg.model))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        return MODELS[cfg.model]()
+        return make()
 
 
 def build_optimizer(cfg, model: nn.Module, steps_per_epoch: int):

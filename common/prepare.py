@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch.utils.data import DataLoader
 
-from common import console, data, distributed, precision, results
+from common import console, data, distributed, model_spec, precision, results
 from common.device import apply_speed_switches, resolve_device
 from common.errors import UsageError
 from common.recorder import Recorder, out_of_memory
@@ -47,6 +47,7 @@ class RunSetup:
 
 def prepare(cfg, impl: str, opt_level: Optional[str] = None, policy=None) -> RunSetup:
     cfg.validate()
+    checked = model_spec.check(cfg.model, cfg.seed)  # a model that cannot train here: one line
     torch.manual_seed(cfg.seed)  # anything random in a run draws from (seed, ...) alone
     # A loss scaler skips the first steps by design when its initial scale is too high; torch
     # then warns that the LR scheduler stepped first. Expected, and nothing to act on.
@@ -75,7 +76,7 @@ def prepare(cfg, impl: str, opt_level: Optional[str] = None, policy=None) -> Run
                          f"free memory") from None
     test_steps = min(len(test_loader), cfg.limit_test_batches or len(test_loader))
     switches["data_on_device_bytes"] = data.device_bytes(train_loader, test_loader)
-    recorder = Recorder(cfg, impl, policy, device, switches, opt_level, world)
+    recorder = Recorder(cfg, impl, policy, device, switches, opt_level, world, checked.to_dict())
     # Where a framework builds its loader iterator before it calls set_epoch (Lightning, on
     # resume), the order must already be the resumed epoch's.
     train_loader.batch_sampler.sampler.set_epoch(recorder.start_epoch)

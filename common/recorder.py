@@ -22,7 +22,8 @@ from typing import Callable, Optional
 
 import torch
 
-from common import checkpoints, distributed, flops, metrics, peaks, resume, signals
+from common import (checkpoints, distributed, flops, metrics, model_spec, peaks, resume,
+                    signals)
 from common.checkpoints import LOCK, RESERVE
 from common.environment import environment
 from common.errors import UsageError
@@ -45,7 +46,8 @@ class Recorder:
     """Owns the run folder and result.json of one run, new or resumed."""
 
     def __init__(self, cfg, impl: str, policy, device: torch.device, switches: dict,
-                 opt_level: Optional[str] = None, world: distributed.World = distributed.World()):
+                 opt_level: Optional[str] = None, world: distributed.World = distributed.World(),
+                 model: Optional[dict] = None):
         self.cfg, self.device, self.world = cfg, device, world
         self.writes = world.main  # with several processes, rank 0 alone writes
         self.lock = None
@@ -60,7 +62,7 @@ class Recorder:
                 self._lock()
             try:  # self.stored: put back if the resume is refused while building
                 self.result, self.resumed, self.stored = _open_stopped_run(self.run_dir, cfg,
-                                                                           impl, env)
+                                                                           impl, env, model)
             except BaseException:
                 self.unlock()
                 raise
@@ -73,6 +75,7 @@ class Recorder:
                                     precision=policy.to_dict(), opt_level=opt_level,
                                     config=cfg.to_dict(), env=env)
         self.result.pid = os.getpid()
+        self.result.model = model
         self.result.flops = _flops(cfg, self.result.precision["effective"], self.result.env)
         self.path = os.path.join(self.run_dir, "result.json")
         self.fresh = True  # no epoch has ended in this process yet: the next is a warm-up
@@ -138,7 +141,8 @@ class Recorder:
         rank 0 only) gets called on every rank."""
         row["warmup"], self.fresh = self.fresh, False
         per_image, peak = self.result.flops["per_image"], self.result.flops["peak_tflops"]
-        achieved = per_image * row["images_per_s"] / 1e12 if row["images_per_s"] else None
+        achieved = per_image * row["images_per_s"] / 1e12 \
+            if row["images_per_s"] and per_image else None
         row["achieved_tflops"] = achieved
         row["mfu"] = achieved / peak if achieved is not None and peak else None
         reason = metrics.divergence(row, losses)  # the same on every rank: the row is the job's
@@ -300,14 +304,17 @@ class Recorder:
 
 
 def _flops(cfg, precision: str, env: dict) -> dict:
-    """FLOPs of one step of the whole job, and the peak of all its devices together."""
-    step = flops.per_step(cfg.model, cfg.batch_size)
+    """FLOPs of one step of the whole job (or why there is no count), and the peak of all its
+    devices together."""
+    step, counted = flops.per_step(model_spec.builder(model_spec.parse(cfg.model)),
+                                   cfg.batch_size)
     peak, what = peaks.peak(env, precision)
     devices = env.get("world_size", 1)
     if peak is not None and devices > 1:
         peak, what = peak * devices, f"{devices} x {what}"
-    return {"per_step": step, "per_image": step / cfg.batch_size, "batch_size": cfg.batch_size,
-            "peak_tflops": peak, "peak": what}
+    return {"per_step": step, "per_image": step / cfg.batch_size if step else None,
+            "batch_size": cfg.batch_size, "counted": counted, "peak_tflops": peak,
+            "peak": what}
 
 
 def lock(folder: str, busy: str) -> int:
@@ -352,8 +359,8 @@ def _memory_figures(device: torch.device) -> str:
     return f"process peak RSS {peak / mib:.0f} MiB of {total / mib:.0f} MiB RAM"
 
 
-def _open_stopped_run(run_dir: str, cfg, impl: str,
-                      env: dict) -> tuple[RunResult, dict, dict]:
+def _open_stopped_run(run_dir: str, cfg, impl: str, env: dict,
+                      model: Optional[dict] = None) -> tuple[RunResult, dict, dict]:
     """The record and checkpoint of the stopped run in run_dir, checked (common/resume.py);
     and the record as it was on disk."""
     where = f"--resume {run_dir}"
@@ -362,7 +369,7 @@ def _open_stopped_run(run_dir: str, cfg, impl: str,
     info = stored.get("checkpoint")
     ckpt, state = resume.read_checkpoint(run_dir, info["file"], impl, where) if info \
         else (None, {})
-    resume.check(where, stored, given, impl, env, ckpt)
+    resume.check(where, stored, given, impl, env, ckpt, model)
     known = {f.name for f in fields(RunResult)}
     result = RunResult(**{k: v for k, v in stored.items() if k in known})
     result.status, result.error, result.config = "running", None, given

@@ -21,8 +21,9 @@ from common import activations
 from common.errors import UsageError
 
 # 2: repeat and seed as fields; 3: checkpoint, nonfinite, warm-up rows, pid, resumes; 4: step
-# times (each epoch's step_times_s and step_waits_s, the summary's step-time figures, the clock)
-SCHEMA = 4
+# times (each epoch's step_times_s and step_waits_s, the summary's step-time figures, the clock);
+# 5: model (spec, parameters, source), flops.counted, unsaved_epoch, per-epoch checkpoints
+SCHEMA = 5
 EXIT_CODES = {"ok": 0, "interrupted": 130}  # diverged, oom, failed: 1
 STATUSES = ("running", "ok", "interrupted", "diverged", "oom", "failed", "unavailable")
 UMASK = os.umask(0o022)  # read once (os.umask can only be read by setting it)
@@ -46,6 +47,8 @@ class RunResult:
     epochs: list = field(default_factory=list)
     step_losses: list = field(default_factory=list)
     flops: Optional[dict] = None  # per step and image, and the peak MFU is measured against
+    # The model: its spec as given, parameter count and (an import path) its source's SHA-256
+    model: Optional[dict] = None
     weights_sha256: Optional[str] = None
     weights_epochs: Optional[int] = None  # how many epochs of training the hashed weights had
     checkpoint: Optional[dict] = None

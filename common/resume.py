@@ -60,9 +60,10 @@ def read_stopped(run_dir: str, impl: str) -> dict:
 
 
 def check(where: str, stored: dict, given: dict, impl: str, env: dict,
-          ckpt: Optional[Checkpoint]) -> None:
+          ckpt: Optional[Checkpoint], model: Optional[dict] = None) -> None:
     """Raise UsageError (the one line) when the stopped run `stored` may not be continued with
-    the options `given` on a machine with `env`, from checkpoint `ckpt` (None: none found)."""
+    the options `given` on a machine with `env`, from checkpoint `ckpt` (None: none found),
+    with the model `model` (model_spec.check's, as the record keeps it)."""
     status, config = stored["status"], stored["config"]
     if status == "diverged":
         raise UsageError(f"{where}: that run diverged ({stored.get('error')}); resuming it "
@@ -75,6 +76,11 @@ def check(where: str, stored: dict, given: dict, impl: str, env: dict,
         if key in stored["env"] and stored["env"][key] != env.get(key):
             raise UsageError(f"{where}: that run ran with {key} {stored['env'].get(key)}, this "
                              f"machine has {env.get(key)}; one record cannot mix the two")
+    was, now = (stored.get("model") or {}).get("source_sha256"), (model or {}).get("source_sha256")
+    if was and was != now:
+        raise UsageError(f"{where}: the source of --model {config.get('model')} changed since "
+                         f"that run began (SHA-256 {was[:12]}..., now "
+                         f"{(now or 'none')[:12]}...); one record cannot mix two models")
     info = stored.get("checkpoint")
     if not info:
         raise UsageError(f"{where}: that run has no checkpoint (it ran with --no-checkpoint "

@@ -45,7 +45,12 @@ CASES = {
     "ampcompare plain --precision 16-true": "unknown precision '16-true'",
     "ampcompare lightning --precision 64": "unknown precision '64'",
     "ampcompare plain --dataset imagenet": "'imagenet' is not one of 'cifar10', 'synthetic'",
-    "ampcompare plain --model vit": "'vit' is not one of 'resnet18', 'small', 'linear'",
+    "ampcompare plain --model vit": "--model 'vit': not one of resnet18, small, linear, and "
+                                    "not torchvision:NAME, timm:NAME or package.module:callable",
+    "ampcompare plain --model torchvision:inception_v3":
+        "needs inputs of at least 75x75 (torchvision's min_size)",
+    "ampcompare plain --model nosuchmodule:build":
+        "cannot import nosuchmodule (ModuleNotFoundError: No module named 'nosuchmodule')",
     "ampcompare plain --batch-size 0": "--batch-size must be >= 1, not 0",
     "ampcompare plain --batch-size 1e30": "'1e30' is not a valid integer",
     "ampcompare plain --batch-size 100000": "--batch-size must be <= 65536, not 100000",

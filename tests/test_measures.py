@@ -67,8 +67,33 @@ def test_flops_of_a_step_follow_from_the_layer_shapes():
              conv_flops(2 * w, 4 * w, 3, 8, 8, b)]
     head = 2 * 4 * w * 10 * b
     expected = 3 * (sum(convs) + head) - convs[0]
-    assert flops.per_step("small", b) == expected
-    assert flops.per_step("resnet18", 256) / 256 == pytest.approx(3.33e9, rel=0.001)
+    assert flops.per_step(models.SmallCNN, b) == (expected, "counted on the meta device")
+    assert flops.per_step(models.ResNet18, 256)[0] / 256 == pytest.approx(3.33e9, rel=0.001)
+
+
+class AsksForAValue(nn.Module):
+    """A model whose forward reads a tensor's value: it cannot run on the meta device."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3 * 32 * 32, 10)
+
+    def forward(self, x):
+        scale = float(x.abs().mean().item() > -1)  # meta tensors have no value
+        return self.fc(x.flatten(1)) * scale
+
+
+class NeverRuns(nn.Module):
+    def forward(self, x):
+        raise RuntimeError("this model never runs")
+
+
+def test_flops_of_a_model_the_meta_device_cannot_run_or_the_reason():
+    count, how = flops.per_step(AsksForAValue, 64)
+    assert count == 2 * (2 * 3072 * 10 * 64)  # forward and weight gradient: the input needs none
+    assert how.startswith("counted on 2 images on the CPU, scaled to the batch")
+    count, how = flops.per_step(NeverRuns, 64)
+    assert count is None and "not counted" in how and "this model never runs" in how
 
 
 @pytest.mark.parametrize("name,precision,tf32,expected", [
@@ -96,7 +121,7 @@ def test_the_peak_table(name, precision, tf32, expected):
 def test_achieved_flops_are_the_work_done_over_the_time(tmp_path):
     result = plain.train(tiny(tmp_path, epochs=2))
     steps = result.epochs[1]["steps"]  # all full batches of 32
-    work = flops.per_step("small", 32) * steps
+    work = flops.per_step(models.SmallCNN, 32)[0] * steps
     row = result.epochs[1]
     assert row["achieved_tflops"] * 1e12 * row["train_time_s"] == pytest.approx(work, rel=1e-6)
     assert result.flops["peak_tflops"] is None and "CPU" in result.flops["peak"]
