@@ -40,9 +40,10 @@ WORKERS ?= 2
 test: $(BIN)/.apex
 	$(BIN)/python -m pytest -q $(if $(filter 0,$(WORKERS)),,-n $(WORKERS) --dist worksteal)
 
-# Ratios measured side by side in one process (benchmarks/bench.py): a few minutes on a CPU.
+# What each framework costs per step, measured side by side in one process (ampcompare/bench.py):
+# about 3 minutes on a 2-core CPU.
 bench: $(BIN)/.installed
-	$(BIN)/python benchmarks/bench.py
+	$(BIN)/ampcompare bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -13,10 +13,12 @@ from typing import Optional
 import click
 from click.core import ParameterSource
 
+from ampcompare import quiet
 from common import console, ranks, signals
 from common.config import INT_MAX, Config, option_flag
 from common.errors import Unavailable, UsageError, unavailable_exit
-from common.recorder import MAY_CHANGE_ON_RESUME, lock
+from common import config as config_module
+from common.recorder import lock
 from common.resume import read_stopped
 
 IMPLS = {"plain": "plain_torch.train", "lightning": "lightning_impl.train",
@@ -29,10 +31,11 @@ NO_ARGS = getattr(click.exceptions, "NoArgsIsHelpError", ())
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
 
-def option(name: str):
-    """The click option of one Config field: its flag, type, default and help come from it."""
+def option(name: str, **override):
+    """The click option of one Config field: its flag, type, default and help come from it
+    (`default=` another default, for a command whose own differs: the bench's)."""
     fld = FIELDS[name]
-    spec, default = fld.metadata["click"], fld.default
+    spec, default = fld.metadata["click"], override.get("default", fld.default)
     shown = spec.get("shown", default if default is not None else "none")
     if isinstance(default, bool):
         shown = spec["flag"].split("/")[0 if default else 1]
@@ -82,6 +85,7 @@ class OneLineErrors(click.Group):
 
     def main(self, args=None, prog_name=None, **extra):
         console.setup()
+        quiet.frameworks()
         stray = ranks.stray()
         if stray:
             _say(f"ampcompare: warning: {', '.join(f'{v}={os.environ[v]}' for v in stray)} "
@@ -132,6 +136,7 @@ def run_one(impl: str, cfg: Config) -> int:
         module = importlib.import_module(IMPLS[impl])
     except ImportError as e:
         raise Unavailable(f"{impl}: cannot import its framework ({e})") from None
+    quiet.frameworks()  # again: Lightning sets its loggers' level as it is imported
     try:
         result = module.train(cfg)
     finally:
@@ -234,6 +239,26 @@ def apex(**options):
     return run_one("apex", arm_config("apex", options))
 
 
+@cli.command("bench", help="What each framework costs per step, and bf16-mixed against 32-true, "
+             "measured side by side in one process with a plain-against-plain control, each "
+             "figure with its 95% interval: a table, and bench.json in --out-dir.")
+@click.option("--rounds", default=5, type=click.IntRange(min=1, max=1000),
+              help="Timed rounds (epochs) of the small-CNN and loader measurements.  "
+                   "[default: 5]")
+@click.option("--linear-rounds", default=200, type=click.IntRange(min=1, max=100_000),
+              help="Timed rounds of each framework's cost per step, with the linear model.  "
+                   "[default: 200]")
+@option("synthetic_size", default=5120)
+@option("batch_size")
+@option("accelerator", default="cpu")
+@option("out_dir", default="runs/bench")
+def bench_command(rounds, linear_rounds, **options):
+    base = Config(dataset="synthetic", precision="32-true", quiet=True, checkpoint=False,
+                  **options).validate()
+    from ampcompare import bench  # imports every arm: they take turns in this process
+    return bench.run(rounds, linear_rounds, base)
+
+
 def _names(value: str, allowed, what: str) -> list[str]:
     names = [v.strip() for v in value.split(",") if v.strip()]
     bad = [n for n in names if n not in allowed]
@@ -278,7 +303,7 @@ def compare_command(impls, precisions, repeats, seeds, **options):
                                  f"comparison's {planned[name]}; drop it to finish that one")
         cfg = config_from(options, plan["config"], ctx)
         for name in FIELDS:
-            if _given(ctx, name) and name not in RESUME_MAY_CHANGE and \
+            if _given(ctx, name) and name not in compare_may_change() and \
                     getattr(cfg, name) != plan["config"].get(name):
                 raise UsageError(f"--resume {folder}: {option_flag(name)} differs from the "
                                  f"comparison's; drop it to finish that one")
@@ -365,8 +390,11 @@ def _check_compare(cfg: Config, impls, precisions) -> None:
                              f"{','.join(precisions)} (O0: 32-true; O1, O2: 16-mixed)")
 
 
-# Options that compare --resume may change: as for a run, but its arms keep their --epochs.
-RESUME_MAY_CHANGE = tuple(set(MAY_CHANGE_ON_RESUME) - {"epochs"})
+def compare_may_change() -> tuple:
+    """Options that compare --resume may change: as for a run, but its arms keep their
+    --epochs (config.py declares which)."""
+    c = config_module
+    return c.names(resume=(c.FREE, c.FOLDER))
 
 
 def _given(ctx, name: str) -> bool:

@@ -32,8 +32,6 @@ from common import checkpoints, console
 from common.errors import COMPARE_CHILD, UNAVAILABLE_EXIT, UsageError
 
 PLAN = "compare.json"
-NOT_PASSED = ("precision", "run_id", "out_dir", "quiet", "opt_level", "repeat", "resume",
-              "keep_checkpoint", "seed")
 GRACE_S = 60  # how long an interrupted child may take to record its result
 RESUMABLE = ("interrupted", "failed", "oom", "running")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,12 +62,14 @@ def schedule(impls, precisions, repeats, seeds=(0,)) -> list[Arm]:
     return order
 
 
-def child_args(cfg: Config, exclude=NOT_PASSED) -> list[str]:
-    """The CLI options that reproduce cfg in a child process (but those in `exclude`)."""
+def child_args(cfg: Config, exclude=None) -> list[str]:
+    """The CLI options that reproduce cfg in a child process, but those in `exclude` (by
+    default the ones compare sets for each arm itself: config.py declares them per_arm)."""
     args = []
     for fld in dataclasses.fields(cfg):
         value = getattr(cfg, fld.name)
-        if fld.name in exclude or value is None:
+        skip = fld.metadata.get("per_arm") if exclude is None else fld.name in exclude
+        if skip or value is None:
             continue
         if isinstance(value, bool):  # the same "--on/--off" spelling the CLI declares
             on, off = fld.metadata["click"]["flag"].split("/")

@@ -24,7 +24,7 @@ import statistics
 from ampcompare import chart, explain
 from ampcompare.chart import MIB
 from common import results, stats
-from common.config import Config
+from common import config
 from common.precision import CANONICAL
 
 METRICS = ("median_step_time_s", "median_epoch_time_s", "images_per_s", "achieved_tflops", "mfu",
@@ -37,13 +37,6 @@ CSV_COLUMNS = ("device_name", "device", "impl", "precision", "opt_level", "seed"
                "weights_sha256", "run_id", "path")
 IMPL_ORDER = ("plain", "lightning", "fabric", "accelerate", "apex", "apex (O0)", "apex (O1)", "apex (O2)",
               "apex (O3)")
-# Config entries that name a run rather than what it computes: runs that differ only in these
-# belong in one group (precision and opt level are the table's own axes).
-NOT_SETTINGS = ("precision", "opt_level", "repeat", "seed", "run_id", "out_dir", "data_dir",
-                "download", "quiet", "checkpoint", "keep_checkpoint", "resume")
-
-
-DEFAULTS = Config().to_dict()
 
 
 def load(folders, skipped: list | None = None) -> list[dict]:
@@ -95,9 +88,11 @@ def software_of(record) -> dict:
 
 
 def settings_of(record) -> dict:
-    """What the run computed with. An option the record predates ran at today's default."""
-    config = {**DEFAULTS, **record["config"]}
-    return {k: v for k, v in sorted(config.items()) if k not in NOT_SETTINGS}
+    """What the run computed with: the options config.py declares settings (the others name a
+    run, or are the tables' own axes, precision and opt level). An option the record predates
+    ran at today's default."""
+    options = {**config.Config().to_dict(), **record["config"]}
+    return {k: options[k] for k in sorted(config.names(setting=True))}
 
 
 def label_of(record) -> str:

@@ -76,7 +76,7 @@ class SmallCNN(nn.Module):
 
 class LinearProbe(nn.Module):
     """A linear classifier on the raw pixels: next to no compute, so that a step's time is the
-    framework's own (benchmarks/bench.py measures each framework's overhead with it)."""
+    framework's own (ampcompare bench measures each framework's cost per step with it)."""
 
     def __init__(self, num_classes: int = 10):
         super().__init__()

@@ -4,7 +4,6 @@ Usage and environment errors surface here, before anything is written to --out-d
 from __future__ import annotations
 
 import datetime
-import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -49,9 +48,6 @@ def prepare(cfg, impl: str, opt_level: Optional[str] = None, policy=None) -> Run
     cfg.validate()
     checked = model_spec.check(cfg.model, cfg.seed)  # a model that cannot train here: one line
     torch.manual_seed(cfg.seed)  # anything random in a run draws from (seed, ...) alone
-    # A loss scaler skips the first steps by design when its initial scale is too high; torch
-    # then warns that the LR scheduler stepped first. Expected, and nothing to act on.
-    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
     results.check_out_dir(cfg.resume or cfg.out_dir, "--resume" if cfg.resume else "--out-dir")
     device = resolve_device(cfg)
     if cfg.devices * cfg.num_nodes > 1 and not distributed.launched():

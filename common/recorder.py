@@ -30,7 +30,6 @@ from common.errors import UsageError
 from common.results import (SCHEMA, RunResult, new_run_id, stage, summarize, weights_sha256,
                             write_json)
 
-MAY_CHANGE_ON_RESUME = resume.MAY_CHANGE
 OOM = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), MemoryError)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import hashlib
 import json
 import math
@@ -26,8 +27,6 @@ from common.errors import UsageError
 SCHEMA = 5
 EXIT_CODES = {"ok": 0, "interrupted": 130}  # diverged, oom, failed: 1
 STATUSES = ("running", "ok", "interrupted", "diverged", "oom", "failed", "unavailable")
-UMASK = os.umask(0o022)  # read once (os.umask can only be read by setting it)
-os.umask(UMASK)
 
 
 @dataclass
@@ -96,7 +95,7 @@ def stage(path: str, write: Callable[[Any], None], binary: bool = False) -> str:
     suffix = os.path.splitext(path)[1]
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix)
     try:
-        os.fchmod(fd, 0o666 & ~UMASK)  # mkstemp makes files only their owner can read
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes files only their owner can read
         with os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8") as f:
             write(f)
             f.flush()
@@ -105,6 +104,15 @@ def stage(path: str, write: Callable[[Any], None], binary: bool = False) -> str:
         os.unlink(tmp)
         raise
     return tmp
+
+
+@functools.lru_cache(maxsize=1)
+def _umask() -> int:
+    """The process's umask, read once, when first needed (os.umask reads it only by setting
+    it, so it is put back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_file(path: str, write: Callable[[Any], None], binary: bool = False) -> None:

@@ -10,14 +10,19 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from common import checkpoints, results
+from common import checkpoints, config as config_module, results
 from common.config import option_flag
 from common.errors import UsageError
 
-# Options that may differ when a run is resumed: none of them changes what is computed.
-# --epochs may be raised; --out-dir and --run-id come from the folder being resumed.
-MAY_CHANGE = ("epochs", "quiet", "data_dir", "download", "num_workers", "resume", "out_dir",
-              "run_id")
+
+
+def may_change() -> tuple:
+    """The options that may differ when a run is resumed (config.py declares which): none of
+    them changes what is computed; --epochs may be raised; --out-dir, --run-id and --resume
+    come from the folder being resumed."""
+    c = config_module
+    return c.names(resume=(c.FREE, c.FOLDER, c.RAISED))
+
 # A resumed run must run on what the stopped one ran on, or its epochs would mix two machines:
 # the same device and torch, and the framework the arm uses.
 _SAME = ("device", "device_name", "torch", "world_size")
@@ -68,8 +73,9 @@ def check(where: str, stored: dict, given: dict, impl: str, env: dict,
     if status == "diverged":
         raise UsageError(f"{where}: that run diverged ({stored.get('error')}); resuming it "
                          f"would replay the same steps")
+    free = may_change()
     for name, value in given.items():
-        if name not in MAY_CHANGE and config.get(name, value) != value:
+        if name not in free and config.get(name, value) != value:
             raise UsageError(f"{where}: {option_flag(name)} {value} differs from the stopped "
                              f"run's {config[name]}; drop it to continue that run as it was")
     for key in SAME_ENV.get(impl, _SAME):
@@ -108,7 +114,7 @@ def check(where: str, stored: dict, given: dict, impl: str, env: dict,
         raise UsageError(f"{where}: {file} holds {ckpt.epochs} epochs, result.json says {done}")
     if ckpt.config is not None:
         for name, value in ckpt.config.items():
-            if name not in MAY_CHANGE and config.get(name) != value:
+            if name not in free and config.get(name) != value:
                 raise UsageError(f"{where}: result.json says {option_flag(name)} "
                                  f"{config.get(name)}, but {file} was trained with {value}; "
                                  f"the record was changed, so the run is not continued")

@@ -5,7 +5,7 @@ Run:    ampcompare fabric --dataset synthetic --model small --epochs 2
 Read:   sdiff -w 200 plain_torch/train.py fabric_impl/train.py
 Shows:  per-step losses and final weights bitwise identical to the plain loop at 32-true,
         bf16-mixed and 16-mixed (tests/test_fabric.py), and what Fabric costs per step
-        (benchmarks/bench.py).
+        (ampcompare bench).
 Measured: same setup as plain_torch/train.py, pytorch-lightning 2.6.6: 156 ms [154-158] a
         step at 32-true, 109 ms [106-112] at bf16-mixed (plain: 164, 105). What Fabric adds to
         a step of the linear model: no difference detectable, [-9, +102] us (README,
@@ -13,7 +13,6 @@ Measured: same setup as plain_torch/train.py, pytorch-lightning 2.6.6: 156 ms [1
 """
 from __future__ import annotations
 
-import logging
 from itertools import islice
 
 import torch
@@ -25,9 +24,6 @@ from common import distributed, metrics, models, progress
 from common.errors import Unavailable
 from common.prepare import RunSetup, prepare
 from common.results import RunResult
-
-# Fabric's start-up banners ("Using bfloat16 Automatic Mixed Precision"): the record says it.
-logging.getLogger("lightning_fabric").setLevel(logging.WARNING)
 
 
 def build(cfg, setup: RunSetup):

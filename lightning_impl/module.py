@@ -18,18 +18,9 @@ Where each line of the plain loop (plain_torch/train.py) happens here:
 """
 from __future__ import annotations
 
-import logging
-import warnings
-
 import pytorch_lightning as pl
 
 from common import metrics, models
-
-# Lightning's start-up banners (accelerator availability, logger tips, "max_epochs reached") and
-# a deprecation inside its own pytree helper: nothing a user of this tool can act on.
-logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
-logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
 
 class LitClassifier(pl.LightningModule):

@@ -5,7 +5,7 @@ Run:    ampcompare lightning --dataset synthetic --model small --epochs 2
 Read:   sdiff -w 200 plain_torch/train.py lightning_impl/train.py
 Shows:  per-step losses and final weights bitwise identical to the plain loop at 32-true,
         bf16-mixed and 16-mixed (tests/test_parity.py), and what the Trainer costs per step
-        (benchmarks/bench.py).
+        (ampcompare bench).
 Measured: same setup as plain_torch/train.py, pytorch-lightning 2.6.6: 162 ms [158-169] a
         step at 32-true, 111 ms [107-117] at bf16-mixed (plain: 164, 105). The Trainer adds
         +372 us [+316, +417] to a step of the linear model, 0.22% [0.18-0.24] of the small

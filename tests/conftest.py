@@ -10,7 +10,12 @@ import time
 import numpy as np
 import pytest
 
+from ampcompare import quiet
 from common.config import Config
+
+quiet.frameworks()  # as the command line does: the frameworks' banners are not the tests'
+import pytorch_lightning  # noqa: E402,F401  (it sets its loggers' level as it is imported)
+quiet.frameworks()
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # make test runs two workers on a 2-core machine: one thread each, and in every process they

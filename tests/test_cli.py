@@ -71,7 +71,7 @@ def test_every_command_is_in_the_readme(name):
 
 def test_the_bench_runs_and_writes_every_ratio(tmp_path):
     root = os.path.dirname(os.path.dirname(__file__))
-    proc = subprocess.run([sys.executable, "benchmarks/bench.py", "--rounds", "2",
+    proc = subprocess.run([sys.executable, "-m", "ampcompare", "bench", "--rounds", "2",
                            "--linear-rounds", "3", "--synthetic-size", "128", "--batch-size",
                            "64", "--out-dir", str(tmp_path)], cwd=root, capture_output=True,
                           text=True)
@@ -110,14 +110,8 @@ def test_the_gpu_check_runs_every_step_in_its_cpu_mode(tmp_path):
 
 
 def test_an_arm_that_raises_in_the_bench_is_reported_not_a_traceback(tmp_path, monkeypatch):
-    import importlib.util
     import types
-    spec = importlib.util.spec_from_file_location(
-        "bench", os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks",
-                              "bench.py"))
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "bench", bench)  # its dataclasses look themselves up
-    spec.loader.exec_module(bench)
+    from ampcompare import bench
 
     def refuse(cfg):
         raise RuntimeError("refused on purpose")

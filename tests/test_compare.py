@@ -239,7 +239,8 @@ def test_child_args_reproduce_the_config():
     finally:
         cli.commands.pop("_echo")
     expected = cfg.to_dict()
-    for name in compare.NOT_PASSED:
+    from common.config import names
+    for name in names(per_arm=True):
         expected.pop(name), seen.pop(name)
     assert seen == expected
 

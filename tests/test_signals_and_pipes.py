@@ -110,7 +110,7 @@ def test_ctrl_c_to_compare_after_its_last_arm_ended_ok_is_absorbed(tmp_path, mon
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_bench_stopped_half_way_keeps_what_it_measured(tmp_path, sig):
-    proc = subprocess.Popen([sys.executable, "benchmarks/bench.py", "--rounds", "50",
+    proc = subprocess.Popen([*AMPCOMPARE, "bench", "--rounds", "50",
                              "--linear-rounds", "500", "--synthetic-size", "512",
                              "--batch-size", "64", "--out-dir", str(tmp_path)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -123,7 +123,7 @@ def test_a_bench_stopped_half_way_keeps_what_it_measured(tmp_path, sig):
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr and "terminate called" not in stderr, stderr
-    assert stderr.strip().splitlines()[-1].startswith("bench: interrupted;")
+    assert stderr.strip().splitlines()[-1].startswith("ampcompare: bench interrupted;")
     bench = json.loads((tmp_path / "bench.json").read_text())
     assert bench["interrupted"] is True
     records = [record_of(p) for p in tmp_path.glob("compare-*/*/result.json")]
@@ -132,10 +132,10 @@ def test_a_bench_stopped_half_way_keeps_what_it_measured(tmp_path, sig):
 
 
 def test_bench_refuses_an_empty_out_dir_in_one_line():
-    proc = subprocess.run([sys.executable, "benchmarks/bench.py", "--out-dir", ""], cwd=ROOT,
+    proc = subprocess.run([*AMPCOMPARE, "bench", "--out-dir", ""], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip() == \
-        "bench: error: --out-dir must name a folder, not ''"
+        "ampcompare: error: --out-dir must name a folder, not ''"
 
 
 # --- the environment -------------------------------------------------------------------------

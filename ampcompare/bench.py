@@ -1,8 +1,8 @@
 """`make bench`: what each framework costs per step, and the ratios around it, measured side by
 side in one process on this machine, each with its 95% interval and a verdict in words.
 
-    .venv/bin/python benchmarks/bench.py                 # CPU, about 3 minutes
-    .venv/bin/python benchmarks/bench.py --rounds 10 --accelerator cuda
+    .venv/bin/ampcompare bench                           # CPU, about 3 minutes
+    .venv/bin/ampcompare bench --rounds 10 --accelerator cuda
 
 How it measures. The arms of a measurement run as threads of one process that take turns epoch
 by epoch: epoch k of every arm runs before epoch k + 1 of any, in an order that rotates each
@@ -36,10 +36,10 @@ three rounds of fresh processes put plain against plain at −315 µs [−950, +
 about 1100 µs wide), while 60 rounds of threads put it at +7 µs [−114, +129].
 A figure whose interval holds both sides of its target says so, not a bare pass or fail.
 Everything lands in --out-dir (default runs/bench): bench.json, and every run's result.json.
+Each arm is imported here, when the bench runs: they take turns in one process on purpose.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import sys
@@ -49,19 +49,18 @@ import types
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from accelerate_impl import train as accelerate
+from ampcompare import compare, quiet  # compare: the run folder
+from common import console, data, metrics, signals, stats
+from common.config import Config
+from common.device import resolve_device
+from common.environment import environment
+from common.results import check_out_dir, write_json
+from fabric_impl import train as fabric
+from lightning_impl import train as lightning
+from plain_torch import train as plain
 
-from ampcompare import compare  # noqa: E402 (compare: the run folder)
-from common import console, data, metrics, signals, stats  # noqa: E402
-from common.config import Config  # noqa: E402
-from common.device import resolve_device  # noqa: E402
-from common.environment import environment  # noqa: E402
-from common.errors import UsageError  # noqa: E402
-from common.results import check_out_dir, write_json  # noqa: E402
-from accelerate_impl import train as accelerate  # noqa: E402
-from fabric_impl import train as fabric  # noqa: E402
-from lightning_impl import train as lightning  # noqa: E402
-from plain_torch import train as plain  # noqa: E402
+quiet.frameworks()  # they are all imported now
 
 ARMS = {"plain": plain, "lightning": lightning, "fabric": fabric, "accelerate": accelerate}
 # The arms of the framework measurements: the control is the plain loop once more.
@@ -330,46 +329,18 @@ def precisions(base: Config, folder: str, n: int, threads: int, report: dict):
     return fp32
 
 
-def _count(value: str) -> int:
-    n = int(value)
-    if not 1 <= n <= 1000:
-        raise argparse.ArgumentTypeError(f"{n}: use 1 to 1000")
-    return n
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=_count, default=5,
-                   help="timed rounds (epochs) of the small-CNN and loader measurements "
-                        "[default: 5]")
-    p.add_argument("--linear-rounds", type=_count, default=200,
-                   help="timed rounds of the framework cost, linear model [default: 200]")
-    p.add_argument("--synthetic-size", type=_count_images, default=5120,
-                   help="training images: 20 steps an epoch at batch 256 [default: 5120]")
-    p.add_argument("--batch-size", type=_count, default=256, help="[default: 256]")
-    p.add_argument("--accelerator", default="cpu", choices=("auto", "cpu", "cuda"),
-                   help="[default: cpu]")
-    p.add_argument("--out-dir", default="runs/bench", help="[default: runs/bench]")
-    args = p.parse_args(argv)
-
-    try:
-        base = Config(dataset="synthetic", synthetic_size=args.synthetic_size,
-                      batch_size=args.batch_size, precision="32-true", quiet=True,
-                      accelerator=args.accelerator, checkpoint=False,
-                      out_dir=args.out_dir).validate()
-        device = resolve_device(base)
-        check_out_dir(args.out_dir)
-        folder = compare.new_folder(args.out_dir)
-    except UsageError as e:
-        console.say(f"bench: error: {e}", err=True)
-        return 2
+def run(rounds: int, linear_rounds: int, base: Config) -> int:
+    """Every measurement, into a compare-style folder under base.out_dir; print the table and
+    write bench.json. The exit code: 0, or 130 when a signal stopped it (what was measured is
+    kept)."""
+    device = resolve_device(base)
+    check_out_dir(base.out_dir)
+    folder = compare.new_folder(base.out_dir)
     threads = torch.get_num_threads()
-    report = {"command": " ".join(sys.argv), "rounds": args.rounds,
-              "linear_rounds": args.linear_rounds}
+    report = {"command": " ".join(sys.argv), "rounds": rounds, "linear_rounds": linear_rounds}
     # Ctrl-C, SIGTERM, SIGHUP: the arms stop at their next step and record it (a framework
     # that fails while it stops is recorded as interrupted too: the signal came first), the
     # measures so far are written, and a second signal is absorbed.
-    signals.install()
     signals.listeners.append(STOP.set)
     took, samples = {}, {}
 
@@ -381,35 +352,29 @@ def main(argv=None) -> int:
             except KeyboardInterrupt:
                 STOP.set()
             took[name] = round(time.monotonic() - start, 1)
-    phase("framework_cost", lambda: framework_cost(base, folder, args.linear_rounds, report))
-    phase("precisions", lambda: precisions(base, folder, args.rounds, threads, report))
+    phase("framework_cost", lambda: framework_cost(base, folder, linear_rounds, report))
+    phase("precisions", lambda: precisions(base, folder, rounds, threads, report))
     if samples.get("framework_cost") and samples.get("precisions") and not STOP.is_set():
         cost_shares(samples["framework_cost"], samples["precisions"], report)
     # 4 x --rounds: an epoch of theirs is half a second
-    phase("loaders", lambda: loaders(base, args.rounds, report))
+    phase("loaders", lambda: loaders(base, rounds, report))
     signals.settled()  # from here on a signal interrupts nothing: the report is written whole
     report["seconds"] = took
     report["interrupted"] = STOP.is_set()
     env = environment(device, {})
-    report["env"] = {k: env.get(k) for k in ("device_name", "torch", "lightning")}
+    report["env"] = {k: env.get(k) for k in ("device_name", "torch", "lightning", "accelerate")}
     report["env"]["threads"] = threads
-    write_json(os.path.join(args.out_dir, "bench.json"), report)
+    write_json(os.path.join(base.out_dir, "bench.json"), report)
     console.say(table(report))
     console.say(f"\n{report['env']['device_name']}, {threads} threads (1 for the linear "
                 f"model), torch {report['env']['torch']}, lightning "
-                f"{report['env']['lightning']}; {args.out_dir}/bench.json, runs in {folder}")
+                f"{report['env']['lightning']}, accelerate {report['env']['accelerate']}; "
+                f"{base.out_dir}/bench.json, runs in {folder}")
     if STOP.is_set():
-        console.say(f"bench: interrupted; {args.out_dir}/bench.json holds what was measured",
-                    err=True)
+        console.say(f"ampcompare: bench interrupted; {base.out_dir}/bench.json holds what was "
+                    f"measured", err=True)
         return 130
     return 0
-
-
-def _count_images(value: str) -> int:
-    n = int(value)
-    if not 1 <= n <= 10 ** 6:
-        raise argparse.ArgumentTypeError(f"{n}: use 1 to 1000000")
-    return n
 
 
 def table(report: dict) -> str:
@@ -430,10 +395,3 @@ def table(report: dict) -> str:
         lines.append(f"{name:<34} {est:<28} {verdict}")
     return "\n".join(lines)
 
-
-if __name__ == "__main__":
-    try:
-        code = main()
-    finally:
-        signals.block_for_exit()
-    sys.exit(code)
