@@ -67,7 +67,7 @@ def fit(cfg, setup: RunSetup, accelerator, model, optimizer, scheduler) -> None:
         for epoch in range(setup.recorder.start_epoch, cfg.epochs):
             # lightning: the Trainer calls set_epoch on the sampler itself
             setup.train_loader.batch_sampler.sampler.set_epoch(epoch)
-            meter = metrics.EpochMeter(device, epoch, steps)
+            meter = setup.meter(epoch, steps)
             bar.task(f"epoch {epoch}", setup.steps_per_epoch)
             model.train()
             for x, y in islice(setup.train_loader, setup.steps_per_epoch):

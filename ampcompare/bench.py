@@ -358,7 +358,7 @@ def run(rounds: int, linear_rounds: int, base: Config) -> int:
         cost_shares(samples["framework_cost"], samples["precisions"], report)
     # 4 x --rounds: an epoch of theirs is half a second
     phase("loaders", lambda: loaders(base, rounds, report))
-    signals.settled()  # from here on a signal interrupts nothing: the report is written whole
+    signals.absorb_from_now()  # from here on a signal interrupts nothing: the report is written whole
     report["seconds"] = took
     report["interrupted"] = STOP.is_set()
     env = environment(device, {})

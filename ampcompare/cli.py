@@ -14,11 +14,10 @@ import click
 from click.core import ParameterSource
 
 from ampcompare import quiet
-from common import console, ranks, signals
+from common import console, ranks, rundir, signals
 from common.config import INT_MAX, Config, option_flag
 from common.errors import Unavailable, UsageError, unavailable_exit
 from common import config as config_module
-from common.recorder import lock
 from common.resume import read_stopped
 
 IMPLS = {"plain": "plain_torch.train", "lightning": "lightning_impl.train",
@@ -182,8 +181,8 @@ def _launch(impl: str, cfg: Config) -> int:
     device = resolve_device(cfg)  # --devices against the GPUs there are
     data.load(cfg)  # a missing CIFAR-10 is one line here, not one per rank
     if cfg.resume:
-        if compare.held(cfg.resume):  # refused here, before any rank could touch the record
-            raise UsageError(f"{cfg.resume}: another process is writing that run")
+        if rundir.held(cfg.resume):  # refused here, before any rank could touch the record
+            raise UsageError(f"{cfg.resume}: {rundir.BUSY}")
         args = [impl, "--resume", cfg.resume,
                 *compare.child_args(cfg, exclude=("resume", "out_dir", "run_id"))]
     else:
@@ -197,7 +196,7 @@ def _launch(impl: str, cfg: Config) -> int:
     code = launch.run(cfg, args)
     try:  # the job's one summary line, from its record as the launcher settled it
         record = results.read(os.path.join(cfg.out_dir, cfg.run_id))
-        if not results.problem(record) and code not in launch.REFUSED:
+        if not results.why_not_a_record(record) and code not in launch.REFUSED:
             _summary(impl, record, cfg)
     except (OSError, ValueError):
         pass
@@ -332,7 +331,7 @@ def compare_command(impls, precisions, repeats, seeds, **options):
             shutil.rmtree(folder, ignore_errors=True)
             raise UsageError(f"cannot start a comparison in {folder}: {e.strerror}") from None
     try:  # held until the command ends: one compare per folder, never two
-        held = lock(folder, f"--resume {folder}: another compare is running there")
+        held = rundir.lock(folder, f"--resume {folder}: another compare is running there")
     except OSError as e:
         raise UsageError(f"cannot lock {folder}: {e.strerror}") from None
     ctx.call_on_close(lambda: os.close(held))

@@ -28,7 +28,7 @@ from common import results, signals
 from common.config import Config, option_flag
 from common.device import resolve_device
 from common.environment import environment
-from common import checkpoints, console
+from common import checkpoints, console, rundir
 from common.errors import COMPARE_CHILD, UNAVAILABLE_EXIT, UsageError
 
 PLAN = "compare.json"
@@ -153,7 +153,7 @@ def unavailable_result(cfg: Config, arm: Arm, status: str, reason: str, env: dic
 
 
 SUPERSEDED = ".superseded"  # where a run that is started over goes (report does not look)
-BUSY = "another process is writing that run"
+BUSY = rundir.BUSY
 
 
 @dataclass
@@ -169,7 +169,7 @@ def look(run_dir: str) -> Folder:
     if not os.path.isdir(run_dir):
         return Folder(exists=os.path.exists(run_dir), bad="it is not a folder"
                       if os.path.exists(run_dir) else None)
-    if held(run_dir):
+    if rundir.held(run_dir):
         return Folder(True, busy=True)
     try:
         record = results.read(run_dir)
@@ -177,25 +177,9 @@ def look(run_dir: str) -> Folder:
         return Folder(True)
     except (OSError, ValueError) as e:
         return Folder(True, bad=f"its result.json cannot be read ({type(e).__name__})")
-    why = results.problem(record)
+    why = results.why_not_a_record(record)
     return Folder(True, bad=f"its result.json is not a run record ({why})") if why \
         else Folder(True, record)
-
-
-def held(run_dir: str) -> bool:
-    """Whether a live process holds the run's lock (a run writes nothing before taking it)."""
-    import fcntl
-    try:
-        fd = os.open(os.path.join(run_dir, checkpoints.LOCK), os.O_RDWR)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
 
 
 @dataclass
@@ -258,7 +242,7 @@ def run_arm(cfg: Config, arm: Arm, folder: str, unavailable: dict, env: dict):
         _supersede(folder, run_dir, "it left nothing to continue from")
     code, last, interrupted = _attempt(cfg, arm, folder, run_dir, resuming)
     after = look(run_dir).record
-    if os.path.isdir(run_dir) and not held(run_dir):  # a killed child's leftovers go
+    if os.path.isdir(run_dir) and not rundir.held(run_dir):  # a killed child's leftovers go
         checkpoints.clean(run_dir, after)
     result = outcome(before if resuming else None, after, code, last, interrupted, resuming)
     stop = interrupted or code == 130  # also a child interrupted on its own
@@ -394,9 +378,9 @@ def compare(cfg: Config, impls, precisions, repeats: int, folder: str, show=None
         except KeyboardInterrupt:  # held back while the arm ran: it has recorded its end
             stop = True
         if k == len(arms) - 1 and (record is None or record["status"] != "interrupted"):
-            signals.settled()  # every arm has ended: a signal now interrupts nothing
+            signals.absorb_from_now()  # every arm has ended: a signal now interrupts nothing
             stop = False
         if stop:
             raise KeyboardInterrupt
-    signals.settled()
+    signals.absorb_from_now()
     return records

@@ -59,7 +59,7 @@ def run(cfg, args: list[str]) -> int:
         raise UsageError(f"cannot start the {cfg.devices} processes of the job ({first})") \
             from None
     run_dir = os.path.join(cfg.out_dir, cfg.run_id)
-    return settle(run_dir, failures, distributed.read_endings(run_dir, job), stopped)
+    return conclude(run_dir, failures, distributed.read_endings(run_dir, job), stopped)
 
 
 # How a rank ends when it was told to stop (Ctrl-C, or the launcher's SIGTERM once another
@@ -120,11 +120,11 @@ def _cause(silent: dict, said: dict):
     return first["status"], rank, f"rank {rank} ended first: {first.get('error')}"
 
 
-def settle(run_dir: str, failures: dict, endings: dict, stopped: bool) -> int:
+def conclude(run_dir: str, failures: dict, endings: dict, stopped: bool) -> int:
     """Make the job's record say how it ended (judge); return the exit code."""
     try:
         record = results.read(run_dir)
-        record = None if results.problem(record) else record
+        record = None if results.why_not_a_record(record) else record
     except (OSError, ValueError):
         record = None
     verdict = judge(record, failures, endings, stopped)

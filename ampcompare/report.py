@@ -52,7 +52,7 @@ def load(folders, skipped: list | None = None) -> list[dict]:
             try:
                 with open(path, encoding="utf-8") as f:
                     record = json.load(f)
-                why = results.problem(record)
+                why = results.why_not_a_record(record)
             except (OSError, ValueError) as e:
                 why = f"unreadable ({e})"
             if why:

@@ -16,10 +16,8 @@ import os
 from typing import Optional
 
 from common import schema, signals
-from common.results import stage_json
-
-RESERVE = ".reserve"
-LOCK = ".lock"
+from common.results import write_temp_json
+from common.rundir import RESERVE, remove
 
 
 def name(epochs: int) -> str:
@@ -61,7 +59,7 @@ def commit(run_dir: str, record: dict, staged: Optional[str] = None,
     with signals.deferred():
         if staged is not None:
             os.replace(staged, os.path.join(run_dir, file))
-        os.replace(stage_json(path, record), path)
+        os.replace(write_temp_json(path, record), path)
         sync_folder(run_dir)
 
 
@@ -84,10 +82,3 @@ def clean(run_dir: str, record: Optional[dict]) -> None:
         if record is None and schema.CHECKPOINT_NAME.fullmatch(entry):
             continue  # without a record, nothing says which checkpoint is the run's
         remove(os.path.join(run_dir, entry))
-
-
-def remove(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass

@@ -21,6 +21,20 @@ from common import models
 SAMPLE = 2  # images in the CPU count
 
 
+def of_run(cfg, precision: str, env: dict) -> dict:
+    """FLOPs of one step of the whole job (or why there is no count), and the dense peak of all
+    its devices together, which MFU is measured against (common/peaks.py)."""
+    from common import model_spec, peaks
+    step, counted = per_step(model_spec.builder(model_spec.parse(cfg.model)), cfg.batch_size)
+    peak, what = peaks.peak(env, precision)
+    devices = env.get("world_size", 1)
+    if peak is not None and devices > 1:
+        peak, what = peak * devices, f"{devices} x {what}"
+    return {"per_step": step, "per_image": step / cfg.batch_size if step else None,
+            "batch_size": cfg.batch_size, "counted": counted, "peak_tflops": peak,
+            "peak": what}
+
+
 def per_step(make: Callable, batch_size: int) -> tuple[Optional[int], str]:
     """(FLOPs of one step at batch_size, how they were counted, or why there is no count)."""
     try:

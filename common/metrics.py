@@ -11,6 +11,7 @@ import math
 import resource
 import time
 from contextlib import nullcontext
+from typing import Optional
 
 import torch
 
@@ -101,8 +102,9 @@ class EpochMeter:
     framework does between two steps is in it; its data wait, the part of that between the end
     of the step before (the first: the epoch's start) and batch_start, is host time."""
 
-    def __init__(self, device: torch.device, epoch: int, steps: StepCounter):
-        self.device, self.epoch, self.steps = device, epoch, steps
+    def __init__(self, device: torch.device, epoch: int, steps: StepCounter,
+                 flops: Optional[dict] = None):
+        self.device, self.epoch, self.steps, self.flops = device, epoch, steps, flops or {}
         for hook in epoch_start_hooks:
             hook(epoch)
         synchronize(device)
@@ -189,9 +191,18 @@ class EpochMeter:
             "step_times_s": times,
             "step_waits_s": self.waits,
         }
+        row.update(self._rates(row["images_per_s"]))
         if self.saved is not None:
             row["saved_tensors"] = self.saved.bytes
         return row, losses
+
+    def _rates(self, images_per_s) -> dict:
+        """The achieved TFLOP/s (FLOPs of an image x images/s) and the MFU (achieved over the
+        devices' dense peak), None where either is not known."""
+        per_image, peak = self.flops.get("per_image"), self.flops.get("peak_tflops")
+        achieved = per_image * images_per_s / 1e12 if per_image and images_per_s else None
+        return {"achieved_tflops": achieved,
+                "mfu": achieved / peak if achieved is not None and peak else None}
 
 
 # Cross-entropy of a uniform guess over the 10 classes is ln 10 = 2.30; an epoch whose mean

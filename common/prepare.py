@@ -10,10 +10,12 @@ from typing import Optional
 import torch
 from torch.utils.data import DataLoader
 
-from common import console, data, distributed, model_spec, precision, results
+from common import console, data, distributed, flops, metrics, model_spec, precision, results
 from common.device import apply_speed_switches, resolve_device
+from common.environment import environment
 from common.errors import UsageError
-from common.recorder import Recorder, out_of_memory
+from common.endings import out_of_memory
+from common.recorder import Recorder
 
 
 @dataclass
@@ -28,6 +30,11 @@ class RunSetup:
     test_steps: int
     recorder: Recorder
     world: distributed.World
+    flops: dict  # of a step, and the peak MFU is measured against (common/flops.py)
+
+    def meter(self, epoch: int, steps: metrics.StepCounter) -> metrics.EpochMeter:
+        """The measurements of one epoch, the same in every arm."""
+        return metrics.EpochMeter(self.device, epoch, steps, self.flops)
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -71,13 +78,17 @@ def prepare(cfg, impl: str, opt_level: Optional[str] = None, policy=None) -> Run
                          f"({str(e).splitlines()[0]}); use a smaller --synthetic-size, or "
                          f"free memory") from None
     test_steps = min(len(test_loader), cfg.limit_test_batches or len(test_loader))
-    switches["data_on_device_bytes"] = data.device_bytes(train_loader, test_loader)
-    recorder = Recorder(cfg, impl, policy, device, switches, opt_level, world, checked.to_dict())
+    env = {**environment(device, switches),
+           "data_on_device_bytes": data.device_bytes(train_loader, test_loader)}
+    recorder = Recorder(cfg, impl, policy, device, env, opt_level, world, checked.to_dict())
+    run_flops = flops.of_run(cfg, recorder.result.precision["effective"], recorder.result.env)
+    recorder.result.flops = run_flops
     # Where a framework builds its loader iterator before it calls set_epoch (Lightning, on
     # resume), the order must already be the resumed epoch's.
     train_loader.batch_sampler.sampler.set_epoch(recorder.start_epoch)
     return RunSetup(device, policy, switches, train_loader, test_loader,
-                    data.steps_per_epoch(cfg, train_loader), test_steps, recorder, world)
+                    data.steps_per_epoch(cfg, train_loader), test_steps, recorder, world,
+                    run_flops)
 
 
 def _load(cfg, world):

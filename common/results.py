@@ -67,7 +67,7 @@ class RunResult:
         return asdict(self)
 
 
-def strict(obj: Any, where: str = "") -> tuple[Any, list[str]]:
+def without_nonfinite(obj: Any, where: str = "") -> tuple[Any, list[str]]:
     """obj with every NaN or infinite float replaced by None, and where each one was."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return None, [f"{where}: {obj}"]
@@ -75,20 +75,20 @@ def strict(obj: Any, where: str = "") -> tuple[Any, list[str]]:
     if isinstance(obj, dict):
         out = {}
         for k, v in obj.items():
-            out[k], more = strict(v, f"{where}.{k}" if where else str(k))
+            out[k], more = without_nonfinite(v, f"{where}.{k}" if where else str(k))
             notes += more
         return out, notes
     if isinstance(obj, (list, tuple)):
         out = []
         for i, v in enumerate(obj):
-            value, more = strict(v, f"{where}[{i}]")
+            value, more = without_nonfinite(v, f"{where}[{i}]")
             out.append(value)
             notes += more
         return out, notes
     return obj, notes
 
 
-def stage(path: str, write: Callable[[Any], None], binary: bool = False) -> str:
+def write_temp(path: str, write: Callable[[Any], None], binary: bool = False) -> str:
     """`write(file)` into a synced temporary file beside path, readable as the umask allows;
     return its name, for an os.replace that readers see as all or nothing."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -117,24 +117,24 @@ def _umask() -> int:
 
 def write_file(path: str, write: Callable[[Any], None], binary: bool = False) -> None:
     """Temp file + rename in the same folder: readers never see half a file."""
-    os.replace(stage(path, write, binary), path)
+    os.replace(write_temp(path, write, binary), path)
 
 
-def stage_json(path: str, obj: Any) -> str:
-    """stage() obj as strict JSON: a NaN or infinity is written as null and listed under
+def write_temp_json(path: str, obj: Any) -> str:
+    """write_temp() obj as strict JSON: a NaN or infinity is written as null and listed under
     "nonfinite" (strict JSON readers reject NaN)."""
-    clean, notes = strict(obj)
+    clean, notes = without_nonfinite(obj)
     if notes and isinstance(clean, dict):
         clean["nonfinite"] = ["null below was not finite: " + n for n in notes]
 
     def dump(f):
         json.dump(clean, f, indent=1, allow_nan=False)
         f.write("\n")
-    return stage(path, dump)
+    return write_temp(path, dump)
 
 
 def write_json(path: str, obj: Any) -> None:
-    os.replace(stage_json(path, obj), path)
+    os.replace(write_temp_json(path, obj), path)
 
 
 def read(run_dir: str) -> dict:
@@ -142,7 +142,7 @@ def read(run_dir: str) -> dict:
         return json.load(f)
 
 
-def problem(record: Any, complete: bool = False) -> Optional[str]:
+def why_not_a_record(record: Any, complete: bool = False) -> Optional[str]:
     """Why a parsed result.json is not a run record this tool can read, or None (every reader
     of a record checks it here: common/schema.py). complete: also every option in its config,
     as a resume needs them to continue the run as it was."""
@@ -169,9 +169,8 @@ def problem(record: Any, complete: bool = False) -> Optional[str]:
 def check_out_dir(out_dir: str, option: str = "--out-dir") -> None:
     """Fail before anything is written if nothing can be written in out_dir (the nearest
     folder of it that exists): `option` names what the user gave."""
-    probe = os.path.abspath(out_dir)
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
+    from common.rundir import first_existing
+    probe = first_existing(out_dir)
     if os.path.isdir(probe) and os.access(probe, os.W_OK | os.X_OK):
         return
     why = "is not a writable folder"

@@ -55,7 +55,7 @@ def read_stopped(run_dir: str, impl: str) -> dict:
         raise UsageError(f"{where}: cannot read its result.json ({e.strerror})") from None
     except ValueError:
         raise UsageError(f"{where}: its result.json is not valid JSON") from None
-    why = results.problem(stored, complete=True)
+    why = results.why_not_a_record(stored, complete=True)
     if why:
         raise UsageError(f"{where}: result.json is not a run record ({why})")
     if stored["impl"] != impl:
@@ -124,6 +124,33 @@ def check(where: str, stored: dict, given: dict, impl: str, env: dict,
         raise UsageError(f"{where}: the weights in {file} are not the ones result.json (and the "
                          f"checkpoint) recorded; the file was changed, so the run is not "
                          f"continued")
+
+
+def open_stopped(run_dir: str, cfg, impl: str, env: dict,
+                 model: Optional[dict] = None):
+    """(the run's record to go on with, the checkpoint's state, the record as it was on disk):
+    the stopped run in run_dir, read and checked (check()), or UsageError."""
+    from dataclasses import fields
+
+    from common.results import RunResult, summarize
+    where = f"--resume {run_dir}"
+    stored = read_stopped(run_dir, impl)
+    given = cfg.to_dict()
+    info = stored.get("checkpoint")
+    ckpt, state = read_checkpoint(run_dir, info["file"], impl, where) if info else (None, {})
+    check(where, stored, given, impl, env, ckpt, model)
+    known = {f.name for f in fields(RunResult)}
+    result = RunResult(**{k: v for k, v in stored.items() if k in known})
+    result.status, result.error, result.config = "running", None, given
+    result.run_id = os.path.basename(run_dir)  # where the run is now, if it was moved
+    result.epochs = list(state["ampcompare"]["epochs"])
+    result.step_losses = list(state["ampcompare"]["step_losses"])
+    result.unsaved_epoch = None  # the resume redoes it
+    # Summarised with the env the record keeps, as every later epoch is (end_epoch).
+    result.summary = summarize(result.epochs, result.env)
+    result.weights_sha256, result.weights_epochs = info["weights_sha256"], info["epochs"]
+    result.resumes = [*stored.get("resumes", []), {"epoch": info["epochs"], "env": env}]
+    return result, state, stored
 
 
 def read_checkpoint(run_dir: str, file: str, impl: str,

@@ -47,7 +47,7 @@ def install() -> None:
         signal.signal(sig, _handler)
 
 
-def settled() -> None:
+def absorb_from_now() -> None:
     """The run has reached its end and is writing its last record: a signal from here on has
     nothing left to interrupt, and is absorbed."""
     _state["stopping"] = True

@@ -76,7 +76,7 @@ def fit(cfg, setup: RunSetup, fabric, model, optimizer, scheduler) -> None:
             # plain: sampler.set_epoch(epoch). Fabric's loader calls it at iter() with its count
             # of iter() calls, made the epoch here (a resumed run starts at a later one).
             train_loader._num_iter_calls = epoch
-            meter = metrics.EpochMeter(device, epoch, steps)
+            meter = setup.meter(epoch, steps)
             bar.task(f"epoch {epoch}", setup.steps_per_epoch)
             model.train()
             for x, y in islice(train_loader, setup.steps_per_epoch):
@@ -100,7 +100,7 @@ def fit(cfg, setup: RunSetup, fabric, model, optimizer, scheduler) -> None:
                     meter.eval_batch(model(x), y)
             row, losses = meter.finish(scaler.get_scale() if scaler else None)
             # fabric.save is a collective (rank 0 writes): every rank calls it
-            setup.recorder.end_epoch(row, losses, model, save, everyone=True)
+            setup.recorder.end_epoch(row, losses, model, save, save_is_collective=True)
             bar.update(info=progress.epoch_info(row))
 
 

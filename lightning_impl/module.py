@@ -50,7 +50,7 @@ class LitClassifier(pl.LightningModule):
         self.meter.eval_batch(self.model(x), y)
 
     def on_train_epoch_start(self):
-        self.meter = metrics.EpochMeter(self.device, self.current_epoch, self.steps)
+        self.meter = self.run_setup.meter(self.current_epoch, self.steps)
 
     def on_train_batch_start(self, batch, batch_idx):
         self.meter.batch_start()
@@ -65,9 +65,9 @@ class LitClassifier(pl.LightningModule):
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         row, losses = self.meter.finish(scaler.get_scale() if scaler is not None else None)
         # Lightning's own checkpoint (model, optimizer, scheduler, scaler, loop state); the
-        # recorder also checks for divergence.
+        # recorder also checks for divergence. Saving is a collective: every rank calls it.
         self.run_setup.recorder.end_epoch(row, losses, self.model, self.trainer.save_checkpoint,
-                                          everyone=True)  # a collective: every rank calls it
+                                          save_is_collective=True)
 
     def on_save_checkpoint(self, checkpoint):  # the measurements so far, as every arm saves
         checkpoint.update(self.run_setup.recorder.state())

@@ -101,15 +101,15 @@ def install(setattr, epoch: int, action: str, step=None, argv=(), rank=None) -> 
         if step is None and self.epoch == epoch:
             act(action)
         real_done(self)
-    from common import recorder
-    real_end, real_reserve = recorder.Recorder.end_epoch, recorder.Recorder._reserve
+    from common import recorder, rundir
+    real_end, real_reserve = recorder.Recorder.end_epoch, rundir.reserve
 
-    def reserve(self, size):  # first called as the run starts, before its first record
+    def reserve(run_dir, size):  # first called as the run starts, before its first record
         if step == "start" and not saves:
             saves.append(1)
             act(action)
-        real_reserve(self, size)
-    setattr(recorder.Recorder, "_reserve", reserve)
+        real_reserve(run_dir, size)
+    setattr(rundir, "reserve", reserve)
     real_exit = recorder.Recorder.__exit__
 
     def exit_(self, *exc):
