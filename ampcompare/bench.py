@@ -50,7 +50,7 @@ import types
 import torch
 
 from accelerate_impl import train as accelerate
-from ampcompare import compare, quiet  # compare: the run folder
+from ampcompare import plan, quiet  # plan: the run folder
 from common import console, data, metrics, signals, stats
 from common.config import Config
 from common.device import resolve_device
@@ -335,7 +335,7 @@ def run(rounds: int, linear_rounds: int, base: Config) -> int:
     kept)."""
     device = resolve_device(base)
     check_out_dir(base.out_dir)
-    folder = compare.new_folder(base.out_dir)
+    folder = plan.new_folder(base.out_dir)
     threads = torch.get_num_threads()
     report = {"command": " ".join(sys.argv), "rounds": rounds, "linear_rounds": linear_rounds}
     # Ctrl-C, SIGTERM, SIGHUP: the arms stop at their next step and record it (a framework

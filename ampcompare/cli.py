@@ -6,18 +6,16 @@ import dataclasses
 import functools
 import importlib
 import os
-import shutil
 import sys
 from typing import Optional
 
 import click
 from click.core import ParameterSource
 
-from ampcompare import quiet
+from ampcompare import plan, quiet
 from common import console, ranks, rundir, signals
-from common.config import INT_MAX, Config, option_flag
+from common.config import Config, option_flag
 from common.errors import Unavailable, UsageError, unavailable_exit
-from common import config as config_module
 from common.resume import read_stopped
 
 IMPLS = {"plain": "plain_torch.train", "lightning": "lightning_impl.train",
@@ -285,75 +283,75 @@ def _names(value: str, allowed, what: str) -> list[str]:
               help="Train every arm at this many seeds (--seed, --seed + 1, ...), so that an "
                    "accuracy change can be weighed against seed-to-seed spread.  [default: 1]")
 def compare_command(impls, precisions, repeats, seeds, **options):
-    from ampcompare import compare, report
-    from common import data, model_spec, progress
-    from common.results import check_out_dir
+    from ampcompare import compare
+    from common import progress
 
     ctx = click.get_current_context()
+    planned = _plan(ctx, impls, precisions, repeats, seeds, options)
+    _lock(ctx, planned.folder)
+    code = 0
+    try:
+        with progress.Bar(progress.enabled(planned.cfg)) as bar:
+            done = compare.compare(planned, show=_progress(bar, planned))
+            bar.update(completed=len(done), description="done")
+    except KeyboardInterrupt:
+        console.say(f"ampcompare: interrupted; reporting what was measured (finish it with "
+                    f"ampcompare compare --resume {planned.folder})", err=True)
+        code = 130
+    return _report(planned.folder, code)
+
+
+def _plan(ctx, impls, precisions, repeats, seeds, options) -> "plan.Plan":
+    """The comparison to run, fresh or read back from --resume DIR, checked, with its folder."""
+    from common import data, model_spec
+    from common.results import check_out_dir
+
     if options["resume"]:
-        folder = os.path.abspath(options["resume"])
-        plan = compare.read_plan(folder, tuple(IMPLS))
-        planned = {"impls": ",".join(plan["impls"]), "precisions": ",".join(plan["precisions"]),
-                   "repeats": plan["repeats"], "seeds": plan["seeds"]}
-        for name, value in (("impls", impls), ("precisions", precisions), ("repeats", repeats),
-                            ("seeds", seeds)):
-            if _given(ctx, name) and value != planned[name]:
-                raise UsageError(f"--resume {folder}: --{name} {value} differs from the "
-                                 f"comparison's {planned[name]}; drop it to finish that one")
-        cfg = config_from(options, plan["config"], ctx)
-        for name in FIELDS:
-            if _given(ctx, name) and name not in compare_may_change() and \
-                    getattr(cfg, name) != plan["config"].get(name):
-                raise UsageError(f"--resume {folder}: {option_flag(name)} differs from the "
-                                 f"comparison's; drop it to finish that one")
-        cfg.out_dir, cfg.resume = plan["config"]["out_dir"], None
-        cfg.validate()
-        impls, precisions = plan["impls"], plan["precisions"]
-        repeats, seeds = plan["repeats"], plan["seeds"]
+        stored = plan.read(os.path.abspath(options["resume"]), tuple(IMPLS))
+        given = dict(impls=impls, precisions=precisions, repeats=repeats, seeds=seeds, **options)
+        asked = {k: v for k, v in given.items() if k != "resume" and _given(ctx, k)}
+        cfg = config_from(options, stored.cfg.to_dict(), ctx)
+        planned = plan.resumed(stored, asked, cfg)
     else:
         cfg = config_from(options).validate()
-        impls = _names(impls, tuple(IMPLS), "impls")
-        precisions = _precisions(precisions, cfg)
-        _check_compare(cfg, impls, precisions)
-        folder = None
-    if cfg.seed + seeds - 1 > INT_MAX:
-        raise UsageError(f"--seed {cfg.seed} with --seeds {seeds} goes past {INT_MAX}")
-    check_out_dir(folder or cfg.out_dir, "--resume" if folder else "--out-dir")
+        planned = plan.fresh(cfg, _names(impls, tuple(IMPLS), "impls"),
+                             _precisions(precisions, cfg), repeats, seeds)
+    resuming = planned.folder is not None
+    check_out_dir(planned.folder or cfg.out_dir, "--resume" if resuming else "--out-dir")
     # A model that cannot train here, or a missing CIFAR-10, is one usage error here, not one
     # per arm (and CIFAR-10 downloads once).
-    model_spec.check(cfg.model, cfg.seed)
-    data.load(cfg)
-    if folder is None:
-        folder = compare.new_folder(cfg.out_dir)
-        try:
-            compare.write_plan(folder, cfg, impls, precisions, repeats, seeds)
-        except OSError as e:
-            shutil.rmtree(folder, ignore_errors=True)
-            raise UsageError(f"cannot start a comparison in {folder}: {e.strerror}") from None
-    try:  # held until the command ends: one compare per folder, never two
+    model_spec.check(planned.cfg.model, planned.cfg.seed)
+    data.load(planned.cfg)
+    return planned if resuming else plan.start(planned)
+
+
+def _lock(ctx, folder: str) -> None:
+    """Hold folder until the command ends: one compare per folder, never two."""
+    try:
         held = rundir.lock(folder, f"--resume {folder}: another compare is running there")
     except OSError as e:
         raise UsageError(f"cannot lock {folder}: {e.strerror}") from None
     ctx.call_on_close(lambda: os.close(held))
-    code = 0
-    try:
-        with progress.Bar(progress.enabled(cfg)) as bar:
-            def show(k, n, arm, elapsed):
-                seed = f" seed {arm.seed}" if seeds > 1 else ""
-                what = f"{arm.impl} {arm.precision}{seed} repeat {arm.repeat + 1}"
-                if not bar.on:  # a line per arm off the terminal
-                    console.say(f"[{k + 1}/{n}] {what}  (elapsed {elapsed:.0f}s)", err=True)
-                    return
-                if k == 0:
-                    bar.task(what, n)
-                bar.update(completed=k, description=f"arm {k + 1}/{n}: {what}")
-            done = compare.compare(cfg, impls, precisions, repeats, folder, show=show,
-                                   seeds=seeds)
-            bar.update(completed=len(done), description="done")
-    except KeyboardInterrupt:
-        console.say(f"ampcompare: interrupted; reporting what was measured (finish it with "
-                    f"ampcompare compare --resume {folder})", err=True)
-        code = 130
+
+
+def _progress(bar, planned):
+    """What compare shows before each arm: a bar on a terminal, else a line per arm."""
+    def show(k, n, arm, elapsed):
+        seed = f" seed {arm.seed}" if planned.seeds > 1 else ""
+        what = f"{arm.impl} {arm.precision}{seed} repeat {arm.repeat + 1}"
+        if not bar.on:
+            console.say(f"[{k + 1}/{n}] {what}  (elapsed {elapsed:.0f}s)", err=True)
+            return
+        if k == 0:
+            bar.task(what, n)
+        bar.update(completed=k, description=f"arm {k + 1}/{n}: {what}")
+    return show
+
+
+def _report(folder: str, code: int) -> int:
+    """Write the comparison's report from every record in its folder; the exit code."""
+    from ampcompare import report
+
     skipped = []
     records = report.load([folder], skipped)
     for path, why in skipped:
@@ -372,28 +370,6 @@ def compare_command(impls, precisions, repeats, seeds, **options):
     _echo_report(paths)
     failed = [r for r in records if r["status"] not in ("ok", "unavailable")]
     return code or (1 if failed else 0)
-
-
-def _check_compare(cfg: Config, impls, precisions) -> None:
-    """What compare cannot do with options that an arm alone accepts."""
-    if cfg.num_nodes > 1:
-        raise UsageError(f"compare --num-nodes {cfg.num_nodes}: compare starts its arms on this "
-                         f"node only; run each arm on every node with torchrun (README, "
-                         f"\"Several devices and nodes\") and gather the folders with report")
-    if cfg.opt_level is not None:
-        from ampcompare.compare import applies
-        if "apex" not in impls:
-            raise UsageError(f"--opt-level {cfg.opt_level} is apex's; --impls has no apex")
-        if not any(applies(cfg.opt_level, p) for p in precisions):
-            raise UsageError(f"--opt-level {cfg.opt_level} runs none of --precisions "
-                             f"{','.join(precisions)} (O0: 32-true; O1, O2: 16-mixed)")
-
-
-def compare_may_change() -> tuple:
-    """Options that compare --resume may change: as for a run, but its arms keep their
-    --epochs (config.py declares which)."""
-    c = config_module
-    return c.names(resume=(c.FREE, c.FOLDER))
 
 
 def _given(ctx, name: str) -> bool:

@@ -13,7 +13,6 @@ record ends with a status that is true. compare.json holds the plan, so that
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import signal
 import subprocess
@@ -24,42 +23,17 @@ from typing import Optional
 
 
 from ampcompare.launch import exit_description
+from ampcompare.plan import Arm, Plan, applies
 from common import results, signals
 from common.config import Config, option_flag
 from common.device import resolve_device
 from common.environment import environment
 from common import checkpoints, console, rundir
-from common.errors import COMPARE_CHILD, UNAVAILABLE_EXIT, UsageError
+from common.errors import COMPARE_CHILD, UNAVAILABLE_EXIT
 
-PLAN = "compare.json"
 GRACE_S = 60  # how long an interrupted child may take to record its result
 RESUMABLE = ("interrupted", "failed", "oom", "running")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@dataclass
-class Arm:
-    impl: str
-    precision: str
-    repeat: int
-    seed: int = 0
-    seeded: bool = False  # several seeds: the seed is part of the run's name
-
-    @property
-    def run_id(self) -> str:
-        seed = f"-s{self.seed}" if self.seeded else ""
-        return f"{self.impl}-{self.precision}{seed}-r{self.repeat}"
-
-
-def schedule(impls, precisions, repeats, seeds=(0,)) -> list[Arm]:
-    """Every (impl, precision, seed), once per repeat; the order rotates each repeat so that no
-    arm always runs first."""
-    arms = [(i, p, s) for s in seeds for p in precisions for i in impls]
-    order = []
-    for r in range(repeats):
-        k = r % len(arms)
-        order += [Arm(i, p, r, s, len(seeds) > 1) for i, p, s in arms[k:] + arms[:k]]
-    return order
 
 
 def child_args(cfg: Config, exclude=None) -> list[str]:
@@ -77,65 +51,6 @@ def child_args(cfg: Config, exclude=None) -> list[str]:
         else:
             args += [option_flag(fld.name), str(value)]
     return args
-
-
-def new_folder(out_dir: str) -> str:
-    """compare-<time>, or compare-<time>-2, -3, ... when another compare took that second."""
-    base = os.path.join(out_dir, f"compare-{results.timestamp()}")
-    for n in range(1, 1000):
-        folder = base if n == 1 else f"{base}-{n}"
-        try:
-            os.makedirs(folder, exist_ok=False)
-            return folder
-        except FileExistsError:
-            continue
-        except OSError as e:  # a full disk, a folder made read-only since it was checked
-            raise UsageError(f"cannot start a comparison in {folder}: {e.strerror}") from None
-    raise UsageError(f"cannot find a free folder name like {base} in --out-dir")
-
-
-def write_plan(folder: str, cfg: Config, impls, precisions, repeats: int, seeds: int) -> None:
-    results.write_json(os.path.join(folder, PLAN), {
-        "schema": results.SCHEMA, "config": cfg.to_dict(), "impls": list(impls),
-        "precisions": list(precisions), "repeats": repeats, "seeds": seeds})
-
-
-def read_plan(folder: str, impls) -> dict:
-    """The plan of the comparison in folder, checked as the command line checks options."""
-    path = os.path.join(folder, PLAN)
-    if not os.path.isfile(path):
-        raise UsageError(f"--resume {folder}: not a compare folder (no {PLAN} there)")
-    try:
-        with open(path, encoding="utf-8") as f:
-            plan = json.load(f)
-        plan.setdefault("seeds", 1)
-        why = _plan_problem(plan, impls)
-    except (OSError, ValueError) as e:
-        why = type(e).__name__
-    if why:
-        raise UsageError(f"--resume {folder}: its {PLAN} is damaged ({why})")
-    return plan
-
-
-def _plan_problem(plan, impls):
-    from common.precision import CANONICAL
-    if not isinstance(plan, dict) or not isinstance(plan.get("config"), dict):
-        return "no config"
-    for key, allowed in (("impls", impls), ("precisions", CANONICAL)):
-        names = plan.get(key)
-        if not isinstance(names, list) or not names or not set(names) <= set(allowed):
-            return f"{key}: {names!r}"
-    for key in ("repeats", "seeds"):
-        if type(plan.get(key)) is not int or not 1 <= plan[key] <= 1000:
-            return f"{key}: {plan.get(key)!r}"
-    known = {f.name: f.type for f in dataclasses.fields(Config)}
-    if not set(plan["config"]) <= set(known):
-        return f"unknown options {sorted(set(plan['config']) - set(known))}"
-    try:
-        Config(**plan["config"]).validate()
-    except (UsageError, TypeError, AttributeError) as e:
-        return f"config: {e}"
-    return None
 
 
 def unavailable_result(cfg: Config, arm: Arm, status: str, reason: str, env: dict) -> dict:
@@ -305,13 +220,6 @@ def _warn(line: str) -> None:
     console.say(f"ampcompare: warning: {line}", err=True)
 
 
-def applies(opt_level, precision: str) -> bool:
-    """Whether compare's --opt-level is the one for apex's arm at this precision (O2 for
-    16-mixed, say); the other apex arms run their default (O0 for 32-true)."""
-    from apex_impl.opt_levels import OPT_LEVELS
-    return opt_level is not None and OPT_LEVELS[opt_level] == precision
-
-
 def _wait(proc: subprocess.Popen) -> tuple[str, bool]:
     """Wait for the child, reading its stderr. The first signal to this process is passed on
     as SIGINT (with SIGCONT first, for a stopped child); a second one, or GRACE_S without an
@@ -358,13 +266,12 @@ def _save(run_dir: str, record: dict) -> dict:
     return record
 
 
-def compare(cfg: Config, impls, precisions, repeats: int, folder: str, show=None,
-            seeds: int = 1) -> list[dict]:
-    """Run the schedule into folder, at seeds cfg.seed, cfg.seed + 1, ...; returns the records.
-    `show(k, n, arm, elapsed)` is called before each arm. An interrupt stops after the running
-    arm has recorded its result."""
-    arms = schedule(impls, precisions, repeats, range(cfg.seed, cfg.seed + seeds))
-    env = environment(resolve_device(cfg), {})
+def compare(plan: Plan, show=None) -> list[dict]:
+    """Run the plan's arms into its folder; returns their records. `show(k, n, arm, elapsed)`
+    is called before each arm. An interrupt stops after the running arm has recorded its
+    result."""
+    arms = plan.arms()
+    env = environment(resolve_device(plan.cfg), {})
     records, unavailable, start = [], {}, time.monotonic()
     for k, arm in enumerate(arms):
         if show:
@@ -372,7 +279,7 @@ def compare(cfg: Config, impls, precisions, repeats: int, folder: str, show=None
         record = None
         try:
             with signals.deferred():  # a signal now is passed to the child by _wait
-                record, stop = run_arm(cfg, arm, folder, unavailable, env)
+                record, stop = run_arm(plan.cfg, arm, plan.folder, unavailable, env)
                 if record is not None:
                     records.append(record)
         except KeyboardInterrupt:  # held back while the arm ran: it has recorded its end

@@ -60,7 +60,6 @@ def build(cfg, setup: RunSetup):
 
 
 def fit(cfg, setup: RunSetup, fabric, model, optimizer, scheduler) -> None:
-    device = setup.device
     # plain: torch.autocast; here every forward of the model Fabric set up runs in its autocast
     train_loader, test_loader = fabric.setup_dataloaders(
         setup.train_loader, setup.test_loader, use_distributed_sampler=False)

@@ -9,7 +9,7 @@ import signal
 import pytest
 from click.testing import CliRunner
 
-from ampcompare import compare, report
+from ampcompare import compare, plan, report
 from ampcompare.cli import cli, common_options, config_from
 from common.config import Config
 from tests import faults
@@ -213,7 +213,7 @@ def test_what_an_arms_attempt_ended_as(before, after, code, last, interrupted, r
 
 
 def test_schedule_interleaves_and_rotates():
-    arms = compare.schedule(["plain", "lightning"], ["32-true", "bf16-mixed"], 3)
+    arms = plan.schedule(["plain", "lightning"], ["32-true", "bf16-mixed"], 3)
     assert len(arms) == 12
     firsts = [arms[k * 4] for k in range(3)]
     assert len({(a.impl, a.precision) for a in firsts}) == 3  # no arm always goes first
@@ -263,7 +263,7 @@ def test_an_arm_killed_outright_is_failed_not_running(tmp_path, monkeypatch):
     cfg = config_from({"dataset": "synthetic", "model": "small", "synthetic_size": 128,
                        "batch_size": 64, "epochs": 3, "accelerator": "cpu", "checkpoint": False})
     folder = str(tmp_path / "cmp")
-    record, stop = compare.run_arm(cfg, compare.Arm("plain", "32-true", 0), folder, {}, {})
+    record, stop = compare.run_arm(cfg, plan.Arm("plain", "32-true", 0), folder, {}, {})
     assert record["status"] == "failed" and record["error"] == "exit code 137" and not stop
     assert len(record["epochs"]) == 1  # what it measured before it died is kept
     assert report.load([folder])[0]["status"] == "failed"

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from ampcompare import compare, report
+from ampcompare import plan, report
 from common import activations, flops, models, peaks
 from lightning_impl import train as lightning
 from plain_torch import train as plain
@@ -128,10 +128,10 @@ def test_achieved_flops_are_the_work_done_over_the_time(tmp_path):
 
 
 def test_seeds_multiply_the_arms_and_name_them():
-    arms = compare.schedule(["plain"], ["32-true", "bf16-mixed"], 2, seeds=range(3, 5))
+    arms = plan.schedule(["plain"], ["32-true", "bf16-mixed"], 2, seeds=range(3, 5))
     assert len(arms) == 8
     assert {a.run_id for a in arms} >= {"plain-32-true-s3-r0", "plain-bf16-mixed-s4-r1"}
-    assert compare.schedule(["plain"], ["32-true"], 1)[0].run_id == "plain-32-true-r0"
+    assert plan.schedule(["plain"], ["32-true"], 1)[0].run_id == "plain-32-true-r0"
 
 
 def record(precision, seed, acc, time_s=1.0):

@@ -5,9 +5,10 @@ import dataclasses
 
 import pytest
 
-from ampcompare import compare, report
+from ampcompare import compare, plan, report
 from common import config, resume
 from common.config import FREE, SAME
+from common.errors import UsageError
 
 
 def extended(monkeypatch, **flags):
@@ -42,6 +43,18 @@ def test_compare_passes_a_new_option_to_its_arms_unless_it_sets_it_per_arm(monke
     assert ("--widget" in args) == (not per_arm)
     if not per_arm:
         assert args[args.index("--widget") + 1] == "7"
+
+
+@pytest.mark.parametrize("how,refused", [(SAME, True), (FREE, False)])
+def test_compare_resume_checks_a_new_option_as_declared(monkeypatch, how, refused):
+    cls = extended(monkeypatch, resume=how)
+    stored = plan.Plan(cls(widget=3), ("plain",), ("32-true",), 1, 1, "/stopped")
+    asked = {"widget": 4}
+    if refused:
+        with pytest.raises(UsageError, match="--widget differs from the comparison's"):
+            plan.resumed(stored, asked, dataclasses.replace(stored.cfg, widget=4))
+    else:
+        assert plan.resumed(stored, asked, dataclasses.replace(stored.cfg, widget=4)).cfg.widget == 4
 
 
 @pytest.mark.parametrize("setting", [True, False])

@@ -3,7 +3,6 @@ records. Each test here reproduces a way a run or a comparison once ended with a
 a traceback or a lost measurement."""
 import errno
 import json
-import math
 import os
 import signal
 import stat
@@ -14,7 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from ampcompare import compare, report
+from ampcompare import compare, plan, report
 from ampcompare.cli import cli, config_from
 from common import metrics, results
 from lightning_impl import train as lightning
@@ -180,9 +179,9 @@ def test_a_full_disk_when_compare_starts_is_one_line(tmp_path, monkeypatch, wher
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     if where == "folder":
-        monkeypatch.setattr(compare.os, "makedirs", full)
+        monkeypatch.setattr(plan.os, "makedirs", full)
     else:
-        monkeypatch.setattr(compare.results, "write_json", full)
+        monkeypatch.setattr(plan.results, "write_json", full)
     r = CliRunner().invoke(cli, ["compare", *TINY_CMP, "--epochs", "1", "--impls", "plain",
                                  "--out-dir", str(tmp_path)])
     assert r.exit_code == 2, r.output
@@ -214,7 +213,7 @@ def test_child_args_carry_absolute_paths(tmp_path, monkeypatch):
 
 def test_two_compares_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch):
     monkeypatch.setattr(results, "timestamp", lambda: "20260101-000000")
-    folders = {compare.new_folder(str(tmp_path)) for _ in range(3)}
+    folders = {plan.new_folder(str(tmp_path)) for _ in range(3)}
     assert len(folders) == 3 and all(os.path.isdir(f) for f in folders)
 
 

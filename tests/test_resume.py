@@ -14,7 +14,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from ampcompare.cli import cli
 from lightning_impl import train as lightning
 from plain_torch import train as plain
 from tests import faults

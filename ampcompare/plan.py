@@ -1,0 +1,188 @@
+"""A comparison's plan: which arms run, in which order, with which options, into which folder.
+
+A plan is made fresh from the command line, or read back from the compare.json of a comparison
+that stopped (`compare --resume DIR`), where an option given again must agree with it. Either
+way it is checked here, before anything runs; compare.py then runs it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from typing import Optional
+
+from common import config as config_module
+from common import results
+from common.config import INT_MAX, Config, option_flag
+from common.errors import UsageError
+
+PLAN = "compare.json"
+# The compare options a plan keeps beside its Config, as the command line spells them.
+KEYS = ("impls", "precisions", "repeats", "seeds")
+
+
+@dataclass
+class Arm:
+    impl: str
+    precision: str
+    repeat: int
+    seed: int = 0
+    seeded: bool = False  # several seeds: the seed is part of the run's name
+
+    @property
+    def run_id(self) -> str:
+        seed = f"-s{self.seed}" if self.seeded else ""
+        return f"{self.impl}-{self.precision}{seed}-r{self.repeat}"
+
+
+def schedule(impls, precisions, repeats, seeds=(0,)) -> list[Arm]:
+    """Every (impl, precision, seed), once per repeat; the order rotates each repeat so that no
+    arm always runs first."""
+    arms = [(i, p, s) for s in seeds for p in precisions for i in impls]
+    order = []
+    for r in range(repeats):
+        k = r % len(arms)
+        order += [Arm(i, p, r, s, len(seeds) > 1) for i, p, s in arms[k:] + arms[:k]]
+    return order
+
+
+@dataclass(frozen=True)
+class Plan:
+    cfg: Config  # every arm's options but its impl, precision, seed and repeat
+    impls: tuple
+    precisions: tuple
+    repeats: int
+    seeds: int  # seeds cfg.seed, cfg.seed + 1, ...
+    folder: Optional[str] = None  # None until the comparison has one
+
+    def arms(self) -> list[Arm]:
+        seeds = range(self.cfg.seed, self.cfg.seed + self.seeds)
+        return schedule(self.impls, self.precisions, self.repeats, seeds)
+
+    def spelled(self) -> dict:
+        """The compare options as the command line gives them."""
+        return {"impls": ",".join(self.impls), "precisions": ",".join(self.precisions),
+                "repeats": self.repeats, "seeds": self.seeds}
+
+
+def fresh(cfg: Config, impls, precisions, repeats: int, seeds: int) -> Plan:
+    """A new comparison's plan, once compare can run it."""
+    if cfg.num_nodes > 1:
+        raise UsageError(f"compare --num-nodes {cfg.num_nodes}: compare starts its arms on this "
+                         f"node only; run each arm on every node with torchrun (docs/cli.md, "
+                         f"\"Several devices and nodes\") and gather the folders with report")
+    if cfg.opt_level is not None:
+        if "apex" not in impls:
+            raise UsageError(f"--opt-level {cfg.opt_level} is apex's; --impls has no apex")
+        if not any(applies(cfg.opt_level, p) for p in precisions):
+            raise UsageError(f"--opt-level {cfg.opt_level} runs none of --precisions "
+                             f"{','.join(precisions)} (O0: 32-true; O1, O2: 16-mixed)")
+    return _seeded(Plan(cfg, tuple(impls), tuple(precisions), repeats, seeds))
+
+
+def resumed(stored: Plan, asked: dict, cfg: Config) -> Plan:
+    """The stopped comparison's plan, with the options given again (`asked`: name → value, of
+    the compare options and Config fields on the command line) and `cfg`, the stored config
+    with those applied. An option that may not change and differs is refused."""
+    for name, value in asked.items():
+        if name in KEYS and value != stored.spelled()[name]:
+            raise UsageError(f"--resume {stored.folder}: --{name} {value} differs from the "
+                             f"comparison's {stored.spelled()[name]}; drop it to finish that one")
+    for name in asked.keys() - set(KEYS) - set(may_change()):
+        if getattr(cfg, name) != getattr(stored.cfg, name):
+            raise UsageError(f"--resume {stored.folder}: {option_flag(name)} differs from the "
+                             f"comparison's; drop it to finish that one")
+    cfg = dataclasses.replace(cfg, out_dir=stored.cfg.out_dir, resume=None).validate()
+    return _seeded(dataclasses.replace(stored, cfg=cfg))
+
+
+def may_change() -> tuple:
+    """Options that compare --resume may change: as for a run, but its arms keep their
+    --epochs (config.py declares which)."""
+    c = config_module
+    return c.names(resume=(c.FREE, c.FOLDER))
+
+
+def _seeded(plan: Plan) -> Plan:
+    if plan.cfg.seed + plan.seeds - 1 > INT_MAX:
+        raise UsageError(f"--seed {plan.cfg.seed} with --seeds {plan.seeds} goes past {INT_MAX}")
+    return plan
+
+
+def applies(opt_level, precision: str) -> bool:
+    """Whether compare's --opt-level is the one for apex's arm at this precision (O2 for
+    16-mixed, say); the other apex arms run their default (O0 for 32-true)."""
+    from apex_impl.opt_levels import OPT_LEVELS
+    return opt_level is not None and OPT_LEVELS[opt_level] == precision
+
+
+# --- compare.json ----------------------------------------------------------------------------
+
+def start(plan: Plan) -> Plan:
+    """Give a fresh plan its folder under --out-dir, with its compare.json."""
+    folder = new_folder(plan.cfg.out_dir)
+    record = {"schema": results.SCHEMA, "config": plan.cfg.to_dict(), "impls": list(plan.impls),
+              "precisions": list(plan.precisions), "repeats": plan.repeats, "seeds": plan.seeds}
+    try:
+        results.write_json(os.path.join(folder, PLAN), record)
+    except OSError as e:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise UsageError(f"cannot start a comparison in {folder}: {e.strerror}") from None
+    return dataclasses.replace(plan, folder=folder)
+
+
+def read(folder: str, impls) -> Plan:
+    """The plan in folder's compare.json, checked as the command line checks options (impls:
+    the implementations this tool has)."""
+    path = os.path.join(folder, PLAN)
+    if not os.path.isfile(path):
+        raise UsageError(f"--resume {folder}: not a compare folder (no {PLAN} there)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            stored = json.load(f)
+        stored.setdefault("seeds", 1)
+        why = _damage(stored, impls)
+    except (OSError, ValueError, AttributeError) as e:
+        why = type(e).__name__
+    if why:
+        raise UsageError(f"--resume {folder}: its {PLAN} is damaged ({why})")
+    return Plan(Config(**stored["config"]), tuple(stored["impls"]),
+                tuple(stored["precisions"]), stored["repeats"], stored["seeds"], folder)
+
+
+def _damage(stored, impls) -> Optional[str]:
+    from common.precision import CANONICAL
+    if not isinstance(stored, dict) or not isinstance(stored.get("config"), dict):
+        return "no config"
+    for key, allowed in (("impls", impls), ("precisions", CANONICAL)):
+        names = stored.get(key)
+        if not isinstance(names, list) or not names or not set(names) <= set(allowed):
+            return f"{key}: {names!r}"
+    for key in ("repeats", "seeds"):
+        if type(stored.get(key)) is not int or not 1 <= stored[key] <= 1000:
+            return f"{key}: {stored.get(key)!r}"
+    known = {f.name for f in dataclasses.fields(Config)}
+    if not set(stored["config"]) <= known:
+        return f"unknown options {sorted(set(stored['config']) - known)}"
+    try:
+        Config(**stored["config"]).validate()
+    except (UsageError, TypeError, AttributeError) as e:
+        return f"config: {e}"
+    return None
+
+
+def new_folder(out_dir: str) -> str:
+    """compare-<time>, or compare-<time>-2, -3, ... when another compare took that second."""
+    base = os.path.join(out_dir, f"compare-{results.timestamp()}")
+    for n in range(1, 1000):
+        folder = base if n == 1 else f"{base}-{n}"
+        try:
+            os.makedirs(folder, exist_ok=False)
+            return folder
+        except FileExistsError:
+            continue
+        except OSError as e:  # a full disk, a folder made read-only since it was checked
+            raise UsageError(f"cannot start a comparison in {folder}: {e.strerror}") from None
+    raise UsageError(f"cannot find a free folder name like {base} in --out-dir")
