@@ -5,6 +5,7 @@ skipped fp16 steps and the loss scale), and the reference benchmark's figures to
 from __future__ import annotations
 
 from common import peaks
+from common.stats import median_of
 
 REFERENCE = ("the benchmark this tool grew from — Lightning precision 16 against 32, CIFAR-10, "
              "batch 256, on two P40s and on two T4s — measured GPU memory about half, epoch "
@@ -27,12 +28,12 @@ def lines(group: dict, quote=str) -> list[str]:
         speed = ratio["speedup"]["verdict"] if ratio["speedup"] else "no step times recorded"
         parts = [f"{quote(precision)} against 32-true ({quote(label)}): {speed}",
                  hardware(env, precision, quote)]
-        mfu = [_median(c, "mfu") for c in (ref, mixed)]
+        mfu = [median_of(c, "mfu") for c in (ref, mixed)]
         if None not in mfu:
             parts.append(f"MFU {mfu[0]:.1%} at 32-true, {mfu[1]:.1%} at {quote(precision)}")
         else:
             parts.append(quote(peaks.peak(env, precision)[1]))
-        wait = [_median(c, "data_wait_fraction") for c in (ref, mixed)]
+        wait = [median_of(c, "data_wait_fraction") for c in (ref, mixed)]
         if None not in wait:
             parts.append(f"waiting for data took {wait[0]:.0%} and {wait[1]:.0%} of training "
                          f"time" + (" — the loader, not the math, limits this"
@@ -67,13 +68,9 @@ def hardware(env: dict, precision: str, quote=str) -> str:
 
 
 def scaler(cell: dict) -> str:
-    skipped = _median(cell, "skipped_steps")
-    first, last = _median(cell, "loss_scale_first"), _median(cell, "loss_scale_last")
+    skipped = median_of(cell, "skipped_steps")
+    first, last = median_of(cell, "loss_scale_first"), median_of(cell, "loss_scale_last")
     scale = f", loss scale {first:g} at the first epoch's end, {last:g} at the last" \
         if first is not None and last is not None else ""
     return f"the GradScaler skipped {skipped:g} steps (median over runs){scale}" \
         if skipped is not None else ""
-
-
-def _median(cell: dict, metric: str):
-    return (cell.get(metric) or {}).get("median")

@@ -17,6 +17,7 @@ from common import config as config_module
 from common import results
 from common.config import INT_MAX, Config, option_flag
 from common.errors import UsageError
+from common.precision import CANONICAL, OPT_LEVELS
 
 PLAN = "compare.json"
 # The compare options a plan keeps beside its Config, as the command line spells them.
@@ -114,7 +115,6 @@ def _seeded(plan: Plan) -> Plan:
 def applies(opt_level, precision: str) -> bool:
     """Whether compare's --opt-level is the one for apex's arm at this precision (O2 for
     16-mixed, say); the other apex arms run their default (O0 for 32-true)."""
-    from apex_impl.opt_levels import OPT_LEVELS
     return opt_level is not None and OPT_LEVELS[opt_level] == precision
 
 
@@ -153,7 +153,6 @@ def read(folder: str, impls) -> Plan:
 
 
 def _damage(stored, impls) -> Optional[str]:
-    from common.precision import CANONICAL
     if not isinstance(stored, dict) or not isinstance(stored.get("config"), dict):
         return "no config"
     for key, allowed in (("impls", impls), ("precisions", CANONICAL)):

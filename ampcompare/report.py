@@ -19,7 +19,6 @@ import io
 import json
 import os
 import re
-import statistics
 
 from ampcompare import chart, explain
 from ampcompare.chart import MIB
@@ -133,14 +132,6 @@ def sample_of(runs, name: str) -> stats.Sample:
     return stats.Sample([results.timed_steps(r.get("epochs") or [])[0] for r in runs], name)
 
 
-def spread(values):
-    values = [v for v in values if v is not None]
-    if not values:
-        return None
-    return {"median": statistics.median(values), "min": min(values), "max": max(values),
-            "n": len(values)}
-
-
 def _order(names, canonical=()):
     return sorted(set(names), key=lambda n: (list(canonical).index(n) if n in canonical
                                              else len(canonical), n))
@@ -174,12 +165,12 @@ def _cell(runs, name: str) -> tuple[dict, stats.Sample]:
     good = [r for r in runs if r["status"] == "ok"]
     cell = {"impl": runs[0]["impl"], "runs": len(runs), "ok": len(good),
             "opt_level": runs[0].get("opt_level"),
-            **{m: spread([r["summary"].get(m) for r in good]) for m in METRICS}}
+            **{m: stats.spread([r["summary"].get(m) for r in good]) for m in METRICS}}
     per_seed = {}
     for r in good:
         per_seed.setdefault(seed_of(r), []).append(r["summary"].get("final_test_acc"))
-    cell["final_test_acc"] = spread([spread(v)["median"] for v in per_seed.values()
-                                     if spread(v)])
+    cell["final_test_acc"] = stats.spread([stats.spread(v)["median"] for v in per_seed.values()
+                                     if stats.spread(v)])
     cell["seeds"] = len(per_seed)
     sample = sample_of(good, name)
     cell["step_time_s"] = sample.estimate().to_dict() if sample else None
@@ -217,10 +208,6 @@ def summarize(records) -> dict:
     return {"schema": results.SCHEMA, "devices": out}
 
 
-def _median(cell, metric):
-    return (cell.get(metric) or {}).get("median")
-
-
 def _ratios(table, samples) -> dict:
     """Mixed precision against 32-true per row: the speed-up (32-true's step time over the
     mixed one's, with its interval and verdict), memory ratios, and the accuracy change beside
@@ -243,7 +230,7 @@ def _ratios(table, samples) -> dict:
             ratio = {"speedup": {**speedup.to_dict(), "verdict": stats.speed_words(speedup)}
                      if speedup else None}
             for metric in ("activation_bytes", "peak_memory_bytes", "peak_beyond_data_bytes"):
-                x, y = _median(cell, metric), _median(ref, metric)
+                x, y = stats.median_of(cell, metric), stats.median_of(ref, metric)
                 ratio[metric] = x / y if x is not None and y else None
             x, y = cell["final_test_acc"], ref["final_test_acc"]
             ratio["accuracy_change"] = x["median"] - y["median"] if x and y else None

@@ -13,19 +13,16 @@ import torch
 
 from common.errors import Unavailable, UsageError
 from common.device import resolve_device
-from common.precision import Policy, canonical
+from common.precision import OPT_LEVELS, Policy, canonical
 
 RELEASE = "25.04"
 INSTALL = (f"git clone --branch {RELEASE} https://github.com/NVIDIA/apex && "
            "pip install -v --disable-pip-version-check --no-cache-dir --no-build-isolation ./apex")
-# O0 fp32; O1 patches torch functions to cast per op (like autocast) with dynamic loss scaling;
-# O2 casts the model to fp16, keeps fp32 master weights and fp32 BatchNorm; O3 is pure fp16.
-OPT_LEVELS = {"O0": "32-true", "O1": "16-mixed", "O2": "16-mixed", "O3": "16-true"}
 DEFAULT_OPT_LEVEL = {"32-true": "O0", "16-mixed": "O1"}
 
 
 def load_amp():
-    """apex.amp, or a UsageError naming the missing piece and how to get a working apex."""
+    """apex.amp, or Unavailable naming the missing piece and how to get a working apex."""
     try:
         importlib.import_module("apex")
     except ImportError:

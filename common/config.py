@@ -14,13 +14,12 @@ from typing import Optional
 
 from common import model_spec
 from common.errors import UsageError
-from common.precision import canonical
+from common.precision import OPT_LEVELS, canonical
 
 DATASETS = ("cifar10", "synthetic")
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "cosine")
 ACCELERATORS = ("auto", "cpu", "cuda")
-OPT_LEVELS = ("O0", "O1", "O2", "O3")
 INT_MAX = 2 ** 31 - 1  # the largest value any integer option takes, unless it says less
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,199}")
 
@@ -115,7 +114,7 @@ class Config:
     resume: Optional[str] = option(None, "Continue the stopped run in this folder (compare: the "
                                "stopped comparison); the other options must be the stopped "
                                "run's, but --epochs may be raised.", shown="none: a new run", resume=FOLDER, per_arm=True, setting=False)
-    opt_level: Optional[str] = option(None, "apex opt level.", common=False, choices=OPT_LEVELS,
+    opt_level: Optional[str] = option(None, "apex opt level.", common=False, choices=tuple(OPT_LEVELS),
                                   shown="O0 for 32-true, O1 for 16-mixed", per_arm=True, setting=False)
 
     def validate(self) -> "Config":

@@ -14,6 +14,10 @@ from common.errors import Unavailable, UsageError
 
 CANONICAL = ("32-true", "16-mixed", "bf16-mixed")
 ALIASES = {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed"}
+# apex's opt levels and the precision each runs. O0 fp32; O1 patches torch functions to cast
+# per op (like autocast) with dynamic loss scaling; O2 casts the model to fp16, keeps fp32
+# master weights and fp32 BatchNorm; O3 is pure fp16.
+OPT_LEVELS = {"O0": "32-true", "O1": "16-mixed", "O2": "16-mixed", "O3": "16-true"}
 
 
 def canonical(name: str) -> str:

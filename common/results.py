@@ -10,7 +10,6 @@ import hashlib
 import json
 import math
 import os
-import statistics
 import tempfile
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -231,13 +230,10 @@ def summarize(epochs: list, env: Optional[dict] = None) -> dict:
     also given less the image sets held there (env's data_on_device_bytes): what the precision
     can change."""
     from common import stats
+    median = stats.median
 
     warm = [e.get("warmup", i == 0) for i, e in enumerate(epochs)]
     timed = [e for e, w in zip(epochs, warm) if not w] or epochs
-
-    def median(values):
-        values = [v for v in values if v is not None]
-        return statistics.median(values) if values else None
 
     saved = next((e["saved_tensors"] for e in epochs if e.get("saved_tensors")), None)
     peak, env = max((e["peak_memory_bytes"] for e in epochs), default=None), env or {}

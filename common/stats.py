@@ -47,6 +47,26 @@ class Estimate:
         return self.lo <= other.hi and other.lo <= self.hi
 
 
+def median(values) -> Optional[float]:
+    """The median of the values that are not None (None when none are)."""
+    values = [v for v in values if v is not None]
+    return float(np.median(values)) if values else None
+
+
+def spread(values) -> Optional[dict]:
+    """The median, least, greatest and count of the values that are not None (None when none
+    are): how a report gives a figure over several runs."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return {"median": median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def median_of(cell: dict, metric: str) -> Optional[float]:
+    """The median of a report cell's spread of metric (None where the cell has none)."""
+    return (cell.get(metric) or {}).get("median")
+
+
 def quartiles(values: Sequence[float]) -> Optional[tuple[float, float, float]]:
     """(first quartile, median, third quartile), or None without values."""
     if len(values) == 0:

@@ -20,15 +20,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from ampcompare.explain import REFERENCE  # noqa: E402
 from common import stats  # noqa: E402
+from common.stats import median_of as median  # noqa: E402
 
 TARGETS = {"speed": 2.0, "activations": 0.55, "allocator": 0.65}
-REFERENCE = ("reference (2 P40s / 2 T4s): memory ~0.5x, epoch time -23% / -30% "
-             "(1.30x / 1.43x the speed), accuracy about the same")
-
-
-def median(cell, metric):
-    return (cell.get(metric) or {}).get("median")
 
 
 def ratio(a, b):
@@ -81,7 +77,7 @@ def lines(summary: dict) -> list[str]:
                     + (f"; skipped fp16 steps {median(cell, 'skipped_steps'):g}"
                        if precision == "16-mixed" and median(cell, "skipped_steps") is not None
                        else ""))
-        out.append(f"  {REFERENCE}")
+        out.append(f"  Reference: {REFERENCE}")
     return out
 
 
