@@ -3,6 +3,7 @@ it builds: on a CPU, mixed_precision="fp16" trains fp32 (no autocast, no GradSca
 warning; accelerate 1.15), which a record must never call 16-mixed. The arm refuses whatever
 it reads back that differs from the precision asked for, so that the refusal ends by itself
 once a later Accelerate does run fp16 there."""
+
 from __future__ import annotations
 
 from common.errors import Unavailable
@@ -22,10 +23,12 @@ def runs(accelerator) -> str:
 def refuse_unless(accelerator, precision: str, device: str) -> None:
     ran = runs(accelerator)
     if ran != precision:
-        raise Unavailable(f"Accelerate would run {ran} for {precision} on {device} "
-                          f"(native_amp {accelerator.native_amp}, GradScaler "
-                          f"{'yes' if accelerator.scaler is not None else 'none'}); refusing to "
-                          f"record the wrong one")
+        raise Unavailable(
+            f"Accelerate would run {ran} for {precision} on {device} "
+            f"(native_amp {accelerator.native_amp}, GradScaler "
+            f"{'yes' if accelerator.scaler is not None else 'none'}); refusing to "
+            f"record the wrong one"
+        )
 
 
 def check(cfg) -> None:

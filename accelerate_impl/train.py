@@ -8,6 +8,7 @@ Shows:  per-step losses and final weights bitwise identical to the plain loop at
         fp32 (no autocast, no scaler), so 16-mixed is refused there rather than misrecorded.
 Measured: see README, "A real comparison" (accelerate 1.15.0).
 """
+
 from __future__ import annotations
 
 from itertools import islice
@@ -25,11 +26,13 @@ from common.results import RunResult
 def build(cfg, setup: RunSetup):
     # plain: torch.autocast + torch.amp.GradScaler; fabric: Fabric(precision=...)
     accelerator = Accelerator(
-        cpu=setup.device.type == "cpu", mixed_precision=MIXED[setup.policy.effective],
+        cpu=setup.device.type == "cpu",
+        mixed_precision=MIXED[setup.policy.effective],
         # plain steps its schedule once per optimizer step, skipped (fp16) or not, and once
         # per step under DDP; Accelerate's default skips and steps once per process
         step_scheduler_with_optimizer=False,
-        kwargs_handlers=[DistributedDataParallelKwargs(**distributed.DDP_KWARGS)])
+        kwargs_handlers=[DistributedDataParallelKwargs(**distributed.DDP_KWARGS)],
+    )
     # lightning, fabric: the precision plugin read back; here what the Accelerator will do
     refuse_unless(accelerator, setup.policy.effective, setup.device.type)
     # plain: .to(device) here; accelerator.prepare moves the model itself
@@ -59,10 +62,17 @@ def fit(cfg, setup: RunSetup, accelerator, model, optimizer, scheduler) -> None:
 
     def save(path):  # plain: the same; accelerator.save_state would write a folder of files
         scaler = accelerator.scaler
-        torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    **({"scaler": scaler.state_dict()} if scaler else {}),
-                    **setup.recorder.state()}, path)
+        torch.save(
+            {
+                "model": net.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                **({"scaler": scaler.state_dict()} if scaler else {}),
+                **setup.recorder.state(),
+            },
+            path,
+        )
+
     with progress.Bar(progress.enabled(cfg)) as bar:
         for epoch in range(setup.recorder.start_epoch, cfg.epochs):
             # lightning: the Trainer calls set_epoch on the sampler itself

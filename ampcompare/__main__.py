@@ -1,6 +1,7 @@
 """`ampcompare` and `python -m ampcompare`. Ctrl-C, SIGTERM and SIGHUP are handled before
 anything heavy is imported (torch takes a second or two), so that an interrupt at any moment
 ends with one line and exit 130, never a traceback."""
+
 import os
 import sys
 
@@ -13,6 +14,7 @@ def main() -> None:
         signals.die_with_parent()
     try:
         from ampcompare.cli import cli
+
         cli.main()  # exits with the code the record says
     except KeyboardInterrupt:  # while torch and the rest were still being imported
         if ranks.main():  # a job's other ranks leave the line to rank 0

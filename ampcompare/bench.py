@@ -38,6 +38,7 @@ A figure whose interval holds both sides of its target says so, not a bare pass 
 Everything lands in --out-dir (default runs/bench): bench.json, and every run's result.json.
 Each arm is imported here, when the bench runs: they take turns in one process on purpose.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -64,8 +65,13 @@ quiet.frameworks()  # they are all imported now
 
 ARMS = {"plain": plain, "lightning": lightning, "fabric": fabric, "accelerate": accelerate}
 # The arms of the framework measurements: the control is the plain loop once more.
-FRAMEWORKS = {"plain": "plain", "lightning": "lightning", "fabric": "fabric",
-              "accelerate": "accelerate", "control": "plain"}
+FRAMEWORKS = {
+    "plain": "plain",
+    "lightning": "lightning",
+    "fabric": "fabric",
+    "accelerate": "accelerate",
+    "control": "plain",
+}
 
 
 class Turns:
@@ -142,13 +148,16 @@ def take_turns(jobs: dict, threads: int) -> dict:
             stop_here()
             out[name] = ARMS[job.impl].train(job.cfg)
         except Exception as e:  # a refused option, say: its measures say so, the rest go on
-            out[name] = types.SimpleNamespace(status="failed", error=f"{type(e).__name__}: {e}",
-                                              epochs=[], summary={})
+            out[name] = types.SimpleNamespace(
+                status="failed", error=f"{type(e).__name__}: {e}", epochs=[], summary={}
+            )
         except KeyboardInterrupt:  # stopped before its run had begun
-            out[name] = types.SimpleNamespace(status="interrupted", error="interrupted",
-                                              epochs=[], summary={})
+            out[name] = types.SimpleNamespace(
+                status="interrupted", error="interrupted", epochs=[], summary={}
+            )
         finally:
             turns.done(name)
+
     metrics.epoch_start_hooks.append(hook)
     metrics.batch_start_hooks.append(stop_here)
     try:
@@ -184,8 +193,10 @@ def failure(results: dict):
 def side_by_side(base: Config, folder: str, arms: dict, tag: str, threads: int):
     """Run `arms` ({name: impl}) in turns; their samples by name (one run per round), or the
     error that stopped one of them."""
-    jobs = {n: Job(impl, dataclasses.replace(base, run_id=f"{tag}-{n}", out_dir=folder))
-            for n, impl in arms.items()}
+    jobs = {
+        n: Job(impl, dataclasses.replace(base, run_id=f"{tag}-{n}", out_dir=folder))
+        for n, impl in arms.items()
+    }
     res = take_turns(jobs, threads)
     why = failure(res)
     if why:
@@ -193,10 +204,16 @@ def side_by_side(base: Config, folder: str, arms: dict, tag: str, threads: int):
     return {n: stats.Sample(rounds(r), f"{tag} {n}") for n, r in res.items()}, None, res
 
 
-def figure(est: stats.Estimate, words: str, unit: str = "", scale: float = 1.0,
-           target=None) -> dict:
-    out = {"estimate": est.value * scale, "interval": [est.lo * scale, est.hi * scale],
-           "rounds": est.runs[0], "unit": unit, "verdict": words}
+def figure(
+    est: stats.Estimate, words: str, unit: str = "", scale: float = 1.0, target=None
+) -> dict:
+    out = {
+        "estimate": est.value * scale,
+        "interval": [est.lo * scale, est.hi * scale],
+        "rounds": est.runs[0],
+        "unit": unit,
+        "verdict": words,
+    }
     if target is not None:
         out.update(target=target[0], target_verdict=stats.against(est, *target))
     return out
@@ -206,8 +223,13 @@ def framework_cost(base: Config, folder: str, n: int, report: dict) -> None:
     """µs a step that each framework adds to the plain loop, with the linear model."""
     cfg = dataclasses.replace(base, model="linear", epochs=n + 1)
     samples, why, _ = side_by_side(cfg, folder, FRAMEWORKS, "linear", threads=1)
-    names = ("lightning_cost_per_step", "fabric_cost_per_step", "accelerate_cost_per_step",
-             "control_cost_per_step", "control_ratio")
+    names = (
+        "lightning_cost_per_step",
+        "fabric_cost_per_step",
+        "accelerate_cost_per_step",
+        "control_cost_per_step",
+        "control_ratio",
+    )
     if why:
         report.update({k: {"error": why} for k in names})
         return None
@@ -215,21 +237,27 @@ def framework_cost(base: Config, folder: str, n: int, report: dict) -> None:
     for arm in ("lightning", "fabric", "accelerate", "control"):
         est = stats.difference(samples[arm], ref, paired=True)
         report[f"{arm}_cost_per_step"] = figure(
-            est, stats.overhead_words(est, ref.value), "µs", 1e6)
+            est, stats.overhead_words(est, ref.value), "µs", 1e6
+        )
     est = stats.ratio(samples["control"], ref, paired=True)
     report["control_ratio"] = figure(est, stats.time_ratio_words(est))
     report["control_ratio"]["target_verdict"] = (
-        "holds: its interval contains 1" if est.contains(1.0) else
-        "FAILS: plain against plain should show no difference; the method is biased here")
+        "holds: its interval contains 1"
+        if est.contains(1.0)
+        else "FAILS: plain against plain should show no difference; the method is biased here"
+    )
     lightning_cost = report["lightning_cost_per_step"]
     lo, hi = lightning_cost["interval"]
-    half = (hi - lo) / 2 / abs(lightning_cost["estimate"]) if lightning_cost["estimate"] else None
+    half = (
+        (hi - lo) / 2 / abs(lightning_cost["estimate"]) if lightning_cost["estimate"] else None
+    )
     lightning_cost["half_width_share"] = half
     lightning_cost["target_verdict"] = (
         f"resolved: excludes 0, half-width {half:.0%} of the estimate (target ≤ 25%)"
-        if lo > 0 and half is not None and half <= 0.25 else
-        f"not resolved: interval [{lo:.0f}, {hi:.0f}] µs, half-width "
-        f"{'–' if half is None else f'{half:.0%}'} of the estimate (target: excludes 0, ≤ 25%)")
+        if lo > 0 and half is not None and half <= 0.25
+        else f"not resolved: interval [{lo:.0f}, {hi:.0f}] µs, half-width "
+        f"{'–' if half is None else f'{half:.0%}'} of the estimate (target: excludes 0, ≤ 25%)"
+    )
     return samples
 
 
@@ -240,8 +268,11 @@ def cost_shares(linear: dict, small: stats.Sample, report: dict) -> None:
     for arm in ("lightning", "fabric", "accelerate"):
         est = stats.share(linear[arm], linear["plain"], small, paired=True)
         report[f"{arm}_cost_share_of_small_step"] = figure(
-            est, f"{est.value:.2%} of the small CNN's {stats.duration(small.value)} step "
-                 f"{stats.span(est.lo * 100, est.hi * 100)}%", "share")
+            est,
+            f"{est.value:.2%} of the small CNN's {stats.duration(small.value)} step "
+            f"{stats.span(est.lo * 100, est.hi * 100)}%",
+            "share",
+        )
 
 
 def loaders(base: Config, n: int, report: dict) -> None:
@@ -254,9 +285,15 @@ def loaders(base: Config, n: int, report: dict) -> None:
     ours, _ = data.loaders(base, sets, device, channels_last=False)
     images = sets[0].images.permute(0, 2, 3, 1).numpy()  # HWC uint8, as torchvision's CIFAR10
     labels = sets[0].labels.tolist()
-    transform = T.Compose([T.ToPILImage(), T.RandomCrop(32, padding=4),
-                           T.RandomHorizontalFlip(), T.ToTensor(),
-                           T.Normalize(data.MEAN, data.STD)])
+    transform = T.Compose(
+        [
+            T.ToPILImage(),
+            T.RandomCrop(32, padding=4),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(data.MEAN, data.STD),
+        ]
+    )
 
     class Pil(Dataset):  # torchvision's own CIFAR10 pipeline: one PIL image at a time
         def __len__(self):
@@ -264,8 +301,15 @@ def loaders(base: Config, n: int, report: dict) -> None:
 
         def __getitem__(self, i):
             return transform(images[i]), labels[i]
-    theirs = DataLoader(Pil(), batch_size=base.batch_size, shuffle=True, num_workers=2,
-                        persistent_workers=True, generator=torch.Generator().manual_seed(0))
+
+    theirs = DataLoader(
+        Pil(),
+        batch_size=base.batch_size,
+        shuffle=True,
+        num_workers=2,
+        persistent_workers=True,
+        generator=torch.Generator().manual_seed(0),
+    )
 
     def batch_times(loader, epoch):
         if hasattr(loader.batch_sampler.sampler, "set_epoch"):  # ours; torchvision's reshuffles
@@ -278,6 +322,7 @@ def loaders(base: Config, n: int, report: dict) -> None:
             times.append((now - last) / len(y))
             last = now
         return times
+
     try:
         batch_times(theirs, 0)  # start the workers
         pairs = [(batch_times(ours, r), batch_times(theirs, r)) for r in range(4 * n)]
@@ -289,12 +334,15 @@ def loaders(base: Config, n: int, report: dict) -> None:
         return
     a = stats.Sample([p[0] for p in pairs], "loader ours")
     b = stats.Sample([p[1] for p in pairs], "loader torchvision")
-    est = stats.ratio(b, a, paired=True)  # their time per image over ours: our speed over theirs
+    est = stats.ratio(
+        b, a, paired=True
+    )  # their time per image over ours: our speed over theirs
     report["loader_over_torchvision"] = figure(est, stats.speed_words(est), target=(20, False))
     for name, sample in (("loader_images_per_s", a), ("torchvision_images_per_s", b)):
         e = sample.estimate()
-        report[name] = figure(stats.Estimate(1 / e.value, 1 / e.hi, 1 / e.lo, e.runs),
-                              "measured", "images/s")
+        report[name] = figure(
+            stats.Estimate(1 / e.value, 1 / e.hi, 1 / e.lo, e.runs), "measured", "images/s"
+        )
 
 
 def precisions(base: Config, folder: str, n: int, threads: int, report: dict):
@@ -302,8 +350,13 @@ def precisions(base: Config, folder: str, n: int, threads: int, report: dict):
     the plain loop and the small CNN; returns the 32-true sample."""
     cfg = dataclasses.replace(base, model="small", epochs=n + 1)
     arms = {"32-true": "32-true", "bf16-mixed": "bf16-mixed", "control": "32-true"}
-    jobs = {name: Job("plain", dataclasses.replace(cfg, precision=p, run_id=f"small-{name}",
-                                                   out_dir=folder)) for name, p in arms.items()}
+    jobs = {
+        name: Job(
+            "plain",
+            dataclasses.replace(cfg, precision=p, run_id=f"small-{name}", out_dir=folder),
+        )
+        for name, p in arms.items()
+    }
     res = take_turns(jobs, threads)
     why = failure(res)
     if why:
@@ -316,16 +369,22 @@ def precisions(base: Config, folder: str, n: int, threads: int, report: dict):
     est = stats.ratio(control, fp32, paired=True)
     report["control_over_fp32"] = figure(est, stats.time_ratio_words(est))
     report["control_over_fp32"]["target_verdict"] = (
-        "holds: its interval contains 1" if est.contains(1.0) else
-        "FAILS: plain against plain should show no difference; the ratios above it are "
-        "narrower than this machine's noise")
-    report["bf16_over_fp32_activation_memory"] = (res["bf16-mixed"].summary["activation_bytes"]
-                                                  / res["32-true"].summary["activation_bytes"])
+        "holds: its interval contains 1"
+        if est.contains(1.0)
+        else "FAILS: plain against plain should show no difference; the ratios above it are "
+        "narrower than this machine's noise"
+    )
+    report["bf16_over_fp32_activation_memory"] = (
+        res["bf16-mixed"].summary["activation_bytes"]
+        / res["32-true"].summary["activation_bytes"]
+    )
     waits = stats.Sample(rounds(res["32-true"], "step_waits_s"), "small waits")
     est = stats.ratio(waits, fp32, paired=True)
-    report["data_wait_fraction"] = figure(est, f"{est.value:.2%} of a step waits for data "
-                                          f"{stats.span(est.lo * 100, est.hi * 100)}%",
-                                          target=(0.02, True))
+    report["data_wait_fraction"] = figure(
+        est,
+        f"{est.value:.2%} of a step waits for data {stats.span(est.lo * 100, est.hi * 100)}%",
+        target=(0.02, True),
+    )
     return fp32
 
 
@@ -352,6 +411,7 @@ def run(rounds: int, linear_rounds: int, base: Config) -> int:
             except KeyboardInterrupt:
                 STOP.set()
             took[name] = round(time.monotonic() - start, 1)
+
     phase("framework_cost", lambda: framework_cost(base, folder, linear_rounds, report))
     phase("precisions", lambda: precisions(base, folder, rounds, threads, report))
     if samples.get("framework_cost") and samples.get("precisions") and not STOP.is_set():
@@ -366,13 +426,17 @@ def run(rounds: int, linear_rounds: int, base: Config) -> int:
     report["env"]["threads"] = threads
     write_json(os.path.join(base.out_dir, "bench.json"), report)
     console.say(table(report))
-    console.say(f"\n{report['env']['device_name']}, {threads} threads (1 for the linear "
-                f"model), torch {report['env']['torch']}, lightning "
-                f"{report['env']['lightning']}, accelerate {report['env']['accelerate']}; "
-                f"{base.out_dir}/bench.json, runs in {folder}")
+    console.say(
+        f"\n{report['env']['device_name']}, {threads} threads (1 for the linear "
+        f"model), torch {report['env']['torch']}, lightning "
+        f"{report['env']['lightning']}, accelerate {report['env']['accelerate']}; "
+        f"{base.out_dir}/bench.json, runs in {folder}"
+    )
     if STOP.is_set():
-        console.say(f"ampcompare: bench interrupted; {base.out_dir}/bench.json holds what was "
-                    f"measured", err=True)
+        console.say(
+            f"ampcompare: bench interrupted; {base.out_dir}/bench.json holds what was measured",
+            err=True,
+        )
         return 130
     return 0
 
@@ -389,9 +453,11 @@ def table(report: dict) -> str:
             continue
         lo, hi = value["interval"]
         digits = 0 if value["unit"] in ("µs", "images/s") else 4 if value["unit"] else 3
-        est = f"{value['estimate']:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}] {value['unit']}"
-        verdict = value["verdict"] + (f"; {value['target_verdict']}"
-                                      if value.get("target_verdict") else "")
+        est = (
+            f"{value['estimate']:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}] {value['unit']}"
+        )
+        verdict = value["verdict"] + (
+            f"; {value['target_verdict']}" if value.get("target_verdict") else ""
+        )
         lines.append(f"{name:<34} {est:<28} {verdict}")
     return "\n".join(lines)
-

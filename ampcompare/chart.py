@@ -6,13 +6,14 @@ accuracy over seeds).
 The memory panel shows activation memory (what a step saves for backward), which means the
 same on every device; with a GPU, a second panel shows the CUDA allocator's peak. A CPU's peak
 RSS (set by libraries and data) is only in the report's table."""
+
 from __future__ import annotations
 
 import functools
 
 from common import results
 
-MIB = 2 ** 20
+MIB = 2**20
 
 
 def figure(summary):
@@ -20,18 +21,21 @@ def figure(summary):
     from matplotlib.figure import Figure
 
     cuda = any(dev["env"].get("device") == "cuda" for dev in summary["devices"])
-    panels = (("activation_bytes", "activation memory (MiB)", MIB),
-              *((("peak_memory_bytes", "CUDA allocator peak (MiB)", MIB),) if cuda else ()),
-              ("step_time_s", "step time (ms), 95% interval", 1e-3),
-              ("final_test_acc", "final test accuracy", 1.0))
+    panels = (
+        ("activation_bytes", "activation memory (MiB)", MIB),
+        *((("peak_memory_bytes", "CUDA allocator peak (MiB)", MIB),) if cuda else ()),
+        ("step_time_s", "step time (ms), 95% interval", 1e-3),
+        ("final_test_acc", "final test accuracy", 1.0),
+    )
     groups, precisions = [], []
     for dev in summary["devices"]:
         for precision, impls in dev["precisions"].items():
             if precision not in precisions:
                 precisions.append(precision)
             for impl in impls:
-                label = _text(impl if len(summary["devices"]) == 1 else
-                              f"{impl}\n{dev['device']}")
+                label = _text(
+                    impl if len(summary["devices"]) == 1 else f"{impl}\n{dev['device']}"
+                )
                 if (dev, impl, label) not in groups:
                     groups.append((dev, impl, label))
     fig = Figure(figsize=(4.4 * len(panels), 4.2), dpi=100)
@@ -42,8 +46,9 @@ def figure(summary):
             xs, heights, errs = [], [], [[], []]
             for i, (dev, impl, _) in enumerate(groups):
                 figure_ = dev["precisions"].get(precision, {}).get(impl, {}).get(metric)
-                if not figure_ or (metric == "peak_memory_bytes" and
-                                   dev["env"].get("device") != "cuda"):
+                if not figure_ or (
+                    metric == "peak_memory_bytes" and dev["env"].get("device") != "cuda"
+                ):
                     continue
                 mid, lo, hi = _bar(figure_)
                 xs.append(i + (j - (len(precisions) - 1) / 2) * width)
@@ -53,16 +58,25 @@ def figure(summary):
             ax.bar(xs, heights, width, yerr=errs, capsize=3, label=_text(precision))
         for i, (dev, impl, _) in enumerate(groups):
             if not any((cell.get(impl) or {}).get("ok") for cell in dev["precisions"].values()):
-                ax.text(i, 0, "not run\n(see report.md)", ha="center", va="bottom", fontsize=8,
-                        color="0.4")
+                ax.text(
+                    i,
+                    0,
+                    "not run\n(see report.md)",
+                    ha="center",
+                    va="bottom",
+                    fontsize=8,
+                    color="0.4",
+                )
         ax.set_xticks(range(len(groups)), [g[2] for g in groups])
         ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)
     if axes[0].get_legend_handles_labels()[0]:  # no bar at all: no legend either
         axes[0].legend(loc="lower left", fontsize=8, framealpha=0.9)
     devices = _text(", ".join(dev["device"] for dev in summary["devices"]))
-    fig.suptitle(f"ampcompare on {devices}: step time with its 95% interval; memory and "
-                 f"accuracy median [min–max]")
+    fig.suptitle(
+        f"ampcompare on {devices}: step time with its 95% interval; memory and "
+        f"accuracy median [min–max]"
+    )
     fig.tight_layout()
     return fig
 
@@ -72,15 +86,18 @@ def _text(value) -> str:
     character its font has no glyph for (CJK, emoji) is a "?" instead of a missing-glyph
     warning."""
     glyphs = _glyphs()
-    return "".join(c if c == "\n" or ord(c) in glyphs else "?" for c in str(value)) \
-        .replace("$", r"\$")
+    return "".join(c if c == "\n" or ord(c) in glyphs else "?" for c in str(value)).replace(
+        "$", r"\$"
+    )
 
 
 @functools.lru_cache(maxsize=1)
 def _glyphs() -> frozenset:
     from matplotlib import font_manager, ft2font
-    return frozenset(ft2font.FT2Font(font_manager.findfont(font_manager.FontProperties()))
-                     .get_charmap())
+
+    return frozenset(
+        ft2font.FT2Font(font_manager.findfont(font_manager.FontProperties())).get_charmap()
+    )
 
 
 def _bar(figure_: dict) -> tuple[float, float, float]:

@@ -1,5 +1,6 @@
 """The ampcompare command line. Each command imports its implementation only when it runs:
 `ampcompare plain` never imports Lightning or apex, and a missing apex breaks nothing else."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,9 +19,13 @@ from common.config import Config, option_flag
 from common.errors import Unavailable, UsageError, unavailable_exit
 from common.resume import read_stopped
 
-IMPLS = {"plain": "plain_torch.train", "lightning": "lightning_impl.train",
-         "fabric": "fabric_impl.train", "accelerate": "accelerate_impl.train",
-         "apex": "apex_impl.train"}
+IMPLS = {
+    "plain": "plain_torch.train",
+    "lightning": "lightning_impl.train",
+    "fabric": "fabric_impl.train",
+    "accelerate": "accelerate_impl.train",
+    "apex": "apex_impl.train",
+}
 # click 8.2 raises this for a bare `ampcompare`; 8.1 prints the help itself.
 NO_ARGS = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
@@ -36,8 +41,11 @@ def option(name: str, **override):
     shown = spec.get("shown", default if default is not None else "none")
     if isinstance(default, bool):
         shown = spec["flag"].split("/")[0 if default else 1]
-    kwargs = {"default": default, "help": f"{fld.metadata['help']}  [default: {shown}]",
-              "show_default": False}
+    kwargs = {
+        "default": default,
+        "help": f"{fld.metadata['help']}  [default: {shown}]",
+        "show_default": False,
+    }
     if "choices" in spec:
         kwargs["type"] = click.Choice(spec["choices"])
     elif "type" in spec or default not in (None, True, False):  # flags: click infers them
@@ -85,11 +93,14 @@ class OneLineErrors(click.Group):
         quiet.frameworks()
         stray = ranks.stray()
         if stray:
-            _say(f"ampcompare: warning: {', '.join(f'{v}={os.environ[v]}' for v in stray)} "
-                 f"set without the rest of a launcher's variables; running as one process")
+            _say(
+                f"ampcompare: warning: {', '.join(f'{v}={os.environ[v]}' for v in stray)} "
+                f"set without the rest of a launcher's variables; running as one process"
+            )
         try:
-            code = super().main(args=args, prog_name=prog_name or "ampcompare",
-                                standalone_mode=False, **extra)
+            code = super().main(
+                args=args, prog_name=prog_name or "ampcompare", standalone_mode=False, **extra
+            )
         except NO_ARGS as e:
             console.say(e.ctx.get_help())
             code = 0
@@ -120,11 +131,14 @@ def run_one(impl: str, cfg: Config) -> int:
     """Run one implementation in this process (or, with --devices N, start the N processes of
     its DDP job); print where its result is. Returns the exit code."""
     from common import distributed
+
     if impl == "apex":  # say what apex lacks before its loop module is even imported
         from apex_impl.opt_levels import check
+
         check(cfg)
     if impl == "accelerate" and not ranks.launched():  # what it would really run, said first
         from accelerate_impl.precision import check as check_accelerate
+
         check_accelerate(cfg)
     cfg.validate()
     if cfg.devices * cfg.num_nodes > 1 and not distributed.launched():
@@ -150,11 +164,15 @@ def _summary(impl: str, record: dict, cfg: Config) -> None:
 
     s = record.get("summary") or {}
     acc = f"{s['final_test_acc']:.4f}" if s.get("final_test_acc") is not None else "-"
-    sample = stats.Sample([results.timed_steps(record.get("epochs") or [])[0]], record["run_id"])
+    sample = stats.Sample(
+        [results.timed_steps(record.get("epochs") or [])[0]], record["run_id"]
+    )
     est = sample.estimate() if sample else None
     step = stats.duration_with_interval(est.value, est.lo, est.hi) if est else "-"
-    console.say(f"{impl} {record['precision']['effective']}: {record['status']}, "
-                f"test acc {acc}, median step {step}")
+    console.say(
+        f"{impl} {record['precision']['effective']}: {record['status']}, "
+        f"test acc {acc}, median step {step}"
+    )
     if record.get("error"):
         console.say(f"error: {record['error']}", err=True)
     console.say(f"result: {os.path.join(cfg.out_dir, record['run_id'], 'result.json')}")
@@ -171,7 +189,8 @@ def _launch(impl: str, cfg: Config) -> int:
             f"--num-nodes {cfg.num_nodes}: start the job on each node with torchrun "
             f"--nnodes {cfg.num_nodes} --nproc-per-node {cfg.devices} --rdzv-backend c10d "
             f"--rdzv-endpoint HOST:PORT -m ampcompare {impl} --devices {cfg.devices} "
-            f"--num-nodes {cfg.num_nodes} ... (README, \"Several devices and nodes\")")
+            f'--num-nodes {cfg.num_nodes} ... (README, "Several devices and nodes")'
+        )
     try:
         ranks.threads()  # each rank would fail on it
     except ValueError as e:
@@ -181,15 +200,21 @@ def _launch(impl: str, cfg: Config) -> int:
     if cfg.resume:
         if rundir.held(cfg.resume):  # refused here, before any rank could touch the record
             raise UsageError(f"{cfg.resume}: {rundir.BUSY}")
-        args = [impl, "--resume", cfg.resume,
-                *compare.child_args(cfg, exclude=("resume", "out_dir", "run_id"))]
+        args = [
+            impl,
+            "--resume",
+            cfg.resume,
+            *compare.child_args(cfg, exclude=("resume", "out_dir", "run_id")),
+        ]
     else:
         results.check_out_dir(cfg.out_dir)
         named = precision.mixed_default(device) if cfg.precision == "auto" else cfg.precision
         cfg.run_id = cfg.run_id or results.new_run_id(impl, named)
         if os.path.exists(os.path.join(cfg.out_dir, cfg.run_id)):
-            raise UsageError(f"{os.path.join(cfg.out_dir, cfg.run_id)} already exists; choose "
-                             f"another --run-id")
+            raise UsageError(
+                f"{os.path.join(cfg.out_dir, cfg.run_id)} already exists; choose "
+                f"another --run-id"
+            )
         args = [impl, *compare.child_args(cfg, exclude=("resume",))]
     code = launch.run(cfg, args)
     try:  # the job's one summary line, from its record as the launcher settled it
@@ -216,43 +241,64 @@ def _impl_command(impl: str, doc: str):
     @common_options
     def command(**options):
         return run_one(impl, arm_config(impl, options))
+
     return command
 
 
 plain = _impl_command("plain", "The hand-written loop: torch.autocast + torch.amp.GradScaler.")
 lightning = _impl_command("lightning", "PyTorch Lightning: Trainer(precision=...).")
-fabric = _impl_command("fabric", "Lightning Fabric: Fabric(precision=...), fabric.setup, "
-                       "fabric.backward; the loop written by hand.")
-accelerate = _impl_command("accelerate", "Hugging Face Accelerate: Accelerator(mixed_precision="
-                           "...), accelerator.prepare, accelerator.backward; the loop written "
-                           "by hand.")
+fabric = _impl_command(
+    "fabric",
+    "Lightning Fabric: Fabric(precision=...), fabric.setup, "
+    "fabric.backward; the loop written by hand.",
+)
+accelerate = _impl_command(
+    "accelerate",
+    "Hugging Face Accelerate: Accelerator(mixed_precision="
+    "...), accelerator.prepare, accelerator.backward; the loop written "
+    "by hand.",
+)
 
 
-@cli.command("apex", help="NVIDIA apex: amp.initialize + amp.scale_loss (needs CUDA and apex "
-             "25.04 or older).")
+@cli.command(
+    "apex",
+    help="NVIDIA apex: amp.initialize + amp.scale_loss (needs CUDA and apex 25.04 or older).",
+)
 @common_options
 @option("opt_level")
 def apex(**options):
     return run_one("apex", arm_config("apex", options))
 
 
-@cli.command("bench", help="What each framework costs per step, and bf16-mixed against 32-true, "
-             "measured side by side in one process with a plain-against-plain control, each "
-             "figure with its 95% interval: a table, and bench.json in --out-dir.")
-@click.option("--rounds", default=5, type=click.IntRange(min=1, max=1000),
-              help="Timed rounds (epochs) of the small-CNN and loader measurements.  "
-                   "[default: 5]")
-@click.option("--linear-rounds", default=200, type=click.IntRange(min=1, max=100_000),
-              help="Timed rounds of each framework's cost per step, with the linear model.  "
-                   "[default: 200]")
+@cli.command(
+    "bench",
+    help="What each framework costs per step, and bf16-mixed against 32-true, "
+    "measured side by side in one process with a plain-against-plain control, each "
+    "figure with its 95% interval: a table, and bench.json in --out-dir.",
+)
+@click.option(
+    "--rounds",
+    default=5,
+    type=click.IntRange(min=1, max=1000),
+    help="Timed rounds (epochs) of the small-CNN and loader measurements.  [default: 5]",
+)
+@click.option(
+    "--linear-rounds",
+    default=200,
+    type=click.IntRange(min=1, max=100_000),
+    help="Timed rounds of each framework's cost per step, with the linear model.  "
+    "[default: 200]",
+)
 @option("synthetic_size", default=5120)
 @option("batch_size")
 @option("accelerator", default="cpu")
 @option("out_dir", default="runs/bench")
 def bench_command(rounds, linear_rounds, **options):
-    base = Config(dataset="synthetic", precision="32-true", quiet=True, checkpoint=False,
-                  **options).validate()
+    base = Config(
+        dataset="synthetic", precision="32-true", quiet=True, checkpoint=False, **options
+    ).validate()
     from ampcompare import bench  # imports every arm: they take turns in this process
+
     return bench.run(rounds, linear_rounds, base)
 
 
@@ -260,28 +306,46 @@ def _names(value: str, allowed, what: str) -> list[str]:
     names = [v.strip() for v in value.split(",") if v.strip()]
     bad = [n for n in names if n not in allowed]
     if bad or not names:
-        raise UsageError(f"--{what}: {', '.join(bad) or 'nothing given'}; choose from "
-                         f"{', '.join(allowed)}")
+        raise UsageError(
+            f"--{what}: {', '.join(bad) or 'nothing given'}; choose from {', '.join(allowed)}"
+        )
     return list(dict.fromkeys(names))
 
 
-@cli.command("compare", help="Run every implementation at every precision, each run in a fresh "
-             "process, interleaved; write a table (report.md, results.csv, summary.json) and a "
-             "chart (benchmark.png) into one folder. An arm keeps its checkpoint only until it "
-             "ends ok, so that --resume DIR can finish an interrupted comparison.")
+@cli.command(
+    "compare",
+    help="Run every implementation at every precision, each run in a fresh "
+    "process, interleaved; write a table (report.md, results.csv, summary.json) and a "
+    "chart (benchmark.png) into one folder. An arm keeps its checkpoint only until it "
+    "ends ok, so that --resume DIR can finish an interrupted comparison.",
+)
 @common_options(exclude=("precision", "run_id", "repeat", "keep_checkpoint"))
-@click.option("--impls", default=",".join(IMPLS),
-              help=f"Implementations, comma-separated.  [default: {','.join(IMPLS)}]")
-@click.option("--precisions", default=None,
-              help="Precisions, comma-separated.  [default: 32-true and the device's mixed "
-                   "precision: 16-mixed on CUDA, bf16-mixed on CPU]")
-@click.option("--repeats", default=1, type=click.IntRange(min=1, max=1000),
-              help="Runs of each (impl, precision), each a fresh process: with 2 or more the "
-                   "step-time intervals cover the noise between processes too.  [default: 1]")
+@click.option(
+    "--impls",
+    default=",".join(IMPLS),
+    help=f"Implementations, comma-separated.  [default: {','.join(IMPLS)}]",
+)
+@click.option(
+    "--precisions",
+    default=None,
+    help="Precisions, comma-separated.  [default: 32-true and the device's mixed "
+    "precision: 16-mixed on CUDA, bf16-mixed on CPU]",
+)
+@click.option(
+    "--repeats",
+    default=1,
+    type=click.IntRange(min=1, max=1000),
+    help="Runs of each (impl, precision), each a fresh process: with 2 or more the "
+    "step-time intervals cover the noise between processes too.  [default: 1]",
+)
 @option("opt_level")
-@click.option("--seeds", default=1, type=click.IntRange(min=1, max=1000),
-              help="Train every arm at this many seeds (--seed, --seed + 1, ...), so that an "
-                   "accuracy change can be weighed against seed-to-seed spread.  [default: 1]")
+@click.option(
+    "--seeds",
+    default=1,
+    type=click.IntRange(min=1, max=1000),
+    help="Train every arm at this many seeds (--seed, --seed + 1, ...), so that an "
+    "accuracy change can be weighed against seed-to-seed spread.  [default: 1]",
+)
 def compare_command(impls, precisions, repeats, seeds, **options):
     from ampcompare import compare
     from common import progress
@@ -295,8 +359,11 @@ def compare_command(impls, precisions, repeats, seeds, **options):
             done = compare.compare(planned, show=_progress(bar, planned))
             bar.update(completed=len(done), description="done")
     except KeyboardInterrupt:
-        console.say(f"ampcompare: interrupted; reporting what was measured (finish it with "
-                    f"ampcompare compare --resume {planned.folder})", err=True)
+        console.say(
+            f"ampcompare: interrupted; reporting what was measured (finish it with "
+            f"ampcompare compare --resume {planned.folder})",
+            err=True,
+        )
         code = 130
     return _report(planned.folder, code)
 
@@ -308,14 +375,21 @@ def _plan(ctx, impls, precisions, repeats, seeds, options) -> "plan.Plan":
 
     if options["resume"]:
         stored = plan.read(os.path.abspath(options["resume"]), tuple(IMPLS))
-        given = dict(impls=impls, precisions=precisions, repeats=repeats, seeds=seeds, **options)
+        given = dict(
+            impls=impls, precisions=precisions, repeats=repeats, seeds=seeds, **options
+        )
         asked = {k: v for k, v in given.items() if k != "resume" and _given(ctx, k)}
         cfg = config_from(options, stored.cfg.to_dict(), ctx)
         planned = plan.resumed(stored, asked, cfg)
     else:
         cfg = config_from(options).validate()
-        planned = plan.fresh(cfg, _names(impls, tuple(IMPLS), "impls"),
-                             _precisions(precisions, cfg), repeats, seeds)
+        planned = plan.fresh(
+            cfg,
+            _names(impls, tuple(IMPLS), "impls"),
+            _precisions(precisions, cfg),
+            repeats,
+            seeds,
+        )
     resuming = planned.folder is not None
     check_out_dir(planned.folder or cfg.out_dir, "--resume" if resuming else "--out-dir")
     # A model that cannot train here, or a missing CIFAR-10, is one usage error here, not one
@@ -336,6 +410,7 @@ def _lock(ctx, folder: str) -> None:
 
 def _progress(bar, planned):
     """What compare shows before each arm: a bar on a terminal, else a line per arm."""
+
     def show(k, n, arm, elapsed):
         seed = f" seed {arm.seed}" if planned.seeds > 1 else ""
         what = f"{arm.impl} {arm.precision}{seed} repeat {arm.repeat + 1}"
@@ -345,6 +420,7 @@ def _progress(bar, planned):
         if k == 0:
             bar.task(what, n)
         bar.update(completed=k, description=f"arm {k + 1}/{n}: {what}")
+
     return show
 
 
@@ -360,12 +436,17 @@ def _report(folder: str, code: int) -> int:
         with signals.deferred():  # a report is written whole; a signal now waits for it
             paths = report.write(records, folder)
     except OSError as e:
-        console.say(f"ampcompare: error: could not write the report into {folder}: "
-                    f"{e.strerror}", err=True)
+        console.say(
+            f"ampcompare: error: could not write the report into {folder}: {e.strerror}",
+            err=True,
+        )
         return 1
     except KeyboardInterrupt:
-        console.say(f"ampcompare: interrupted; the report is complete (finish the comparison "
-                    f"with ampcompare compare --resume {folder})", err=True)
+        console.say(
+            f"ampcompare: interrupted; the report is complete (finish the comparison "
+            f"with ampcompare compare --resume {folder})",
+            err=True,
+        )
         return 130
     _echo_report(paths)
     failed = [r for r in records if r["status"] not in ("ok", "unavailable")]
@@ -375,8 +456,11 @@ def _report(folder: str, code: int) -> int:
 def _given(ctx, name: str) -> bool:
     """Whether the option was on the command line (or in the environment); False for one the
     command does not have."""
-    return ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT,
-                                                 ParameterSource.DEFAULT_MAP)
+    return ctx.get_parameter_source(name) not in (
+        None,
+        ParameterSource.DEFAULT,
+        ParameterSource.DEFAULT_MAP,
+    )
 
 
 def _precisions(value: Optional[str], cfg: Config) -> list[str]:
@@ -387,7 +471,9 @@ def _precisions(value: Optional[str], cfg: Config) -> list[str]:
     if value is None:
         return ["32-true", mixed]
     names = _names(value, (*precision.CANONICAL, *precision.ALIASES, "auto"), "precisions")
-    return list(dict.fromkeys(mixed if p == "auto" else p for p in map(precision.canonical, names)))
+    return list(
+        dict.fromkeys(mixed if p == "auto" else p for p in map(precision.canonical, names))
+    )
 
 
 def _echo_report(paths: dict) -> None:
@@ -397,22 +483,34 @@ def _echo_report(paths: dict) -> None:
         console.say(f"{name}: {path}")
 
 
-@cli.command("report", help="Rebuild report.md, results.csv, summary.json and benchmark.png "
-             "from saved runs; several folders (e.g. two machines) are grouped by device.")
-@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
-@click.option("--out", default=None, help="Where to write the report.  [default: the RUN_DIR "
-              "when there is one; ./runs/report when there are several]")
+@cli.command(
+    "report",
+    help="Rebuild report.md, results.csv, summary.json and benchmark.png "
+    "from saved runs; several folders (e.g. two machines) are grouped by device.",
+)
+@click.argument(
+    "run_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False)
+)
+@click.option(
+    "--out",
+    default=None,
+    help="Where to write the report.  [default: the RUN_DIR "
+    "when there is one; ./runs/report when there are several]",
+)
 def report_command(run_dirs, out):
     from ampcompare import report
 
-    out = os.path.abspath(out or (run_dirs[0] if len(run_dirs) == 1 else
-                                  os.path.join("runs", "report")))
+    out = os.path.abspath(
+        out or (run_dirs[0] if len(run_dirs) == 1 else os.path.join("runs", "report"))
+    )
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--out {out} is a file; name a folder")
     skipped = []
     records = report.load(run_dirs, skipped)
     if not records:
-        first = f" ({len(skipped)} skipped; {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
+        first = (
+            f" ({len(skipped)} skipped; {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
+        )
         raise UsageError(f"no readable run record under {', '.join(run_dirs)}{first}")
     for path, why in skipped:
         console.say(f"ampcompare: warning: skipped {path}: {why}", err=True)
@@ -422,5 +520,3 @@ def report_command(run_dirs, out):
         raise UsageError(f"--out {out}: cannot write the report there ({e.strerror})") from None
     _echo_report(paths)
     return 0
-
-

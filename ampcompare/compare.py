@@ -10,6 +10,7 @@ passes the interrupt on, waits for the child to record what it measured, and a s
 record ends with a status that is true. compare.json holds the plan, so that
 `compare --resume DIR` can keep the arms that finished and run or resume the rest.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -57,14 +58,28 @@ def unavailable_result(cfg: Config, arm: Arm, status: str, reason: str, env: dic
     """The record of an arm that produced no result.json of its own (env: the comparing
     process's view of the machine, so the row lands with its device)."""
     passed = arm.impl == "apex" and applies(cfg.opt_level, arm.precision)
-    return {"schema": results.SCHEMA, "run_id": arm.run_id, "impl": arm.impl,
-            "repeat": arm.repeat, "seed": arm.seed, "status": status, "error": reason,
-            "precision": {"requested": arm.precision, "effective": None},
-            "opt_level": cfg.opt_level if passed else None,
-            "config": {**cfg.to_dict(), "precision": arm.precision, "repeat": arm.repeat,
-                       "seed": arm.seed},
-            "env": env, "epochs": [], "step_losses": [], "weights_sha256": None,
-            "summary": {}}
+    return {
+        "schema": results.SCHEMA,
+        "run_id": arm.run_id,
+        "impl": arm.impl,
+        "repeat": arm.repeat,
+        "seed": arm.seed,
+        "status": status,
+        "error": reason,
+        "precision": {"requested": arm.precision, "effective": None},
+        "opt_level": cfg.opt_level if passed else None,
+        "config": {
+            **cfg.to_dict(),
+            "precision": arm.precision,
+            "repeat": arm.repeat,
+            "seed": arm.seed,
+        },
+        "env": env,
+        "epochs": [],
+        "step_losses": [],
+        "weights_sha256": None,
+        "summary": {},
+    }
 
 
 SUPERSEDED = ".superseded"  # where a run that is started over goes (report does not look)
@@ -74,6 +89,7 @@ BUSY = rundir.BUSY
 @dataclass
 class Folder:
     """What an arm's folder holds before compare touches it."""
+
     exists: bool
     record: Optional[dict] = None  # a readable run record
     bad: Optional[str] = None  # why its result.json is not one
@@ -82,8 +98,10 @@ class Folder:
 
 def look(run_dir: str) -> Folder:
     if not os.path.isdir(run_dir):
-        return Folder(exists=os.path.exists(run_dir), bad="it is not a folder"
-                      if os.path.exists(run_dir) else None)
+        return Folder(
+            exists=os.path.exists(run_dir),
+            bad="it is not a folder" if os.path.exists(run_dir) else None,
+        )
     if rundir.held(run_dir):
         return Folder(True, busy=True)
     try:
@@ -93,8 +111,11 @@ def look(run_dir: str) -> Folder:
     except (OSError, ValueError) as e:
         return Folder(True, bad=f"its result.json cannot be read ({type(e).__name__})")
     why = results.why_not_a_record(record)
-    return Folder(True, bad=f"its result.json is not a run record ({why})") if why \
+    return (
+        Folder(True, bad=f"its result.json is not a run record ({why})")
+        if why
         else Folder(True, record)
+    )
 
 
 @dataclass
@@ -102,13 +123,20 @@ class Outcome:
     """What compare makes of an arm's attempt: keep the child's record, update the record on
     disk (status and error), write a stand-in record, start the run over (its resume was
     refused), or leave it alone (another process took it)."""
+
     action: str  # "keep", "update", "stand-in", "start over", "leave"
     status: Optional[str] = None
     error: Optional[str] = None
 
 
-def outcome(before: Optional[dict], after: Optional[dict], code: int, last: Optional[str],
-            interrupted: bool, resuming: bool) -> Outcome:
+def outcome(
+    before: Optional[dict],
+    after: Optional[dict],
+    code: int,
+    last: Optional[str],
+    interrupted: bool,
+    resuming: bool,
+) -> Outcome:
     """How an arm's attempt ended, from the records before and after it, the child's exit
     code, its last line on stderr and whether compare was interrupted."""
     how = exit_description(code)
@@ -123,8 +151,11 @@ def outcome(before: Optional[dict], after: Optional[dict], code: int, last: Opti
         if resuming and code in (2, UNAVAILABLE_EXIT):
             return Outcome("start over", error=last or how)
         why = f"{last}; {how}" if last else how
-        return Outcome("update", ended, f"{why}, before it wrote anything; what an earlier "
-                                        f"attempt measured is kept")
+        return Outcome(
+            "update",
+            ended,
+            f"{why}, before it wrote anything; what an earlier attempt measured is kept",
+        )
     if after["status"] != "running":
         return Outcome("keep")
     # Gone before it could record how it ended (OOM killer, SIGKILL, a hang we ended).
@@ -140,8 +171,10 @@ def run_arm(cfg: Config, arm: Arm, folder: str, unavailable: dict, env: dict):
     key = (arm.impl, arm.precision)  # e.g. apex: missing altogether, or only no bf16 mode
     found = look(run_dir)
     if found.busy or found.bad:
-        _warn(f"skipped {run_dir}: {BUSY if found.busy else found.bad}; it is left as it is "
-              f"(finish or move it, then compare --resume)")
+        _warn(
+            f"skipped {run_dir}: {BUSY if found.busy else found.bad}; it is left as it is "
+            f"(finish or move it, then compare --resume)"
+        )
         return found.record, False
     before = found.record
     if before is not None and before["status"] == "ok":
@@ -149,10 +182,12 @@ def run_arm(cfg: Config, arm: Arm, folder: str, unavailable: dict, env: dict):
     if key in unavailable:
         if found.exists:
             _supersede(folder, run_dir, "this machine cannot run it")
-        return _save(run_dir, unavailable_result(cfg, arm, "unavailable", unavailable[key],
-                                                 env)), False
-    resuming = bool(before is not None and before.get("checkpoint")
-                    and before["status"] in RESUMABLE)
+        return _save(
+            run_dir, unavailable_result(cfg, arm, "unavailable", unavailable[key], env)
+        ), False
+    resuming = bool(
+        before is not None and before.get("checkpoint") and before["status"] in RESUMABLE
+    )
     if found.exists and not resuming:
         _supersede(folder, run_dir, "it left nothing to continue from")
     code, last, interrupted = _attempt(cfg, arm, folder, run_dir, resuming)
@@ -185,18 +220,36 @@ def _attempt(cfg: Config, arm: Arm, folder: str, run_dir: str, resuming: bool):
     if resuming:
         cmd = [arm.impl, "--resume", run_dir]
     else:
-        cmd = [arm.impl, *child_args(cfg), "--precision", arm.precision, "--seed",
-               str(arm.seed), "--repeat", str(arm.repeat), "--out-dir", folder, "--run-id",
-               arm.run_id]
+        cmd = [
+            arm.impl,
+            *child_args(cfg),
+            "--precision",
+            arm.precision,
+            "--seed",
+            str(arm.seed),
+            "--repeat",
+            str(arm.repeat),
+            "--out-dir",
+            folder,
+            "--run-id",
+            arm.run_id,
+        ]
         if arm.impl == "apex" and applies(cfg.opt_level, arm.precision):
             cmd += ["--opt-level", cfg.opt_level]
     cmd = [sys.executable, "-m", "ampcompare", *cmd, "--quiet", "--no-keep-checkpoint"]
     # The child runs from the project (python -m ampcompare), and imports a --model of the
     # user's own from the folder compare was started in, as the arm would.
     path = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            cwd=ROOT, start_new_session=True, preexec_fn=signals.die_with_parent,
-                            env={**os.environ, COMPARE_CHILD: "1", "PYTHONPATH": path})
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        start_new_session=True,
+        preexec_fn=signals.die_with_parent,
+        env={**os.environ, COMPARE_CHILD: "1", "PYTHONPATH": path},
+    )
     stderr, interrupted = _wait(proc)
     lines = [line for line in stderr.splitlines() if line.strip()]
     last = lines[-1].removeprefix("ampcompare: error: ") if lines else None
@@ -238,7 +291,11 @@ def _wait(proc: subprocess.Popen) -> tuple[str, bool]:
             asked = time.monotonic()
             _signal(proc, signal.SIGCONT, group=True)
             _signal(proc, signal.SIGINT)
-        if not killed and asked is not None and (count > 1 or time.monotonic() - asked > GRACE_S):
+        if (
+            not killed
+            and asked is not None
+            and (count > 1 or time.monotonic() - asked > GRACE_S)
+        ):
             _signal(proc, signal.SIGCONT, group=True)
             _signal(proc, signal.SIGKILL, group=True)
             killed = True
@@ -261,8 +318,10 @@ def _save(run_dir: str, record: dict) -> dict:
         os.makedirs(run_dir, exist_ok=True)
         results.write_json(os.path.join(run_dir, "result.json"), record)
     except OSError as e:
-        console.say(f"ampcompare: warning: could not write {run_dir}/result.json "
-                    f"({e.strerror})", err=True)
+        console.say(
+            f"ampcompare: warning: could not write {run_dir}/result.json ({e.strerror})",
+            err=True,
+        )
     return record
 
 

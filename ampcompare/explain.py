@@ -2,15 +2,18 @@
 (device, compute capability and tensor cores, TF32, CPU bf16 instructions, MFU, data wait,
 skipped fp16 steps and the loss scale), and the reference benchmark's figures to set beside it.
 """
+
 from __future__ import annotations
 
 from common import peaks
 from common.stats import median_of
 
-REFERENCE = ("the benchmark this tool grew from — Lightning precision 16 against 32, CIFAR-10, "
-             "batch 256, on two P40s and on two T4s — measured GPU memory about half, epoch "
-             "time −23% on the P40s (1.30× the speed) and −30% on the T4s (1.43×), and "
-             "accuracy about the same.")
+REFERENCE = (
+    "the benchmark this tool grew from — Lightning precision 16 against 32, CIFAR-10, "
+    "batch 256, on two P40s and on two T4s — measured GPU memory about half, epoch "
+    "time −23% on the P40s (1.30× the speed) and −30% on the T4s (1.43×), and "
+    "accuracy about the same."
+)
 
 
 def lines(group: dict, quote=str) -> list[str]:
@@ -26,8 +29,10 @@ def lines(group: dict, quote=str) -> list[str]:
             continue
         mixed, ref, ratio = cells[label], base[cells[label]["impl"]], ratios[label][precision]
         speed = ratio["speedup"]["verdict"] if ratio["speedup"] else "no step times recorded"
-        parts = [f"{quote(precision)} against 32-true ({quote(label)}): {speed}",
-                 hardware(env, precision, quote)]
+        parts = [
+            f"{quote(precision)} against 32-true ({quote(label)}): {speed}",
+            hardware(env, precision, quote),
+        ]
         mfu = [median_of(c, "mfu") for c in (ref, mixed)]
         if None not in mfu:
             parts.append(f"MFU {mfu[0]:.1%} at 32-true, {mfu[1]:.1%} at {quote(precision)}")
@@ -35,9 +40,11 @@ def lines(group: dict, quote=str) -> list[str]:
             parts.append(quote(peaks.peak(env, precision)[1]))
         wait = [median_of(c, "data_wait_fraction") for c in (ref, mixed)]
         if None not in wait:
-            parts.append(f"waiting for data took {wait[0]:.0%} and {wait[1]:.0%} of training "
-                         f"time" + (" — the loader, not the math, limits this"
-                                    if max(wait) > 0.1 else ""))
+            parts.append(
+                f"waiting for data took {wait[0]:.0%} and {wait[1]:.0%} of training "
+                f"time"
+                + (" — the loader, not the math, limits this" if max(wait) > 0.1 else "")
+            )
         if precision == "16-mixed":
             parts.append(scaler(mixed))
         out.append("; ".join(p for p in parts if p) + ".")
@@ -50,27 +57,44 @@ def hardware(env: dict, precision: str, quote=str) -> str:
         if precision == "16-mixed":
             return "this CPU has no fast fp16 kernels, so fp16 runs far slower than fp32"
         if env.get("cpu_bf16"):
-            return ("this CPU has bf16 dot-product instructions (avx512_bf16 or amx_bf16), so "
-                    "oneDNN can compute in bf16; bf16 also halves the bytes each layer saves "
-                    "and moves")
-        return ("this CPU has no bf16 instructions (no avx512_bf16 or amx_bf16): bf16 is "
-                "widened to fp32 for the math, and only the bytes moved are halved")
+            return (
+                "this CPU has bf16 dot-product instructions (avx512_bf16 or amx_bf16), so "
+                "oneDNN can compute in bf16; bf16 also halves the bytes each layer saves "
+                "and moves"
+            )
+        return (
+            "this CPU has no bf16 instructions (no avx512_bf16 or amx_bf16): bf16 is "
+            "widened to fp32 for the math, and only the bytes moved are halved"
+        )
     name, cc = quote(env.get("device_name", "the GPU")), quote(env.get("cuda_capability"))
     if not env.get("tensor_cores"):
-        return (f"{name} (compute capability {cc}) has no tensor cores: whatever "
-                f"{quote(precision)} gains here comes from halved memory traffic, not faster "
-                f"math")
-    fp32 = ("32-true ran its matmuls and convolutions as TF32 on tensor cores, so fp32 was "
-            "already fast" if env.get("tf32") else
-            "32-true ran on the fp32 units (TF32 off)")
-    return (f"{name} (compute capability {cc}) runs {quote(precision)}'s matmuls and "
-            f"convolutions on tensor cores; {fp32}")
+        return (
+            f"{name} (compute capability {cc}) has no tensor cores: whatever "
+            f"{quote(precision)} gains here comes from halved memory traffic, not faster "
+            f"math"
+        )
+    fp32 = (
+        "32-true ran its matmuls and convolutions as TF32 on tensor cores, so fp32 was "
+        "already fast"
+        if env.get("tf32")
+        else "32-true ran on the fp32 units (TF32 off)"
+    )
+    return (
+        f"{name} (compute capability {cc}) runs {quote(precision)}'s matmuls and "
+        f"convolutions on tensor cores; {fp32}"
+    )
 
 
 def scaler(cell: dict) -> str:
     skipped = median_of(cell, "skipped_steps")
     first, last = median_of(cell, "loss_scale_first"), median_of(cell, "loss_scale_last")
-    scale = f", loss scale {first:g} at the first epoch's end, {last:g} at the last" \
-        if first is not None and last is not None else ""
-    return f"the GradScaler skipped {skipped:g} steps (median over runs){scale}" \
-        if skipped is not None else ""
+    scale = (
+        f", loss scale {first:g} at the first epoch's end, {last:g} at the last"
+        if first is not None and last is not None
+        else ""
+    )
+    return (
+        f"the GradScaler skipped {skipped:g} steps (median over runs){scale}"
+        if skipped is not None
+        else ""
+    )

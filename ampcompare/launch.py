@@ -7,6 +7,7 @@ all ranks belong to one run folder (rank 0 alone writes it). A rendezvous port i
 Afterwards the record is made true: a job whose rank died says which rank, and how, and this
 process prints the job's one summary line from that record.
 """
+
 from __future__ import annotations
 
 import logging
@@ -44,9 +45,17 @@ def run(cfg, args: list[str]) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.devices)))
     os.environ[ranks.OURS] = "1"  # the ranks leave the summary line to this process
     job = f"ampcompare-{uuid.uuid4().hex[:8]}"
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=cfg.devices, run_id=job,
-                          rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{free_port()}",
-                          max_restarts=0, monitor_interval=0.1, shutdown_timeout=60)
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=cfg.devices,
+        run_id=job,
+        rdzv_backend="c10d",
+        rdzv_endpoint=f"127.0.0.1:{free_port()}",
+        max_restarts=0,
+        monitor_interval=0.1,
+        shutdown_timeout=60,
+    )
     failures, stopped = {}, False
     try:
         elastic_launch(config, sys.executable)("-m", "ampcompare", *args)
@@ -56,8 +65,9 @@ def run(cfg, args: list[str]) -> int:
         stopped = True
     except Exception as e:  # the launcher itself could not start them (its port taken, say)
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UsageError(f"cannot start the {cfg.devices} processes of the job ({first})") \
-            from None
+        raise UsageError(
+            f"cannot start the {cfg.devices} processes of the job ({first})"
+        ) from None
     run_dir = os.path.join(cfg.out_dir, cfg.run_id)
     return conclude(run_dir, failures, distributed.read_endings(run_dir, job), stopped)
 
@@ -73,6 +83,7 @@ REFUSED = (2, UNAVAILABLE_EXIT)
 class Verdict:
     """How a job ended: the status and error its record must say (None: the record stands as
     rank 0 wrote it), the exit code, and a warning to print."""
+
     code: int
     status: Optional[str] = None
     error: Optional[str] = None
@@ -86,14 +97,19 @@ def judge(record: Optional[dict], failures: dict, endings: dict, stopped: bool) 
     (it could say nothing) before any that said how it ended, and among those the earliest."""
     codes = {rank: code for rank, (code, _) in failures.items()}
     refusals = [c for c in codes.values() if c in REFUSED]
-    if codes.get(0) in REFUSED or (refusals and set(codes.values()) <= INTERRUPTS | set(REFUSED)):
+    if codes.get(0) in REFUSED or (
+        refusals and set(codes.values()) <= INTERRUPTS | set(REFUSED)
+    ):
         # Refused before it ran (a resume that does not match, a run another process writes,
         # a disk too full to start): the ranks said why in one line; nothing was written.
         return Verdict(codes[0] if codes.get(0) in REFUSED else refusals[0])
     if record is None:  # it never started: the ranks said why
         return Verdict(1)
-    silent = {rank: failures[rank] for rank in codes
-              if rank not in endings and codes[rank] not in INTERRUPTS}
+    silent = {
+        rank: failures[rank]
+        for rank in codes
+        if rank not in endings and codes[rank] not in INTERRUPTS
+    }
     said = {rank: e for rank, e in endings.items() if e.get("status") != "ok"}
     cause = _cause(silent, said)
     if record["status"] == "ok":  # rank 0 recorded the whole run: its numbers stand
@@ -132,8 +148,11 @@ def conclude(run_dir: str, failures: dict, endings: dict, stopped: bool) -> int:
         checkpoints.clean(run_dir, record)
     if verdict.warning:
         console.say(f"ampcompare: warning: {verdict.warning}", err=True)
-    if record is not None and verdict.status is not None and \
-            (verdict.status, verdict.error) != (record["status"], record.get("error")):
+    if (
+        record is not None
+        and verdict.status is not None
+        and (verdict.status, verdict.error) != (record["status"], record.get("error"))
+    ):
         record.update(status=verdict.status, error=verdict.error)
         results.write_json(os.path.join(run_dir, "result.json"), record)
     return verdict.code

@@ -4,6 +4,7 @@ A plan is made fresh from the command line, or read back from the compare.json o
 that stopped (`compare --resume DIR`), where an option given again must agree with it. Either
 way it is checked here, before anything runs; compare.py then runs it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -64,22 +65,30 @@ class Plan:
 
     def spelled(self) -> dict:
         """The compare options as the command line gives them."""
-        return {"impls": ",".join(self.impls), "precisions": ",".join(self.precisions),
-                "repeats": self.repeats, "seeds": self.seeds}
+        return {
+            "impls": ",".join(self.impls),
+            "precisions": ",".join(self.precisions),
+            "repeats": self.repeats,
+            "seeds": self.seeds,
+        }
 
 
 def fresh(cfg: Config, impls, precisions, repeats: int, seeds: int) -> Plan:
     """A new comparison's plan, once compare can run it."""
     if cfg.num_nodes > 1:
-        raise UsageError(f"compare --num-nodes {cfg.num_nodes}: compare starts its arms on this "
-                         f"node only; run each arm on every node with torchrun (docs/cli.md, "
-                         f"\"Several devices and nodes\") and gather the folders with report")
+        raise UsageError(
+            f"compare --num-nodes {cfg.num_nodes}: compare starts its arms on this "
+            f"node only; run each arm on every node with torchrun (docs/cli.md, "
+            f'"Several devices and nodes") and gather the folders with report'
+        )
     if cfg.opt_level is not None:
         if "apex" not in impls:
             raise UsageError(f"--opt-level {cfg.opt_level} is apex's; --impls has no apex")
         if not any(applies(cfg.opt_level, p) for p in precisions):
-            raise UsageError(f"--opt-level {cfg.opt_level} runs none of --precisions "
-                             f"{','.join(precisions)} (O0: 32-true; O1, O2: 16-mixed)")
+            raise UsageError(
+                f"--opt-level {cfg.opt_level} runs none of --precisions "
+                f"{','.join(precisions)} (O0: 32-true; O1, O2: 16-mixed)"
+            )
     return _seeded(Plan(cfg, tuple(impls), tuple(precisions), repeats, seeds))
 
 
@@ -89,12 +98,16 @@ def resumed(stored: Plan, asked: dict, cfg: Config) -> Plan:
     with those applied. An option that may not change and differs is refused."""
     for name, value in asked.items():
         if name in KEYS and value != stored.spelled()[name]:
-            raise UsageError(f"--resume {stored.folder}: --{name} {value} differs from the "
-                             f"comparison's {stored.spelled()[name]}; drop it to finish that one")
+            raise UsageError(
+                f"--resume {stored.folder}: --{name} {value} differs from the "
+                f"comparison's {stored.spelled()[name]}; drop it to finish that one"
+            )
     for name in asked.keys() - set(KEYS) - set(may_change()):
         if getattr(cfg, name) != getattr(stored.cfg, name):
-            raise UsageError(f"--resume {stored.folder}: {option_flag(name)} differs from the "
-                             f"comparison's; drop it to finish that one")
+            raise UsageError(
+                f"--resume {stored.folder}: {option_flag(name)} differs from the "
+                f"comparison's; drop it to finish that one"
+            )
     cfg = dataclasses.replace(cfg, out_dir=stored.cfg.out_dir, resume=None).validate()
     return _seeded(dataclasses.replace(stored, cfg=cfg))
 
@@ -108,7 +121,9 @@ def may_change() -> tuple:
 
 def _seeded(plan: Plan) -> Plan:
     if plan.cfg.seed + plan.seeds - 1 > INT_MAX:
-        raise UsageError(f"--seed {plan.cfg.seed} with --seeds {plan.seeds} goes past {INT_MAX}")
+        raise UsageError(
+            f"--seed {plan.cfg.seed} with --seeds {plan.seeds} goes past {INT_MAX}"
+        )
     return plan
 
 
@@ -120,11 +135,18 @@ def applies(opt_level, precision: str) -> bool:
 
 # --- compare.json ----------------------------------------------------------------------------
 
+
 def start(plan: Plan) -> Plan:
     """Give a fresh plan its folder under --out-dir, with its compare.json."""
     folder = new_folder(plan.cfg.out_dir)
-    record = {"schema": results.SCHEMA, "config": plan.cfg.to_dict(), "impls": list(plan.impls),
-              "precisions": list(plan.precisions), "repeats": plan.repeats, "seeds": plan.seeds}
+    record = {
+        "schema": results.SCHEMA,
+        "config": plan.cfg.to_dict(),
+        "impls": list(plan.impls),
+        "precisions": list(plan.precisions),
+        "repeats": plan.repeats,
+        "seeds": plan.seeds,
+    }
     try:
         results.write_json(os.path.join(folder, PLAN), record)
     except OSError as e:
@@ -148,8 +170,14 @@ def read(folder: str, impls) -> Plan:
         why = type(e).__name__
     if why:
         raise UsageError(f"--resume {folder}: its {PLAN} is damaged ({why})")
-    return Plan(Config(**stored["config"]), tuple(stored["impls"]),
-                tuple(stored["precisions"]), stored["repeats"], stored["seeds"], folder)
+    return Plan(
+        Config(**stored["config"]),
+        tuple(stored["impls"]),
+        tuple(stored["precisions"]),
+        stored["repeats"],
+        stored["seeds"],
+        folder,
+    )
 
 
 def _damage(stored, impls) -> Optional[str]:

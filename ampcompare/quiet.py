@@ -8,15 +8,18 @@ a deprecation inside Lightning's own pytree helper, Accelerate's note that it se
 and torch's warning that the LR scheduler stepped before the optimizer, which a GradScaler that
 skips its first steps by design triggers. Nothing a user of this tool can act on.
 """
+
 from __future__ import annotations
 
 import logging
 import warnings
 
 LOGGERS = ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric")
-MESSAGES = (r".*isinstance\(treespec, LeafSpec\)",
-            r"Detected call of `lr_scheduler\.step\(\)` before",
-            r"OMP_NUM_THREADS/MKL_NUM_THREADS unset")
+MESSAGES = (
+    r".*isinstance\(treespec, LeafSpec\)",
+    r"Detected call of `lr_scheduler\.step\(\)` before",
+    r"OMP_NUM_THREADS/MKL_NUM_THREADS unset",
+)
 
 
 def frameworks() -> None:

@@ -10,6 +10,7 @@ Speed rests on per-step times: every step-time figure and every ratio between tw
 carries a 95% interval and a verdict in words (common/stats.py). A file that is not a run record
 is skipped, and named.
 """
+
 from __future__ import annotations
 
 import csv
@@ -26,16 +27,53 @@ from common import results, stats
 from common import config
 from common.precision import CANONICAL
 
-METRICS = ("median_step_time_s", "median_epoch_time_s", "images_per_s", "achieved_tflops", "mfu",
-           "data_wait_fraction", "activation_bytes", "peak_memory_bytes",
-           "peak_beyond_data_bytes", "skipped_steps",
-           "loss_scale_first", "loss_scale_last", "final_test_acc")
-CSV_COLUMNS = ("device_name", "device", "impl", "precision", "opt_level", "seed", "repeat",
-               "status", "error", *METRICS, "step_time_q1_s", "step_time_q3_s",
-               "step_time_lo_s", "step_time_hi_s", "timed_steps", "epochs_done",
-               "weights_sha256", "run_id", "path")
-IMPL_ORDER = ("plain", "lightning", "fabric", "accelerate", "apex", "apex (O0)", "apex (O1)", "apex (O2)",
-              "apex (O3)")
+METRICS = (
+    "median_step_time_s",
+    "median_epoch_time_s",
+    "images_per_s",
+    "achieved_tflops",
+    "mfu",
+    "data_wait_fraction",
+    "activation_bytes",
+    "peak_memory_bytes",
+    "peak_beyond_data_bytes",
+    "skipped_steps",
+    "loss_scale_first",
+    "loss_scale_last",
+    "final_test_acc",
+)
+CSV_COLUMNS = (
+    "device_name",
+    "device",
+    "impl",
+    "precision",
+    "opt_level",
+    "seed",
+    "repeat",
+    "status",
+    "error",
+    *METRICS,
+    "step_time_q1_s",
+    "step_time_q3_s",
+    "step_time_lo_s",
+    "step_time_hi_s",
+    "timed_steps",
+    "epochs_done",
+    "weights_sha256",
+    "run_id",
+    "path",
+)
+IMPL_ORDER = (
+    "plain",
+    "lightning",
+    "fabric",
+    "accelerate",
+    "apex",
+    "apex (O0)",
+    "apex (O1)",
+    "apex (O2)",
+    "apex (O3)",
+)
 
 
 def load(folders, skipped: list | None = None) -> list[dict]:
@@ -43,7 +81,9 @@ def load(folders, skipped: list | None = None) -> list[dict]:
     record is left out, and (path, reason) appended to `skipped`."""
     records, seen = [], set()
     for folder in folders:
-        for path in sorted(glob.glob(os.path.join(folder, "**", "result.json"), recursive=True)):
+        for path in sorted(
+            glob.glob(os.path.join(folder, "**", "result.json"), recursive=True)
+        ):
             real = os.path.realpath(path)
             if real in seen:  # a run is one run, however many of the folders reach it
                 continue
@@ -75,15 +115,25 @@ def precision_of(record) -> str:
 
 # What a run was measured with, beside its device: runs whose software, code or host differ
 # are different settings, never one cell.
-SOFTWARE = ("torch", "torchvision", "lightning", "accelerate", "apex", "python", "git_commit",
-            "host")
+SOFTWARE = (
+    "torch",
+    "torchvision",
+    "lightning",
+    "accelerate",
+    "apex",
+    "python",
+    "git_commit",
+    "host",
+)
 
 
 def software_of(record) -> dict:
     """Its software, code and host, and the source of its model where it is the user's own."""
     env = record.get("env") or {}
-    return {**{k: env.get(k) for k in SOFTWARE},
-            "model_source_sha256": (record.get("model") or {}).get("source_sha256")}
+    return {
+        **{k: env.get(k) for k in SOFTWARE},
+        "model_source_sha256": (record.get("model") or {}).get("source_sha256"),
+    }
 
 
 def settings_of(record) -> dict:
@@ -112,18 +162,29 @@ def rows(records) -> list[dict]:
         s, env = r.get("summary") or {}, r.get("env") or {}
         own = sample_of([r], r["run_id"])
         interval = own.estimate() if own else None
-        out.append({"device_name": env.get("device_name"), "device": env.get("device"),
-                    "impl": r["impl"], "precision": precision_of(r),
-                    "opt_level": r.get("opt_level"), "seed": seed_of(r),
-                    "repeat": r.get("repeat"), "status": r["status"], "error": r.get("error"),
-                    **{m: s.get(m) for m in METRICS},
-                    "step_time_q1_s": s.get("step_time_q1_s"),
-                    "step_time_q3_s": s.get("step_time_q3_s"),
-                    "step_time_lo_s": interval.lo if interval else None,
-                    "step_time_hi_s": interval.hi if interval else None,
-                    "timed_steps": s.get("timed_steps"), "epochs_done": s.get("epochs_done", 0),
-                    "weights_sha256": r.get("weights_sha256"), "run_id": r["run_id"],
-                    "path": r.get("_path")})
+        out.append(
+            {
+                "device_name": env.get("device_name"),
+                "device": env.get("device"),
+                "impl": r["impl"],
+                "precision": precision_of(r),
+                "opt_level": r.get("opt_level"),
+                "seed": seed_of(r),
+                "repeat": r.get("repeat"),
+                "status": r["status"],
+                "error": r.get("error"),
+                **{m: s.get(m) for m in METRICS},
+                "step_time_q1_s": s.get("step_time_q1_s"),
+                "step_time_q3_s": s.get("step_time_q3_s"),
+                "step_time_lo_s": interval.lo if interval else None,
+                "step_time_hi_s": interval.hi if interval else None,
+                "timed_steps": s.get("timed_steps"),
+                "epochs_done": s.get("epochs_done", 0),
+                "weights_sha256": r.get("weights_sha256"),
+                "run_id": r["run_id"],
+                "path": r.get("_path"),
+            }
+        )
     return out
 
 
@@ -133,8 +194,10 @@ def sample_of(runs, name: str) -> stats.Sample:
 
 
 def _order(names, canonical=()):
-    return sorted(set(names), key=lambda n: (list(canonical).index(n) if n in canonical
-                                             else len(canonical), n))
+    return sorted(
+        set(names),
+        key=lambda n: (list(canonical).index(n) if n in canonical else len(canonical), n),
+    )
 
 
 def groups_of(records) -> list[tuple[str, dict, list]]:
@@ -163,14 +226,19 @@ def _cell(runs, name: str) -> tuple[dict, stats.Sample]:
     its ok runs' step times. Timings spread over repeats and seeds; accuracy over seeds (each
     seed's median over its repeats: a repeat with the same seed trains the same weights)."""
     good = [r for r in runs if r["status"] == "ok"]
-    cell = {"impl": runs[0]["impl"], "runs": len(runs), "ok": len(good),
-            "opt_level": runs[0].get("opt_level"),
-            **{m: stats.spread([r["summary"].get(m) for r in good]) for m in METRICS}}
+    cell = {
+        "impl": runs[0]["impl"],
+        "runs": len(runs),
+        "ok": len(good),
+        "opt_level": runs[0].get("opt_level"),
+        **{m: stats.spread([r["summary"].get(m) for r in good]) for m in METRICS},
+    }
     per_seed = {}
     for r in good:
         per_seed.setdefault(seed_of(r), []).append(r["summary"].get("final_test_acc"))
-    cell["final_test_acc"] = stats.spread([stats.spread(v)["median"] for v in per_seed.values()
-                                     if stats.spread(v)])
+    cell["final_test_acc"] = stats.spread(
+        [stats.spread(v)["median"] for v in per_seed.values() if stats.spread(v)]
+    )
     cell["seeds"] = len(per_seed)
     sample = sample_of(good, name)
     cell["step_time_s"] = sample.estimate().to_dict() if sample else None
@@ -193,15 +261,22 @@ def summarize(records) -> dict:
             table[precision] = {}
             for label in _order(cells[precision], IMPL_ORDER):
                 table[precision][label], samples[precision, label] = _cell(
-                    cells[precision][label], f"{device} {i} {precision} {label}")
+                    cells[precision][label], f"{device} {i} {precision} {label}"
+                )
         diff = differences[i]
         name = device + (" — " + ", ".join(f"{k} {v}" for k, v in diff.items()) if diff else "")
-        group = {"device": name, "env": env, "config": (ok or recs)[0].get("config", {}),
-                 "settings": {k: v for k, v in settings.items()
-                              if k not in (*SOFTWARE, "model_source_sha256")},
-                 "software": {k: settings[k] for k in (*SOFTWARE, "model_source_sha256")},
-                 "precisions": table, "ratios": _ratios(table, samples),
-                 "overheads": _overheads(table, samples)}
+        group = {
+            "device": name,
+            "env": env,
+            "config": (ok or recs)[0].get("config", {}),
+            "settings": {
+                k: v for k, v in settings.items() if k not in (*SOFTWARE, "model_source_sha256")
+            },
+            "software": {k: settings[k] for k in (*SOFTWARE, "model_source_sha256")},
+            "precisions": table,
+            "ratios": _ratios(table, samples),
+            "overheads": _overheads(table, samples),
+        }
         group["notes"] = _notes(group)
         group["explanations"] = explain.lines(group)
         out.append(group)
@@ -227,16 +302,22 @@ def _ratios(table, samples) -> dict:
                 continue
             a, b = samples["32-true", ref_label], samples[precision, label]
             speedup = stats.ratio(a, b) if a and b else None
-            ratio = {"speedup": {**speedup.to_dict(), "verdict": stats.speed_words(speedup)}
-                     if speedup else None}
+            ratio = {
+                "speedup": {**speedup.to_dict(), "verdict": stats.speed_words(speedup)}
+                if speedup
+                else None
+            }
             for metric in ("activation_bytes", "peak_memory_bytes", "peak_beyond_data_bytes"):
                 x, y = stats.median_of(cell, metric), stats.median_of(ref, metric)
                 ratio[metric] = x / y if x is not None and y else None
             x, y = cell["final_test_acc"], ref["final_test_acc"]
             ratio["accuracy_change"] = x["median"] - y["median"] if x and y else None
             ratio["seeds"] = min(cell["seeds"], ref["seeds"])
-            ratio["seed_spread"] = (max(x["max"] - x["min"], y["max"] - y["min"])
-                                    if x and y and ratio["seeds"] > 1 else None)
+            ratio["seed_spread"] = (
+                max(x["max"] - x["min"], y["max"] - y["min"])
+                if x and y and ratio["seeds"] > 1
+                else None
+            )
             ratios.setdefault(label, {})[precision] = ratio
     return ratios
 
@@ -255,8 +336,11 @@ def _overheads(table, samples) -> dict:
                 continue
             est = stats.difference(sample, plain)
             out.setdefault(precision, {})[label] = {
-                **est.to_dict(), "share": est.value / plain.value, "plain_step_s": plain.value,
-                "verdict": stats.overhead_words(est, plain.value)}
+                **est.to_dict(),
+                "share": est.value / plain.value,
+                "plain_step_s": plain.value,
+                "verdict": stats.overhead_words(est, plain.value),
+            }
     return out
 
 
@@ -265,26 +349,34 @@ def _notes(group, quote=str) -> list[str]:
     the noise within a run; that arms which did the same arithmetic got speed-ups that do not
     overlap, i.e. the machine's noise exceeded what the runs could measure."""
     notes = []
-    cells = [c for impls in group["precisions"].values() for c in impls.values()
-             if c.get("step_time_s")]
+    cells = [
+        c
+        for impls in group["precisions"].values()
+        for c in impls.values()
+        if c.get("step_time_s")
+    ]
     if any(c["step_time_s"]["runs"] == [1] for c in cells):
-        notes.append("One run per cell: each interval covers the noise within that run (its "
-                     "steps), not the noise between processes, which on a busy machine can be "
-                     "larger; --repeats N (3 or more) measures that too.")
+        notes.append(
+            "One run per cell: each interval covers the noise within that run (its "
+            "steps), not the noise between processes, which on a busy machine can be "
+            "larger; --repeats N (3 or more) measures that too."
+        )
     for precision in group["precisions"]:
         same = _same_arithmetic(group, precision)
         for a, b in same:
             x = group["ratios"][a][precision]["speedup"]
             y = group["ratios"][b][precision]["speedup"]
             if not stats.Estimate(x["estimate"], *x["interval"]).overlaps(
-                    stats.Estimate(y["estimate"], *y["interval"])):
+                stats.Estimate(y["estimate"], *y["interval"])
+            ):
                 notes.append(
                     f"{quote(a)} and {quote(b)} trained bitwise-identical weights at 32-true "
                     f"and {quote(precision)}, yet their {quote(precision)} speed-ups do not "
                     f"overlap ({x['verdict']}; "
                     f"{y['verdict']}): the machine's noise exceeded these intervals. Measure "
                     f"on an idle machine, with --repeats 3 or more, so that the intervals "
-                    f"include the noise between processes.")
+                    f"include the noise between processes."
+                )
     return notes
 
 
@@ -292,19 +384,28 @@ def _same_arithmetic(group, precision) -> list[tuple[str, str]]:
     """Pairs of rows whose ok runs trained the same weights (the same weights_sha256 sets) at
     32-true and at this precision, and which both have a speed-up."""
     table, ratios = group["precisions"], group["ratios"]
-    labels = [label for label in table.get(precision, {})
-              if (ratios.get(label, {}).get(precision) or {}).get("speedup")]
+    labels = [
+        label
+        for label in table.get(precision, {})
+        if (ratios.get(label, {}).get(precision) or {}).get("speedup")
+    ]
 
     def weights(label, p):
         impl = table[precision][label]["impl"]
-        cell = next((c for c in table.get(p, {}).values() if c["impl"] == impl), None) \
-            if p == "32-true" else table[p][label]
+        cell = (
+            next((c for c in table.get(p, {}).values() if c["impl"] == impl), None)
+            if p == "32-true"
+            else table[p][label]
+        )
         return tuple(cell["weights"]) if cell and all(cell["weights"]) else None
+
     pairs = []
     for i, a in enumerate(labels):
-        for b in labels[i + 1:]:
-            if all(weights(a, p) is not None and weights(a, p) == weights(b, p)
-                   for p in ("32-true", precision)):
+        for b in labels[i + 1 :]:
+            if all(
+                weights(a, p) is not None and weights(a, p) == weights(b, p)
+                for p in ("32-true", precision)
+            ):
                 pairs.append((a, b))
     return pairs
 
@@ -329,15 +430,34 @@ def accuracy_words(r) -> str:
     if r["seed_spread"] is None:
         return f"{change:+.4f} (one seed: no seed spread to weigh it against; --seeds N)"
     within = abs(change) <= r["seed_spread"]
-    return (f"{change:+.4f}, {'within' if within else 'beyond'} seed noise (accuracy spans "
-            f"{r['seed_spread']:.4f} across {r['seeds']} seeds)")
+    return (
+        f"{change:+.4f}, {'within' if within else 'beyond'} seed noise (accuracy spans "
+        f"{r['seed_spread']:.4f} across {r['seeds']} seeds)"
+    )
 
 
-ENV_KEYS = ("device_name", "cuda_capability", "tensor_cores", "cpu_model", "cpu_bf16",
-            "world_size", "nodes", "backend", "threads", "tf32", "cudnn_benchmark",
-            "channels_last", "deterministic", "torch", "torchvision", "lightning", "accelerate",
-            "apex",
-            "python", "git_commit")
+ENV_KEYS = (
+    "device_name",
+    "cuda_capability",
+    "tensor_cores",
+    "cpu_model",
+    "cpu_bf16",
+    "world_size",
+    "nodes",
+    "backend",
+    "threads",
+    "tf32",
+    "cudnn_benchmark",
+    "channels_last",
+    "deterministic",
+    "torch",
+    "torchvision",
+    "lightning",
+    "accelerate",
+    "apex",
+    "python",
+    "git_commit",
+)
 
 
 def md(value) -> str:
@@ -363,27 +483,37 @@ def markdown(summary, records) -> str:
 
 
 def _environment(dev) -> list[str]:
-    return ["| environment | |", "|---|---|",
-            *[f"| {key} | {md(dev['env'].get(key, '–'))} |" for key in ENV_KEYS], ""]
+    return [
+        "| environment | |",
+        "|---|---|",
+        *[f"| {key} | {md(dev['env'].get(key, '–'))} |" for key in ENV_KEYS],
+        "",
+    ]
 
 
 def _method(dev) -> list[str]:
     cfg, cpu = dev["config"], dev["env"].get("device") == "cpu"
     clock = "perf_counter" if cpu else "CUDA events read once per epoch"
-    lines = [f"Model {md(cfg.get('model'))} on {md(cfg.get('dataset'))}, batch "
-             f"{md(cfg.get('batch_size'))}, {md(cfg.get('optimizer'))} at lr {md(cfg.get('lr'))}, "
-             f"epochs: {md(cfg.get('epochs'))}. A step's time runs from the end of one optimizer step to the "
-             f"end of the next, the wait for its batch included ({clock}); warm-up epochs (the "
-             f"first a process runs) are left out, or a one-epoch run's first steps. Step time "
-             f"is the mean over runs of each run's median step, with its 95% interval (a "
-             f"bootstrap over runs, then blocks of steps); other figures are medians over "
-             f"repeats and seeds, [min–max] when they differ; accuracy over seeds. Activation "
-             f"memory is what one training step saves for backward, measured on any device; "
-             f"peak memory is "
-             + ("the process's peak RSS on this CPU (set by libraries and data, not by "
-                "precision)." if cpu else "the CUDA allocator's peak; beyond data is that peak "
-                "less the image sets kept on the GPU, the same in every run, and is the part a "
-                "precision can change."), ""]
+    lines = [
+        f"Model {md(cfg.get('model'))} on {md(cfg.get('dataset'))}, batch "
+        f"{md(cfg.get('batch_size'))}, {md(cfg.get('optimizer'))} at lr {md(cfg.get('lr'))}, "
+        f"epochs: {md(cfg.get('epochs'))}. A step's time runs from the end of one optimizer step to the "
+        f"end of the next, the wait for its batch included ({clock}); warm-up epochs (the "
+        f"first a process runs) are left out, or a one-epoch run's first steps. Step time "
+        f"is the mean over runs of each run's median step, with its 95% interval (a "
+        f"bootstrap over runs, then blocks of steps); other figures are medians over "
+        f"repeats and seeds, [min–max] when they differ; accuracy over seeds. Activation "
+        f"memory is what one training step saves for backward, measured on any device; "
+        f"peak memory is "
+        + (
+            "the process's peak RSS on this CPU (set by libraries and data, not by precision)."
+            if cpu
+            else "the CUDA allocator's peak; beyond data is that peak "
+            "less the image sets kept on the GPU, the same in every run, and is the part a "
+            "precision can change."
+        ),
+        "",
+    ]
     if cpu:
         lines += ["On CPU the mixed precision is bf16-mixed: fp16 has no fast CPU kernels.", ""]
     return lines
@@ -391,12 +521,28 @@ def _method(dev) -> list[str]:
 
 def _precision_table(dev, precision, impls) -> list[str]:
     cpu = dev["env"].get("device") == "cpu"
-    columns = ["impl", "runs ok", "step time [95% interval]", "epoch time (s)", "images/s",
-               "TFLOP/s", "MFU", "activation memory (MiB)",
-               *(["peak memory (MiB, process RSS)"] if cpu else
-                 ["peak memory (MiB, allocator)", "beyond data (MiB)"]), "final test acc"]
-    lines = [f"### {md(precision)}", "", "| " + " | ".join(columns) + " |",
-             "|" + "---|" * len(columns)]
+    columns = [
+        "impl",
+        "runs ok",
+        "step time [95% interval]",
+        "epoch time (s)",
+        "images/s",
+        "TFLOP/s",
+        "MFU",
+        "activation memory (MiB)",
+        *(
+            ["peak memory (MiB, process RSS)"]
+            if cpu
+            else ["peak memory (MiB, allocator)", "beyond data (MiB)"]
+        ),
+        "final test acc",
+    ]
+    lines = [
+        f"### {md(precision)}",
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
+    ]
     for name, c in impls.items():
         lines.append(
             f"| {md(name)} | {c['ok']}/{c['runs']} | {_step(c.get('step_time_s'))} "
@@ -407,7 +553,8 @@ def _precision_table(dev, precision, impls) -> list[str]:
             f"| {_fmt(c['activation_bytes'], MIB, '{:.1f}')} "
             f"| {_fmt(c['peak_memory_bytes'], MIB, '{:.0f}')} "
             + ("" if cpu else f"| {_fmt(c['peak_beyond_data_bytes'], MIB, '{:.0f}')} ")
-            + f"| {_fmt(c['final_test_acc'], fmt='{:.4f}')} |")
+            + f"| {_fmt(c['final_test_acc'], fmt='{:.4f}')} |"
+        )
     return [*lines, ""]
 
 
@@ -419,8 +566,12 @@ def _step(est) -> str:
 def _overhead_table(dev) -> list[str]:
     if not dev["overheads"]:
         return []
-    lines = ["### What each framework adds to a step, against plain at the same precision", "",
-             "| impl | precision | time added per step |", "|---|---|---|"]
+    lines = [
+        "### What each framework adds to a step, against plain at the same precision",
+        "",
+        "| impl | precision | time added per step |",
+        "|---|---|---|",
+    ]
     for precision, per in dev["overheads"].items():
         for label, o in per.items():
             lines.append(f"| {md(label)} | {md(precision)} | {o['verdict']} |")
@@ -433,18 +584,24 @@ def _ratio_table(dev) -> list[str]:
     cpu = dev["env"].get("device") == "cpu"
     lines = []
     if dev["ratios"]:
-        lines += ["### Mixed precision against 32-true", "",
-                  "| impl | precision | speed (32-true step time / mixed step time) "
-                  "| activation memory (mixed / 32-true) | peak memory (mixed / 32-true"
-                  + (", process RSS" if cpu else ", allocator beyond data")
-                  + ") | accuracy change |", "|---|---|---|---|---|---|"]
+        lines += [
+            "### Mixed precision against 32-true",
+            "",
+            "| impl | precision | speed (32-true step time / mixed step time) "
+            "| activation memory (mixed / 32-true) | peak memory (mixed / 32-true"
+            + (", process RSS" if cpu else ", allocator beyond data")
+            + ") | accuracy change |",
+            "|---|---|---|---|---|---|",
+        ]
         peak = "peak_memory_bytes" if cpu else "peak_beyond_data_bytes"
         for impl, per in dev["ratios"].items():
             for precision, r in per.items():
                 speed = r["speedup"]["verdict"] if r["speedup"] else "– (no step times)"
-                lines.append(f"| {md(impl)} | {md(precision)} | {speed} "
-                             f"| {_x(r['activation_bytes'])} | {_x(r[peak])} "
-                             f"| {accuracy_words(r)} |")
+                lines.append(
+                    f"| {md(impl)} | {md(precision)} | {speed} "
+                    f"| {_x(r['activation_bytes'])} | {_x(r[peak])} "
+                    f"| {accuracy_words(r)} |"
+                )
         lines.append("")
     lines += [*[f"- {line}" for line in (*_notes(dev, md), *explain.lines(dev, md))], ""]
     if dev["ratios"]:
@@ -461,11 +618,17 @@ def _unfinished(records) -> list[str]:
             failed.setdefault(key, []).append(r["run_id"])
     if not failed:
         return []
-    lines = ["## Runs that did not finish", "",
-             "| device | impl | precision | runs | status | why |", "|---|---|---|---|---|---|"]
+    lines = [
+        "## Runs that did not finish",
+        "",
+        "| device | impl | precision | runs | status | why |",
+        "|---|---|---|---|---|---|",
+    ]
     for (device, impl, precision, status, why), run_ids in failed.items():
-        lines.append(f"| {md(device)} | {md(impl)} | {md(precision)} "
-                     f"| {', '.join(md(r) for r in run_ids)} | {md(status)} | {md(why)} |")
+        lines.append(
+            f"| {md(device)} | {md(impl)} | {md(precision)} "
+            f"| {', '.join(md(r) for r in run_ids)} | {md(status)} | {md(why)} |"
+        )
     return [*lines, ""]
 
 
@@ -473,8 +636,10 @@ def write(records, out_dir: str) -> dict:
     """Write the four report files into out_dir, each atomically; return their paths."""
     os.makedirs(out_dir, exist_ok=True)
     summary = summarize(records)
-    paths = {name: os.path.join(out_dir, name)
-             for name in ("results.csv", "summary.json", "report.md", "benchmark.png")}
+    paths = {
+        name: os.path.join(out_dir, name)
+        for name in ("results.csv", "summary.json", "report.md", "benchmark.png")
+    }
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS)
     writer.writeheader()

@@ -4,6 +4,7 @@ apex.amp is deprecated and was removed from apex after release 25.04; apex is no
 package index, and amp's loss scaler allocates CUDA tensors, so it cannot run without a GPU.
 "apex is importable" and "apex can run here" are separate checks with separate messages.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -16,8 +17,10 @@ from common.device import resolve_device
 from common.precision import OPT_LEVELS, Policy, canonical
 
 RELEASE = "25.04"
-INSTALL = (f"git clone --branch {RELEASE} https://github.com/NVIDIA/apex && "
-           "pip install -v --disable-pip-version-check --no-cache-dir --no-build-isolation ./apex")
+INSTALL = (
+    f"git clone --branch {RELEASE} https://github.com/NVIDIA/apex && "
+    "pip install -v --disable-pip-version-check --no-cache-dir --no-build-isolation ./apex"
+)
 DEFAULT_OPT_LEVEL = {"32-true": "O0", "16-mixed": "O1"}
 
 
@@ -26,8 +29,10 @@ def load_amp():
     try:
         importlib.import_module("apex")
     except ImportError:
-        raise Unavailable(f"apex is not installed (it is not on the package index); apex.amp needs "
-                          f"NVIDIA apex {RELEASE} or older: {INSTALL}") from None
+        raise Unavailable(
+            f"apex is not installed (it is not on the package index); apex.amp needs "
+            f"NVIDIA apex {RELEASE} or older: {INSTALL}"
+        ) from None
     try:
         return importlib.import_module("apex.amp")
     except ImportError:
@@ -35,15 +40,23 @@ def load_amp():
             version = importlib.metadata.version("apex")
         except importlib.metadata.PackageNotFoundError:
             version = "this apex"
-        raise Unavailable(f"apex {version} has no apex.amp (removed after release {RELEASE}); "
-                          f"install {RELEASE}: {INSTALL}") from None
+        raise Unavailable(
+            f"apex {version} has no apex.amp (removed after release {RELEASE}); "
+            f"install {RELEASE}: {INSTALL}"
+        ) from None
 
 
 def require_cuda(device: torch.device) -> None:
     if device.type != "cuda":
-        why = "none is available here" if not torch.cuda.is_available() else "--accelerator is cpu"
-        raise Unavailable(f"apex.amp needs a CUDA GPU (its loss scaler allocates CUDA tensors); "
-                          f"{why}. ampcompare plain, lightning and fabric run on CPU")
+        why = (
+            "none is available here"
+            if not torch.cuda.is_available()
+            else "--accelerator is cpu"
+        )
+        raise Unavailable(
+            f"apex.amp needs a CUDA GPU (its loss scaler allocates CUDA tensors); "
+            f"{why}. ampcompare plain, lightning and fabric run on CPU"
+        )
 
 
 def resolve(precision: str, opt_level: str | None) -> tuple[str, Policy]:
@@ -51,16 +64,20 @@ def resolve(precision: str, opt_level: str | None) -> tuple[str, Policy]:
     that contradicts it, and bf16, are usage errors."""
     requested = canonical(precision)
     if requested == "bf16-mixed":
-        raise Unavailable("apex.amp has no bf16 mode (its opt levels are fp32 or fp16); use "
-                          "--precision 16-mixed or 32-true, or ampcompare plain/lightning/fabric "
-                          "for bf16")
+        raise Unavailable(
+            "apex.amp has no bf16 mode (its opt levels are fp32 or fp16); use "
+            "--precision 16-mixed or 32-true, or ampcompare plain/lightning/fabric "
+            "for bf16"
+        )
     if opt_level is None:
         # auto: apex runs on CUDA only, where the mixed precision is fp16.
         opt_level = DEFAULT_OPT_LEVEL["16-mixed" if requested == "auto" else requested]
     effective = OPT_LEVELS[opt_level]
     if requested not in ("auto", effective):
-        raise UsageError(f"--opt-level {opt_level} runs {effective}, not --precision {requested}; "
-                         f"drop one of the two")
+        raise UsageError(
+            f"--opt-level {opt_level} runs {effective}, not --precision {requested}; "
+            f"drop one of the two"
+        )
     return opt_level, Policy(requested=requested, effective=effective)
 
 
@@ -72,8 +89,10 @@ def check(cfg) -> tuple[str, Policy]:
     if cfg.resume and opt_level == "O2":
         # The checkpoint holds the model's fp16 weights; O2's fp32 master weights live only in
         # amp's optimizer wrapper, which rebuilds them from the fp16 ones on a resume.
-        raise UsageError("--resume: a run at --opt-level O2 cannot be continued exactly (its "
-                         "fp32 master weights are not in the checkpoint); start it again")
+        raise UsageError(
+            "--resume: a run at --opt-level O2 cannot be continued exactly (its "
+            "fp32 master weights are not in the checkpoint); start it again"
+        )
     load_amp()
     require_cuda(device)
     return opt_level, policy

@@ -9,6 +9,7 @@ Shows:  O0 is bitwise identical to plain 32-true; O1/O2 track plain 16-mixed wit
 Measured: nothing yet: it needs a GPU with apex 25.04; scripts/gpu_check.sh makes the
         figures there.
 """
+
 from __future__ import annotations
 
 from itertools import islice
@@ -41,8 +42,9 @@ def build(cfg, setup: RunSetup):
     if cfg.compile:  # the same in every arm: the common model, before any wrapper
         model = torch.compile(model)
     if setup.world.size > 1:  # around the model amp.initialize returned, as apex documents
-        model = DistributedDataParallel(model, device_ids=setup.ddp_device_ids,
-                                        **distributed.DDP_KWARGS)
+        model = DistributedDataParallel(
+            model, device_ids=setup.ddp_device_ids, **distributed.DDP_KWARGS
+        )
     return model, optimizer, scheduler
 
 
@@ -53,9 +55,17 @@ def fit(cfg, setup: RunSetup, model, optimizer, scheduler) -> None:
     net = models.unwrapped(model)  # without DDP's or compile's wrapper: what is saved
 
     def save(path):  # plain: scaler.state_dict(); lightning: trainer.save_checkpoint
-        torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "amp": amp.state_dict(),
-                    **setup.recorder.state()}, path)
+        torch.save(
+            {
+                "model": net.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "amp": amp.state_dict(),
+                **setup.recorder.state(),
+            },
+            path,
+        )
+
     with progress.Bar(progress.enabled(cfg)) as bar:
         for epoch in range(setup.recorder.start_epoch, cfg.epochs):
             # lightning: the Trainer calls set_epoch on the sampler itself

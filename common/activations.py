@@ -15,13 +15,22 @@ Measured for reference (batch 256, CPU, torch 2.14): ResNet-18 activations 1147.
 and 573.8 MiB at bf16-mixed (0.500); the small CNN 127.1 + 28.0 integer MiB at 32-true and
 63.6 + 28.0 at bf16-mixed (0.59 together: its max-pool indices do not shrink).
 """
+
 from __future__ import annotations
 
 import torch
 
 KINDS = ("activations", "integer", "weight_copies")
-VIEWS = {"TBackward0", "TransposeBackward0", "PermuteBackward0", "ViewBackward0",
-         "UnsafeViewBackward0", "ExpandBackward0", "AsStridedBackward0", "SliceBackward0"}
+VIEWS = {
+    "TBackward0",
+    "TransposeBackward0",
+    "PermuteBackward0",
+    "ViewBackward0",
+    "UnsafeViewBackward0",
+    "ExpandBackward0",
+    "AsStridedBackward0",
+    "SliceBackward0",
+}
 
 
 class SavedTensors:

@@ -9,6 +9,7 @@ the old checkpoint (and a new file no record names); killed after it, the new pa
 file no record names). Files that no record names are removed by the next resume, or by
 compare, once no process writes the folder.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -51,8 +52,9 @@ def sync_folder(folder: str) -> None:
         os.close(fd)
 
 
-def commit(run_dir: str, record: dict, staged: Optional[str] = None,
-           file: Optional[str] = None) -> None:
+def commit(
+    run_dir: str, record: dict, staged: Optional[str] = None, file: Optional[str] = None
+) -> None:
     """Put a staged checkpoint in place as `file` (a name no record uses yet), then the record
     that names it: signals are held back until both are on disk."""
     path = os.path.join(run_dir, "result.json")
@@ -68,8 +70,11 @@ def leftovers(run_dir: str, keep: Optional[str]) -> list[str]:
     checkpoints that no record names (all but `keep`)."""
     out = []
     for entry in os.listdir(run_dir):
-        if entry.startswith(".tmp-") or entry == RESERVE or \
-                (schema.CHECKPOINT_NAME.fullmatch(entry) and entry != keep):
+        if (
+            entry.startswith(".tmp-")
+            or entry == RESERVE
+            or (schema.CHECKPOINT_NAME.fullmatch(entry) and entry != keep)
+        ):
             out.append(entry)
     return out
 

@@ -5,6 +5,7 @@ closed, makes a write fail (EPIPE, EIO). Such a stream is then pointed at /dev/n
 goes on: every file is written, and the exit code is the record's. A terminal whose encoding
 cannot show a character (an ASCII locale) gets a "?" in its place; files are always UTF-8.
 """
+
 from __future__ import annotations
 
 import errno

@@ -5,6 +5,7 @@ The training order and every augmentation draw come from a generator seeded with
 often as it likes (Lightning's fit loop does) or prefetch a batch ahead: batch k of epoch e is
 the same tensor every time. That is what makes the plain and Lightning loops bitwise comparable.
 """
+
 from __future__ import annotations
 
 import math
@@ -43,24 +44,36 @@ def cifar10(data_dir: str, download: bool) -> tuple[ImageSet, ImageSet]:
     folder = os.path.join(data_dir, CIFAR10.base_folder)
     damaged, missing = _check_cifar10(folder)
     if damaged:
-        raise UsageError(f"CIFAR-10 in {folder}: {damaged} is there but fails its md5 check "
-                         f"(cut short, or another file); delete it and run with --download, "
-                         f"or copy the original there")
+        raise UsageError(
+            f"CIFAR-10 in {folder}: {damaged} is there but fails its md5 check "
+            f"(cut short, or another file); delete it and run with --download, "
+            f"or copy the original there"
+        )
     if missing and os.path.isdir(folder) and not download:
-        raise UsageError(f"CIFAR-10 in {folder} lacks {', '.join(missing)}; run with "
-                         f"--download, or copy cifar-10-batches-py there whole")
+        raise UsageError(
+            f"CIFAR-10 in {folder} lacks {', '.join(missing)}; run with "
+            f"--download, or copy cifar-10-batches-py there whole"
+        )
     try:
         sets = [CIFAR10(data_dir, train=train, download=download) for train in (True, False)]
     except RuntimeError as e:  # torchvision: "Dataset not found or corrupted."
         state = "failed its integrity check (md5)" if os.path.isdir(folder) else "is not there"
-        raise UsageError(f"CIFAR-10 in {folder} {state}; run with --download, or use "
-                         f"--dataset synthetic") from e
+        raise UsageError(
+            f"CIFAR-10 in {folder} {state}; run with --download, or use --dataset synthetic"
+        ) from e
     except (urllib.error.URLError, OSError) as e:
-        raise UsageError(f"CIFAR-10 is not in {folder} and could not be downloaded "
-                         f"({getattr(e, 'reason', e)}); copy cifar-10-batches-py there, or use "
-                         f"--dataset synthetic") from e
-    return tuple(ImageSet(torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(),
-                          torch.tensor(s.targets, dtype=torch.long)) for s in sets)
+        raise UsageError(
+            f"CIFAR-10 is not in {folder} and could not be downloaded "
+            f"({getattr(e, 'reason', e)}); copy cifar-10-batches-py there, or use "
+            f"--dataset synthetic"
+        ) from e
+    return tuple(
+        ImageSet(
+            torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(),
+            torch.tensor(s.targets, dtype=torch.long),
+        )
+        for s in sets
+    )
 
 
 def _check_cifar10(folder: str) -> tuple[Optional[str], list[str]]:
@@ -69,8 +82,11 @@ def _check_cifar10(folder: str) -> tuple[Optional[str], list[str]]:
     from torchvision.datasets import CIFAR10
     from torchvision.datasets.utils import check_integrity
 
-    expected = [*CIFAR10.train_list, *CIFAR10.test_list,
-                [CIFAR10.meta["filename"], CIFAR10.meta["md5"]]]
+    expected = [
+        *CIFAR10.train_list,
+        *CIFAR10.test_list,
+        [CIFAR10.meta["filename"], CIFAR10.meta["md5"]],
+    ]
     missing = []
     for name, md5 in expected:
         path = os.path.join(folder, name)
@@ -85,9 +101,21 @@ def _check_cifar10(folder: str) -> tuple[Optional[str], list[str]]:
 # in degrees) twice: a grating (both waves the same), a plaid, or a plaid of two wavelengths.
 # They are periodic textures, so a 4-px crop keeps the class; and mirror-symmetric (0 and 90
 # degrees map to themselves, 45 and 135 to each other), so a horizontal flip keeps it too.
-WAVES = torch.tensor([[8, 0, 8, 0], [8, 90, 8, 90], [4, 0, 4, 0], [4, 90, 4, 90],
-                      [8, 0, 8, 90], [8, 45, 8, 135], [4, 0, 4, 90], [4, 45, 4, 135],
-                      [8, 0, 4, 90], [4, 0, 8, 90]], dtype=torch.float32)
+WAVES = torch.tensor(
+    [
+        [8, 0, 8, 0],
+        [8, 90, 8, 90],
+        [4, 0, 4, 0],
+        [4, 90, 4, 90],
+        [8, 0, 8, 90],
+        [8, 45, 8, 135],
+        [4, 0, 4, 90],
+        [4, 45, 4, 135],
+        [8, 0, 4, 90],
+        [4, 0, 8, 90],
+    ],
+    dtype=torch.float32,
+)
 NOISE = 1.6  # noise over pattern amplitude: the difficulty (1.0 gave 96% after 10 epochs)
 
 
@@ -107,6 +135,7 @@ def synthetic(seed: int, n_train: int, n_test: int) -> tuple[ImageSet, ImageSet]
     def make(n: int) -> ImageSet:
         def uniform(*shape):
             return torch.rand(*shape, generator=g)
+
         labels = torch.randint(0, 10, (n,), generator=g)
         f = freq[labels] * (0.85 + 0.3 * uniform(n, 1))  # +-15% wavelength
         theta = tilt[labels] + math.radians(10) * (2 * uniform(n, 1) - 1)  # +-10 degrees
@@ -135,8 +164,11 @@ def synthetic(seed: int, n_train: int, n_test: int) -> tuple[ImageSet, ImageSet]
             along_y = (fy[..., None] * xs)[:, :, :, None]
             pattern = (along_x + along_y).cos().sum(1)  # [m, 32, 32], in [-2, 2]
             pattern += 2 * NOISE * torch.randn(m, SIZE, SIZE, generator=noise)
-            images[part] = torch.addcmul(base[part], amplitude[part],
-                                         pattern[:, None]).clamp_(0, 255).to(torch.uint8)
+            images[part] = (
+                torch.addcmul(base[part], amplitude[part], pattern[:, None])
+                .clamp_(0, 255)
+                .to(torch.uint8)
+            )
         return ImageSet(images, labels)
 
     return make(n_train), make(n_test)
@@ -151,8 +183,9 @@ class EpochSampler(Sampler):
     rank::world. Training counts the padding as samples, as DistributedSampler does; evaluation
     marks it keep=0, so that the test set is counted exactly once across ranks."""
 
-    def __init__(self, n: int, batch_size: int, seed: int, augment: bool, rank: int = 0,
-                 world: int = 1):
+    def __init__(
+        self, n: int, batch_size: int, seed: int, augment: bool, rank: int = 0, world: int = 1
+    ):
         self.n, self.batch_size, self.seed, self.augment = n, batch_size, seed, augment
         self.rank, self.world, self.epoch = rank, world, 0
         self.sampler = self  # where frameworks look for set_epoch: batch_sampler.sampler
@@ -183,7 +216,7 @@ class EpochSampler(Sampler):
             extra = draws[torch.arange(padding) % n].clone()
             extra[:, 4] = int(self.augment)  # padded test images are not counted
             draws = torch.cat([draws, extra])
-        return draws[self.rank::self.world]
+        return draws[self.rank :: self.world]
 
     def __iter__(self):
         yield from self.draws().split(self.batch_size)
@@ -204,13 +237,14 @@ class AugmentedImages(Dataset):
         # [as drawn | mirrored, image, channel, row, column], zero-padded
         both = torch.zeros(2, n, 3, side, side, dtype=torch.uint8, device=device)
         for start in range(0, n, CHUNK):  # a chunk at a time through the device
-            part = images.images[start:start + CHUNK].to(device)
-            both[0, start:start + CHUNK, :, PAD:PAD + SIZE, PAD:PAD + SIZE] = part
-            both[1, start:start + CHUNK, :, PAD:PAD + SIZE, PAD:PAD + SIZE] = part.flip(3)
+            part = images.images[start : start + CHUNK].to(device)
+            both[0, start : start + CHUNK, :, PAD : PAD + SIZE, PAD : PAD + SIZE] = part
+            both[1, start : start + CHUNK, :, PAD : PAD + SIZE, PAD : PAD + SIZE] = part.flip(3)
         # [mirrored, image, dy, dx, channel, row, column]: every crop, as a view (no copy)
         self.windows = both.as_strided(
             (2, n, 2 * PAD + 1, 2 * PAD + 1, 3, SIZE, SIZE),
-            (n * 3 * side * side, 3 * side * side, side, 1, side * side, side, 1))
+            (n * 3 * side * side, 3 * side * side, side, 1, side * side, side, 1),
+        )
         self.labels = images.labels.to(device)
         std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
         self.scale = 1 / (255 * std)
@@ -236,12 +270,17 @@ class AugmentedImages(Dataset):
 
 def describe_memory(cfg) -> str:
     """What the data sets of a run take: the uint8 images, and the loaders' padded pair."""
-    n = cfg.synthetic_size + max(1, cfg.synthetic_size // 5) if cfg.dataset == "synthetic" \
+    n = (
+        cfg.synthetic_size + max(1, cfg.synthetic_size // 5)
+        if cfg.dataset == "synthetic"
         else 60000
+    )
     images = n * 3 * SIZE * SIZE
     pair = 2 * n * 3 * (SIZE + 2 * PAD) ** 2
-    return (f"{n} images take {images / 2 ** 30:.1f} GiB as uint8 and {pair / 2 ** 30:.1f} GiB "
-            f"more padded with their mirrored copy")
+    return (
+        f"{n} images take {images / 2**30:.1f} GiB as uint8 and {pair / 2**30:.1f} GiB "
+        f"more padded with their mirrored copy"
+    )
 
 
 def device_bytes(*loaders: DataLoader) -> int:
@@ -251,8 +290,10 @@ def device_bytes(*loaders: DataLoader) -> int:
     for loader in loaders:
         images = loader.dataset
         if images.labels.device.type == "cuda":
-            total += sum(t.untyped_storage().nbytes()
-                         for t in (images.windows, images.labels, images.scale, images.shift))
+            total += sum(
+                t.untyped_storage().nbytes()
+                for t in (images.windows, images.labels, images.scale, images.shift)
+            )
     return total
 
 
@@ -260,22 +301,36 @@ def _whole_batch(batch):
     return batch  # __getitems__ already returns the collated (images, labels)
 
 
-def loaders(cfg, sets: tuple[ImageSet, ImageSet], device: torch.device, channels_last: bool,
-            rank: int = 0, world: int = 1):
+def loaders(
+    cfg,
+    sets: tuple[ImageSet, ImageSet],
+    device: torch.device,
+    channels_last: bool,
+    rank: int = 0,
+    world: int = 1,
+):
     """(train, test) loaders, built identically for every implementation. --batch-size is the
     whole job's: each of `world` ranks takes batch_size / world images a step. On CUDA the
     images live on the GPU, so the loader runs in the main process."""
     out = []
     if device.type == "cuda" and cfg.num_workers:
-        raise UsageError(f"--num-workers {cfg.num_workers}: with CUDA the images live on the GPU "
-                         f"and are cropped there; worker processes would have nothing to do")
+        raise UsageError(
+            f"--num-workers {cfg.num_workers}: with CUDA the images live on the GPU "
+            f"and are cropped there; worker processes would have nothing to do"
+        )
     for images, augment in zip(sets, (True, False)):
-        sampler = EpochSampler(len(images.labels), cfg.batch_size // world, cfg.seed, augment,
-                               rank, world)
-        out.append(DataLoader(
-            AugmentedImages(images, device, channels_last), batch_sampler=sampler,
-            collate_fn=_whole_batch, num_workers=cfg.num_workers,
-            persistent_workers=cfg.num_workers > 0))
+        sampler = EpochSampler(
+            len(images.labels), cfg.batch_size // world, cfg.seed, augment, rank, world
+        )
+        out.append(
+            DataLoader(
+                AugmentedImages(images, device, channels_last),
+                batch_sampler=sampler,
+                collate_fn=_whole_batch,
+                num_workers=cfg.num_workers,
+                persistent_workers=cfg.num_workers > 0,
+            )
+        )
     return tuple(out)
 
 

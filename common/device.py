@@ -1,4 +1,5 @@
 """Device choice and every switch that changes speed, set once here for every loop."""
+
 from __future__ import annotations
 
 import ctypes
@@ -13,13 +14,15 @@ from common.errors import Unavailable
 def resolve_device(cfg) -> torch.device:
     """The device of this process: the CPU, or its own GPU (LOCAL_RANK among several)."""
     if cfg.accelerator == "cuda" and not torch.cuda.is_available():
-        raise Unavailable("--accelerator cuda: no CUDA device is available here; use "
-                          "--accelerator cpu")
+        raise Unavailable(
+            "--accelerator cuda: no CUDA device is available here; use --accelerator cpu"
+        )
     if cfg.accelerator == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     if cfg.devices > torch.cuda.device_count():
-        raise Unavailable(f"--devices {cfg.devices}: this machine has "
-                          f"{torch.cuda.device_count()} GPU(s)")
+        raise Unavailable(
+            f"--devices {cfg.devices}: this machine has {torch.cuda.device_count()} GPU(s)"
+        )
     index = int(os.environ["LOCAL_RANK"]) if ranks.launched() else torch.cuda.current_device()
     torch.cuda.set_device(index)
     return torch.device("cuda", index)
@@ -62,8 +65,9 @@ def steady_malloc() -> bool:
     Whether it took effect is recorded (False off glibc)."""
     try:
         libc = ctypes.CDLL(None)
-        return bool(libc.mallopt(M_MMAP_MAX, 0)) and \
-            bool(libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
+        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(
+            libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
+        )
     except (OSError, AttributeError):
         return False
 

@@ -7,6 +7,7 @@ launcher, and which an external `torchrun` sets up the same way (that is how sev
 used). The group is initialised here, the same way for every arm: Lightning and Fabric find it
 initialised and use it. Backend: NCCL on CUDA, gloo on CPU.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -22,8 +23,11 @@ from common.errors import UsageError
 
 # DDP's gradient buckets decide the order of the all-reduce sums: with 3 ranks, another
 # bucket_cap_mb changed losses by up to 5e-7. Every arm passes these.
-DDP_KWARGS = {"bucket_cap_mb": 25, "gradient_as_bucket_view": False,
-              "find_unused_parameters": False}
+DDP_KWARGS = {
+    "bucket_cap_mb": 25,
+    "gradient_as_bucket_view": False,
+    "find_unused_parameters": False,
+}
 # A collective that waits longer than this for a dead peer fails instead of hanging.
 TIMEOUT = datetime.timedelta(seconds=120)
 
@@ -63,15 +67,26 @@ def world(cfg, device: torch.device) -> World:
         try:
             env[k] = int(os.environ[k])
         except ValueError:
-            raise UsageError(f"{k}={os.environ[k]!r}: the launcher's variables must be "
-                             f"numbers") from None
-    if env["LOCAL_WORLD_SIZE"] != cfg.devices or env["WORLD_SIZE"] != cfg.devices * cfg.num_nodes:
-        raise UsageError(f"the launcher started {env['LOCAL_WORLD_SIZE']} processes per node, "
-                         f"{env['WORLD_SIZE']} in all; --devices {cfg.devices} --num-nodes "
-                         f"{cfg.num_nodes} asks for {cfg.devices} and "
-                         f"{cfg.devices * cfg.num_nodes}")
-    return World(env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"], env["LOCAL_WORLD_SIZE"],
-                 "nccl" if device.type == "cuda" else "gloo")
+            raise UsageError(
+                f"{k}={os.environ[k]!r}: the launcher's variables must be numbers"
+            ) from None
+    if (
+        env["LOCAL_WORLD_SIZE"] != cfg.devices
+        or env["WORLD_SIZE"] != cfg.devices * cfg.num_nodes
+    ):
+        raise UsageError(
+            f"the launcher started {env['LOCAL_WORLD_SIZE']} processes per node, "
+            f"{env['WORLD_SIZE']} in all; --devices {cfg.devices} --num-nodes "
+            f"{cfg.num_nodes} asks for {cfg.devices} and "
+            f"{cfg.devices * cfg.num_nodes}"
+        )
+    return World(
+        env["RANK"],
+        env["LOCAL_RANK"],
+        env["WORLD_SIZE"],
+        env["LOCAL_WORLD_SIZE"],
+        "nccl" if device.type == "cuda" else "gloo",
+    )
 
 
 def init(w: World) -> None:
@@ -88,8 +103,10 @@ def init(w: World) -> None:
         dist.init_process_group(w.backend, timeout=TIMEOUT)
     except (RuntimeError, ValueError) as e:  # a rendezvous port taken, an unreachable master
         where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
-        raise UsageError(f"cannot join the process group at {where} ({str(e).splitlines()[0]});"
-                         f" is the port in use? give the launcher another one") from None
+        raise UsageError(
+            f"cannot join the process group at {where} ({str(e).splitlines()[0]});"
+            f" is the port in use? give the launcher another one"
+        ) from None
 
 
 ENDINGS = ".ranks"  # in the run folder: how each rank of the job ended, for its launcher
@@ -100,6 +117,7 @@ def mark_ending(run_dir: str, rank: int, status: str, error, signal) -> None:
     started the job reads it: which rank ended first, and why, is what its record must say."""
     import json
     import time
+
     if not os.path.isdir(run_dir):
         return
     folder = os.path.join(run_dir, ENDINGS)
@@ -107,9 +125,17 @@ def mark_ending(run_dir: str, rank: int, status: str, error, signal) -> None:
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, f"{rank}.json")
         with open(path + ".tmp", "w", encoding="utf-8") as f:
-            json.dump({"run": os.environ.get("TORCHELASTIC_RUN_ID"), "rank": rank,
-                       "status": status, "error": error, "signal": signal,
-                       "time": time.time()}, f)
+            json.dump(
+                {
+                    "run": os.environ.get("TORCHELASTIC_RUN_ID"),
+                    "rank": rank,
+                    "status": status,
+                    "error": error,
+                    "signal": signal,
+                    "time": time.time(),
+                },
+                f,
+            )
         os.replace(path + ".tmp", path)
     except OSError:
         pass  # a full disk: the launcher still has the exit codes
@@ -119,6 +145,7 @@ def read_endings(run_dir: str, run: str) -> dict:
     """{rank: ending} that the ranks of job `run` left; the folder goes with them."""
     import json
     import shutil
+
     folder, out = os.path.join(run_dir, ENDINGS), {}
     for name in os.listdir(folder) if os.path.isdir(folder) else ():
         try:
@@ -157,8 +184,11 @@ def max_(tensor: torch.Tensor) -> torch.Tensor:
     """The elementwise maximum over all ranks (the tensor itself in one process), returned on
     the CPU. NCCL reduces tensors on the GPU only, gloo those on the CPU."""
     if dist.is_initialized() and dist.get_world_size() > 1:
-        device = torch.device("cuda", torch.cuda.current_device()) \
-            if dist.get_backend() == "nccl" else torch.device("cpu")
+        device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if dist.get_backend() == "nccl"
+            else torch.device("cpu")
+        )
         tensor = tensor.to(device)
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return tensor.cpu()
@@ -169,7 +199,8 @@ def gather_ints(value: int, device: torch.device) -> list[int]:
     """One int from every rank, in rank order."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return [value]
-    out = [torch.zeros(1, dtype=torch.long, device=device)
-           for _ in range(dist.get_world_size())]
+    out = [
+        torch.zeros(1, dtype=torch.long, device=device) for _ in range(dist.get_world_size())
+    ]
     dist.all_gather(out, torch.tensor([value], dtype=torch.long, device=device))
     return [int(t.item()) for t in out]

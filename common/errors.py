@@ -1,4 +1,5 @@
 """Errors the CLI turns into one line and an exit code instead of a traceback."""
+
 import os
 
 

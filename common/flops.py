@@ -8,6 +8,7 @@ linearly); one that runs on neither gets no count, and the record says why, neve
 BatchNorm, activations and the optimizer are left out, as MFU conventions do. Measured for
 reference: ResNet-18 (CIFAR) at batch 256 is 852.2 GFLOP a step, 3.33 GFLOP an image.
 """
+
 from __future__ import annotations
 
 import traceback
@@ -25,14 +26,20 @@ def of_run(cfg, precision: str, env: dict) -> dict:
     """FLOPs of one step of the whole job (or why there is no count), and the dense peak of all
     its devices together, which MFU is measured against (common/peaks.py)."""
     from common import model_spec, peaks
+
     step, counted = per_step(model_spec.builder(model_spec.parse(cfg.model)), cfg.batch_size)
     peak, what = peaks.peak(env, precision)
     devices = env.get("world_size", 1)
     if peak is not None and devices > 1:
         peak, what = peak * devices, f"{devices} x {what}"
-    return {"per_step": step, "per_image": step / cfg.batch_size if step else None,
-            "batch_size": cfg.batch_size, "counted": counted, "peak_tflops": peak,
-            "peak": what}
+    return {
+        "per_step": step,
+        "per_image": step / cfg.batch_size if step else None,
+        "batch_size": cfg.batch_size,
+        "counted": counted,
+        "peak_tflops": peak,
+        "peak": what,
+    }
 
 
 def per_step(make: Callable, batch_size: int) -> tuple[Optional[int], str]:
@@ -44,8 +51,10 @@ def per_step(make: Callable, batch_size: int) -> tuple[Optional[int], str]:
     try:
         with torch.random.fork_rng(devices=[]):
             flops = _count(make, SAMPLE, "cpu")
-        return flops * batch_size // SAMPLE, (f"counted on {SAMPLE} images on the CPU, scaled "
-                                             f"to the batch (on the meta device: {why_meta})")
+        return flops * batch_size // SAMPLE, (
+            f"counted on {SAMPLE} images on the CPU, scaled "
+            f"to the batch (on the meta device: {why_meta})"
+        )
     except Exception as cpu:
         return None, f"not counted: on the meta device {why_meta}; on the CPU {_last_line(cpu)}"
 

@@ -5,6 +5,7 @@ would force a device sync per step and distort the very timing being compared. S
 the same rule: on a CPU each step is stamped with perf_counter; on CUDA with a pair of timing
 events recorded on the stream, read once when the epoch ends.
 """
+
 from __future__ import annotations
 
 import math
@@ -51,6 +52,7 @@ class StepCounter:
 
 class HostClock:
     """Stamps with perf_counter: on a CPU the host's time is the step's time."""
+
     name = "perf_counter"
 
     def __init__(self):
@@ -67,6 +69,7 @@ class CudaClock:
     """Stamps on the GPU: a timing event recorded on the current stream, without a sync, read
     once after the epoch's synchronize. The time between two is the stream's, so a step the
     host holds up (a small model, a slow framework) counts as long as the GPU waited for it."""
+
     name = "cuda events"
     Event = torch.cuda.Event  # tests put a stand-in here to check the bookkeeping on a CPU
 
@@ -102,8 +105,9 @@ class EpochMeter:
     framework does between two steps is in it; its data wait, the part of that between the end
     of the step before (the first: the epoch's start) and batch_start, is host time."""
 
-    def __init__(self, device: torch.device, epoch: int, steps: StepCounter,
-                 flops: Optional[dict] = None):
+    def __init__(
+        self, device: torch.device, epoch: int, steps: StepCounter, flops: Optional[dict] = None
+    ):
         self.device, self.epoch, self.steps, self.flops = device, epoch, steps, flops or {}
         for hook in epoch_start_hooks:
             hook(epoch)
@@ -146,9 +150,13 @@ class EpochMeter:
         only to even out the ranks' shares: it is not counted."""
         keep = labels >= 0
         per_image = cross_entropy(logits, labels.clamp(min=0), reduction="none")
-        sums = torch.stack([torch.where(keep, per_image, 0).sum(),
-                            (keep & (logits.argmax(1) == labels)).sum().float(),
-                            keep.sum().float()])
+        sums = torch.stack(
+            [
+                torch.where(keep, per_image, 0).sum(),
+                (keep & (logits.argmax(1) == labels)).sum().float(),
+                keep.sum().float(),
+            ]
+        )
         self.test_sums = sums if self.test_sums is None else self.test_sums + sums
 
     def finish(self, loss_scale) -> tuple[dict, list[float]]:
@@ -201,8 +209,10 @@ class EpochMeter:
         devices' dense peak), None where either is not known."""
         per_image, peak = self.flops.get("per_image"), self.flops.get("peak_tflops")
         achieved = per_image * images_per_s / 1e12 if per_image and images_per_s else None
-        return {"achieved_tflops": achieved,
-                "mfu": achieved / peak if achieved is not None and peak else None}
+        return {
+            "achieved_tflops": achieved,
+            "mfu": achieved / peak if achieved is not None and peak else None,
+        }
 
 
 # Cross-entropy of a uniform guess over the 10 classes is ln 10 = 2.30; an epoch whose mean
@@ -219,9 +229,13 @@ def divergence(row: dict, losses: list[float]) -> str | None:
     if losses and not math.isfinite(losses[-1]):
         return f"loss is {losses[-1]} at the end of epoch {row['epoch']}"
     if row["train_loss"] is not None and row["train_loss"] > LOSS_BOUND:
-        return (f"mean training loss {row['train_loss']:.4g} in epoch {row['epoch']}, above "
-                f"{LOSS_BOUND:.1f} (10 x ln 10, ten times a uniform guess's loss)")
+        return (
+            f"mean training loss {row['train_loss']:.4g} in epoch {row['epoch']}, above "
+            f"{LOSS_BOUND:.1f} (10 x ln 10, ten times a uniform guess's loss)"
+        )
     if row["loss_scale"] is not None and row["loss_scale"] < SCALE_FLOOR:
-        return (f"the loss scale fell to {row['loss_scale']:.3g} in epoch {row['epoch']}, below "
-                f"{SCALE_FLOOR:g}: fp16 gradients overflow even unscaled")
+        return (
+            f"the loss scale fell to {row['loss_scale']:.3g} in epoch {row['epoch']}, below "
+            f"{SCALE_FLOOR:g}: fp16 gradients overflow even unscaled"
+        )
     return None

@@ -14,6 +14,7 @@ cannot work is one line (UsageError): a spec that names nothing, a module that d
 32x32 images does not give [2, 10] logits, or one that needs larger inputs (the smallest size
 it takes is named). Nothing is downloaded.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -52,13 +53,17 @@ def parse(text: str) -> Spec:
     prefix, colon, name = text.partition(":")
     if colon and prefix in PREFIXES:
         if not re.fullmatch(r"[\w.\-]+", name):
-            raise UsageError(f"{where}: name a {prefix} model after the colon, e.g. "
-                             f"{prefix}:{'resnet50' if prefix == 'torchvision' else 'resnet18'}")
+            raise UsageError(
+                f"{where}: name a {prefix} model after the colon, e.g. "
+                f"{prefix}:{'resnet50' if prefix == 'torchvision' else 'resnet18'}"
+            )
         return Spec(text, prefix, name)
     if IMPORT_PATH.fullmatch(text):
         return Spec(text, "import", text)
-    raise UsageError(f"{where}: not one of {', '.join(OURS)}, and not torchvision:NAME, "
-                     f"timm:NAME or package.module:callable")
+    raise UsageError(
+        f"{where}: not one of {', '.join(OURS)}, and not torchvision:NAME, "
+        f"timm:NAME or package.module:callable"
+    )
 
 
 def builder(spec: Spec) -> Callable:
@@ -66,26 +71,34 @@ def builder(spec: Spec) -> Callable:
     where = f"--model {spec.text}"
     if spec.kind == "ours":
         from common import models
+
         return models.MODELS[spec.name]
     if spec.kind == "torchvision":
         from torchvision import models as tv
+
         if spec.name not in tv.list_models(module=tv):
-            raise UsageError(f"{where}: torchvision has no classification model {spec.name!r} "
-                             f"(torchvision.models.list_models() names them)")
+            raise UsageError(
+                f"{where}: torchvision has no classification model {spec.name!r} "
+                f"(torchvision.models.list_models() names them)"
+            )
         smallest = _torchvision_min_size(spec.name)
         if smallest and (smallest[0] > SIZE or smallest[1] > SIZE):
-            raise UsageError(f"{where}: needs inputs of at least {smallest[0]}x{smallest[1]} "
-                             f"(torchvision's min_size); CIFAR-10's are {SIZE}x{SIZE}")
+            raise UsageError(
+                f"{where}: needs inputs of at least {smallest[0]}x{smallest[1]} "
+                f"(torchvision's min_size); CIFAR-10's are {SIZE}x{SIZE}"
+            )
         return lambda: tv.get_model(spec.name, num_classes=CLASSES, weights=None)
     if spec.kind == "timm":
         try:
             import timm
         except ImportError:
-            raise UsageError(f"{where}: timm is not installed; pip install .[timm] (or pip "
-                             f"install timm)") from None
+            raise UsageError(
+                f"{where}: timm is not installed; pip install .[timm] (or pip install timm)"
+            ) from None
         if not timm.is_model(spec.name):
-            raise UsageError(f"{where}: timm has no model {spec.name!r} (timm.list_models() "
-                             f"names them)")
+            raise UsageError(
+                f"{where}: timm has no model {spec.name!r} (timm.list_models() names them)"
+            )
         return lambda: timm.create_model(spec.name, num_classes=CLASSES, pretrained=False)
     module_name, _, attr = spec.name.partition(":")
     module = _import(module_name, where)
@@ -95,14 +108,17 @@ def builder(spec: Spec) -> Callable:
             raise UsageError(f"{where}: {module_name} has no {attr}")
         target = getattr(target, part)
     if not callable(target):
-        raise UsageError(f"{where}: {attr} in {module_name} is a {type(target).__name__}, not "
-                         f"a callable that returns a model")
+        raise UsageError(
+            f"{where}: {attr} in {module_name} is a {type(target).__name__}, not "
+            f"a callable that returns a model"
+        )
     return target
 
 
 def _torchvision_min_size(name: str):
     """The smallest input torchvision says the model takes (its weights' meta), or None."""
     from torchvision import models as tv
+
     try:
         return next(iter(tv.get_model_weights(name))).meta.get("min_size")
     except (ValueError, StopIteration, AttributeError):
@@ -125,6 +141,7 @@ def _import(name: str, where: str):
 class Checked:
     """What the record keeps of the model: the spec, its size and, for an import path, the
     module's source file and its SHA-256 (do two records train the same code?)."""
+
     spec: str
     parameters: int
     source: Optional[str] = None
@@ -151,20 +168,28 @@ def check(text: str, seed: int = 0) -> Checked:
             last = traceback.format_exception_only(type(e), e)[-1].strip()
             raise UsageError(f"{where}: building it failed ({last})") from None
         if not isinstance(model, nn.Module):
-            raise UsageError(f"{where}: it returned {type(model).__name__}, not a "
-                             f"torch.nn.Module")
+            raise UsageError(
+                f"{where}: it returned {type(model).__name__}, not a torch.nn.Module"
+            )
         shape, error = _forward(model, SIZE)
         if error is None and shape == [2, CLASSES]:  # and in training, where some differ
             shape, error = _forward(model, SIZE, training=True)
         if error is not None:
             smallest = next((s for s in PROBE[1:] if _forward(model, s)[1] is None), None)
-            takes = f"needs inputs of at least {smallest}x{smallest}" if smallest else \
-                f"does not run on {SIZE}x{SIZE} inputs or larger ones up to {PROBE[-1]}"
-            raise UsageError(f"{where}: {takes}; CIFAR-10's are {SIZE}x{SIZE} (its forward "
-                             f"of 2 images of {SIZE}x{SIZE}: {error})")
+            takes = (
+                f"needs inputs of at least {smallest}x{smallest}"
+                if smallest
+                else f"does not run on {SIZE}x{SIZE} inputs or larger ones up to {PROBE[-1]}"
+            )
+            raise UsageError(
+                f"{where}: {takes}; CIFAR-10's are {SIZE}x{SIZE} (its forward "
+                f"of 2 images of {SIZE}x{SIZE}: {error})"
+            )
         if shape != [2, CLASSES]:
-            raise UsageError(f"{where}: a forward of a 2-image batch [2, 3, {SIZE}, {SIZE}] "
-                             f"gave {shape}, not [2, {CLASSES}] logits")
+            raise UsageError(
+                f"{where}: a forward of a 2-image batch [2, 3, {SIZE}, {SIZE}] "
+                f"gave {shape}, not [2, {CLASSES}] logits"
+            )
     checked = Checked(text, sum(p.numel() for p in model.parameters()))
     if spec.kind == "import":
         source = inspect.getsourcefile(sys.modules[spec.name.partition(":")[0]])
@@ -179,6 +204,7 @@ def _forward(model, size: int, training: bool = False):
     """(output shape, None), or (None, the error's last line), of a forward of 2 images (the
     model checked is thrown away: a training-mode forward may change its state)."""
     import torch
+
     was = model.training
     model.train(training)
     try:

@@ -1,5 +1,6 @@
 """The models: plain nn.Modules that know nothing about any training loop (and the one place
 every arm builds its model: build_model)."""
+
 from __future__ import annotations
 
 import torch
@@ -30,8 +31,9 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(out)
         self.shortcut = nn.Sequential()
         if stride != 1 or inp != out:
-            self.shortcut = nn.Sequential(nn.Conv2d(inp, out, 1, stride, bias=False),
-                                          nn.BatchNorm2d(out))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(inp, out, 1, stride, bias=False), nn.BatchNorm2d(out)
+            )
 
     def forward(self, x):
         y = F.relu(self.bn1(self.conv1(x)))
@@ -64,10 +66,17 @@ class SmallCNN(nn.Module):
     def __init__(self, num_classes: int = 10, width: int = 32):
         super().__init__()
         chans = (3, width, 2 * width, 4 * width)
-        self.features = nn.Sequential(*[
-            nn.Sequential(nn.Conv2d(a, b, 3, padding=1, bias=False), nn.BatchNorm2d(b),
-                          nn.ReLU(inplace=True), nn.MaxPool2d(2))
-            for a, b in zip(chans, chans[1:])])
+        self.features = nn.Sequential(
+            *[
+                nn.Sequential(
+                    nn.Conv2d(a, b, 3, padding=1, bias=False),
+                    nn.BatchNorm2d(b),
+                    nn.ReLU(inplace=True),
+                    nn.MaxPool2d(2),
+                )
+                for a, b in zip(chans, chans[1:])
+            ]
+        )
         self.fc = nn.Linear(chans[-1], num_classes)
 
     def forward(self, x):
@@ -101,6 +110,7 @@ def build_model(cfg) -> nn.Module:
     timm's or the user's own (common/model_spec.py), on the CPU. The global RNG is left as it
     was (a resumed run has just restored it)."""
     from common import model_spec
+
     make = model_spec.builder(model_spec.parse(cfg.model))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
@@ -119,4 +129,3 @@ def build_optimizer(cfg, model: nn.Module, steps_per_epoch: int):
     else:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     return optimizer, scheduler
-

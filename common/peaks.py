@@ -18,6 +18,7 @@ Sources (NVIDIA data sheets):
              184427-Tesla-P40-Datasheet-NV-Final-Letter-Web.pdf
              (no tensor cores; fp16 runs at 1/64 of the fp32 rate on GP102)
 """
+
 from __future__ import annotations
 
 import re
@@ -26,10 +27,16 @@ from typing import Optional
 # (pattern on torch.cuda.get_device_name, name, {math: dense TFLOP/s}); first match wins.
 PEAKS = (
     (r"\bH200\b", "H200 SXM", {"fp32": 67.0, "tf32": 494.7, "fp16": 989.4, "bf16": 989.4}),
-    (r"\bH100\b.*\bPCIe\b", "H100 PCIe", {"fp32": 51.2, "tf32": 378.0, "fp16": 756.0,
-                                          "bf16": 756.0}),
-    (r"\bH100\b(?!.*\bNVL\b)", "H100 SXM", {"fp32": 66.9, "tf32": 494.7, "fp16": 989.4,
-                                             "bf16": 989.4}),
+    (
+        r"\bH100\b.*\bPCIe\b",
+        "H100 PCIe",
+        {"fp32": 51.2, "tf32": 378.0, "fp16": 756.0, "bf16": 756.0},
+    ),
+    (
+        r"\bH100\b(?!.*\bNVL\b)",
+        "H100 SXM",
+        {"fp32": 66.9, "tf32": 494.7, "fp16": 989.4, "bf16": 989.4},
+    ),
     (r"\bA100\b", "A100", {"fp32": 19.5, "tf32": 156.0, "fp16": 312.0, "bf16": 312.0}),
     (r"\bV100\b.*\bSXM2\b", "V100 SXM2", {"fp32": 15.7, "fp16": 125.0}),
     (r"\bT4\b", "T4", {"fp32": 8.1, "fp16": 65.0}),

@@ -3,6 +3,7 @@
 Lightning's strings are canonical. The policy is resolved once, before anything runs, and the
 effective precision is what gets recorded: nothing ever runs a precision other than that one.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -24,8 +25,10 @@ def canonical(name: str) -> str:
     name = str(name).strip()
     name = ALIASES.get(name, name)
     if name not in CANONICAL and name != "auto":
-        raise UsageError(f"unknown precision {name!r}: use one of {', '.join(CANONICAL)} "
-                         f"(or 32, 16, bf16, auto)")
+        raise UsageError(
+            f"unknown precision {name!r}: use one of {', '.join(CANONICAL)} "
+            f"(or 32, 16, bf16, auto)"
+        )
     return name
 
 
@@ -61,10 +64,18 @@ def resolve(requested: str, device: torch.device) -> tuple[Policy, list[str]]:
     name = canonical(requested)
     effective = mixed_default(device) if name == "auto" else name
     warnings = []
-    if effective == "bf16-mixed" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise Unavailable(f"bf16-mixed needs a GPU with bfloat16 support (compute capability "
-                          f"8.0+); {torch.cuda.get_device_name(device)} has none: use 16-mixed")
+    if (
+        effective == "bf16-mixed"
+        and device.type == "cuda"
+        and not torch.cuda.is_bf16_supported()
+    ):
+        raise Unavailable(
+            f"bf16-mixed needs a GPU with bfloat16 support (compute capability "
+            f"8.0+); {torch.cuda.get_device_name(device)} has none: use 16-mixed"
+        )
     if effective == "16-mixed" and device.type == "cpu":
-        warnings.append("16-mixed on CPU runs real fp16 with a GradScaler, which has no fast CPU "
-                        "kernels (about 100x slower than fp32); bf16-mixed is the fast CPU choice")
+        warnings.append(
+            "16-mixed on CPU runs real fp16 with a GradScaler, which has no fast CPU "
+            "kernels (about 100x slower than fp32); bf16-mixed is the fast CPU choice"
+        )
     return Policy(requested=name, effective=effective), warnings

@@ -1,6 +1,7 @@
 """Everything before the loop that is identical for every implementation: validation, device,
 precision policy, speed switches, data loaders and the (not yet created) run record.
 Usage and environment errors surface here, before anything is written to --out-dir."""
+
 from __future__ import annotations
 
 import datetime
@@ -21,6 +22,7 @@ from common.recorder import Recorder
 @dataclass
 class RunSetup:
     """What a loop needs before its first step; each train.py builds its model and loop on it."""
+
     device: torch.device
     policy: precision.Policy
     switches: dict
@@ -38,7 +40,9 @@ class RunSetup:
 
     @property
     def memory_format(self) -> torch.memory_format:
-        return torch.channels_last if self.switches["channels_last"] else torch.contiguous_format
+        return (
+            torch.channels_last if self.switches["channels_last"] else torch.contiguous_format
+        )
 
     @property
     def ddp_device_ids(self) -> Optional[list[int]]:
@@ -58,8 +62,10 @@ def prepare(cfg, impl: str, opt_level: Optional[str] = None, policy=None) -> Run
     results.check_out_dir(cfg.resume or cfg.out_dir, "--resume" if cfg.resume else "--out-dir")
     device = resolve_device(cfg)
     if cfg.devices * cfg.num_nodes > 1 and not distributed.launched():
-        raise UsageError(f"--devices {cfg.devices} --num-nodes {cfg.num_nodes}: start it from "
-                         f"the command line (it launches the processes) or under torchrun")
+        raise UsageError(
+            f"--devices {cfg.devices} --num-nodes {cfg.num_nodes}: start it from "
+            f"the command line (it launches the processes) or under torchrun"
+        )
     world = distributed.world(cfg, device)
     distributed.init(world)
     if policy is None:
@@ -68,27 +74,40 @@ def prepare(cfg, impl: str, opt_level: Optional[str] = None, policy=None) -> Run
             console.say(f"ampcompare: warning: {line}", err=True)
     switches = apply_speed_switches(cfg, device)
     try:
-        train_loader, test_loader = data.loaders(cfg, _load(cfg, world), device,
-                                                 switches["channels_last"], world.rank,
-                                                 world.size)
+        train_loader, test_loader = data.loaders(
+            cfg, _load(cfg, world), device, switches["channels_last"], world.rank, world.size
+        )
     except Exception as e:
         if not out_of_memory(type(e), e):
             raise
-        raise UsageError(f"not enough memory for the data: {data.describe_memory(cfg)} "
-                         f"({str(e).splitlines()[0]}); use a smaller --synthetic-size, or "
-                         f"free memory") from None
+        raise UsageError(
+            f"not enough memory for the data: {data.describe_memory(cfg)} "
+            f"({str(e).splitlines()[0]}); use a smaller --synthetic-size, or "
+            f"free memory"
+        ) from None
     test_steps = min(len(test_loader), cfg.limit_test_batches or len(test_loader))
-    env = {**environment(device, switches),
-           "data_on_device_bytes": data.device_bytes(train_loader, test_loader)}
+    env = {
+        **environment(device, switches),
+        "data_on_device_bytes": data.device_bytes(train_loader, test_loader),
+    }
     recorder = Recorder(cfg, impl, policy, device, env, opt_level, world, checked.to_dict())
     run_flops = flops.of_run(cfg, recorder.result.precision["effective"], recorder.result.env)
     recorder.result.flops = run_flops
     # Where a framework builds its loader iterator before it calls set_epoch (Lightning, on
     # resume), the order must already be the resumed epoch's.
     train_loader.batch_sampler.sampler.set_epoch(recorder.start_epoch)
-    return RunSetup(device, policy, switches, train_loader, test_loader,
-                    data.steps_per_epoch(cfg, train_loader), test_steps, recorder, world,
-                    run_flops)
+    return RunSetup(
+        device,
+        policy,
+        switches,
+        train_loader,
+        test_loader,
+        data.steps_per_epoch(cfg, train_loader),
+        test_steps,
+        recorder,
+        world,
+        run_flops,
+    )
 
 
 def _load(cfg, world):

@@ -1,6 +1,7 @@
 """The one progress bar (rich): the hand-written loops show the steps of each epoch, compare
 shows which arm of how many is running. Lightning's Trainer brings its own RichProgressBar.
 Off the terminal, or with --quiet, every call is a no-op."""
+
 from __future__ import annotations
 
 import sys
@@ -26,11 +27,23 @@ class Bar:
     def __init__(self, on: bool):
         self.on, self.progress, self.current = on, None, None
         if on:
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                       TimeElapsedColumn, TimeRemainingColumn)
-            self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
-                                     MofNCompleteColumn(), TimeElapsedColumn(),
-                                     TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self.progress = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[info]}"),
+            )
 
     def __enter__(self) -> "Bar":
         if self.progress is not None:

@@ -5,12 +5,20 @@ A launcher (torchrun, or `ampcompare <arm> --devices N`) sets RANK, LOCAL_RANK, 
 LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT together. One of them left over in a shell (a
 stray RANK=1) is not a launch: the process runs alone, and says that it ignored them.
 """
+
 from __future__ import annotations
 
 import os
 from typing import Optional
 
-VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+VARIABLES = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
 # Set by `ampcompare <arm> --devices N` for the processes it starts: it prints their summary.
 OURS = "AMPCOMPARE_LAUNCHER"
 
@@ -52,6 +60,8 @@ def threads() -> Optional[int]:
         return None
     first = value.split(",")[0].strip()
     if not first.isdigit() or int(first) < 1:
-        raise ValueError(f"OMP_NUM_THREADS={value!r} is not a number of threads (a positive "
-                         f"integer, or OpenMP's list such as 2,1); set it to one, or unset it")
+        raise ValueError(
+            f"OMP_NUM_THREADS={value!r} is not a number of threads (a positive "
+            f"integer, or OpenMP's list such as 2,1); set it to one, or unset it"
+        )
     return int(first)

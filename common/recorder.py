@@ -10,6 +10,7 @@ checkpoint and result.json are written as a pair that a crash at any instant lea
 The folder, its lock and its reserve are common/rundir.py's; whether and how a stopped run
 continues, common/resume.py's.
 """
+
 from __future__ import annotations
 
 import errno
@@ -22,17 +23,32 @@ import torch
 
 from common import checkpoints, distributed, endings, metrics, resume, rundir, signals
 from common.errors import UsageError
-from common.results import (SCHEMA, RunResult, new_run_id, summarize, weights_sha256,
-                            write_json, write_temp)
+from common.results import (
+    SCHEMA,
+    RunResult,
+    new_run_id,
+    summarize,
+    weights_sha256,
+    write_json,
+    write_temp,
+)
 
 
 class Recorder:
     """Owns the run folder and result.json of one run, new or resumed. With several processes
     every rank has one; rank 0's alone writes."""
 
-    def __init__(self, cfg, impl: str, policy, device: torch.device, env: dict,
-                 opt_level: Optional[str] = None, world: distributed.World = distributed.World(),
-                 model: Optional[dict] = None):
+    def __init__(
+        self,
+        cfg,
+        impl: str,
+        policy,
+        device: torch.device,
+        env: dict,
+        opt_level: Optional[str] = None,
+        world: distributed.World = distributed.World(),
+        model: Optional[dict] = None,
+    ):
         self.cfg, self.device, self.world = cfg, device, world
         self.is_rank0 = world.main
         self.lock = None
@@ -47,7 +63,8 @@ class Recorder:
                 self.lock = rundir.lock(self.run_dir, f"{self.run_dir}: {rundir.BUSY}")
             try:  # record_on_disk: put back if the resume is refused while building
                 self.result, self.resumed, self.record_on_disk = resume.open_stopped(
-                    self.run_dir, cfg, impl, env, model)
+                    self.run_dir, cfg, impl, env, model
+                )
             except BaseException:
                 self.unlock()
                 raise
@@ -55,10 +72,19 @@ class Recorder:
         else:
             run_id = cfg.run_id or new_run_id(impl, policy.effective)
             self.run_dir = os.path.join(cfg.out_dir, run_id)
-            self.result = RunResult(schema=SCHEMA, run_id=run_id, impl=impl, repeat=cfg.repeat,
-                                    seed=cfg.seed, status="running", error=None,
-                                    precision=policy.to_dict(), opt_level=opt_level,
-                                    config=cfg.to_dict(), env=env)
+            self.result = RunResult(
+                schema=SCHEMA,
+                run_id=run_id,
+                impl=impl,
+                repeat=cfg.repeat,
+                seed=cfg.seed,
+                status="running",
+                error=None,
+                precision=policy.to_dict(),
+                opt_level=opt_level,
+                config=cfg.to_dict(),
+                env=env,
+            )
         self.result.pid, self.result.model = os.getpid(), model
         self.path = os.path.join(self.run_dir, "result.json")
         self.next_is_warmup = True  # no epoch has ended in this process yet
@@ -96,8 +122,10 @@ class Recorder:
             rundir.reserve(self.run_dir, 1 << 20)
             self.write()
         except FileExistsError:
-            raise UsageError(f"{self.run_dir} already exists; choose another --run-id, or "
-                             f"continue it with --resume {self.run_dir}") from None
+            raise UsageError(
+                f"{self.run_dir} already exists; choose another --run-id, or "
+                f"continue it with --resume {self.run_dir}"
+            ) from None
         except OSError as e:
             self.unlock()
             if made:
@@ -107,14 +135,25 @@ class Recorder:
     def state(self) -> dict:
         """The measurements so far, the options and the hash of the weights being saved, for
         the checkpoint: what a resumed run continues from, and checks the record against."""
-        return {"ampcompare": {"schema": SCHEMA, "epochs": self.result.epochs + self.pending,
-                               "step_losses": self.result.step_losses + self.pending_losses,
-                               "rng": _get_rng(), "config": self.cfg.to_dict(),
-                               "weights_sha256": self.saving}}
+        return {
+            "ampcompare": {
+                "schema": SCHEMA,
+                "epochs": self.result.epochs + self.pending,
+                "step_losses": self.result.step_losses + self.pending_losses,
+                "rng": _get_rng(),
+                "config": self.cfg.to_dict(),
+                "weights_sha256": self.saving,
+            }
+        }
 
-    def end_epoch(self, row: dict, losses: list, model: torch.nn.Module,
-                  save: Optional[Callable[[str], None]] = None,
-                  save_is_collective: bool = False) -> None:
+    def end_epoch(
+        self,
+        row: dict,
+        losses: list,
+        model: torch.nn.Module,
+        save: Optional[Callable[[str], None]] = None,
+        save_is_collective: bool = False,
+    ) -> None:
         """Record a finished epoch: its row and step losses, the hash of the weights and (unless
         --no-checkpoint) the checkpoint that `save(path)` writes, which must hold state(). The
         row joins the record's epochs together with its checkpoint; interrupted before that,
@@ -150,19 +189,32 @@ class Recorder:
                 staged = write_temp(os.path.join(self.run_dir, "x.pt"), lambda f: None)
                 self._save(save, staged)
                 done = len(self.result.epochs) + 1
-                info = {"file": checkpoints.name(done), "epochs": done,
-                        "sha256": checkpoints.synced_sha256(staged), "weights_sha256": weights}
+                info = {
+                    "file": checkpoints.name(done),
+                    "epochs": done,
+                    "sha256": checkpoints.synced_sha256(staged),
+                    "weights_sha256": weights,
+                }
             epochs = self.result.epochs + self.pending
-            record = {**self.result.to_dict(), "epochs": epochs,
-                      "step_losses": self.result.step_losses + self.pending_losses,
-                      "summary": summarize(epochs, self.result.env), "weights_sha256": weights,
-                      "checkpoint": info, "weights_epochs": len(epochs), "unsaved_epoch": None}
+            record = {
+                **self.result.to_dict(),
+                "epochs": epochs,
+                "step_losses": self.result.step_losses + self.pending_losses,
+                "summary": summarize(epochs, self.result.env),
+                "weights_sha256": weights,
+                "checkpoint": info,
+                "weights_epochs": len(epochs),
+                "unsaved_epoch": None,
+            }
             checkpoints.commit(self.run_dir, record, staged, info and info["file"])
             staged = None
             if self.pending:
                 self._add(*self._take_pending())
             self.result.weights_sha256, self.result.checkpoint = weights, info
-            self.result.weights_epochs, self.result.unsaved_epoch = len(self.result.epochs), None
+            self.result.weights_epochs, self.result.unsaved_epoch = (
+                len(self.result.epochs),
+                None,
+            )
             if old and info and old != info["file"]:
                 rundir.remove(os.path.join(self.run_dir, old))
             rundir.reserve(self.run_dir, 4 * os.path.getsize(self.path) + (64 << 10))
@@ -195,13 +247,22 @@ class Recorder:
             self.unlock()
             return False
         signals.absorb_from_now()  # the run has ended: a signal now would only cut this short
-        memory = endings.memory_figures(self.device) \
-            if kind is not None and endings.out_of_memory(kind, exc) else ""
+        memory = (
+            endings.memory_figures(self.device)
+            if kind is not None and endings.out_of_memory(kind, exc)
+            else ""
+        )
         self.result.status, self.result.error = endings.ending(
-            kind, exc, signals.received() > 0, self.cfg.batch_size, memory)
+            kind, exc, signals.received() > 0, self.cfg.batch_size, memory
+        )
         if self.world.size > 1:
-            distributed.mark_ending(self.run_dir, self.world.rank, self.result.status,
-                                    self.result.error, signals.first())
+            distributed.mark_ending(
+                self.run_dir,
+                self.world.rank,
+                self.result.status,
+                self.result.error,
+                signals.first(),
+            )
         if self.is_rank0:
             self._write_end(kind, exc, tb)
         # Exceptions are the run's status now; SystemExit and the like still propagate.
@@ -210,8 +271,11 @@ class Recorder:
     def _write_end(self, kind, exc, tb) -> None:
         """Rank 0: the record's last write, into the room the reserve kept for it."""
         rundir.remove(os.path.join(self.run_dir, rundir.RESERVE))
-        drop = checkpoints.named(self.result.to_dict()) \
-            if self.result.status == "ok" and not self.cfg.keep_checkpoint else None
+        drop = (
+            checkpoints.named(self.result.to_dict())
+            if self.result.status == "ok" and not self.cfg.keep_checkpoint
+            else None
+        )
         if drop:  # the record stops naming the file before the file goes
             self.result.checkpoint = None
         try:
@@ -222,8 +286,9 @@ class Recorder:
             if drop:
                 rundir.remove(os.path.join(self.run_dir, drop))
         except OSError as e:
-            self.result.error = (f"{self.result.error or ''}; and the record could not be "
-                                 f"updated: {e.strerror}").lstrip("; ")
+            self.result.error = (
+                f"{self.result.error or ''}; and the record could not be updated: {e.strerror}"
+            ).lstrip("; ")
             if self.result.status == "ok":
                 self.result.status = "failed"
         self.unlock()
@@ -248,8 +313,10 @@ class Recorder:
 
 
 def _get_rng() -> dict:
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []}
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+    }
 
 
 def _set_rng(rng: dict) -> None:

@@ -1,6 +1,7 @@
 """result.json: one run's record. Written atomically (a temporary file, flushed and synced, then
 renamed), in strict JSON (a NaN or infinite number becomes null, and `nonfinite` says where), so
 that any reader at any moment sees a complete, valid file."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -129,6 +130,7 @@ def write_temp_json(path: str, obj: Any) -> str:
     def dump(f):
         json.dump(clean, f, indent=1, allow_nan=False)
         f.write("\n")
+
     return write_temp(path, dump)
 
 
@@ -169,6 +171,7 @@ def check_out_dir(out_dir: str, option: str = "--out-dir") -> None:
     """Fail before anything is written if nothing can be written in out_dir (the nearest
     folder of it that exists): `option` names what the user gave."""
     from common.rundir import first_existing
+
     probe = first_existing(out_dir)
     if os.path.isdir(probe) and os.access(probe, os.W_OK | os.X_OK):
         return
@@ -179,14 +182,17 @@ def check_out_dir(out_dir: str, option: str = "--out-dir") -> None:
     except OSError:
         pass
     if option == "--resume":
-        raise UsageError(f"--resume {out_dir}: {probe} {why}; a resumed run writes its record "
-                         f"and checkpoint there")
+        raise UsageError(
+            f"--resume {out_dir}: {probe} {why}; a resumed run writes its record "
+            f"and checkpoint there"
+        )
     raise UsageError(f"{option} {out_dir}: {probe} {why}; choose another {option}")
 
 
 def weights_sha256(model: torch.nn.Module) -> str:
     """SHA-256 over the common model's state_dict (state_sha256), out of any wrapper."""
     from common.models import unwrapped
+
     return state_sha256(unwrapped(model).state_dict())
 
 
@@ -214,14 +220,18 @@ def timed_steps(epochs: list) -> tuple[list, str]:
     warm = [e.get("warmup", i == 0) for i, e in enumerate(epochs)]
     timed = [e for e, w in zip(epochs, warm) if not w]
     if timed:
-        return ([t for e in timed for t in e.get("step_times_s") or []],
-                "warm-up epochs left out (the first epoch of each process)")
+        return (
+            [t for e in timed for t in e.get("step_times_s") or []],
+            "warm-up epochs left out (the first epoch of each process)",
+        )
     steps = []
     for e in epochs:
         times = e.get("step_times_s") or []
-        steps += times[min(WARMUP_STEPS, len(times) // 2):]
-    return steps, (f"every epoch is a warm-up epoch: the first {WARMUP_STEPS} steps of each "
-                   f"left out (fewer in an epoch of under {2 * WARMUP_STEPS} steps)")
+        steps += times[min(WARMUP_STEPS, len(times) // 2) :]
+    return steps, (
+        f"every epoch is a warm-up epoch: the first {WARMUP_STEPS} steps of each "
+        f"left out (fewer in an epoch of under {2 * WARMUP_STEPS} steps)"
+    )
 
 
 def summarize(epochs: list, env: Optional[dict] = None) -> dict:
@@ -230,6 +240,7 @@ def summarize(epochs: list, env: Optional[dict] = None) -> dict:
     also given less the image sets held there (env's data_on_device_bytes): what the precision
     can change."""
     from common import stats
+
     median = stats.median
 
     warm = [e.get("warmup", i == 0) for i, e in enumerate(epochs)]
@@ -250,12 +261,14 @@ def summarize(epochs: list, env: Optional[dict] = None) -> dict:
         "images_per_s": median(e.get("images_per_s") for e in timed),
         "achieved_tflops": median(e.get("achieved_tflops") for e in timed),
         "mfu": median(e.get("mfu") for e in timed),
-        "data_wait_fraction": median(e["data_wait_s"] / e["train_time_s"] for e in timed
-                                     if e.get("train_time_s")),
+        "data_wait_fraction": median(
+            e["data_wait_s"] / e["train_time_s"] for e in timed if e.get("train_time_s")
+        ),
         "activation_bytes": activations.total(saved) if saved else None,
         "peak_memory_bytes": peak,
         "peak_beyond_data_bytes": peak - env.get("data_on_device_bytes", 0)
-        if peak is not None and env.get("device") == "cuda" else None,
+        if peak is not None and env.get("device") == "cuda"
+        else None,
         "skipped_steps": sum(e.get("skipped_steps") or 0 for e in epochs),
         "loss_scale_first": scales[0] if scales else None,
         "loss_scale_last": scales[-1] if scales else None,

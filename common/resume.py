@@ -4,6 +4,7 @@ functions around it only read the folder. Record, checkpoint and weights are che
 each other, so that a hand-edited record (another lr, a checkpoint hash fixed up after a byte
 of the file changed) is refused rather than continued under a name that is not true.
 """
+
 from __future__ import annotations
 
 import os
@@ -15,7 +16,6 @@ from common.config import option_flag
 from common.errors import UsageError
 
 
-
 def may_change() -> tuple:
     """The options that may differ when a run is resumed (config.py declares which): none of
     them changes what is computed; --epochs may be raised; --out-dir, --run-id and --resume
@@ -23,19 +23,31 @@ def may_change() -> tuple:
     c = config_module
     return c.names(resume=(c.FREE, c.FOLDER, c.RAISED))
 
+
 # A resumed run must run on what the stopped one ran on, or its epochs would mix two machines:
 # the same device and torch, and the framework the arm uses.
 _SAME = ("device", "device_name", "torch", "world_size")
-SAME_ENV = {"plain": _SAME, "lightning": (*_SAME, "lightning"), "fabric": (*_SAME, "lightning"),
-            "accelerate": (*_SAME, "accelerate"), "apex": (*_SAME, "apex")}
+SAME_ENV = {
+    "plain": _SAME,
+    "lightning": (*_SAME, "lightning"),
+    "fabric": (*_SAME, "lightning"),
+    "accelerate": (*_SAME, "accelerate"),
+    "apex": (*_SAME, "apex"),
+}
 # Where each arm's checkpoint keeps the common model's weights, and the prefix of their keys.
-MODEL_STATE = {"plain": ("model", ""), "apex": ("model", ""), "fabric": ("model", ""),
-               "accelerate": ("model", ""), "lightning": ("state_dict", "model.")}
+MODEL_STATE = {
+    "plain": ("model", ""),
+    "apex": ("model", ""),
+    "fabric": ("model", ""),
+    "accelerate": ("model", ""),
+    "lightning": ("state_dict", "model."),
+}
 
 
 @dataclass
 class Checkpoint:
     """What the checkpoint file holds, as far as the check needs it."""
+
     sha256: str  # of the file
     epochs: int  # rows of measurements in it
     config: Optional[dict]  # the options it was trained with (None: written before they were)
@@ -59,80 +71,118 @@ def read_stopped(run_dir: str, impl: str) -> dict:
     if why:
         raise UsageError(f"{where}: result.json is not a run record ({why})")
     if stored["impl"] != impl:
-        raise UsageError(f"{where} is a {stored['impl']} run; continue it with ampcompare "
-                         f"{stored['impl']} --resume")
+        raise UsageError(
+            f"{where} is a {stored['impl']} run; continue it with ampcompare "
+            f"{stored['impl']} --resume"
+        )
     return stored
 
 
-def check(where: str, stored: dict, given: dict, impl: str, env: dict,
-          ckpt: Optional[Checkpoint], model: Optional[dict] = None) -> None:
+def check(
+    where: str,
+    stored: dict,
+    given: dict,
+    impl: str,
+    env: dict,
+    ckpt: Optional[Checkpoint],
+    model: Optional[dict] = None,
+) -> None:
     """Raise UsageError (the one line) when the stopped run `stored` may not be continued with
     the options `given` on a machine with `env`, from checkpoint `ckpt` (None: none found),
     with the model `model` (model_spec.check's, as the record keeps it)."""
     status, config = stored["status"], stored["config"]
     if status == "diverged":
-        raise UsageError(f"{where}: that run diverged ({stored.get('error')}); resuming it "
-                         f"would replay the same steps")
+        raise UsageError(
+            f"{where}: that run diverged ({stored.get('error')}); resuming it "
+            f"would replay the same steps"
+        )
     free = may_change()
     for name, value in given.items():
         if name not in free and config.get(name, value) != value:
-            raise UsageError(f"{where}: {option_flag(name)} {value} differs from the stopped "
-                             f"run's {config[name]}; drop it to continue that run as it was")
+            raise UsageError(
+                f"{where}: {option_flag(name)} {value} differs from the stopped "
+                f"run's {config[name]}; drop it to continue that run as it was"
+            )
     for key in SAME_ENV.get(impl, _SAME):
         if key in stored["env"] and stored["env"][key] != env.get(key):
-            raise UsageError(f"{where}: that run ran with {key} {stored['env'].get(key)}, this "
-                             f"machine has {env.get(key)}; one record cannot mix the two")
-    was, now = (stored.get("model") or {}).get("source_sha256"), (model or {}).get("source_sha256")
+            raise UsageError(
+                f"{where}: that run ran with {key} {stored['env'].get(key)}, this "
+                f"machine has {env.get(key)}; one record cannot mix the two"
+            )
+    was, now = (
+        (stored.get("model") or {}).get("source_sha256"),
+        (model or {}).get("source_sha256"),
+    )
     if was and was != now:
-        raise UsageError(f"{where}: the source of --model {config.get('model')} changed since "
-                         f"that run began (SHA-256 {was[:12]}..., now "
-                         f"{(now or 'none')[:12]}...); one record cannot mix two models")
+        raise UsageError(
+            f"{where}: the source of --model {config.get('model')} changed since "
+            f"that run began (SHA-256 {was[:12]}..., now "
+            f"{(now or 'none')[:12]}...); one record cannot mix two models"
+        )
     info = stored.get("checkpoint")
     if not info:
-        raise UsageError(f"{where}: that run has no checkpoint (it ran with --no-checkpoint "
-                         f"or stopped before its first epoch ended); start it anew")
+        raise UsageError(
+            f"{where}: that run has no checkpoint (it ran with --no-checkpoint "
+            f"or stopped before its first epoch ended); start it anew"
+        )
     done, started = info["epochs"], config["epochs"]
     if given["epochs"] < started:
-        raise UsageError(f"{where}: that run was started with --epochs {started}; --epochs may "
-                         f"only be raised")
+        raise UsageError(
+            f"{where}: that run was started with --epochs {started}; --epochs may "
+            f"only be raised"
+        )
     if given["epochs"] <= done and status == "ok":
-        raise UsageError(f"{where}: that run has {done} epochs done; pass --epochs above "
-                         f"{done} to train further")
+        raise UsageError(
+            f"{where}: that run has {done} epochs done; pass --epochs above "
+            f"{done} to train further"
+        )
     if given["schedule"] == "cosine" and given["epochs"] != started:
-        raise UsageError(f"{where}: --epochs changes the length of its cosine schedule; a "
-                         f"resumed cosine run keeps --epochs {started}")
+        raise UsageError(
+            f"{where}: --epochs changes the length of its cosine schedule; a "
+            f"resumed cosine run keeps --epochs {started}"
+        )
     file = info["file"]
     if ckpt is None:
         raise UsageError(f"{where}: {file}, which result.json names, is not there")
     if ckpt.sha256 != info["sha256"]:
-        raise UsageError(f"{where}: {file} does not match the SHA-256 result.json recorded for "
-                         f"it (truncated or changed); nothing was overwritten")
+        raise UsageError(
+            f"{where}: {file} does not match the SHA-256 result.json recorded for "
+            f"it (truncated or changed); nothing was overwritten"
+        )
     if ckpt.unreadable:
-        raise UsageError(f"{where}: {file} is not a checkpoint of this tool "
-                         f"({ckpt.unreadable})")
+        raise UsageError(
+            f"{where}: {file} is not a checkpoint of this tool ({ckpt.unreadable})"
+        )
     if ckpt.epochs != done:
         raise UsageError(f"{where}: {file} holds {ckpt.epochs} epochs, result.json says {done}")
     if ckpt.config is not None:
         for name, value in ckpt.config.items():
             if name not in free and config.get(name) != value:
-                raise UsageError(f"{where}: result.json says {option_flag(name)} "
-                                 f"{config.get(name)}, but {file} was trained with {value}; "
-                                 f"the record was changed, so the run is not continued")
-    hashes = {info["weights_sha256"], ckpt.model_sha256,
-              *([ckpt.weights_sha256] if ckpt.weights_sha256 else [])}
+                raise UsageError(
+                    f"{where}: result.json says {option_flag(name)} "
+                    f"{config.get(name)}, but {file} was trained with {value}; "
+                    f"the record was changed, so the run is not continued"
+                )
+    hashes = {
+        info["weights_sha256"],
+        ckpt.model_sha256,
+        *([ckpt.weights_sha256] if ckpt.weights_sha256 else []),
+    }
     if len(hashes) != 1:
-        raise UsageError(f"{where}: the weights in {file} are not the ones result.json (and the "
-                         f"checkpoint) recorded; the file was changed, so the run is not "
-                         f"continued")
+        raise UsageError(
+            f"{where}: the weights in {file} are not the ones result.json (and the "
+            f"checkpoint) recorded; the file was changed, so the run is not "
+            f"continued"
+        )
 
 
-def open_stopped(run_dir: str, cfg, impl: str, env: dict,
-                 model: Optional[dict] = None):
+def open_stopped(run_dir: str, cfg, impl: str, env: dict, model: Optional[dict] = None):
     """(the run's record to go on with, the checkpoint's state, the record as it was on disk):
     the stopped run in run_dir, read and checked (check()), or UsageError."""
     from dataclasses import fields
 
     from common.results import RunResult, summarize
+
     where = f"--resume {run_dir}"
     stored = read_stopped(run_dir, impl)
     given = cfg.to_dict()
@@ -153,8 +203,9 @@ def open_stopped(run_dir: str, cfg, impl: str, env: dict,
     return result, state, stored
 
 
-def read_checkpoint(run_dir: str, file: str, impl: str,
-                    where: str) -> tuple[Optional[Checkpoint], dict]:
+def read_checkpoint(
+    run_dir: str, file: str, impl: str, where: str
+) -> tuple[Optional[Checkpoint], dict]:
     """Hash and load the named checkpoint (weights only): what check() weighs (None: no such
     file), and the whole loaded state for the arm."""
     import torch
@@ -174,13 +225,17 @@ def read_checkpoint(run_dir: str, file: str, impl: str,
         model = model_sha256(state[key], prefix)
     except Exception as e:  # not one of ours; check() says so once the hash matches
         return Checkpoint(digest, -1, None, None, None, type(e).__name__), {}
-    return Checkpoint(digest, epochs, ours.get("config"), ours.get("weights_sha256"),
-                      model), state
+    return Checkpoint(
+        digest, epochs, ours.get("config"), ours.get("weights_sha256"), model
+    ), state
 
 
 def model_sha256(state: dict, prefix: str = "") -> str:
     """weights_sha256 of the common model whose weights a checkpoint holds under `prefix`
     (Lightning's "model."), whatever wrapper (torch.compile's "_orig_mod.") saved them."""
-    own = {k[len(prefix):].replace("_orig_mod.", ""): v for k, v in state.items()
-           if k.startswith(prefix)}
+    own = {
+        k[len(prefix) :].replace("_orig_mod.", ""): v
+        for k, v in state.items()
+        if k.startswith(prefix)
+    }
     return results.state_sha256(own)

@@ -1,6 +1,7 @@
 """A run's folder: made (and taken away again when the run could not start in it), locked for
 the one process that writes it, and holding a reserve, so that a disk that fills up still has
 room for the run's last record."""
+
 from __future__ import annotations
 
 import errno

@@ -7,6 +7,7 @@ shapes (the keys a record may have; `Required` marks the ones it must have), or 
 returns why a value is wrong. Numbers are ints or floats, never bools; None is allowed only
 where the shape says so (strict JSON writes a NaN as null).
 """
+
 from __future__ import annotations
 
 import re
@@ -24,13 +25,19 @@ class Required:
 
 def maybe(shape):
     """The shape, or None."""
-    return (shape, type(None)) if isinstance(shape, type) else \
-        (*shape, type(None)) if isinstance(shape, tuple) else _or_none(shape)
+    return (
+        (shape, type(None))
+        if isinstance(shape, type)
+        else (*shape, type(None))
+        if isinstance(shape, tuple)
+        else _or_none(shape)
+    )
 
 
 def _or_none(shape):
     def check(value, where):
         return None if value is None else why(value, shape, where)
+
     return check
 
 
@@ -39,32 +46,54 @@ def at_least(low: int):
         if not _is(value, int):
             return f"{where} is {_what(value)}, not an integer"
         return f"{where} is {value}, below {low}" if value < low else None
+
     return check
 
 
 def one_of(*names):
     def check(value, where):
-        return None if isinstance(value, str) and value in names else \
-            f"{where} is {value!r}, not one of {', '.join(names)}"
+        return (
+            None
+            if isinstance(value, str) and value in names
+            else f"{where} is {value!r}, not one of {', '.join(names)}"
+        )
+
     return check
 
 
 def matching(pattern: re.Pattern, what: str):
     def check(value, where):
-        return None if isinstance(value, str) and pattern.fullmatch(value) else \
-            f"{where} is {value!r}, not {what}"
+        return (
+            None
+            if isinstance(value, str) and pattern.fullmatch(value)
+            else f"{where} is {value!r}, not {what}"
+        )
+
     return check
 
 
 NUMBERS = [maybe(NUMBER)]
 EPOCH = {
-    "epoch": at_least(0), "warmup": bool, "train_loss": maybe(NUMBER),
-    "test_loss": maybe(NUMBER), "test_acc": maybe(NUMBER), "epoch_time_s": maybe(NUMBER),
-    "train_time_s": maybe(NUMBER), "train_cpu_s": maybe(NUMBER), "images_per_s": maybe(NUMBER),
-    "data_wait_s": maybe(NUMBER), "peak_memory_bytes": maybe(NUMBER),
-    "peak_memory_bytes_per_rank": [NUMBER], "steps": at_least(0), "skipped_steps": maybe(int),
-    "loss_scale": maybe(NUMBER), "step_clock": str, "step_times_s": NUMBERS,
-    "step_waits_s": NUMBERS, "achieved_tflops": maybe(NUMBER), "mfu": maybe(NUMBER),
+    "epoch": at_least(0),
+    "warmup": bool,
+    "train_loss": maybe(NUMBER),
+    "test_loss": maybe(NUMBER),
+    "test_acc": maybe(NUMBER),
+    "epoch_time_s": maybe(NUMBER),
+    "train_time_s": maybe(NUMBER),
+    "train_cpu_s": maybe(NUMBER),
+    "images_per_s": maybe(NUMBER),
+    "data_wait_s": maybe(NUMBER),
+    "peak_memory_bytes": maybe(NUMBER),
+    "peak_memory_bytes_per_rank": [NUMBER],
+    "steps": at_least(0),
+    "skipped_steps": maybe(int),
+    "loss_scale": maybe(NUMBER),
+    "step_clock": str,
+    "step_times_s": NUMBERS,
+    "step_waits_s": NUMBERS,
+    "achieved_tflops": maybe(NUMBER),
+    "mfu": maybe(NUMBER),
     "saved_tensors": {"activations": NUMBER, "integer": NUMBER, "weight_copies": NUMBER},
 }
 CHECKPOINT = {
@@ -74,12 +103,26 @@ CHECKPOINT = {
     "weights_sha256": Required(matching(HEX64, "a SHA-256")),
 }
 ENV = {
-    "device": str, "device_name": maybe(str), "cuda_capability": maybe(str),
-    "tensor_cores": bool, "cpu_model": maybe(str), "cpu_bf16": bool, "threads": int,
-    "python": maybe(str), "torch": maybe(str), "torchvision": maybe(str),
-    "lightning": maybe(str), "apex": maybe(str), "accelerate": maybe(str),
-    "git_commit": maybe(str), "host": maybe(str), "pid": int, "pids": [int],
-    "world_size": at_least(1), "nodes": at_least(1), "backend": maybe(str),
+    "device": str,
+    "device_name": maybe(str),
+    "cuda_capability": maybe(str),
+    "tensor_cores": bool,
+    "cpu_model": maybe(str),
+    "cpu_bf16": bool,
+    "threads": int,
+    "python": maybe(str),
+    "torch": maybe(str),
+    "torchvision": maybe(str),
+    "lightning": maybe(str),
+    "apex": maybe(str),
+    "accelerate": maybe(str),
+    "git_commit": maybe(str),
+    "host": maybe(str),
+    "pid": int,
+    "pids": [int],
+    "world_size": at_least(1),
+    "nodes": at_least(1),
+    "backend": maybe(str),
     "data_on_device_bytes": NUMBER,
 }
 SUMMARY_TEXT = ("step_timing",)  # the summary's entries that are words, not numbers
@@ -98,23 +141,45 @@ def _summary(value, where):
 def record_shape(statuses, impls=None) -> dict:
     """The shape of a run record whose status is one of `statuses`."""
     return {
-        "schema": at_least(1), "run_id": Required(str),
+        "schema": at_least(1),
+        "run_id": Required(str),
         "impl": Required(one_of(*impls) if impls else str),
-        "repeat": at_least(0), "seed": at_least(0), "status": Required(one_of(*statuses)),
+        "repeat": at_least(0),
+        "seed": at_least(0),
+        "status": Required(one_of(*statuses)),
         "error": maybe(str),
         "precision": Required({"requested": Required(str), "effective": Required(maybe(str))}),
-        "opt_level": maybe(str), "config": Required(dict), "env": Required(ENV), "pid": int,
-        "epochs": Required([EPOCH]), "step_losses": NUMBERS,
-        "flops": maybe({"per_step": maybe(NUMBER), "per_image": maybe(NUMBER),
-                        "batch_size": int, "counted": maybe(str), "peak_tflops": maybe(NUMBER),
-                        "peak": maybe(str)}),
-        "model": maybe({"spec": Required(str), "parameters": at_least(0),
-                        "source": maybe(str), "source_sha256": maybe(matching(HEX64,
-                                                                              "a SHA-256"))}),
+        "opt_level": maybe(str),
+        "config": Required(dict),
+        "env": Required(ENV),
+        "pid": int,
+        "epochs": Required([EPOCH]),
+        "step_losses": NUMBERS,
+        "flops": maybe(
+            {
+                "per_step": maybe(NUMBER),
+                "per_image": maybe(NUMBER),
+                "batch_size": int,
+                "counted": maybe(str),
+                "peak_tflops": maybe(NUMBER),
+                "peak": maybe(str),
+            }
+        ),
+        "model": maybe(
+            {
+                "spec": Required(str),
+                "parameters": at_least(0),
+                "source": maybe(str),
+                "source_sha256": maybe(matching(HEX64, "a SHA-256")),
+            }
+        ),
         "weights_sha256": maybe(matching(HEX64, "a SHA-256")),
-        "weights_epochs": maybe(at_least(0)), "checkpoint": maybe(CHECKPOINT),
+        "weights_epochs": maybe(at_least(0)),
+        "checkpoint": maybe(CHECKPOINT),
         "resumes": [{"epoch": Required(at_least(0)), "env": Required(dict)}],
-        "unsaved_epoch": maybe(EPOCH), "nonfinite": [str], "summary": Required(_summary),
+        "unsaved_epoch": maybe(EPOCH),
+        "nonfinite": [str],
+        "summary": Required(_summary),
     }
 
 
@@ -155,8 +220,15 @@ def _is(value, kinds) -> bool:
 
 
 def _name(shape) -> str:
-    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
-             dict: "an object", list: "a list", type(None): "null"}
+    names = {
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        bool: "true or false",
+        dict: "an object",
+        list: "a list",
+        type(None): "null",
+    }
     kinds = shape if isinstance(shape, tuple) else (shape,)
     if set(kinds) >= {int, float}:
         kinds = tuple(k for k in kinds if k not in (int, float)) + (float,)

@@ -10,6 +10,7 @@ together) holds a signal back until the section ends.
 `install()` is the first thing the command line does; without it (a test calling train()), Python's
 default SIGINT handling applies and `deferred()` changes nothing.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,8 +18,14 @@ import signal
 from contextlib import contextmanager
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-_state = {"installed": False, "stopping": False, "pending": False, "depth": 0, "received": 0,
-          "first": None}
+_state = {
+    "installed": False,
+    "stopping": False,
+    "pending": False,
+    "depth": 0,
+    "received": 0,
+    "first": None,
+}
 
 
 # Called on every signal, before anything else: the bench, whose arms run in threads, stops
@@ -41,8 +48,9 @@ def _handler(signum, frame):
 
 
 def install() -> None:
-    _state.update(installed=True, stopping=False, pending=False, depth=0, received=0,
-                  first=None)
+    _state.update(
+        installed=True, stopping=False, pending=False, depth=0, received=0, first=None
+    )
     for sig in SIGNALS:
         signal.signal(sig, _handler)
 
@@ -76,6 +84,7 @@ def interrupted_exit() -> int:
     """The exit code of an interrupted process: 130 (Ctrl-C's) for the command a user ran; for
     a rank of a job, 128 + the signal's number, so that the launcher can tell which it was."""
     from common import ranks
+
     return 128 + _state["first"] if ranks.launched() and _state["first"] else 130
 
 
@@ -97,6 +106,7 @@ def die_with_parent() -> None:
     alone after its launcher was killed; exit at once if it is gone already."""
     try:
         import ctypes
+
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         return

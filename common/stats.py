@@ -13,6 +13,7 @@ records always give the same report.
 The words follow pyperf and criterion.rs: a difference whose interval holds no change is "no
 difference detectable" and says so, with the interval, rather than a bare ratio.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,6 +31,7 @@ CHUNK = 1 << 22  # step draws held in memory at once
 @dataclass(frozen=True)
 class Estimate:
     """A figure, its 95% interval, and how many runs (and steps) each side rests on."""
+
     value: float
     lo: float
     hi: float
@@ -37,8 +39,12 @@ class Estimate:
     steps: tuple = ()
 
     def to_dict(self) -> dict:
-        return {"estimate": self.value, "interval": [self.lo, self.hi], "runs": list(self.runs),
-                "steps": list(self.steps)}
+        return {
+            "estimate": self.value,
+            "interval": [self.lo, self.hi],
+            "runs": list(self.runs),
+            "steps": list(self.steps),
+        }
 
     def contains(self, x: float) -> bool:
         return self.lo <= x <= self.hi
@@ -172,7 +178,7 @@ def _block_medians(steps: np.ndarray, count: int, rng: np.random.Generator) -> n
         m = min(per_chunk, count - start)
         first = rng.integers(0, n, size=(m, blocks))
         index = ((first[:, :, None] + offsets) % n).reshape(m, -1)[:, :n]
-        out[start:start + m] = np.median(steps[index], axis=1)
+        out[start : start + m] = np.median(steps[index], axis=1)
     return out
 
 
@@ -183,6 +189,7 @@ def _interval(replicates: np.ndarray) -> tuple[float, float]:
 
 
 # --- words ---------------------------------------------------------------------------------
+
 
 def _digits(*values: float) -> int:
     """Decimals enough (2 to 4) to tell the values apart from each other and from 1."""
@@ -227,8 +234,9 @@ def share(a: Sample, b: Sample, base: Sample, paired: bool = False) -> Estimate:
     as a share of a bigger model's step), every figure's uncertainty carried through."""
     ra, rb = _both(a, b, paired)
     lo, hi = _interval((ra - rb) / base.replicates())
-    return Estimate((a.value - b.value) / base.value, lo, hi, (len(a.runs), len(b.runs)),
-                    (a.steps, b.steps))
+    return Estimate(
+        (a.value - b.value) / base.value, lo, hi, (len(a.runs), len(b.runs)), (a.steps, b.steps)
+    )
 
 
 def overhead_words(est: Estimate, base_s: float, base_name: str = "plain") -> str:
@@ -239,13 +247,18 @@ def overhead_words(est: Estimate, base_s: float, base_name: str = "plain") -> st
     value = f"{est.value * scale:+.{digits}f} {unit}".replace("-", "−")
     where = signed_span(est.lo * scale, est.hi * scale, digits)
     if est.lo > 0:
-        return (f"{value} a step {where}, {est.value / base_s:.2%} of {base_name}'s "
-                f"{duration(base_s)} step")
+        return (
+            f"{value} a step {where}, {est.value / base_s:.2%} of {base_name}'s "
+            f"{duration(base_s)} step"
+        )
     if est.hi < 0:
-        return (f"{value} a step {where}: {base_name}'s steps took longer here "
-                f"({duration(base_s)})")
-    return f"no difference detectable {where} {unit} a step, against {base_name}'s " \
-           f"{duration(base_s)}"
+        return (
+            f"{value} a step {where}: {base_name}'s steps took longer here ({duration(base_s)})"
+        )
+    return (
+        f"no difference detectable {where} {unit} a step, against {base_name}'s "
+        f"{duration(base_s)}"
+    )
 
 
 def against(est: Estimate, target: float, at_most: bool) -> str:

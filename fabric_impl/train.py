@@ -11,6 +11,7 @@ Measured: same setup as plain_torch/train.py, pytorch-lightning 2.6.6: 156 ms [1
         a step of the linear model: no difference detectable, [-9, +102] us (README,
         "make bench").
 """
+
 from __future__ import annotations
 
 from itertools import islice
@@ -33,16 +34,30 @@ def build(cfg, setup: RunSetup):
         scaler = torch.amp.GradScaler("cpu")
         precision, plugins = None, [MixedPrecision("16-mixed", "cpu", scaler=scaler)]
     # plain: DistributedDataParallel(model, ...) itself; the same DDP settings
-    strategy = DDPStrategy(process_group_backend=setup.world.backend, timeout=distributed.TIMEOUT,
-                           **distributed.DDP_KWARGS) if setup.world.size > 1 else "auto"
-    fabric = Fabric(accelerator=setup.device.type, devices=cfg.devices,
-                    num_nodes=cfg.num_nodes, strategy=strategy, precision=precision,
-                    plugins=plugins)
+    strategy = (
+        DDPStrategy(
+            process_group_backend=setup.world.backend,
+            timeout=distributed.TIMEOUT,
+            **distributed.DDP_KWARGS,
+        )
+        if setup.world.size > 1
+        else "auto"
+    )
+    fabric = Fabric(
+        accelerator=setup.device.type,
+        devices=cfg.devices,
+        num_nodes=cfg.num_nodes,
+        strategy=strategy,
+        precision=precision,
+        plugins=plugins,
+    )
     fabric.launch()  # under torchrun or --devices N the processes exist already: no spawning
     if fabric.strategy.precision.precision != setup.policy.effective:
-        raise Unavailable(f"Fabric chose {fabric.strategy.precision.precision} for "
-                          f"{setup.policy.effective} on {setup.device.type}; refusing to record "
-                          f"the wrong one")
+        raise Unavailable(
+            f"Fabric chose {fabric.strategy.precision.precision} for "
+            f"{setup.policy.effective} on {setup.device.type}; refusing to record "
+            f"the wrong one"
+        )
     # plain: .to(device) here; fabric.setup moves the model itself
     model = models.build_model(cfg).to(memory_format=setup.memory_format)
     optimizer, scheduler = models.build_optimizer(cfg, model, setup.steps_per_epoch)
@@ -53,23 +68,35 @@ def build(cfg, setup: RunSetup):
     if setup.resumed:  # plain: load_state_dict on each; lightning: Trainer.fit(ckpt_path=...)
         state = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
         scaler = fabric.strategy.precision.scaler if setup.policy.scaler else None
-        fabric.load(setup.recorder.checkpoint_path, {**state, **({"scaler": scaler} if scaler
-                                                                 else {})}, strict=False,
-                    weights_only=True)
+        fabric.load(
+            setup.recorder.checkpoint_path,
+            {**state, **({"scaler": scaler} if scaler else {})},
+            strict=False,
+            weights_only=True,
+        )
     return fabric, model, optimizer, scheduler
 
 
 def fit(cfg, setup: RunSetup, fabric, model, optimizer, scheduler) -> None:
     # plain: torch.autocast; here every forward of the model Fabric set up runs in its autocast
     train_loader, test_loader = fabric.setup_dataloaders(
-        setup.train_loader, setup.test_loader, use_distributed_sampler=False)
+        setup.train_loader, setup.test_loader, use_distributed_sampler=False
+    )
     steps = metrics.StepCounter(optimizer.optimizer)
     scaler = fabric.strategy.precision.scaler if setup.policy.scaler else None
 
     def save(path):  # plain: torch.save; fabric.save leaves out the scaler: saved here
-        fabric.save(path, {"model": model, "optimizer": optimizer, "scheduler": scheduler,
-                           **({"scaler": scaler} if scaler else {}),
-                           **setup.recorder.state()})
+        fabric.save(
+            path,
+            {
+                "model": model,
+                "optimizer": optimizer,
+                "scheduler": scheduler,
+                **({"scaler": scaler} if scaler else {}),
+                **setup.recorder.state(),
+            },
+        )
+
     with progress.Bar(progress.enabled(cfg)) as bar:
         for epoch in range(setup.recorder.start_epoch, cfg.epochs):
             # plain: sampler.set_epoch(epoch). Fabric's loader calls it at iter() with its count
@@ -86,8 +113,9 @@ def fit(cfg, setup: RunSetup, fabric, model, optimizer, scheduler) -> None:
                 optimizer.zero_grad()
                 fabric.backward(loss)  # plain: scaler.scale(loss).backward()
                 if cfg.clip_grad:  # plain: scaler.unscale_ + clip_grad_norm_; Fabric unscales
-                    fabric.clip_gradients(model, optimizer, max_norm=cfg.clip_grad,
-                                          error_if_nonfinite=False)
+                    fabric.clip_gradients(
+                        model, optimizer, max_norm=cfg.clip_grad, error_if_nonfinite=False
+                    )
                 optimizer.step()  # plain: scaler.step + scaler.update; skipped on inf/nan
                 scheduler.step()
                 meter.step(loss, len(y))

@@ -16,6 +16,7 @@ Where each line of the plain loop (plain_torch/train.py) happens here:
     save(path): the checkpoint       trainer.save_checkpoint, with on_save_checkpoint below
     setup.resumed: load it back      Trainer.fit(ckpt_path=...) in train.py
 """
+
 from __future__ import annotations
 
 import pytorch_lightning as pl
@@ -34,11 +35,14 @@ class LitClassifier(pl.LightningModule):
         return self.model(x)
 
     def configure_optimizers(self):
-        optimizer, scheduler = models.build_optimizer(self.cfg, self.model,
-                                                      self.run_setup.steps_per_epoch)
+        optimizer, scheduler = models.build_optimizer(
+            self.cfg, self.model, self.run_setup.steps_per_epoch
+        )
         self.steps = metrics.StepCounter(optimizer)
-        return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
     def training_step(self, batch, batch_idx):  # under the precision plugin's autocast
         x, y = batch
@@ -66,8 +70,9 @@ class LitClassifier(pl.LightningModule):
         row, losses = self.meter.finish(scaler.get_scale() if scaler is not None else None)
         # Lightning's own checkpoint (model, optimizer, scheduler, scaler, loop state); the
         # recorder also checks for divergence. Saving is a collective: every rank calls it.
-        self.run_setup.recorder.end_epoch(row, losses, self.model, self.trainer.save_checkpoint,
-                                          save_is_collective=True)
+        self.run_setup.recorder.end_epoch(
+            row, losses, self.model, self.trainer.save_checkpoint, save_is_collective=True
+        )
 
     def on_save_checkpoint(self, checkpoint):  # the measurements so far, as every arm saves
         checkpoint.update(self.run_setup.recorder.state())

@@ -11,6 +11,7 @@ Measured: same setup as plain_torch/train.py, pytorch-lightning 2.6.6: 162 ms [1
         +372 us [+316, +417] to a step of the linear model, 0.22% [0.18-0.24] of the small
         CNN's step (README, "make bench").
 """
+
 from __future__ import annotations
 
 import torch
@@ -40,25 +41,42 @@ def build(cfg, setup: RunSetup):
         precision, plugins = None, [MixedPrecision("16-mixed", "cpu", scaler=scaler)]
     bar = progress.enabled(cfg)
     # plain: DistributedDataParallel(model, ...) itself; the same DDP settings
-    strategy = DDPStrategy(process_group_backend=setup.world.backend, timeout=distributed.TIMEOUT,
-                           **distributed.DDP_KWARGS) if setup.world.size > 1 else "auto"
+    strategy = (
+        DDPStrategy(
+            process_group_backend=setup.world.backend,
+            timeout=distributed.TIMEOUT,
+            **distributed.DDP_KWARGS,
+        )
+        if setup.world.size > 1
+        else "auto"
+    )
     trainer = pl.Trainer(
-        accelerator=setup.device.type, devices=cfg.devices, num_nodes=cfg.num_nodes,
-        strategy=strategy, precision=precision, plugins=plugins,
-        max_epochs=cfg.epochs, limit_train_batches=setup.steps_per_epoch,
+        accelerator=setup.device.type,
+        devices=cfg.devices,
+        num_nodes=cfg.num_nodes,
+        strategy=strategy,
+        precision=precision,
+        plugins=plugins,
+        max_epochs=cfg.epochs,
+        limit_train_batches=setup.steps_per_epoch,
         limit_val_batches=setup.test_steps,
         num_sanity_val_steps=0,  # the plain loop evaluates nothing before training
         gradient_clip_val=cfg.clip_grad or None,  # plain: scaler.unscale_ + clip_grad_norm_
-        benchmark=setup.switches["cudnn_benchmark"], deterministic=cfg.deterministic,
+        benchmark=setup.switches["cudnn_benchmark"],
+        deterministic=cfg.deterministic,
         use_distributed_sampler=False,  # the common sampler already orders by (seed, epoch)
-        enable_progress_bar=bar, callbacks=[RichProgressBar()] if bar else [],
+        enable_progress_bar=bar,
+        callbacks=[RichProgressBar()] if bar else [],
         logger=False,  # result.json is the record, as for every arm
         enable_checkpointing=False,  # module.py saves checkpoint.pt each epoch, as every arm
-        enable_model_summary=False)  # a table at start-up that the other arms do not print
+        enable_model_summary=False,
+    )  # a table at start-up that the other arms do not print
     if trainer.precision_plugin.precision != setup.policy.effective:
-        raise Unavailable(f"Lightning chose {trainer.precision_plugin.precision} for "
-                          f"{setup.policy.effective} on {setup.device.type}; refusing to record "
-                          f"the wrong one")
+        raise Unavailable(
+            f"Lightning chose {trainer.precision_plugin.precision} for "
+            f"{setup.policy.effective} on {setup.device.type}; refusing to record "
+            f"the wrong one"
+        )
     return module, trainer
 
 
@@ -67,8 +85,13 @@ def fit(setup: RunSetup, module, trainer) -> None:
     ckpt_path = setup.recorder.checkpoint_path if setup.resumed else None
     try:
         # plain: the epoch loop, written out
-        trainer.fit(module, train_dataloaders=setup.train_loader,
-                    val_dataloaders=setup.test_loader, ckpt_path=ckpt_path, weights_only=True)
+        trainer.fit(
+            module,
+            train_dataloaders=setup.train_loader,
+            val_dataloaders=setup.test_loader,
+            ckpt_path=ckpt_path,
+            weights_only=True,
+        )
     except SystemExit:
         if trainer.interrupted:  # Lightning answers Ctrl-C with sys.exit(1)
             raise KeyboardInterrupt from None

@@ -9,6 +9,7 @@ Measured: small CNN, batch 256, 10k synthetic images, 2-core AMD EPYC, torch 2.1
         takes 164 ms [154-174] at 32-true and 105 ms [102-109] at bf16-mixed, 1.56x faster
         [1.45-1.67] (95% intervals, 3 repeats; README, "A real comparison").
 """
+
 from __future__ import annotations
 
 from itertools import islice
@@ -33,24 +34,36 @@ def build(cfg, setup: RunSetup):
         scaler.load_state_dict(setup.resumed["scaler"])
     if cfg.compile:  # the same in every arm: the common model, before any wrapper
         model = torch.compile(model)
-    if setup.world.size > 1:  # fabric: Fabric(strategy=DDPStrategy(...)); lightning: Trainer(...)
-        model = DistributedDataParallel(model, device_ids=setup.ddp_device_ids,
-                                        **distributed.DDP_KWARGS)
+    if (
+        setup.world.size > 1
+    ):  # fabric: Fabric(strategy=DDPStrategy(...)); lightning: Trainer(...)
+        model = DistributedDataParallel(
+            model, device_ids=setup.ddp_device_ids, **distributed.DDP_KWARGS
+        )
     return model, optimizer, scheduler, scaler
 
 
 def fit(cfg, setup: RunSetup, model, optimizer, scheduler, scaler) -> None:
     device = setup.device
     # apex: amp patches torch (O1) or casts the model (O2); lightning: the precision plugin
-    autocast = torch.autocast(device.type, dtype=setup.policy.dtype,
-                              enabled=setup.policy.autocast)
+    autocast = torch.autocast(
+        device.type, dtype=setup.policy.dtype, enabled=setup.policy.autocast
+    )
     steps = metrics.StepCounter(optimizer)
     net = models.unwrapped(model)  # without DDP's or compile's wrapper: what is saved
 
     def save(path):  # apex: amp.state_dict() for the scaler; lightning: trainer.save_checkpoint
-        torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                    **setup.recorder.state()}, path)
+        torch.save(
+            {
+                "model": net.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                **setup.recorder.state(),
+            },
+            path,
+        )
+
     with progress.Bar(progress.enabled(cfg)) as bar:
         for epoch in range(setup.recorder.start_epoch, cfg.epochs):
             # lightning: the Trainer calls set_epoch on the sampler itself

@@ -4,6 +4,7 @@
     .venv/bin/python scripts/cli_reference.py --check   # exit 1 if README.md is stale
 
 tests/test_layout.py runs the check, so the reference cannot drift from the code."""
+
 from __future__ import annotations
 
 import os
@@ -23,8 +24,13 @@ def render() -> str:
 
     parts = []
     for args in ([], *([name] for name in sorted(cli.commands))):
-        result = CliRunner().invoke(cli, [*args, "--help"], prog_name="ampcompare",
-                                    terminal_width=WIDTH, max_content_width=WIDTH)
+        result = CliRunner().invoke(
+            cli,
+            [*args, "--help"],
+            prog_name="ampcompare",
+            terminal_width=WIDTH,
+            max_content_width=WIDTH,
+        )
         assert result.exit_code == 0, result.output
         title = " ".join(["ampcompare", *args])
         parts.append(f"### `{title}`\n\n```\n{result.stdout.rstrip()}\n```\n")
@@ -43,8 +49,10 @@ def main(argv) -> int:
     new = updated(readme)
     if "--check" in argv:
         if new != readme:
-            print("README.md: the CLI reference is stale; run scripts/cli_reference.py",
-                  file=sys.stderr)
+            print(
+                "README.md: the CLI reference is stale; run scripts/cli_reference.py",
+                file=sys.stderr,
+            )
             return 1
         return 0
     with open(README, "w", encoding="utf-8") as f:

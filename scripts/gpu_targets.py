@@ -12,6 +12,7 @@ The reference benchmark (Lightning precision 16 against 32, CIFAR-10, batch 256,
 T4s): memory about half, epoch time -23% (P40) and -30% (T4), accuracy about the same. apex is
 measured, not held to the targets: its speed is apex's. It prints; it never fails the run.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,8 +43,10 @@ def lines(summary: dict) -> list[str]:
     out = []
     for group in summary["devices"]:
         table, env = group["precisions"], group["env"]
-        out.append(f"{group['device']}  (tf32 {env.get('tf32')}, tensor cores "
-                   f"{env.get('tensor_cores')})")
+        out.append(
+            f"{group['device']}  (tf32 {env.get('tf32')}, tensor cores "
+            f"{env.get('tensor_cores')})"
+        )
         base = {c["impl"]: c for c in table.get("32-true", {}).values()}
         for precision, cells in table.items():
             if precision == "32-true":
@@ -55,8 +58,11 @@ def lines(summary: dict) -> list[str]:
                 targeted = cell["impl"] != "apex" and precision == "16-mixed"
                 speedup = (group["ratios"].get(label, {}).get(precision) or {}).get("speedup")
                 acts = ratio(median(cell, "activation_bytes"), median(ref, "activation_bytes"))
-                key = "peak_beyond_data_bytes" if median(ref, "peak_beyond_data_bytes") \
+                key = (
+                    "peak_beyond_data_bytes"
+                    if median(ref, "peak_beyond_data_bytes")
                     else "peak_memory_bytes"
+                )
                 peak = ratio(median(cell, key), median(ref, key))
                 acc = [median(c, "final_test_acc") for c in (ref, cell)]
                 mfu = [median(c, "mfu") for c in (ref, cell)]
@@ -67,16 +73,29 @@ def lines(summary: dict) -> list[str]:
                     + _speed(speedup, targeted)
                     + "; activations "
                     + (verdict(acts, TARGETS["activations"], False) if targeted else _x(acts))
-                    + ("; allocator peak beyond data " if key != "peak_memory_bytes"
-                       else "; allocator peak ")
-                    + ((verdict(peak, TARGETS["allocator"], False) if targeted else _x(peak))
-                       if cuda else "n/a (CPU: process RSS only)")
+                    + (
+                        "; allocator peak beyond data "
+                        if key != "peak_memory_bytes"
+                        else "; allocator peak "
+                    )
+                    + (
+                        (verdict(peak, TARGETS["allocator"], False) if targeted else _x(peak))
+                        if cuda
+                        else "n/a (CPU: process RSS only)"
+                    )
                     + (f"; accuracy {acc[1] - acc[0]:+.4f}" if None not in acc else "")
-                    + (f"; MFU {mfu[0]:.1%} -> {mfu[1]:.1%}" if None not in mfu else "; MFU n/a")
+                    + (
+                        f"; MFU {mfu[0]:.1%} -> {mfu[1]:.1%}"
+                        if None not in mfu
+                        else "; MFU n/a"
+                    )
                     + (f"; data wait {wait[0]:.1%} / {wait[1]:.1%}" if None not in wait else "")
-                    + (f"; skipped fp16 steps {median(cell, 'skipped_steps'):g}"
-                       if precision == "16-mixed" and median(cell, "skipped_steps") is not None
-                       else ""))
+                    + (
+                        f"; skipped fp16 steps {median(cell, 'skipped_steps'):g}"
+                        if precision == "16-mixed" and median(cell, "skipped_steps") is not None
+                        else ""
+                    )
+                )
         out.append(f"  Reference: {REFERENCE}")
     return out
 

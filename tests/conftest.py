@@ -15,6 +15,7 @@ from common.config import Config
 
 quiet.frameworks()  # as the command line does: the frameworks' banners are not the tests'
 import pytorch_lightning  # noqa: E402,F401  (it sets its loggers' level as it is imported)
+
 quiet.frameworks()
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -23,6 +24,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # worker, 4:17 at one, measured here). Each test compares runs made at the same setting.
     os.environ["OMP_NUM_THREADS"] = "1"
     import torch
+
     torch.set_num_threads(1)
 
 CIFAR_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
@@ -31,9 +33,19 @@ CIFAR_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
 def tiny(tmp_path, **overrides) -> Config:
     """A config that trains in well under a second per epoch on a CPU. fp16 has no fast CPU
     kernels (a step of 32 images took 3 s here): 16-mixed runs get 4 images a batch."""
-    values = dict(dataset="synthetic", model="small", synthetic_size=256, batch_size=32,
-                  epochs=2, limit_train_batches=3, limit_test_batches=2, accelerator="cpu",
-                  precision="32-true", out_dir=str(tmp_path / "runs"), quiet=True)
+    values = dict(
+        dataset="synthetic",
+        model="small",
+        synthetic_size=256,
+        batch_size=32,
+        epochs=2,
+        limit_train_batches=3,
+        limit_test_batches=2,
+        accelerator="cpu",
+        precision="32-true",
+        out_dir=str(tmp_path / "runs"),
+        quiet=True,
+    )
     values.update(overrides)
     if values["precision"] in ("16-mixed", "16") and "batch_size" not in overrides:
         values["batch_size"] = 4
@@ -41,25 +53,61 @@ def tiny(tmp_path, **overrides) -> Config:
 
 
 # tiny()'s settings as command-line options (at 32-true): the same run from a CLI process.
-TINY_ARGS = ["--dataset", "synthetic", "--model", "small", "--synthetic-size", "256",
-             "--batch-size", "32", "--limit-train-batches", "3", "--limit-test-batches", "2",
-             "--accelerator", "cpu", "--precision", "32", "--quiet"]
+TINY_ARGS = [
+    "--dataset",
+    "synthetic",
+    "--model",
+    "small",
+    "--synthetic-size",
+    "256",
+    "--batch-size",
+    "32",
+    "--limit-train-batches",
+    "3",
+    "--limit-test-batches",
+    "2",
+    "--accelerator",
+    "cpu",
+    "--precision",
+    "32",
+    "--quiet",
+]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL_RUN = ["--dataset", "synthetic", "--model", "small", "--synthetic-size", "256",
-             "--batch-size", "64", "--accelerator", "cpu"]
+SMALL_RUN = [
+    "--dataset",
+    "synthetic",
+    "--model",
+    "small",
+    "--synthetic-size",
+    "256",
+    "--batch-size",
+    "64",
+    "--accelerator",
+    "cpu",
+]
 
 
 def run_cli(args, cwd=ROOT, timeout=180) -> subprocess.CompletedProcess:
     """`ampcompare ARGS` as its own process, through the console entry's own code path."""
-    return subprocess.run([sys.executable, "-m", "ampcompare", *args], cwd=cwd, text=True,
-                          capture_output=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "ampcompare", *args],
+        cwd=cwd,
+        text=True,
+        capture_output=True,
+        timeout=timeout,
+    )
 
 
 def start_until_first_epoch(args, out_dir, pattern):
     """Start `ampcompare ARGS` as its own process; return it and the result.json matching
     `pattern` under out_dir once that run has finished an epoch."""
-    proc = subprocess.Popen([sys.executable, "-m", "ampcompare", *args], cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ampcompare", *args],
+        cwd=ROOT,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         for path in out_dir.glob(pattern):
@@ -78,8 +126,14 @@ def checkpoint_of(run_dir):
 
 def on_gpu(tmp_path, **overrides) -> Config:
     """A config for the gpu-marked tests: whole epochs of a small set, deterministic algorithms."""
-    values = dict(accelerator="cuda", synthetic_size=2048, batch_size=128,
-                  limit_train_batches=None, limit_test_batches=None, deterministic=True)
+    values = dict(
+        accelerator="cuda",
+        synthetic_size=2048,
+        batch_size=128,
+        limit_train_batches=None,
+        limit_test_batches=None,
+        deterministic=True,
+    )
     values.update(overrides)
     return tiny(tmp_path, **values)
 
@@ -92,15 +146,33 @@ def write_cifar_archive(root, per_batch=10, seed=0):
     rng = np.random.default_rng(seed)
     md5 = {}
     for name in CIFAR_FILES:
-        entry = {"batch_label": name,
-                 "data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
-                 "labels": rng.integers(0, 10, per_batch).tolist(),
-                 "filenames": [f"{name}_{i}.png" for i in range(per_batch)]}
+        entry = {
+            "batch_label": name,
+            "data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+            "labels": rng.integers(0, 10, per_batch).tolist(),
+            "filenames": [f"{name}_{i}.png" for i in range(per_batch)],
+        }
         _dump(os.path.join(folder, name), entry, md5)
-    _dump(os.path.join(folder, "batches.meta"),
-          {"label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
-                           "horse", "ship", "truck"], "num_cases_per_batch": per_batch,
-           "num_vis": 3072}, md5)
+    _dump(
+        os.path.join(folder, "batches.meta"),
+        {
+            "label_names": [
+                "airplane",
+                "automobile",
+                "bird",
+                "cat",
+                "deer",
+                "dog",
+                "frog",
+                "horse",
+                "ship",
+                "truck",
+            ],
+            "num_cases_per_batch": per_batch,
+            "num_vis": 3072,
+        },
+        md5,
+    )
     return md5
 
 

@@ -22,6 +22,7 @@ a job of several processes). It does:
     "usage"      raise UsageError("refused on purpose"): a refusal found while running
     "unavailable" raise Unavailable("unavailable on purpose"), as a missing framework does
 """
+
 from __future__ import annotations
 
 import errno
@@ -64,8 +65,12 @@ def act(action: str) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     if action in ("usage", "unavailable"):
         from common.errors import Unavailable, UsageError
-        raise (UsageError("refused on purpose") if action == "usage"
-               else Unavailable("unavailable on purpose"))
+
+        raise (
+            UsageError("refused on purpose")
+            if action == "usage"
+            else Unavailable("unavailable on purpose")
+        )
     raise ValueError(f"unknown fault action {action!r}")
 
 
@@ -77,6 +82,7 @@ def install(setattr, epoch: int, action: str, step=None, argv=(), rank=None) -> 
         return
     import torch
     from common import metrics
+
     meter = metrics.EpochMeter
     real_step, real_done, real_save = meter.step, meter.train_done, torch.save
     saves = []
@@ -101,7 +107,9 @@ def install(setattr, epoch: int, action: str, step=None, argv=(), rank=None) -> 
         if step is None and self.epoch == epoch:
             act(action)
         real_done(self)
+
     from common import recorder, rundir
+
     real_end, real_reserve = recorder.Recorder.end_epoch, rundir.reserve
 
     def reserve(run_dir, size):  # first called as the run starts, before its first record
@@ -109,6 +117,7 @@ def install(setattr, epoch: int, action: str, step=None, argv=(), rank=None) -> 
             saves.append(1)
             act(action)
         real_reserve(run_dir, size)
+
     setattr(rundir, "reserve", reserve)
     real_exit = recorder.Recorder.__exit__
 
@@ -117,12 +126,14 @@ def install(setattr, epoch: int, action: str, step=None, argv=(), rank=None) -> 
         if step == "ended":
             act(action)
         return swallowed
+
     setattr(recorder.Recorder, "__exit__", exit_)
 
     def end_epoch(self, row, *args, **kwargs):
         real_end(self, row, *args, **kwargs)
         if step == "recorded" and row["epoch"] == epoch:
             act(action)
+
     real_replace = os.replace
 
     def replace(src, dst, *args, **kwargs):  # the renames that commit a checkpoint and record
@@ -131,10 +142,14 @@ def install(setattr, epoch: int, action: str, step=None, argv=(), rank=None) -> 
         new = f"checkpoint-{epoch + 1}.pt"
         if step == "between" and name == new:
             act(action)
-        if step == "committed" and name == "result.json" and \
-                os.path.exists(os.path.join(folder, new)) and \
-                os.path.exists(os.path.join(folder, f"checkpoint-{epoch}.pt")):
+        if (
+            step == "committed"
+            and name == "result.json"
+            and os.path.exists(os.path.join(folder, new))
+            and os.path.exists(os.path.join(folder, f"checkpoint-{epoch}.pt"))
+        ):
             act(action)
+
     setattr(os, "replace", replace)
     setattr(meter, "step", step_)
     setattr(meter, "train_done", train_done)
@@ -149,8 +164,12 @@ def inject(monkeypatch, epoch: int, action: str, step=None) -> None:
 
 def inject_children(monkeypatch, epoch: int, action: str, step=None, argv=(), rank=None):
     """A fault in every child process started from now on whose argv holds all of `argv`."""
-    monkeypatch.setenv(ENV, json.dumps({"epoch": epoch, "action": action, "step": step,
-                                        "argv": list(argv), "rank": rank}))
+    monkeypatch.setenv(
+        ENV,
+        json.dumps(
+            {"epoch": epoch, "action": action, "step": step, "argv": list(argv), "rank": rank}
+        ),
+    )
     path = [HOOK, ROOT, os.environ.get("PYTHONPATH", "")]
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in path if p))
 

@@ -3,6 +3,7 @@ metrics and weights at 32-true and bf16-mixed, with and without clipping, throug
 resume, through Accelerate's own machinery: Accelerator(mixed_precision=...), prepare,
 backward, clip_grad_norm_. On a CPU it trains fp32 when asked for fp16, so 16-mixed is refused
 there; the proof that it would have is here too, so that the refusal goes when that changes."""
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -22,6 +23,7 @@ def fresh_accelerate_state():
     """One Accelerate state per run, as a process of its own has it: a second Accelerator in
     one process may not change the mixed precision of the first."""
     from accelerate.state import AcceleratorState
+
     AcceleratorState._reset_state(True)
     yield
     AcceleratorState._reset_state(True)
@@ -51,16 +53,22 @@ def test_identical_with_a_cosine_schedule(tmp_path):
 
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
-def test_accelerate_stopped_mid_epoch_and_resumed_is_bitwise_a_straight_run(tmp_path,
-                                                                            monkeypatch,
-                                                                            precision):
+def test_accelerate_stopped_mid_epoch_and_resumed_is_bitwise_a_straight_run(
+    tmp_path, monkeypatch, precision
+):
     straight = accelerate.train(tiny(tmp_path, run_id="straight", precision=precision))
     with monkeypatch.context() as m:
         faults.inject(m, epoch=1, action="interrupt", step=2)
         stopped = accelerate.train(tiny(tmp_path, run_id="stopped", precision=precision))
     assert stopped.status == "interrupted" and stopped.checkpoint["epochs"] == 1
-    resumed = accelerate.train(tiny(tmp_path, run_id="stopped", precision=precision,
-                                    resume=str(tmp_path / "runs" / "stopped")))
+    resumed = accelerate.train(
+        tiny(
+            tmp_path,
+            run_id="stopped",
+            precision=precision,
+            resume=str(tmp_path / "runs" / "stopped"),
+        )
+    )
     assert resumed.status == "ok" and resumed.step_losses == straight.step_losses
     assert resumed.weights_sha256 == straight.weights_sha256
     ckpt = torch.load(checkpoint_of(tmp_path / "runs" / "stopped"), weights_only=True)
@@ -68,14 +76,33 @@ def test_accelerate_stopped_mid_epoch_and_resumed_is_bitwise_a_straight_run(tmp_
 
 
 def test_16_mixed_on_a_cpu_is_refused_in_one_line(tmp_path):
-    r = CliRunner().invoke(cli, ["accelerate", "--dataset", "synthetic", "--model", "small",
-                                 "--synthetic-size", "64", "--batch-size", "4", "--epochs", "1",
-                                 "--accelerator", "cpu", "--precision", "16", "--out-dir",
-                                 str(tmp_path / "out")])
+    r = CliRunner().invoke(
+        cli,
+        [
+            "accelerate",
+            "--dataset",
+            "synthetic",
+            "--model",
+            "small",
+            "--synthetic-size",
+            "64",
+            "--batch-size",
+            "4",
+            "--epochs",
+            "1",
+            "--accelerator",
+            "cpu",
+            "--precision",
+            "16",
+            "--out-dir",
+            str(tmp_path / "out"),
+        ],
+    )
     lines = r.stderr.strip().splitlines()
     assert r.exit_code == 2 and lines == [
         "ampcompare: error: Accelerate would run 32-true for 16-mixed on cpu (native_amp "
-        "False, GradScaler none); refusing to record the wrong one"], r.stderr
+        "False, GradScaler none); refusing to record the wrong one"
+    ], r.stderr
     assert not (tmp_path / "out").exists()
     with pytest.raises(Unavailable, match="Accelerate would run 32-true for 16-mixed"):
         accelerate.train(tiny(tmp_path, precision="16-mixed"))
@@ -86,14 +113,16 @@ def test_asked_for_fp16_on_a_cpu_accelerate_trains_fp32(tmp_path):
     # steps bitwise those of plain fp32 steps. If a later Accelerate runs fp16 here, this
     # fails, and the refusal (which reads the state back) goes by itself.
     from accelerate import Accelerator
+
     accelerator = Accelerator(cpu=True, mixed_precision="fp16")
     assert accelerator.native_amp is False and accelerator.scaler is None
     assert accelerate_precision.runs(accelerator) == "32-true"
 
     def steps(wrap):
         torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(),
-                                    torch.nn.Linear(16, 3))
+        model = torch.nn.Sequential(
+            torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)
+        )
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         model, optimizer, backward = wrap(model, optimizer)
         dtypes = set()
@@ -109,6 +138,7 @@ def test_asked_for_fp16_on_a_cpu_accelerate_trains_fp32(tmp_path):
     def accelerated(model, optimizer):
         model, optimizer = accelerator.prepare(model, optimizer)
         return model, optimizer, accelerator.backward
+
     fp16, dtypes = steps(accelerated)
     fp32, _ = steps(lambda m, o: (m, o, lambda loss: loss.backward()))
     assert dtypes == {torch.float32}

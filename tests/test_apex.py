@@ -1,5 +1,6 @@
 """apex: what can be checked without a GPU (option mapping, the exit-2 messages for each missing
 piece) runs everywhere; the real comparisons are marked gpu + apex and run where both exist."""
+
 import contextlib
 import json
 import math
@@ -17,28 +18,33 @@ from tests import faults
 from tests.conftest import checkpoint_of, on_gpu, run_cli, tiny
 
 
-
-@pytest.mark.parametrize("precision,opt_level,expected", [
-    ("32-true", None, ("O0", "32-true")),
-    ("32", None, ("O0", "32-true")),
-    ("16-mixed", None, ("O1", "16-mixed")),
-    ("auto", None, ("O1", "16-mixed")),
-    ("auto", "O2", ("O2", "16-mixed")),
-    ("16-mixed", "O2", ("O2", "16-mixed")),
-    ("auto", "O3", ("O3", "16-true")),
-    ("32-true", "O0", ("O0", "32-true")),
-])
+@pytest.mark.parametrize(
+    "precision,opt_level,expected",
+    [
+        ("32-true", None, ("O0", "32-true")),
+        ("32", None, ("O0", "32-true")),
+        ("16-mixed", None, ("O1", "16-mixed")),
+        ("auto", None, ("O1", "16-mixed")),
+        ("auto", "O2", ("O2", "16-mixed")),
+        ("16-mixed", "O2", ("O2", "16-mixed")),
+        ("auto", "O3", ("O3", "16-true")),
+        ("32-true", "O0", ("O0", "32-true")),
+    ],
+)
 def test_precision_maps_to_opt_level(precision, opt_level, expected):
     level, pol = opt_levels.resolve(precision, opt_level)
     assert (level, pol.effective) == expected
 
 
-@pytest.mark.parametrize("precision,opt_level,message", [
-    ("bf16-mixed", None, "apex.amp has no bf16 mode"),
-    ("bf16", "O1", "apex.amp has no bf16 mode"),
-    ("32-true", "O1", "--opt-level O1 runs 16-mixed, not --precision 32-true"),
-    ("16-mixed", "O0", "--opt-level O0 runs 32-true, not --precision 16-mixed"),
-])
+@pytest.mark.parametrize(
+    "precision,opt_level,message",
+    [
+        ("bf16-mixed", None, "apex.amp has no bf16 mode"),
+        ("bf16", "O1", "apex.amp has no bf16 mode"),
+        ("32-true", "O1", "--opt-level O1 runs 16-mixed, not --precision 32-true"),
+        ("16-mixed", "O0", "--opt-level O0 runs 32-true, not --precision 16-mixed"),
+    ],
+)
 def test_bad_combinations_are_rejected(precision, opt_level, message):
     with pytest.raises(UsageError, match=message):
         opt_levels.resolve(precision, opt_level)
@@ -58,8 +64,9 @@ def test_an_o2_run_is_not_resumed(tmp_path, opt_level):
 
 def apex_cli(tmp_path, *args):
     out = tmp_path / "runs"
-    result = CliRunner().invoke(cli, ["apex", "--dataset", "synthetic", "--out-dir", str(out),
-                                      *args])
+    result = CliRunner().invoke(
+        cli, ["apex", "--dataset", "synthetic", "--out-dir", str(out), *args]
+    )
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("ampcompare: error: "), result.stderr
@@ -81,8 +88,9 @@ def test_apex_without_amp(tmp_path, monkeypatch):
     assert "has no apex.amp (removed after release 25.04)" in line and "pip install" in line
 
 
-@pytest.mark.skipif(torch.cuda.is_available(),
-                    reason="checks the message for a machine without CUDA")
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="checks the message for a machine without CUDA"
+)
 def test_apex_without_cuda(tmp_path, monkeypatch):
     fake = types.ModuleType("apex")
     fake.amp = types.ModuleType("apex.amp")
@@ -100,16 +108,19 @@ def test_bf16_with_apex_is_a_usage_error_before_apex_is_looked_for(tmp_path, mon
 def test_other_commands_work_without_apex(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "apex", None)
     from plain_torch import train as plain
+
     assert plain.train(tiny(tmp_path, epochs=1)).status == "ok"
 
 
 # --- GPU + apex: the real comparisons -------------------------------------------------------
+
 
 @pytest.mark.gpu
 @pytest.mark.apex
 def test_apex_o0_is_bitwise_identical_to_plain_fp32(tmp_path):
     from apex_impl import train as apex
     from plain_torch import train as plain
+
     a = plain.train(on_gpu(tmp_path, run_id="plain", precision="32-true"))
     b = apex.train(on_gpu(tmp_path, run_id="apex", precision="32-true"))
     assert b.opt_level == "O0" and a.status == b.status == "ok"
@@ -129,9 +140,17 @@ LOSS_MEAN_TOL, LOSS_MAX_TOL, ACC_TOL = 0.05, 0.25, 0.05
 def test_apex_mixed_tracks_plain_fp16(tmp_path, opt_level):
     from apex_impl import train as apex
     from plain_torch import train as plain
+
     a = plain.train(on_gpu(tmp_path, run_id="plain", precision="16-mixed", deterministic=False))
-    b = apex.train(on_gpu(tmp_path, run_id="apex", precision="16-mixed", opt_level=opt_level,
-                       deterministic=False))
+    b = apex.train(
+        on_gpu(
+            tmp_path,
+            run_id="apex",
+            precision="16-mixed",
+            opt_level=opt_level,
+            deterministic=False,
+        )
+    )
     assert a.status == b.status == "ok"
     diffs = [abs(x - y) for x, y in zip(a.step_losses, b.step_losses)]
     assert len(diffs) == len(a.step_losses) == len(b.step_losses)
@@ -142,6 +161,7 @@ def test_apex_mixed_tracks_plain_fp16(tmp_path, opt_level):
 def poison_gradient_at(monkeypatch, step):
     """Make the first conv's gradient inf on one backward pass, in whichever loop runs."""
     from common import models
+
     real = models.build_model
 
     def build_model(cfg):
@@ -151,8 +171,10 @@ def poison_gradient_at(monkeypatch, step):
         def hook(grad):
             calls["n"] += 1
             return torch.full_like(grad, math.inf) if calls["n"] == step else grad
+
         next(model.parameters()).register_hook(hook)
         return model
+
     monkeypatch.setattr(models, "build_model", build_model)
 
 
@@ -161,8 +183,10 @@ def poison_gradient_at(monkeypatch, step):
 @pytest.mark.parametrize("impl", ["plain", "apex"])
 def test_an_inf_gradient_skips_the_step_and_lowers_the_scale(tmp_path, monkeypatch, impl):
     import importlib
+
     module = importlib.import_module(
-        {"plain": "plain_torch.train", "apex": "apex_impl.train"}[impl])
+        {"plain": "plain_torch.train", "apex": "apex_impl.train"}[impl]
+    )
     cfg = dict(precision="16-mixed", epochs=1, deterministic=False)
     clean = module.train(on_gpu(tmp_path, run_id="clean", **cfg))
     poison_gradient_at(monkeypatch, 3)
@@ -206,8 +230,11 @@ class O0Amp:
 def test_apex_loop_matches_plain_at_o0_with_a_stand_in_amp(tmp_path, monkeypatch, clip_grad):
     from apex_impl import train as apex
     from plain_torch import train as plain
+
     monkeypatch.setattr(apex, "amp", O0Amp())
-    monkeypatch.setattr(apex, "check", lambda cfg: opt_levels.resolve(cfg.precision, cfg.opt_level))
+    monkeypatch.setattr(
+        apex, "check", lambda cfg: opt_levels.resolve(cfg.precision, cfg.opt_level)
+    )
     a = plain.train(tiny(tmp_path, run_id="plain", clip_grad=clip_grad))
     b = apex.train(tiny(tmp_path, run_id="apex", clip_grad=clip_grad))
     assert b.status == "ok" and b.impl == "apex" and b.opt_level == "O0"
@@ -224,14 +251,18 @@ def stopped_and_resumed(module, make, tmp_path, monkeypatch, **overrides):
         faults.inject(m, epoch=1, action="interrupt", step=2)
         stopped = module.train(make(tmp_path, run_id="stopped", **overrides))
     assert stopped.status == "interrupted"
-    return module.train(make(tmp_path, run_id="stopped", resume=str(tmp_path / "runs" / "stopped"),
-                             **overrides))
+    return module.train(
+        make(tmp_path, run_id="stopped", resume=str(tmp_path / "runs" / "stopped"), **overrides)
+    )
 
 
 def test_apex_loop_resumes_bitwise_with_a_stand_in_amp(tmp_path, monkeypatch):
     from apex_impl import train as apex
+
     monkeypatch.setattr(apex, "amp", O0Amp())
-    monkeypatch.setattr(apex, "check", lambda cfg: opt_levels.resolve(cfg.precision, cfg.opt_level))
+    monkeypatch.setattr(
+        apex, "check", lambda cfg: opt_levels.resolve(cfg.precision, cfg.opt_level)
+    )
     straight = apex.train(tiny(tmp_path, run_id="straight"))
     resumed = stopped_and_resumed(apex, tiny, tmp_path, monkeypatch)
     assert resumed.status == "ok" and resumed.step_losses == straight.step_losses
@@ -244,16 +275,35 @@ def test_apex_o1_resumes_bitwise_on_gpu(tmp_path, monkeypatch):
     # Each run in a process of its own, as users run them: O1 patches torch for the rest of
     # its process, and amp.initialize is meant to be called once.
     out = tmp_path / "runs"
-    args = ["apex", "--dataset", "synthetic", "--model", "small", "--synthetic-size", "2048",
-            "--batch-size", "128", "--epochs", "2", "--precision", "16-mixed",
-            "--accelerator", "cuda", "--deterministic", "--quiet", "--out-dir", str(out)]
+    args = [
+        "apex",
+        "--dataset",
+        "synthetic",
+        "--model",
+        "small",
+        "--synthetic-size",
+        "2048",
+        "--batch-size",
+        "128",
+        "--epochs",
+        "2",
+        "--precision",
+        "16-mixed",
+        "--accelerator",
+        "cuda",
+        "--deterministic",
+        "--quiet",
+        "--out-dir",
+        str(out),
+    ]
     assert run_cli([*args, "--run-id", "straight"]).returncode == 0
     faults.inject_children(monkeypatch, epoch=1, action="interrupt", step=2)
     assert run_cli([*args, "--run-id", "stopped"]).returncode == 130
     monkeypatch.delenv(faults.ENV)
     proc = run_cli(["apex", "--resume", str(out / "stopped")])
     assert proc.returncode == 0, proc.stderr
-    a, b = (json.loads((out / name / "result.json").read_text())
-            for name in ("straight", "stopped"))
+    a, b = (
+        json.loads((out / name / "result.json").read_text()) for name in ("straight", "stopped")
+    )
     assert a["step_losses"] == b["step_losses"] and a["weights_sha256"] == b["weights_sha256"]
     assert [e["loss_scale"] for e in a["epochs"]] == [e["loss_scale"] for e in b["epochs"]]

@@ -6,6 +6,7 @@ Placeholders in a command: FILE is a file, STOPPED a plain run stopped after one
 epochs (EDITED: one whose record says another lr than its checkpoint; BROKEN: one whose record
 has an unknown status), COMPARED a compare folder, EMPTY an empty folder, NOWHERE a path that
 does not exist. A command may start with environment variables (VAR=value)."""
+
 import importlib.util
 import pathlib
 import re
@@ -46,11 +47,9 @@ CASES = {
     "ampcompare lightning --precision 64": "unknown precision '64'",
     "ampcompare plain --dataset imagenet": "'imagenet' is not one of 'cifar10', 'synthetic'",
     "ampcompare plain --model vit": "--model 'vit': not one of resnet18, small, linear, and "
-                                    "not torchvision:NAME, timm:NAME or package.module:callable",
-    "ampcompare plain --model torchvision:inception_v3":
-        "needs inputs of at least 75x75 (torchvision's min_size)",
-    "ampcompare plain --model nosuchmodule:build":
-        "cannot import nosuchmodule (ModuleNotFoundError: No module named 'nosuchmodule')",
+    "not torchvision:NAME, timm:NAME or package.module:callable",
+    "ampcompare plain --model torchvision:inception_v3": "needs inputs of at least 75x75 (torchvision's min_size)",
+    "ampcompare plain --model nosuchmodule:build": "cannot import nosuchmodule (ModuleNotFoundError: No module named 'nosuchmodule')",
     "ampcompare plain --batch-size 0": "--batch-size must be >= 1, not 0",
     "ampcompare plain --batch-size 1e30": "'1e30' is not a valid integer",
     "ampcompare plain --batch-size 100000": "--batch-size must be <= 65536, not 100000",
@@ -71,8 +70,7 @@ CASES = {
     "ampcompare plain --devices 0": "--devices must be >= 1, not 0",
     "ampcompare plain --devices 65": "--devices must be <= 64, not 65",
     "ampcompare plain --num-nodes 0": "--num-nodes must be >= 1, not 0",
-    "ampcompare plain --devices 2 --batch-size 33":
-        "--batch-size 33 does not split evenly over 2 processes",
+    "ampcompare plain --devices 2 --batch-size 33": "--batch-size 33 does not split evenly over 2 processes",
     "ampcompare plain --devices 2 --num-nodes 2": "start the job on each node with torchrun",
     "ampcompare apex --devices 2": _apex_line,
     "ampcompare plain --accelerator tpu": "'tpu' is not one of 'auto', 'cpu', 'cuda'",
@@ -81,8 +79,7 @@ CASES = {
     "ampcompare plain --foo": "No such option '--foo'",
     "ampcompare train": "No such command 'train'",
     # where things are read and written
-    "ampcompare plain --dataset cifar10 --no-download --data-dir EMPTY":
-        "is not there; run with --download, or use --dataset synthetic",
+    "ampcompare plain --dataset cifar10 --no-download --data-dir EMPTY": "is not there; run with --download, or use --dataset synthetic",
     "ampcompare plain --data-dir ''": "--data-dir must name a folder, not ''",
     "ampcompare plain --out-dir ''": "--out-dir must name a folder, not ''",
     "ampcompare plain --out-dir FILE/runs": "is not a writable folder",
@@ -98,12 +95,9 @@ CASES = {
     "ampcompare plain --resume STOPPED --epochs 2": "--epochs may only be raised",
     "ampcompare plain --resume STOPPED --run-id x": "drop --run-id",
     "ampcompare plain --resume TAMPERED": "checkpoint-1.pt does not match the SHA-256",
-    "ampcompare plain --resume EDITED":
-        "result.json says --lr 0.5, but checkpoint-1.pt was trained with 0.0001",
-    "ampcompare plain --resume BROKEN":
-        "result.json is not a run record (status is 'paused', not one of",
-    "OMP_NUM_THREADS=abc ampcompare plain --devices 2 --batch-size 32":
-        "OMP_NUM_THREADS='abc' is not a number of threads",
+    "ampcompare plain --resume EDITED": "result.json says --lr 0.5, but checkpoint-1.pt was trained with 0.0001",
+    "ampcompare plain --resume BROKEN": "result.json is not a run record (status is 'paused', not one of",
+    "OMP_NUM_THREADS=abc ampcompare plain --devices 2 --batch-size 32": "OMP_NUM_THREADS='abc' is not a number of threads",
     # apex
     "ampcompare apex --precision bf16": "apex.amp has no bf16 mode",
     "ampcompare apex --precision 32 --opt-level O1": "--opt-level O1 runs 16-mixed",
@@ -113,8 +107,7 @@ CASES = {
     "ampcompare compare --impls plain,tensorflow": "--impls: tensorflow; choose from",
     "ampcompare compare --precisions 32,fp8": "--precisions: fp8; choose from",
     "ampcompare compare --repeats 0": "'--repeats': 0 is not in the range 1<=x<=1000",
-    "ampcompare compare --dataset cifar10 --no-download --data-dir EMPTY":
-        "is not there; run with --download, or use --dataset synthetic",
+    "ampcompare compare --dataset cifar10 --no-download --data-dir EMPTY": "is not there; run with --download, or use --dataset synthetic",
     "ampcompare compare --num-nodes 2": "compare starts its arms on this node only",
     "ampcompare compare --impls plain --opt-level O2": "--opt-level O2 is apex's; --impls has no",
     "ampcompare compare --precisions 32 --opt-level O2": "--opt-level O2 runs none of --precisions",
@@ -136,8 +129,10 @@ def places(tmp_path_factory):
     mp.undo()
     ckpt = checkpoint_of(tmp / "runs" / "tampered")
     ckpt.write_bytes(ckpt.read_bytes()[:-10])
-    for name, change in (("edited", ('"lr": 0.0001', '"lr": 0.5')),
-                         ("broken", ('"status": "interrupted"', '"status": "paused"'))):
+    for name, change in (
+        ("edited", ('"lr": 0.0001', '"lr": 0.5')),
+        ("broken", ('"status": "interrupted"', '"status": "paused"')),
+    ):
         shutil.copytree(tmp / "runs" / "stopped", tmp / "edited" / name)
         record = tmp / "edited" / name / "result.json"
         assert change[0] in record.read_text()
@@ -145,12 +140,20 @@ def places(tmp_path_factory):
     (tmp / "compared").mkdir()
     (tmp / "compared" / "compare.json").write_text(
         '{"config": {}, "impls": ["plain"], "precisions": ["32-true"], "repeats": 1, '
-        '"seeds": 1}')
+        '"seeds": 1}'
+    )
     (tmp / "a-file").write_text("not a folder")
-    return {"STOPPED_PARENT": tmp / "runs", "STOPPED_NAME": "stopped",
-            "STOPPED": tmp / "runs" / "stopped", "TAMPERED": tmp / "runs" / "tampered",
-            "EDITED": tmp / "edited" / "edited", "BROKEN": tmp / "edited" / "broken",
-            "COMPARED": tmp / "compared", "FILE": tmp / "a-file", "NOWHERE": tmp / "nowhere"}
+    return {
+        "STOPPED_PARENT": tmp / "runs",
+        "STOPPED_NAME": "stopped",
+        "STOPPED": tmp / "runs" / "stopped",
+        "TAMPERED": tmp / "runs" / "tampered",
+        "EDITED": tmp / "edited" / "edited",
+        "BROKEN": tmp / "edited" / "broken",
+        "COMPARED": tmp / "compared",
+        "FILE": tmp / "a-file",
+        "NOWHERE": tmp / "nowhere",
+    }
 
 
 def snapshot(folder):
@@ -165,17 +168,18 @@ def test_bad_input_gets_one_line_exit_2_and_writes_nothing(command, places, tmp_
     empty.mkdir()
     names = {**places, "EMPTY": empty}
     words = command.split()
-    env = dict(w.split("=", 1) for w in words[:words.index("ampcompare")])
-    args = words[words.index("ampcompare") + 1:]
-    args = [re.sub(r"[A-Z_]{4,}", lambda m: str(names.get(m.group(0), m.group(0))), a)
-            for a in args]
+    env = dict(w.split("=", 1) for w in words[: words.index("ampcompare")])
+    args = words[words.index("ampcompare") + 1 :]
+    args = [
+        re.sub(r"[A-Z_]{4,}", lambda m: str(names.get(m.group(0), m.group(0))), a) for a in args
+    ]
     args = ["" if a == "''" else a for a in args]
     if args[0] in ("plain", "lightning", "apex", "compare") and "--resume" not in args:
         defaults = CPU_RUN.split()
         given = {a for a in args if a.startswith("--")}
         for i in range(0, len(defaults), 2):  # fill in a tiny run for what the case leaves out
             if defaults[i] not in given:
-                args += defaults[i:i + 2]
+                args += defaults[i : i + 2]
         if "--out-dir" not in given:
             args += ["--out-dir", str(tmp_path / "out")]
         if args[0] == "compare":
@@ -194,8 +198,8 @@ def test_bad_input_gets_one_line_exit_2_and_writes_nothing(command, places, tmp_
 
 def readme_catalogue():
     text = (ROOT / "README.md").read_text()
-    section = text[text.index("## Bad input"):]
-    section = section[:section.index("\n## ", 1)]
+    section = text[text.index("## Bad input") :]
+    section = section[: section.index("\n## ", 1)]
     return re.findall(r"^\| `((?:[A-Z_]+=\S+ )*ampcompare [^`]*)` \|", section, flags=re.M)
 
 

@@ -33,32 +33,53 @@ def test_every_command_has_help_and_every_option_states_its_default(name):
 def test_common_options_are_identical_across_commands():
     def signature(command):
         return [(p.name, p.opts, p.default) for p in command.params if p.name != "opt_level"]
+
     first = signature(cli.commands["plain"])
     for name in ("lightning", "fabric", "apex"):
         assert signature(cli.commands[name]) == first
 
 
 def test_console_script_prints_no_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "ampcompare", "plain", "--precision", "fp8",
-                           "--out-dir", str(tmp_path)], capture_output=True, text=True,
-                          cwd=os.path.dirname(os.path.dirname(__file__)))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ampcompare",
+            "plain",
+            "--precision",
+            "fp8",
+            "--out-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
     assert proc.returncode == 2
-    assert proc.stderr == "ampcompare: error: unknown precision 'fp8': use one of 32-true, " \
-                          "16-mixed, bf16-mixed (or 32, 16, bf16, auto)\n"
+    assert (
+        proc.stderr == "ampcompare: error: unknown precision 'fp8': use one of 32-true, "
+        "16-mixed, bf16-mixed (or 32, 16, bf16, auto)\n"
+    )
     assert proc.stdout == ""
 
 
 def test_plain_command_does_not_import_lightning_or_apex(tmp_path):
-    code = ("import sys; from ampcompare.cli import cli\n"
-            "try: cli.main(['plain', '--dataset', 'synthetic', '--model', 'small', "
-            "'--synthetic-size', '64', '--batch-size', '32', '--epochs', '1', '--quiet', "
-            f"'--accelerator', 'cpu', '--out-dir', {str(tmp_path)!r}])\n"
-            "except SystemExit as e: assert e.code == 0, e.code\n"
-            "bad = [m for m in sys.modules if m.split('.')[0] in "
-            "('pytorch_lightning', 'lightning', 'apex')]\n"
-            "assert not bad, bad\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd=os.path.dirname(os.path.dirname(__file__)))
+    code = (
+        "import sys; from ampcompare.cli import cli\n"
+        "try: cli.main(['plain', '--dataset', 'synthetic', '--model', 'small', "
+        "'--synthetic-size', '64', '--batch-size', '32', '--epochs', '1', '--quiet', "
+        f"'--accelerator', 'cpu', '--out-dir', {str(tmp_path)!r}])\n"
+        "except SystemExit as e: assert e.code == 0, e.code\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in "
+        "('pytorch_lightning', 'lightning', 'apex')]\n"
+        "assert not bad, bad\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
     assert proc.returncode == 0, proc.stderr
 
 
@@ -71,19 +92,43 @@ def test_every_command_is_in_the_readme(name):
 
 def test_the_bench_runs_and_writes_every_ratio(tmp_path):
     root = os.path.dirname(os.path.dirname(__file__))
-    proc = subprocess.run([sys.executable, "-m", "ampcompare", "bench", "--rounds", "2",
-                           "--linear-rounds", "3", "--synthetic-size", "128", "--batch-size",
-                           "64", "--out-dir", str(tmp_path)], cwd=root, capture_output=True,
-                          text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ampcompare",
+            "bench",
+            "--rounds",
+            "2",
+            "--linear-rounds",
+            "3",
+            "--synthetic-size",
+            "128",
+            "--batch-size",
+            "64",
+            "--out-dir",
+            str(tmp_path),
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     import json
+
     bench = json.loads((tmp_path / "bench.json").read_text())
-    for name, rounds in (("lightning_cost_per_step", 3), ("fabric_cost_per_step", 3),
-                         ("accelerate_cost_per_step", 3),
-                         ("control_cost_per_step", 3), ("control_ratio", 3),
-                         ("lightning_cost_share_of_small_step", 3), ("bf16_over_fp32", 2),
-                         ("control_over_fp32", 2), ("data_wait_fraction", 2),
-                         ("loader_over_torchvision", 8)):
+    for name, rounds in (
+        ("lightning_cost_per_step", 3),
+        ("fabric_cost_per_step", 3),
+        ("accelerate_cost_per_step", 3),
+        ("control_cost_per_step", 3),
+        ("control_ratio", 3),
+        ("lightning_cost_share_of_small_step", 3),
+        ("bf16_over_fp32", 2),
+        ("control_over_fp32", 2),
+        ("data_wait_fraction", 2),
+        ("loader_over_torchvision", 8),
+    ):
         figure = bench[name]
         lo, hi = figure["interval"]
         assert figure["rounds"] == rounds and lo <= hi, name
@@ -91,20 +136,27 @@ def test_the_bench_runs_and_writes_every_ratio(tmp_path):
     assert bench["bf16_over_fp32_activation_memory"] < 0.7
     assert bench["control_ratio"]["target_verdict"].split(":")[0] in ("holds", "FAILS")
     assert bench["lightning_cost_per_step"]["target_verdict"].split(":")[0] in (
-        "resolved", "not resolved")
+        "resolved",
+        "not resolved",
+    )
     assert "lightning_cost_per_step" in proc.stdout and " a step" in proc.stdout
 
 
 def test_the_gpu_check_runs_every_step_in_its_cpu_mode(tmp_path):
     root = os.path.dirname(os.path.dirname(__file__))
-    proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--cpu", str(tmp_path)], cwd=root,
-                          env={**os.environ, "PYTHON": sys.executable}, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        ["bash", "scripts/gpu_check.sh", "--cpu", str(tmp_path)],
+        cwd=root,
+        env={**os.environ, "PYTHON": sys.executable},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (tmp_path / "report" / "benchmark.png").exists()
     targets = (tmp_path / "targets.txt").read_text()
     assert "plain       bf16-mixed speed " in targets and "activations 0.5" in targets
-    assert "reference (2 P40s / 2 T4s)" in targets
+    assert "Reference: the benchmark this tool grew from" in targets
     report = (tmp_path / "report" / "report.md").read_text()
     assert "apex (O2)" in report  # the second compare, reported with the first
 
@@ -115,6 +167,7 @@ def test_an_arm_that_raises_in_the_bench_is_reported_not_a_traceback(tmp_path, m
 
     def refuse(cfg):
         raise RuntimeError("refused on purpose")
+
     monkeypatch.setitem(bench.ARMS, "plain", types.SimpleNamespace(train=refuse))
     base = tiny(tmp_path, batch_size=64)
     report = {}

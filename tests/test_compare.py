@@ -1,5 +1,6 @@
 """compare and report, end to end on CPU: 2 impls x 2 precisions x 2 repeats, one arm made to
 fail on purpose in its child processes (tests/faults.py)."""
+
 import csv
 import json
 import os
@@ -15,8 +16,22 @@ from common.config import Config
 from tests import faults
 from tests.conftest import SMALL_RUN, start_until_first_epoch
 
-ARGS = ["--dataset", "synthetic", "--model", "small", "--synthetic-size", "256", "--batch-size",
-        "64", "--epochs", "2", "--limit-train-batches", "2", "--accelerator", "cpu"]
+ARGS = [
+    "--dataset",
+    "synthetic",
+    "--model",
+    "small",
+    "--synthetic-size",
+    "256",
+    "--batch-size",
+    "64",
+    "--epochs",
+    "2",
+    "--limit-train-batches",
+    "2",
+    "--accelerator",
+    "cpu",
+]
 
 
 @pytest.fixture(scope="module")
@@ -24,9 +39,21 @@ def compared(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("compare")
     mp = pytest.MonkeyPatch()
     faults.inject_children(mp, epoch=0, action="raise", argv=("lightning", "bf16-mixed"))
-    result = CliRunner().invoke(cli, ["compare", *ARGS, "--impls", "plain,lightning,apex",
-                                      "--precisions", "32,bf16", "--repeats", "2",
-                                      "--out-dir", str(tmp / "runs")])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "compare",
+            *ARGS,
+            "--impls",
+            "plain,lightning,apex",
+            "--precisions",
+            "32,bf16",
+            "--repeats",
+            "2",
+            "--out-dir",
+            str(tmp / "runs"),
+        ],
+    )
     mp.undo()
     folders = list((tmp / "runs").iterdir())
     assert len(folders) == 1, result.output
@@ -40,7 +67,7 @@ def csv_rows(folder) -> list[dict]:
 
 def md_table(markdown: str, heading: str) -> list[dict]:
     """The first table under `heading` in a Markdown text, as one dict per row."""
-    lines = markdown[markdown.index(heading):].splitlines()
+    lines = markdown[markdown.index(heading) :].splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("|"))
     table = []
     for line in lines[start:]:
@@ -59,7 +86,9 @@ def test_compare_writes_every_file(compared):
     rows = csv_rows(folder)
     assert len(rows) == 3 * 2 * 2
     assert "[1/12]" in result.stderr and "[12/12]" in result.stderr
-    assert not list(folder.glob("*/checkpoint*.pt"))  # compare measures, it keeps no checkpoints
+    assert not list(
+        folder.glob("*/checkpoint*.pt")
+    )  # compare measures, it keeps no checkpoints
 
 
 def test_each_run_came_from_its_own_process(compared):
@@ -75,15 +104,21 @@ def test_a_failing_arm_is_a_row_and_the_rest_complete(compared):
     status = {(r["impl"], r["precision"], r["repeat"]): r["status"] for r in rows}
     assert status[("lightning", "bf16-mixed", "0")] == "failed"
     assert status[("lightning", "bf16-mixed", "1")] == "failed"
-    assert all(status[(i, p, k)] == "ok" for i, p in [("plain", "32-true"), ("plain", "bf16-mixed"),
-                                                      ("lightning", "32-true")] for k in "01")
+    assert all(
+        status[(i, p, k)] == "ok"
+        for i, p in [("plain", "32-true"), ("plain", "bf16-mixed"), ("lightning", "32-true")]
+        for k in "01"
+    )
     failed = next(r for r in rows if r["status"] == "failed")
     assert "broken on purpose" in failed["error"]
     assert int(failed["epochs_done"]) == 0
     unfinished = md_table((folder / "report.md").read_text(), "## Runs that did not finish")
     row = next(r for r in unfinished if r["impl"] == "lightning")
     assert row["precision"] == "bf16-mixed" and row["status"] == "failed"
-    assert set(row["runs"].split(", ")) == {"lightning-bf16-mixed-r0", "lightning-bf16-mixed-r1"}
+    assert set(row["runs"].split(", ")) == {
+        "lightning-bf16-mixed-r0",
+        "lightning-bf16-mixed-r1",
+    }
     assert "broken on purpose" in row["why"]
 
 
@@ -96,20 +131,39 @@ def test_apex_unavailable_here_is_a_row_that_says_why(compared):
     assert "unavailable" in (folder / "report.md").read_text()
 
 
-@pytest.mark.parametrize("action, status", [("usage", "failed"), ("unavailable", "unavailable")])
-def test_only_what_the_machine_lacks_makes_an_arm_unavailable(tmp_path, monkeypatch, action,
-                                                              status):
+@pytest.mark.parametrize(
+    "action, status", [("usage", "failed"), ("unavailable", "unavailable")]
+)
+def test_only_what_the_machine_lacks_makes_an_arm_unavailable(
+    tmp_path, monkeypatch, action, status
+):
     # A child's exit 2 (a full disk at start, a port in use) is that run's failure, with its
     # line; only what this machine cannot do at all (exit 3 towards compare) is "unavailable".
     faults.inject_children(monkeypatch, epoch=0, action=action, argv=("plain",))
-    result = CliRunner().invoke(cli, ["compare", *ARGS, "--epochs", "1", "--impls", "plain",
-                                      "--precisions", "32", "--repeats", "2",
-                                      "--out-dir", str(tmp_path)])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "compare",
+            *ARGS,
+            "--epochs",
+            "1",
+            "--impls",
+            "plain",
+            "--precisions",
+            "32",
+            "--repeats",
+            "2",
+            "--out-dir",
+            str(tmp_path),
+        ],
+    )
     assert result.exit_code == (1 if status == "failed" else 0), result.output
     rows = csv_rows(next(tmp_path.iterdir()))
     assert [r["status"] for r in rows] == [status, status]
-    assert all(r["error"] == f"{'refused' if action == 'usage' else 'unavailable'} on purpose"
-               for r in rows)
+    assert all(
+        r["error"] == f"{'refused' if action == 'usage' else 'unavailable'} on purpose"
+        for r in rows
+    )
 
 
 def test_report_speedup_follows_from_the_csv(compared):
@@ -119,10 +173,14 @@ def test_report_speedup_follows_from_the_csv(compared):
     rows = csv_rows(folder)
 
     def step_time(precision):
-        times = [float(r["median_step_time_s"]) for r in rows
-                 if (r["impl"], r["precision"], r["status"]) == ("plain", precision, "ok")]
+        times = [
+            float(r["median_step_time_s"])
+            for r in rows
+            if (r["impl"], r["precision"], r["status"]) == ("plain", precision, "ok")
+        ]
         assert len(times) == 2
         return sum(times) / 2
+
     expected = step_time("32-true") / step_time("bf16-mixed")
     md = (folder / "report.md").read_text()
     ratios = md_table(md, "### Mixed precision against 32-true")
@@ -133,8 +191,9 @@ def test_report_speedup_follows_from_the_csv(compared):
         assert lo <= expected <= hi
     else:
         number = float(speed.split("×")[0])
-        assert number == pytest.approx(expected if "faster" in speed else 1 / expected,
-                                       abs=0.006)
+        assert number == pytest.approx(
+            expected if "faster" in speed else 1 / expected, abs=0.006
+        )
     assert "On CPU the mixed precision is bf16-mixed" in md
     why = [line for line in md.splitlines() if line.startswith("- bf16-mixed against 32-true")]
     assert len(why) == 1 and speed in why[0]
@@ -150,7 +209,9 @@ def test_report_rebuilds_the_same_files(compared, tmp_path):
     r = CliRunner().invoke(cli, ["report", str(folder), "--out", str(tmp_path / "again")])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "again" / "report.md").read_text() == before
-    assert (tmp_path / "again" / "results.csv").read_text() == (folder / "results.csv").read_text()
+    assert (tmp_path / "again" / "results.csv").read_text() == (
+        folder / "results.csv"
+    ).read_text()
 
 
 def test_report_groups_several_folders_by_device(compared, tmp_path):
@@ -173,6 +234,7 @@ def test_report_groups_several_folders_by_device(compared, tmp_path):
 def test_chart_is_an_image_with_the_three_panels(compared):
     from PIL import Image
     from ampcompare import chart
+
     _, folder = compared
     with Image.open(folder / "benchmark.png") as image:
         image.load()  # decodes every pixel: a truncated or garbled file fails here
@@ -180,34 +242,81 @@ def test_chart_is_an_image_with_the_three_panels(compared):
         assert pixels.getextrema()[0] < 128 < pixels.getextrema()[1]  # something is drawn
     summary = json.loads((folder / "summary.json").read_text())
     titles = [ax.get_title() for ax in chart.figure(summary).axes]
-    assert titles == ["activation memory (MiB)", "step time (ms), 95% interval",
-                      "final test accuracy"]
+    assert titles == [
+        "activation memory (MiB)",
+        "step time (ms), 95% interval",
+        "final test accuracy",
+    ]
 
 
 RUNNING = {"status": "running", "pid": 2, "epochs": [1]}
 BEFORE = {"status": "interrupted", "pid": 1, "epochs": [1], "checkpoint": {"epochs": 1}}
 
 
-@pytest.mark.parametrize("before,after,code,last,interrupted,resuming,expected", [
-    (None, None, 3, "no CUDA", False, False, ("stand-in", "unavailable", "no CUDA")),
-    (None, None, 1, None, False, False, ("stand-in", "failed", "exit code 1")),
-    (None, None, -9, None, True, False, ("stand-in", "interrupted", "killed by SIGKILL")),
-    (None, {"status": "ok"}, 0, None, False, False, ("keep", None, None)),
-    (None, {"status": "diverged"}, 1, "x", False, False, ("keep", None, None)),
-    (None, RUNNING, -9, None, False, False, ("update", "failed", "killed by SIGKILL")),
-    (None, RUNNING, -9, "oom", True, False, ("update", "interrupted", "oom; killed by SIGKILL")),
-    (BEFORE, BEFORE, 2, "checkpoint-1.pt does not match", False, True,
-     ("start over", None, "checkpoint-1.pt does not match")),
-    (BEFORE, BEFORE, -9, None, False, True,
-     ("update", "failed", "killed by SIGKILL, before it wrote anything; what an earlier "
-                          "attempt measured is kept")),
-    (BEFORE, BEFORE, 2, "/r: another process is writing that run", False, True,
-     ("leave", None, "/r: another process is writing that run")),
-    (BEFORE, {**RUNNING, "epochs": [1, 2]}, 130, None, True, True,
-     ("update", "interrupted", "exit code 130")),
-])
-def test_what_an_arms_attempt_ended_as(before, after, code, last, interrupted, resuming,
-                                       expected):
+@pytest.mark.parametrize(
+    "before,after,code,last,interrupted,resuming,expected",
+    [
+        (None, None, 3, "no CUDA", False, False, ("stand-in", "unavailable", "no CUDA")),
+        (None, None, 1, None, False, False, ("stand-in", "failed", "exit code 1")),
+        (None, None, -9, None, True, False, ("stand-in", "interrupted", "killed by SIGKILL")),
+        (None, {"status": "ok"}, 0, None, False, False, ("keep", None, None)),
+        (None, {"status": "diverged"}, 1, "x", False, False, ("keep", None, None)),
+        (None, RUNNING, -9, None, False, False, ("update", "failed", "killed by SIGKILL")),
+        (
+            None,
+            RUNNING,
+            -9,
+            "oom",
+            True,
+            False,
+            ("update", "interrupted", "oom; killed by SIGKILL"),
+        ),
+        (
+            BEFORE,
+            BEFORE,
+            2,
+            "checkpoint-1.pt does not match",
+            False,
+            True,
+            ("start over", None, "checkpoint-1.pt does not match"),
+        ),
+        (
+            BEFORE,
+            BEFORE,
+            -9,
+            None,
+            False,
+            True,
+            (
+                "update",
+                "failed",
+                "killed by SIGKILL, before it wrote anything; what an earlier "
+                "attempt measured is kept",
+            ),
+        ),
+        (
+            BEFORE,
+            BEFORE,
+            2,
+            "/r: another process is writing that run",
+            False,
+            True,
+            ("leave", None, "/r: another process is writing that run"),
+        ),
+        (
+            BEFORE,
+            {**RUNNING, "epochs": [1, 2]},
+            130,
+            None,
+            True,
+            True,
+            ("update", "interrupted", "exit code 130"),
+        ),
+    ],
+)
+def test_what_an_arms_attempt_ended_as(
+    before, after, code, last, interrupted, resuming, expected
+):
     got = compare.outcome(before, after, code, last, interrupted, resuming)
     assert (got.action, got.status, got.error) == expected
 
@@ -218,14 +327,24 @@ def test_schedule_interleaves_and_rotates():
     firsts = [arms[k * 4] for k in range(3)]
     assert len({(a.impl, a.precision) for a in firsts}) == 3  # no arm always goes first
     for r in range(3):
-        block = arms[r * 4:(r + 1) * 4]
+        block = arms[r * 4 : (r + 1) * 4]
         assert {a.repeat for a in block} == {r}
         assert len({(a.impl, a.precision) for a in block}) == 4
 
 
 def test_child_args_reproduce_the_config():
-    cfg = Config(dataset="synthetic", model="small", batch_size=64, lr=3e-4, clip_grad=0.5,
-                 download=False, tf32=True, limit_train_batches=5, seed=7, checkpoint=False)
+    cfg = Config(
+        dataset="synthetic",
+        model="small",
+        batch_size=64,
+        lr=3e-4,
+        clip_grad=0.5,
+        download=False,
+        tf32=True,
+        limit_train_batches=5,
+        seed=7,
+        checkpoint=False,
+    )
     seen = {}
 
     @cli.command("_echo", hidden=True)
@@ -233,6 +352,7 @@ def test_child_args_reproduce_the_config():
     def _echo(**options):
         seen.update(config_from(options).to_dict())
         return 0
+
     try:
         r = CliRunner().invoke(cli, ["_echo", *compare.child_args(cfg)])
         assert r.exit_code == 0, r.output
@@ -240,6 +360,7 @@ def test_child_args_reproduce_the_config():
         cli.commands.pop("_echo")
     expected = cfg.to_dict()
     from common.config import names
+
     for name in names(per_arm=True):
         expected.pop(name), seen.pop(name)
     assert seen == expected
@@ -248,8 +369,21 @@ def test_child_args_reproduce_the_config():
 def test_interrupting_compare_keeps_the_running_arm_and_reports(tmp_path):
     out = tmp_path / "runs"
     proc, result = start_until_first_epoch(
-        ["compare", *SMALL_RUN, "--epochs", "50", "--impls", "plain", "--precisions", "32",
-         "--out-dir", str(out)], out, "*/plain-32-true-r0/result.json")
+        [
+            "compare",
+            *SMALL_RUN,
+            "--epochs",
+            "50",
+            "--impls",
+            "plain",
+            "--precisions",
+            "32",
+            "--out-dir",
+            str(out),
+        ],
+        out,
+        "*/plain-32-true-r0/result.json",
+    )
     proc.send_signal(signal.SIGINT)  # to the parent only, as `kill -INT` would
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
@@ -260,8 +394,17 @@ def test_interrupting_compare_keeps_the_running_arm_and_reports(tmp_path):
 
 def test_an_arm_killed_outright_is_failed_not_running(tmp_path, monkeypatch):
     faults.inject_children(monkeypatch, epoch=1, action="exit")
-    cfg = config_from({"dataset": "synthetic", "model": "small", "synthetic_size": 128,
-                       "batch_size": 64, "epochs": 3, "accelerator": "cpu", "checkpoint": False})
+    cfg = config_from(
+        {
+            "dataset": "synthetic",
+            "model": "small",
+            "synthetic_size": 128,
+            "batch_size": 64,
+            "epochs": 3,
+            "accelerator": "cpu",
+            "checkpoint": False,
+        }
+    )
     folder = str(tmp_path / "cmp")
     record, stop = compare.run_arm(cfg, plan.Arm("plain", "32-true", 0), folder, {}, {})
     assert record["status"] == "failed" and record["error"] == "exit code 137" and not stop

@@ -17,15 +17,18 @@ def test_cifar10_loader_reads_an_archive_in_cifar_format(cifar_archive):
     assert train.labels.dtype == torch.long and int(train.labels.max()) < 10
     # Row layout: CIFAR stores each image as 1024 red, then green, then blue bytes.
     import pickle
+
     with open(cifar_archive / "cifar-10-batches-py" / "data_batch_1", "rb") as f:
         raw = pickle.load(f)
     assert torch.equal(train.images[0].reshape(-1), torch.from_numpy(raw["data"][0]))
 
 
 @pytest.mark.parametrize("download", [False, True])
-def test_cifar10_loader_names_the_file_that_fails_its_checksum(cifar_archive, monkeypatch,
-                                                               download):
+def test_cifar10_loader_names_the_file_that_fails_its_checksum(
+    cifar_archive, monkeypatch, download
+):
     import torchvision.datasets.utils as tvu
+
     path = cifar_archive / "cifar-10-batches-py" / "data_batch_3"
     blob = bytearray(path.read_bytes())
     blob[-10] ^= 0xFF
@@ -51,6 +54,7 @@ def test_cifar10_missing_and_offline(tmp_path, monkeypatch):
 
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")
+
     monkeypatch.setattr(tvu, "download_url", offline)
     with pytest.raises(UsageError, match="could not be downloaded.*--dataset synthetic"):
         data.cifar10(str(tmp_path / "nothing"), download=True)
@@ -61,6 +65,7 @@ def test_the_synthetic_set_is_made_a_chunk_at_a_time_with_the_same_draws(monkeyp
     # The whole set in one pass, as it was made before chunks (same generator order: labels,
     # frequency, tilt, phase, noise, colours), against chunks of 37 images.
     import math
+
     g = torch.Generator().manual_seed(4)
     n = 100
     labels = torch.randint(0, 10, (n,), generator=g)
@@ -73,8 +78,9 @@ def test_the_synthetic_set_is_made_a_chunk_at_a_time_with_the_same_draws(monkeyp
     xs = torch.arange(32.0)
     along_x = ((f * theta.cos())[..., None] * xs + phase[..., None])[:, :, None, :]
     along_y = ((f * theta.sin())[..., None] * xs)[:, :, :, None]
-    pattern = (along_x + along_y).cos().sum(1) + 2 * data.NOISE * torch.randn(n, 32, 32,
-                                                                             generator=g)
+    pattern = (along_x + along_y).cos().sum(1) + 2 * data.NOISE * torch.randn(
+        n, 32, 32, generator=g
+    )
     base = 255 * (0.25 + 0.5 * torch.rand(n, 3, 1, 1, generator=g)) + 0.5
     direction = 2 * torch.rand(n, 3, 1, 1, generator=g) - 1
     contrast = 0.5 * 255 * (0.1 + 0.15 * torch.rand(n, 1, 1, 1, generator=g))
@@ -86,15 +92,18 @@ def test_the_synthetic_set_is_made_a_chunk_at_a_time_with_the_same_draws(monkeyp
 
 
 def test_making_a_big_synthetic_set_takes_little_more_than_the_set(tmp_path):
-    code = ("import resource, torch; from common import data; "
-            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
-            "data.synthetic(0, 100000, 20000); "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    code = (
+        "import resource, torch; from common import data; "
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+        "data.synthetic(0, 100000, 20000); "
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     grown = int(proc.stdout) * 1024
     uint8 = 120000 * 3 * 32 * 32
-    assert grown < 1.5 * uint8, (grown / 2 ** 20, uint8 / 2 ** 20)  # one pass: ~20x the set
+    assert grown < 1.5 * uint8, (grown / 2**20, uint8 / 2**20)  # one pass: ~20x the set
 
 
 def test_running_out_of_memory_for_the_data_is_one_line(tmp_path, monkeypatch):
@@ -102,13 +111,29 @@ def test_running_out_of_memory_for_the_data_is_one_line(tmp_path, monkeypatch):
     from ampcompare.cli import cli
 
     def full(*args, **kwargs):
-        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: "
-                           "can't allocate memory: you tried to allocate 9600000000 bytes.")
+        raise RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: "
+            "can't allocate memory: you tried to allocate 9600000000 bytes."
+        )
+
     monkeypatch.setattr(data, "loaders", full)
-    r = CliRunner().invoke(cli, ["plain", "--dataset", "synthetic", "--synthetic-size", "1000",
-                                 "--accelerator", "cpu", "--out-dir", str(tmp_path)])
+    r = CliRunner().invoke(
+        cli,
+        [
+            "plain",
+            "--dataset",
+            "synthetic",
+            "--synthetic-size",
+            "1000",
+            "--accelerator",
+            "cpu",
+            "--out-dir",
+            str(tmp_path),
+        ],
+    )
     assert r.exit_code == 2 and r.stderr.startswith(
-        "ampcompare: error: not enough memory for the data: 1200 images take 0.0 GiB as uint8")
+        "ampcompare: error: not enough memory for the data: 1200 images take 0.0 GiB as uint8"
+    )
     assert "can't allocate memory" in r.stderr and not list(tmp_path.iterdir())
 
 
@@ -135,19 +160,26 @@ def test_order_and_augmentation_depend_only_on_seed_and_epoch(tmp_path):
     epoch0 = _batches(train_loader)
     sampler.set_epoch(1)
     again = _batches(train_loader)
-    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again))
+    assert all(
+        torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again)
+    )
     assert not torch.equal(first[0][0], epoch0[0][0])
 
 
 def test_augmentation_is_a_padded_crop_and_flip():
     images = torch.arange(2 * 3 * 32 * 32, dtype=torch.int64).remainder(251).to(torch.uint8)
-    ds = data.AugmentedImages(data.ImageSet(images.view(2, 3, 32, 32), torch.tensor([3, 7])),
-                              torch.device("cpu"), False)
+    ds = data.AugmentedImages(
+        data.ImageSet(images.view(2, 3, 32, 32), torch.tensor([3, 7])),
+        torch.device("cpu"),
+        False,
+    )
     draws = torch.tensor([(0, 4, 4, 0, 1), (1, 0, 8, 1, 1), (0, 4, 4, 1, 1), (1, 4, 4, 0, 0)])
     x, y = ds.__getitems__(draws)
     mean, std = torch.tensor(data.MEAN).view(3, 1, 1), torch.tensor(data.STD).view(3, 1, 1)
     raw = (x * std + mean) * 255
-    assert torch.allclose(raw[0], images.view(2, 3, 32, 32)[0].float(), atol=1e-3)  # centre crop
+    assert torch.allclose(
+        raw[0], images.view(2, 3, 32, 32)[0].float(), atol=1e-3
+    )  # centre crop
     assert torch.allclose(raw[2], raw[0].flip(2), atol=1e-3)  # horizontal flip
     # dx=0, dy=8, then mirrored: 4 zero-padding columns on the right (on the left before the
     # flip) and 4 zero-padding rows at the bottom.
@@ -204,7 +236,6 @@ def test_synthetic_classes_must_be_learnt(seed):
     assert counts.min() > 800  # every class is there, about equally
 
 
-
 @pytest.mark.gpu
 def test_crops_on_the_gpu_are_the_cpu_crops():
     train, _ = data.synthetic(0, 512, 10)
@@ -219,6 +250,7 @@ def test_crops_on_the_gpu_are_the_cpu_crops():
 @pytest.mark.gpu
 def test_the_image_sets_on_the_gpu_are_counted_once():
     from torch.utils.data import DataLoader
+
     sets = data.synthetic(0, 512, 128)
     on_gpu = [DataLoader(data.AugmentedImages(s, torch.device("cuda"), False)) for s in sets]
     # Each set padded to 40 x 40 and kept twice (as drawn and mirrored), plus int64 labels.
@@ -229,6 +261,7 @@ def test_the_image_sets_on_the_gpu_are_counted_once():
 def test_on_cpu_no_data_is_on_a_device_and_no_peak_is_taken_less_it(tmp_path):
     from plain_torch import train as plain
     from tests.conftest import tiny
+
     record = plain.train(tiny(tmp_path, epochs=1)).to_dict()
     assert record["env"]["data_on_device_bytes"] == 0
     assert record["summary"]["peak_memory_bytes"] > 0

@@ -3,6 +3,7 @@ bitwise-identical per-step losses and weights (DESIGN.md, "Equivalence"), a job 
 job that loses a rank or gets Ctrl-C ends with a true record and no process left. Every job runs
 through the command line (`--devices 2` starts the processes with torch's elastic launcher),
 under a time limit, so that a hung process group fails a test instead of blocking the suite."""
+
 import json
 import os
 import signal
@@ -17,9 +18,25 @@ from ampcompare import launch
 from tests import faults
 from tests.conftest import ROOT, run_cli
 
-JOB = ["--devices", "2", "--dataset", "synthetic", "--model", "small", "--synthetic-size", "256",
-       "--batch-size", "16", "--limit-train-batches", "3", "--limit-test-batches", "2",
-       "--accelerator", "cpu", "--quiet"]
+JOB = [
+    "--devices",
+    "2",
+    "--dataset",
+    "synthetic",
+    "--model",
+    "small",
+    "--synthetic-size",
+    "256",
+    "--batch-size",
+    "16",
+    "--limit-train-batches",
+    "3",
+    "--limit-test-batches",
+    "2",
+    "--accelerator",
+    "cpu",
+    "--quiet",
+]
 LIMIT = 240  # seconds for any one job
 
 
@@ -45,9 +62,13 @@ def test_plain_lightning_and_fabric_ddp_are_bitwise_identical(tmp_path, precisio
     # fp16 has no fast CPU kernels: 2 images a rank instead of 8
     small = ["--batch-size", "4"] if precision == "16-mixed" else []
     # Accelerate trains fp32 when asked for fp16 on a CPU: refused there (tests/test_accelerate)
-    arms = ("plain", "lightning", "fabric") + (("accelerate",) if precision != "16-mixed" else ())
-    runs = {arm: job(arm, tmp_path, arm, "--precision", precision, "--epochs", "2", *small)
-            for arm in arms}
+    arms = ("plain", "lightning", "fabric") + (
+        ("accelerate",) if precision != "16-mixed" else ()
+    )
+    runs = {
+        arm: job(arm, tmp_path, arm, "--precision", precision, "--epochs", "2", *small)
+        for arm in arms
+    }
     for arm, record in runs.items():
         assert record["status"] == "ok", (arm, record["error"])
         assert record["env"]["world_size"] == 2 and record["env"]["backend"] == "gloo"
@@ -59,20 +80,27 @@ def test_plain_lightning_and_fabric_ddp_are_bitwise_identical(tmp_path, precisio
         assert runs[arm]["step_losses"] == plain["step_losses"], arm
         assert runs[arm]["weights_sha256"] == plain["weights_sha256"], arm
         for a, b in zip(runs[arm]["epochs"], plain["epochs"]):
-            assert (a["test_loss"], a["test_acc"], a["loss_scale"]) == \
-                (b["test_loss"], b["test_acc"], b["loss_scale"]), arm
+            assert (a["test_loss"], a["test_acc"], a["loss_scale"]) == (
+                b["test_loss"],
+                b["test_acc"],
+                b["loss_scale"],
+            ), arm
 
 
 def test_a_ddp_job_stopped_mid_epoch_resumes_bitwise(tmp_path, monkeypatch):
     straight = job("plain", tmp_path, "straight", "--precision", "32", "--epochs", "2")
     faults.inject_children(monkeypatch, epoch=1, action="interrupt", step=2)
-    stopped = job("plain", tmp_path, "stopped", "--precision", "32", "--epochs", "2", expect=130)
+    stopped = job(
+        "plain", tmp_path, "stopped", "--precision", "32", "--epochs", "2", expect=130
+    )
     assert stopped["status"] == "interrupted" and stopped["checkpoint"]["epochs"] == 1
     monkeypatch.delenv(faults.ENV)
     # A resume every rank refuses: one line, exit 2, and the stopped run as it was.
     before = (tmp_path / "stopped" / "result.json").read_bytes()
-    proc = run_cli(["plain", "--resume", str(tmp_path / "stopped"), "--lr", "0.5", "--quiet"],
-                   timeout=LIMIT)
+    proc = run_cli(
+        ["plain", "--resume", str(tmp_path / "stopped"), "--lr", "0.5", "--quiet"],
+        timeout=LIMIT,
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "--lr 0.5 differs from the stopped run's" in lines[0], lines
@@ -97,15 +125,31 @@ def test_a_killed_rank_fails_the_job_at_once_and_leaves_no_process(tmp_path, mon
 
 
 def test_ctrl_c_to_a_ddp_job_is_interrupted_and_resumable(tmp_path):
-    args = [sys.executable, "-m", "ampcompare", "fabric", *JOB, "--precision", "32",
-            "--epochs", "200", "--limit-train-batches", "8", "--out-dir", str(tmp_path),
-            "--run-id", "c"]
-    proc = subprocess.Popen(args, cwd=ROOT, text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+    args = [
+        sys.executable,
+        "-m",
+        "ampcompare",
+        "fabric",
+        *JOB,
+        "--precision",
+        "32",
+        "--epochs",
+        "200",
+        "--limit-train-batches",
+        "8",
+        "--out-dir",
+        str(tmp_path),
+        "--run-id",
+        "c",
+    ]
+    proc = subprocess.Popen(
+        args, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     path = tmp_path / "c" / "result.json"
     deadline = time.monotonic() + LIMIT
     while time.monotonic() < deadline and not (
-            path.exists() and json.loads(path.read_text())["epochs"]):
+        path.exists() and json.loads(path.read_text())["epochs"]
+    ):
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)  # to the launcher, as a terminal's Ctrl-C would be
     _, stderr = proc.communicate(timeout=LIMIT)
@@ -117,10 +161,24 @@ def test_ctrl_c_to_a_ddp_job_is_interrupted_and_resumable(tmp_path):
 
 def start_job(arm, tmp_path, run_id="live"):
     """A long DDP job, running: (its process, its result.json, the ranks' pids)."""
-    args = [sys.executable, "-m", "ampcompare", arm, *JOB, "--precision", "32",
-            "--epochs", "500", "--out-dir", str(tmp_path), "--run-id", run_id]
-    proc = subprocess.Popen(args, cwd=ROOT, text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+    args = [
+        sys.executable,
+        "-m",
+        "ampcompare",
+        arm,
+        *JOB,
+        "--precision",
+        "32",
+        "--epochs",
+        "500",
+        "--out-dir",
+        str(tmp_path),
+        "--run-id",
+        run_id,
+    ]
+    proc = subprocess.Popen(
+        args, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     path = tmp_path / run_id / "result.json"
     deadline = time.monotonic() + LIMIT
     while not (path.exists() and json.loads(path.read_text())["epochs"]):
@@ -149,22 +207,27 @@ def test_a_second_resume_of_a_running_job_writes_nothing(tmp_path):
 
 def test_a_disk_too_full_to_start_a_job_is_exit_2(tmp_path, monkeypatch):
     faults.inject_children(monkeypatch, epoch=0, action="enospc", step="start")
-    proc = run_cli(["plain", *JOB, "--precision", "32", "--out-dir", str(tmp_path),
-                    "--run-id", "full"], timeout=LIMIT)
+    proc = run_cli(
+        ["plain", *JOB, "--precision", "32", "--out-dir", str(tmp_path), "--run-id", "full"],
+        timeout=LIMIT,
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "cannot start a run in" in proc.stderr and "No space left on device" in proc.stderr
     assert not (tmp_path / "full").exists()
 
 
-@pytest.mark.parametrize("arm,rank,sig,status,words,code", [
-    ("plain", 1, signal.SIGTERM, "interrupted", "rank 1 was stopped by SIGTERM", 130),
-    ("fabric", 0, signal.SIGTERM, "interrupted", "rank 0 was stopped by SIGTERM", 130),
-    ("plain", 1, signal.SIGKILL, "failed", "rank 1 ended first (killed by SIGKILL)", 1),
-    ("lightning", 1, signal.SIGHUP, "interrupted", "rank 1 was stopped by SIGHUP", 130),
-])
-def test_a_signal_to_one_rank_is_named_alike_in_the_record_and_the_line(tmp_path, arm, rank,
-                                                                        sig, status, words,
-                                                                        code):
+@pytest.mark.parametrize(
+    "arm,rank,sig,status,words,code",
+    [
+        ("plain", 1, signal.SIGTERM, "interrupted", "rank 1 was stopped by SIGTERM", 130),
+        ("fabric", 0, signal.SIGTERM, "interrupted", "rank 0 was stopped by SIGTERM", 130),
+        ("plain", 1, signal.SIGKILL, "failed", "rank 1 ended first (killed by SIGKILL)", 1),
+        ("lightning", 1, signal.SIGHUP, "interrupted", "rank 1 was stopped by SIGHUP", 130),
+    ],
+)
+def test_a_signal_to_one_rank_is_named_alike_in_the_record_and_the_line(
+    tmp_path, arm, rank, sig, status, words, code
+):
     proc, path, pids = start_job(arm, tmp_path)
     os.kill(pids[rank], sig)
     out, err = proc.communicate(timeout=LIMIT)
@@ -180,30 +243,53 @@ def test_a_signal_to_one_rank_is_named_alike_in_the_record_and_the_line(tmp_path
 RUNNING = {"status": "running", "error": None}
 
 
-@pytest.mark.parametrize("record,failures,endings,stopped,expected", [
-    # rank 0 refused (a live run's lock, a full disk): nothing to write, whatever rank 1 did
-    (RUNNING, {0: (2, 5), 1: (1, 5)}, {}, False, (2, None, None)),
-    (None, {0: (2, 5), 1: (-15, 5)}, {}, False, (2, None, None)),
-    (None, {0: (3, 5), 1: (143, 5)}, {}, False, (3, None, None)),
-    (None, {0: (1, 5)}, {}, False, (1, None, None)),  # it never started
-    # one rank killed outright: it could say nothing, so it was first
-    (RUNNING, {1: (-9, 7), 0: (143, 7)},
-     {0: {"status": "interrupted", "signal": "SIGTERM", "time": 8.0}}, False,
-     (1, "failed", "rank 1 ended first (killed by SIGKILL)")),
-    # a signal to one rank: the earliest to say how it ended is the cause
-    (RUNNING, {1: (143, 7), 0: (1, 7)},
-     {1: {"status": "interrupted", "signal": "SIGTERM", "time": 6.0},
-      0: {"status": "failed", "error": "RuntimeError: Connection reset by peer", "time": 6.5}},
-     False, (130, "interrupted", "rank 1 was stopped by SIGTERM; the others stopped with it")),
-    (RUNNING, {0: (1, 7), 1: (143, 7)},
-     {0: {"status": "oom", "error": "out of memory", "time": 6.0},
-      1: {"status": "interrupted", "signal": "SIGTERM", "time": 6.5}},
-     False, (1, "oom", "rank 0 ended first: out of memory")),
-    # Ctrl-C to the launcher: every rank stopped with it
-    (RUNNING, {0: (130, 7), 1: (130, 7)}, {}, True, (130, "interrupted", None)),
-    # rank 0 had recorded the whole run: it stands
-    ({"status": "ok", "error": None}, {1: (-9, 7)}, {}, False, (0, None, None)),
-])
+@pytest.mark.parametrize(
+    "record,failures,endings,stopped,expected",
+    [
+        # rank 0 refused (a live run's lock, a full disk): nothing to write, whatever rank 1 did
+        (RUNNING, {0: (2, 5), 1: (1, 5)}, {}, False, (2, None, None)),
+        (None, {0: (2, 5), 1: (-15, 5)}, {}, False, (2, None, None)),
+        (None, {0: (3, 5), 1: (143, 5)}, {}, False, (3, None, None)),
+        (None, {0: (1, 5)}, {}, False, (1, None, None)),  # it never started
+        # one rank killed outright: it could say nothing, so it was first
+        (
+            RUNNING,
+            {1: (-9, 7), 0: (143, 7)},
+            {0: {"status": "interrupted", "signal": "SIGTERM", "time": 8.0}},
+            False,
+            (1, "failed", "rank 1 ended first (killed by SIGKILL)"),
+        ),
+        # a signal to one rank: the earliest to say how it ended is the cause
+        (
+            RUNNING,
+            {1: (143, 7), 0: (1, 7)},
+            {
+                1: {"status": "interrupted", "signal": "SIGTERM", "time": 6.0},
+                0: {
+                    "status": "failed",
+                    "error": "RuntimeError: Connection reset by peer",
+                    "time": 6.5,
+                },
+            },
+            False,
+            (130, "interrupted", "rank 1 was stopped by SIGTERM; the others stopped with it"),
+        ),
+        (
+            RUNNING,
+            {0: (1, 7), 1: (143, 7)},
+            {
+                0: {"status": "oom", "error": "out of memory", "time": 6.0},
+                1: {"status": "interrupted", "signal": "SIGTERM", "time": 6.5},
+            },
+            False,
+            (1, "oom", "rank 0 ended first: out of memory"),
+        ),
+        # Ctrl-C to the launcher: every rank stopped with it
+        (RUNNING, {0: (130, 7), 1: (130, 7)}, {}, True, (130, "interrupted", None)),
+        # rank 0 had recorded the whole run: it stands
+        ({"status": "ok", "error": None}, {1: (-9, 7)}, {}, False, (0, None, None)),
+    ],
+)
 def test_how_a_job_ended(record, failures, endings, stopped, expected):
     verdict = launch.judge(record, failures, endings, stopped)
     assert (verdict.code, verdict.status, verdict.error) == expected
@@ -213,15 +299,29 @@ def test_a_rendezvous_port_in_use_is_one_line(tmp_path):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
-        env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2",
-               "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(busy.getsockname()[1]), "TORCHELASTIC_USE_AGENT_STORE": "0"}
-        proc = subprocess.run([sys.executable, "-m", "ampcompare", "plain", *JOB,
-                               "--out-dir", str(tmp_path)], cwd=ROOT, env=env, text=True,
-                              capture_output=True, timeout=LIMIT)
+        env = {
+            **os.environ,
+            "RANK": "0",
+            "LOCAL_RANK": "0",
+            "WORLD_SIZE": "2",
+            "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(busy.getsockname()[1]),
+            "TORCHELASTIC_USE_AGENT_STORE": "0",
+        }
+        proc = subprocess.run(
+            [sys.executable, "-m", "ampcompare", "plain", *JOB, "--out-dir", str(tmp_path)],
+            cwd=ROOT,
+            env=env,
+            text=True,
+            capture_output=True,
+            timeout=LIMIT,
+        )
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.startswith("ampcompare: error: cannot join the process group at "
-                                  "127.0.0.1:") and proc.stderr.count("\n") == 1, proc.stderr
+    assert (
+        proc.stderr.startswith("ampcompare: error: cannot join the process group at 127.0.0.1:")
+        and proc.stderr.count("\n") == 1
+    ), proc.stderr
     assert not any(tmp_path.iterdir())
 
 
@@ -255,7 +355,19 @@ dist.destroy_process_group()
 def test_under_torchrun_one_process_a_node_downloads_and_the_others_wait(tmp_path):
     script = tmp_path / "waiter.py"
     script.write_text(WAITER.format(root=str(ROOT), marker=str(tmp_path / "downloaded")))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
-                           "2", "--master-port", str(launch.free_port()), str(script)],
-                          capture_output=True, text=True, timeout=LIMIT)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(launch.free_port()),
+            str(script),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=LIMIT,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,6 +1,7 @@
 """The side-by-side contract and the layout: the train.py files share their top-level names in
 order and fit `sdiff -w 200`; imports run ampcompare/ -> arms -> common/ only; the README's CLI
 reference is each command's real --help."""
+
 import ast
 import pathlib
 import sys
@@ -9,7 +10,9 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 ARMS = ("plain_torch", "lightning_impl", "fabric_impl", "accelerate_impl", "apex_impl")
-SIDE_BY_SIDE = [ROOT / arm / "train.py" for arm in ARMS] + [ROOT / "lightning_impl" / "module.py"]
+SIDE_BY_SIDE = [ROOT / arm / "train.py" for arm in ARMS] + [
+    ROOT / "lightning_impl" / "module.py"
+]
 
 
 def top_level_names(path):
@@ -60,5 +63,6 @@ def test_the_cli_reference_in_the_readme_is_current():
         sys.path.pop(0)
     readme = (ROOT / "README.md").read_text()
     assert readme.count(cli_reference.START) == 1 and readme.count(cli_reference.END) == 1
-    assert cli_reference.updated(readme) == readme, \
+    assert cli_reference.updated(readme) == readme, (
         "README.md's CLI reference is stale: run .venv/bin/python scripts/cli_reference.py"
+    )

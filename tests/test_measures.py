@@ -1,5 +1,6 @@
 """Numbers that mean something on every device: activation memory, FLOPs and MFU, accuracy
 against seed noise, and the report's explanation of each precision pair."""
+
 import pathlib
 
 import pytest
@@ -12,7 +13,7 @@ from lightning_impl import train as lightning
 from plain_torch import train as plain
 from tests.conftest import tiny
 
-MIB = 2 ** 20
+MIB = 2**20
 
 
 def saved_by_kind(model, x, dtype=None):
@@ -34,20 +35,30 @@ def test_saved_tensors_are_sorted_by_kind_and_counted_once():
     # not saved, since its input needs no gradient
     assert bf16["weight_copies"] == 20 * 5 * 2
     assert bf16["activations"] < fp32["activations"]
-    pooled = saved_by_kind(nn.Sequential(nn.Conv2d(3, 4, 3), nn.MaxPool2d(2)),
-                           torch.randn(2, 3, 8, 8))
+    pooled = saved_by_kind(
+        nn.Sequential(nn.Conv2d(3, 4, 3), nn.MaxPool2d(2)), torch.randn(2, 3, 8, 8)
+    )
     assert pooled["integer"] == 2 * 4 * 3 * 3 * 8  # int64 max-pool indices
 
 
 def test_activation_memory_halves_in_bf16_and_is_the_same_in_every_arm(tmp_path):
-    runs = {(arm.__name__, p): arm.train(tiny(tmp_path, run_id=f"{arm.__name__}{p}", epochs=1,
-                                              precision=p))
-            for arm in (plain, lightning) for p in ("32-true", "bf16-mixed")}
+    runs = {
+        (arm.__name__, p): arm.train(
+            tiny(tmp_path, run_id=f"{arm.__name__}{p}", epochs=1, precision=p)
+        )
+        for arm in (plain, lightning)
+        for p in ("32-true", "bf16-mixed")
+    }
     sizes = {k: r.epochs[0]["saved_tensors"] for k, r in runs.items()}
     assert sizes[("plain_torch.train", "32-true")] == sizes[("lightning_impl.train", "32-true")]
-    assert sizes[("plain_torch.train", "bf16-mixed")] == \
-        sizes[("lightning_impl.train", "bf16-mixed")]
-    fp32, bf16 = sizes[("plain_torch.train", "32-true")], sizes[("plain_torch.train", "bf16-mixed")]
+    assert (
+        sizes[("plain_torch.train", "bf16-mixed")]
+        == sizes[("lightning_impl.train", "bf16-mixed")]
+    )
+    fp32, bf16 = (
+        sizes[("plain_torch.train", "32-true")],
+        sizes[("plain_torch.train", "bf16-mixed")],
+    )
     assert bf16["activations"] / fp32["activations"] == pytest.approx(0.5, abs=0.01)
     assert bf16["integer"] == fp32["integer"] > 0  # max-pool indices do not
     summary = runs[("plain_torch.train", "bf16-mixed")].summary
@@ -63,8 +74,11 @@ def test_flops_of_a_step_follow_from_the_layer_shapes():
     # the forward, the weight gradients (as much again) and the input gradients (as much
     # again, but not for the first layer, whose input needs none).
     b, w = 8, 32
-    convs = [conv_flops(3, w, 3, 32, 32, b), conv_flops(w, 2 * w, 3, 16, 16, b),
-             conv_flops(2 * w, 4 * w, 3, 8, 8, b)]
+    convs = [
+        conv_flops(3, w, 3, 32, 32, b),
+        conv_flops(w, 2 * w, 3, 16, 16, b),
+        conv_flops(2 * w, 4 * w, 3, 8, 8, b),
+    ]
     head = 2 * 4 * w * 10 * b
     expected = 3 * (sum(convs) + head) - convs[0]
     assert flops.per_step(models.SmallCNN, b) == (expected, "counted on the meta device")
@@ -90,26 +104,31 @@ class NeverRuns(nn.Module):
 
 def test_flops_of_a_model_the_meta_device_cannot_run_or_the_reason():
     count, how = flops.per_step(AsksForAValue, 64)
-    assert count == 2 * (2 * 3072 * 10 * 64)  # forward and weight gradient: the input needs none
+    assert count == 2 * (
+        2 * 3072 * 10 * 64
+    )  # forward and weight gradient: the input needs none
     assert how.startswith("counted on 2 images on the CPU, scaled to the batch")
     count, how = flops.per_step(NeverRuns, 64)
     assert count is None and "not counted" in how and "this model never runs" in how
 
 
-@pytest.mark.parametrize("name,precision,tf32,expected", [
-    ("NVIDIA H200", "16-mixed", False, 989.4),
-    ("NVIDIA H200", "32-true", False, 67.0),
-    ("NVIDIA H200", "32-true", True, 494.7),
-    ("NVIDIA H100 PCIe", "bf16-mixed", False, 756.0),
-    ("NVIDIA H100 80GB HBM3", "16-mixed", False, 989.4),
-    ("NVIDIA A100-SXM4-80GB", "32-true", True, 156.0),
-    ("Tesla V100-SXM2-16GB", "16-mixed", False, 125.0),
-    ("Tesla T4", "16-mixed", False, 65.0),
-    ("Tesla P40", "16-mixed", False, 11.76 / 64),
-    ("Tesla T4", "bf16-mixed", False, None),
-    ("NVIDIA T400", "16-mixed", False, None),
-    ("NVIDIA H100 NVL", "16-mixed", False, None),
-])
+@pytest.mark.parametrize(
+    "name,precision,tf32,expected",
+    [
+        ("NVIDIA H200", "16-mixed", False, 989.4),
+        ("NVIDIA H200", "32-true", False, 67.0),
+        ("NVIDIA H200", "32-true", True, 494.7),
+        ("NVIDIA H100 PCIe", "bf16-mixed", False, 756.0),
+        ("NVIDIA H100 80GB HBM3", "16-mixed", False, 989.4),
+        ("NVIDIA A100-SXM4-80GB", "32-true", True, 156.0),
+        ("Tesla V100-SXM2-16GB", "16-mixed", False, 125.0),
+        ("Tesla T4", "16-mixed", False, 65.0),
+        ("Tesla P40", "16-mixed", False, 11.76 / 64),
+        ("Tesla T4", "bf16-mixed", False, None),
+        ("NVIDIA T400", "16-mixed", False, None),
+        ("NVIDIA H100 NVL", "16-mixed", False, None),
+    ],
+)
 def test_the_peak_table(name, precision, tf32, expected):
     env = {"device": "cuda", "device_name": name, "tf32": tf32}
     value, why = peaks.peak(env, precision)
@@ -135,18 +154,35 @@ def test_seeds_multiply_the_arms_and_name_them():
 
 
 def record(precision, seed, acc, time_s=1.0):
-    return {"run_id": f"{precision}-{seed}", "impl": "plain", "seed": seed, "repeat": 0,
-            "status": "ok", "precision": {"requested": precision, "effective": precision},
-            "opt_level": None, "config": {"model": "small", "seed": seed},
-            "env": {"device": "cpu", "device_name": "CPU"}, "epochs": [],
-            "summary": {"final_test_acc": acc, "median_epoch_time_s": time_s}}
+    return {
+        "run_id": f"{precision}-{seed}",
+        "impl": "plain",
+        "seed": seed,
+        "repeat": 0,
+        "status": "ok",
+        "precision": {"requested": precision, "effective": precision},
+        "opt_level": None,
+        "config": {"model": "small", "seed": seed},
+        "env": {"device": "cpu", "device_name": "CPU"},
+        "epochs": [],
+        "summary": {"final_test_acc": acc, "median_epoch_time_s": time_s},
+    }
 
 
-@pytest.mark.parametrize("accuracies,words", [
-    ({"32-true": [0.70, 0.74, 0.78], "bf16-mixed": [0.71, 0.73, 0.77]}, "within seed noise"),
-    ({"32-true": [0.70, 0.71, 0.72], "bf16-mixed": [0.60, 0.61, 0.62]}, "beyond seed noise"),
-    ({"32-true": [0.70], "bf16-mixed": [0.60]}, "one seed: no seed spread"),
-])
+@pytest.mark.parametrize(
+    "accuracies,words",
+    [
+        (
+            {"32-true": [0.70, 0.74, 0.78], "bf16-mixed": [0.71, 0.73, 0.77]},
+            "within seed noise",
+        ),
+        (
+            {"32-true": [0.70, 0.71, 0.72], "bf16-mixed": [0.60, 0.61, 0.62]},
+            "beyond seed noise",
+        ),
+        ({"32-true": [0.70], "bf16-mixed": [0.60]}, "one seed: no seed spread"),
+    ],
+)
 def test_the_accuracy_change_is_weighed_against_seed_spread(accuracies, words):
     records = [record(p, s, a) for p, accs in accuracies.items() for s, a in enumerate(accs)]
     (group,) = report.summarize(records)["devices"]
@@ -156,15 +192,19 @@ def test_the_accuracy_change_is_weighed_against_seed_spread(accuracies, words):
     assert words in report.accuracy_words(group["ratios"]["plain"]["bf16-mixed"])
 
 
-@pytest.mark.parametrize("data_mib, verdict", [(500, "allocator peak beyond data 0.60x meets"),
-                                               (0, "allocator peak 0.80x misses")])
+@pytest.mark.parametrize(
+    "data_mib, verdict",
+    [(500, "allocator peak beyond data 0.60x meets"), (0, "allocator peak 0.80x misses")],
+)
 def test_gpu_targets_weigh_the_allocator_peak_beyond_the_data(tmp_path, data_mib, verdict):
     # A CUDA comparison made from a CPU record (the figures are set by hand): the image sets on
     # the GPU are the same at every precision, so the target is judged without them.
     import copy
     import importlib.util
+
     spec = importlib.util.spec_from_file_location(
-        "gpu_targets", pathlib.Path(__file__).parent.parent / "scripts" / "gpu_targets.py")
+        "gpu_targets", pathlib.Path(__file__).parent.parent / "scripts" / "gpu_targets.py"
+    )
     gpu_targets = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_targets)
     base = plain.train(tiny(tmp_path, epochs=1)).to_dict()

@@ -1,6 +1,7 @@
 """Any model: torchvision's and timm's by name, or the user's own by import path, built the same
 way in every arm (bitwise parity holds for them as for ours), each spec that cannot train on
 CIFAR-10 refused in one line, and the record keeping what was trained."""
+
 import hashlib
 import json
 import sys
@@ -15,7 +16,7 @@ from plain_torch import train as plain
 from tests.test_parity import assert_identical
 from tests.conftest import tiny
 
-USER_MODULE = '''
+USER_MODULE = """
 import torch
 from torch import nn
 
@@ -53,7 +54,7 @@ class AsksForAValue(nn.Module):
 
 
 answer = 42
-'''
+"""
 
 TINY = dict(synthetic_size=64, batch_size=8, limit_train_batches=2, limit_test_batches=1)
 
@@ -83,9 +84,12 @@ def test_a_users_own_module_trains_bitwise_alike_and_is_recorded(tmp_path, user_
     a, b = both(tmp_path, model="mymodels:build")
     assert_identical(a, b)
     source = user_module / "mymodels.py"
-    assert a.model == {"spec": "mymodels:build", "parameters": 3 * 8 * 9 + 8 + 16 + 8 * 10 + 10,
-                       "source": str(source),
-                       "source_sha256": hashlib.sha256(source.read_bytes()).hexdigest()}
+    assert a.model == {
+        "spec": "mymodels:build",
+        "parameters": 3 * 8 * 9 + 8 + 16 + 8 * 10 + 10,
+        "source": str(source),
+        "source_sha256": hashlib.sha256(source.read_bytes()).hexdigest(),
+    }
     assert a.flops["per_step"] and a.flops["counted"] == "counted on the meta device"
 
 
@@ -105,29 +109,52 @@ def test_flops_of_a_model_the_meta_device_cannot_run(tmp_path, user_module):
     assert result.flops["counted"].startswith("counted on 2 images on the CPU")
 
 
-@pytest.mark.parametrize("spec,line", [
-    ("torchvision:nonexistent", "torchvision has no classification model 'nonexistent'"),
-    ("timm:nonexistent", "timm has no model 'nonexistent'"),
-    ("nosuchmodule:build", "cannot import nosuchmodule (ModuleNotFoundError: No module named "
-                           "'nosuchmodule')"),
-    ("broken:build", "cannot import broken (ZeroDivisionError: division by zero)"),
-    ("mymodels:missing", "mymodels has no missing"),
-    ("mymodels:answer", "answer in mymodels is a int, not a callable that returns a model"),
-    ("mymodels:not_a_module", "it returned int, not a torch.nn.Module"),
-    ("mymodels:wrong_shape", "a forward of a 2-image batch [2, 3, 32, 32] gave [2, 5], not "
-                             "[2, 10] logits"),
-    ("torchvision:inception_v3", "needs inputs of at least 75x75 (torchvision's min_size)"),
-    ("timm:vit_tiny_patch16_224", "needs inputs of at least 224x224; CIFAR-10's are 32x32"),
-    ("torchvision:", "name a torchvision model after the colon"),
-    ("vit", "not one of resnet18, small, linear, and not torchvision:NAME, timm:NAME or "
-            "package.module:callable"),
-])
-def test_a_model_that_cannot_train_here_is_one_line_and_writes_nothing(tmp_path, user_module,
-                                                                       spec, line):
+@pytest.mark.parametrize(
+    "spec,line",
+    [
+        ("torchvision:nonexistent", "torchvision has no classification model 'nonexistent'"),
+        ("timm:nonexistent", "timm has no model 'nonexistent'"),
+        (
+            "nosuchmodule:build",
+            "cannot import nosuchmodule (ModuleNotFoundError: No module named 'nosuchmodule')",
+        ),
+        ("broken:build", "cannot import broken (ZeroDivisionError: division by zero)"),
+        ("mymodels:missing", "mymodels has no missing"),
+        ("mymodels:answer", "answer in mymodels is a int, not a callable that returns a model"),
+        ("mymodels:not_a_module", "it returned int, not a torch.nn.Module"),
+        (
+            "mymodels:wrong_shape",
+            "a forward of a 2-image batch [2, 3, 32, 32] gave [2, 5], not [2, 10] logits",
+        ),
+        ("torchvision:inception_v3", "needs inputs of at least 75x75 (torchvision's min_size)"),
+        ("timm:vit_tiny_patch16_224", "needs inputs of at least 224x224; CIFAR-10's are 32x32"),
+        ("torchvision:", "name a torchvision model after the colon"),
+        (
+            "vit",
+            "not one of resnet18, small, linear, and not torchvision:NAME, timm:NAME or "
+            "package.module:callable",
+        ),
+    ],
+)
+def test_a_model_that_cannot_train_here_is_one_line_and_writes_nothing(
+    tmp_path, user_module, spec, line
+):
     out = tmp_path / "out"
     for command in ("plain", "compare"):
-        r = CliRunner().invoke(cli, [command, "--model", spec, "--dataset", "synthetic",
-                                     "--accelerator", "cpu", "--out-dir", str(out)])
+        r = CliRunner().invoke(
+            cli,
+            [
+                command,
+                "--model",
+                spec,
+                "--dataset",
+                "synthetic",
+                "--accelerator",
+                "cpu",
+                "--out-dir",
+                str(out),
+            ],
+        )
         lines = r.stderr.strip().splitlines()
         assert r.exit_code == 2 and len(lines) == 1, (command, r.output)
         assert lines[0].startswith("ampcompare: error: --model ") and line in lines[0], lines[0]
@@ -136,11 +163,24 @@ def test_a_model_that_cannot_train_here_is_one_line_and_writes_nothing(tmp_path,
 
 def test_without_timm_a_timm_model_names_the_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "timm", None)  # import timm fails, as when it is absent
-    r = CliRunner().invoke(cli, ["plain", "--model", "timm:resnet18", "--dataset", "synthetic",
-                                 "--accelerator", "cpu", "--out-dir", str(tmp_path / "out")])
+    r = CliRunner().invoke(
+        cli,
+        [
+            "plain",
+            "--model",
+            "timm:resnet18",
+            "--dataset",
+            "synthetic",
+            "--accelerator",
+            "cpu",
+            "--out-dir",
+            str(tmp_path / "out"),
+        ],
+    )
     assert r.exit_code == 2 and r.stderr.strip() == (
         "ampcompare: error: --model timm:resnet18: timm is not installed; pip install "
-        ".[timm] (or pip install timm)")
+        ".[timm] (or pip install timm)"
+    )
 
 
 def test_the_model_is_a_setting_and_so_is_its_source(tmp_path, user_module):
@@ -158,6 +198,7 @@ def test_the_model_is_a_setting_and_so_is_its_source(tmp_path, user_module):
 
 def test_a_resume_with_the_models_source_changed_is_refused(tmp_path, user_module, monkeypatch):
     from tests import faults
+
     with monkeypatch.context() as m:
         faults.inject(m, epoch=1, action="interrupt")
         plain.train(tiny(tmp_path, run_id="s", model="mymodels:build", epochs=2, **TINY))

@@ -1,6 +1,7 @@
 """An option is declared once, in config.py: what a resume, compare and report do with it
 follows from its declaration. A test option added in a subclass of Config, as a new option
 would be added, is treated by each as its flags say."""
+
 import dataclasses
 
 import pytest
@@ -13,16 +14,23 @@ from common.errors import UsageError
 
 def extended(monkeypatch, **flags):
     """Config with one more option, `--widget` (an int), declared with `flags`."""
+
     @dataclasses.dataclass
     class Extended(config.Config):
         widget: int = config.option(3, "A test option.", min=0, **flags)
+
     monkeypatch.setattr(config, "Config", Extended)
     return Extended
 
 
 def stored_record(**config_values):
-    return {"status": "interrupted", "error": None, "env": {}, "config": {
-        "epochs": 2, "schedule": "constant", **config_values}, "checkpoint": None}
+    return {
+        "status": "interrupted",
+        "error": None,
+        "env": {},
+        "config": {"epochs": 2, "schedule": "constant", **config_values},
+        "checkpoint": None,
+    }
 
 
 @pytest.mark.parametrize("how,refused", [(SAME, True), (FREE, False)])
@@ -36,8 +44,9 @@ def test_a_new_option_is_checked_on_resume_as_declared(monkeypatch, how, refused
 
 
 @pytest.mark.parametrize("per_arm", [False, True])
-def test_compare_passes_a_new_option_to_its_arms_unless_it_sets_it_per_arm(monkeypatch,
-                                                                          per_arm):
+def test_compare_passes_a_new_option_to_its_arms_unless_it_sets_it_per_arm(
+    monkeypatch, per_arm
+):
     cls = extended(monkeypatch, per_arm=per_arm)
     args = compare.child_args(cls(widget=7))
     assert ("--widget" in args) == (not per_arm)
@@ -54,7 +63,10 @@ def test_compare_resume_checks_a_new_option_as_declared(monkeypatch, how, refuse
         with pytest.raises(UsageError, match="--widget differs from the comparison's"):
             plan.resumed(stored, asked, dataclasses.replace(stored.cfg, widget=4))
     else:
-        assert plan.resumed(stored, asked, dataclasses.replace(stored.cfg, widget=4)).cfg.widget == 4
+        assert (
+            plan.resumed(stored, asked, dataclasses.replace(stored.cfg, widget=4)).cfg.widget
+            == 4
+        )
 
 
 @pytest.mark.parametrize("setting", [True, False])
@@ -62,10 +74,20 @@ def test_report_groups_by_a_new_option_only_if_it_is_a_setting(monkeypatch, sett
     extended(monkeypatch, setting=setting)
 
     def record(run_id, widget):
-        return {"run_id": run_id, "impl": "plain", "seed": 0, "repeat": 0, "status": "ok",
-                "precision": {"requested": "32-true", "effective": "32-true"},
-                "opt_level": None, "config": {"widget": widget},
-                "env": {"device": "cpu", "device_name": "CPU"}, "epochs": [], "summary": {}}
+        return {
+            "run_id": run_id,
+            "impl": "plain",
+            "seed": 0,
+            "repeat": 0,
+            "status": "ok",
+            "precision": {"requested": "32-true", "effective": "32-true"},
+            "opt_level": None,
+            "config": {"widget": widget},
+            "env": {"device": "cpu", "device_name": "CPU"},
+            "epochs": [],
+            "summary": {},
+        }
+
     groups = report.summarize([record("a", 1), record("b", 2)])["devices"]
     assert len(groups) == (2 if setting else 1)
     if setting:

@@ -11,6 +11,7 @@ from plain_torch import train as plain
 from tests import faults
 from tests.conftest import on_gpu, tiny
 
+
 def both(tmp_path, make=tiny, **overrides):
     a = plain.train(make(tmp_path, run_id="plain", **overrides))
     b = lightning.train(make(tmp_path, run_id="lightning", **overrides))
@@ -23,8 +24,15 @@ def assert_identical(a, b):
     assert a.step_losses == b.step_losses  # float equality: bitwise for finite values
     assert a.weights_sha256 == b.weights_sha256
     for ra, rb in zip(a.epochs, b.epochs):
-        for key in ("train_loss", "test_loss", "test_acc", "loss_scale", "skipped_steps", "steps",
-                    "saved_tensors"):
+        for key in (
+            "train_loss",
+            "test_loss",
+            "test_acc",
+            "loss_scale",
+            "skipped_steps",
+            "steps",
+            "saved_tensors",
+        ):
             assert ra.get(key) == rb.get(key), key
 
 
@@ -46,8 +54,16 @@ def test_identical_with_gradient_clipping(tmp_path, precision):
 
 
 def test_identical_with_sgd_and_a_cosine_schedule(tmp_path):
-    assert_identical(*both(tmp_path, precision="bf16-mixed", optimizer="sgd", schedule="cosine",
-                           lr=0.05, epochs=3))
+    assert_identical(
+        *both(
+            tmp_path,
+            precision="bf16-mixed",
+            optimizer="sgd",
+            schedule="cosine",
+            lr=0.05,
+            epochs=3,
+        )
+    )
 
 
 def test_identical_when_the_scaler_skips_steps(tmp_path, monkeypatch):
@@ -56,12 +72,13 @@ def test_identical_when_the_scaler_skips_steps(tmp_path, monkeypatch):
     real = torch.amp.GradScaler.__init__
 
     def huge_scale(self, *args, **kwargs):
-        real(self, *args, **{**kwargs, "init_scale": 2.0 ** 40})
+        real(self, *args, **{**kwargs, "init_scale": 2.0**40})
+
     monkeypatch.setattr(torch.amp.GradScaler, "__init__", huge_scale)
     a, b = both(tmp_path, precision="16-mixed")
     assert_identical(a, b)
     assert a.epochs[0]["skipped_steps"] > 0
-    assert a.epochs[0]["loss_scale"] < 2.0 ** 40
+    assert a.epochs[0]["loss_scale"] < 2.0**40
 
 
 def test_fp16_really_ran_in_lightning_on_cpu(tmp_path):
@@ -76,8 +93,12 @@ def test_fp16_really_ran_in_lightning_on_cpu(tmp_path):
 def test_a_silent_switch_to_bf16_is_refused(tmp_path, monkeypatch):
     # What Lightning does on CPU with precision="16-mixed" and no plugin: it runs bf16.
     from pytorch_lightning.plugins import MixedPrecision
-    monkeypatch.setattr(lightning, "MixedPrecision",
-                        lambda precision, device, scaler: MixedPrecision("bf16-mixed", device))
+
+    monkeypatch.setattr(
+        lightning,
+        "MixedPrecision",
+        lambda precision, device, scaler: MixedPrecision("bf16-mixed", device),
+    )
     with pytest.raises(UsageError, match="Lightning chose bf16-mixed for 16-mixed"):
         lightning.train(tiny(tmp_path, precision="16-mixed"))
 
@@ -85,6 +106,7 @@ def test_a_silent_switch_to_bf16_is_refused(tmp_path, monkeypatch):
 @pytest.mark.parametrize("impl", [plain, lightning], ids=["plain", "lightning"])
 def test_ctrl_c_leaves_a_complete_result_in_either_loop(tmp_path, monkeypatch, impl):
     import signal
+
     faults.inject(monkeypatch, epoch=1, action="interrupt")
     handler = signal.getsignal(signal.SIGINT)
     try:
@@ -119,11 +141,21 @@ def test_compiled_arms_stay_bitwise_identical(tmp_path, precision):
     # would otherwise share dynamo's cache (and its limit of 8 graphs a function). The linear
     # model keeps compiling to seconds; README gives the small CNN's figures.
     from fabric_impl import train as fabric
+
     runs = []
     for arm in (plain, lightning, fabric):
         torch._dynamo.reset()
-        runs.append(arm.train(tiny(tmp_path, run_id=arm.__name__, precision=precision,
-                                   model="linear", compile=True)))
+        runs.append(
+            arm.train(
+                tiny(
+                    tmp_path,
+                    run_id=arm.__name__,
+                    precision=precision,
+                    model="linear",
+                    compile=True,
+                )
+            )
+        )
     for run in runs[1:]:
         assert_identical(runs[0], run)
     assert runs[0].env["compile"] is True

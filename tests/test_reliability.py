@@ -1,6 +1,7 @@
 """Nothing lost, nothing misreported: signals, a full disk, relative paths, divergence, broken
 records. Each test here reproduces a way a run or a comparison once ended with a wrong status,
 a traceback or a lost measurement."""
+
 import errno
 import json
 import os
@@ -19,11 +20,18 @@ from common import metrics, results
 from lightning_impl import train as lightning
 from plain_torch import train as plain
 from tests import faults
-from tests.conftest import (SMALL_RUN, checkpoint_of, run_cli, start_until_first_epoch,
-                            tiny)
+from tests.conftest import SMALL_RUN, checkpoint_of, run_cli, start_until_first_epoch, tiny
 
-TINY_CMP = [*SMALL_RUN, "--batch-size", "32", "--limit-train-batches", "2",
-            "--limit-test-batches", "1", "--quiet"]
+TINY_CMP = [
+    *SMALL_RUN,
+    "--batch-size",
+    "32",
+    "--limit-train-batches",
+    "2",
+    "--limit-test-batches",
+    "1",
+    "--quiet",
+]
 TINY_CLI = [*TINY_CMP, "--precision", "32"]
 
 
@@ -38,21 +46,34 @@ def assert_checkpoint_intact(run_dir, epochs):
     assert record["checkpoint"]["epochs"] == epochs
     assert results_sha256(path) == record["checkpoint"]["sha256"]
     assert len(torch.load(path, weights_only=True)["ampcompare"]["epochs"]) == epochs
-    assert not [p.name for p in run_dir.iterdir()  # no temporary file, no reserve
-                if p.name.startswith(".tmp-") or p.name == ".reserve"]
+    assert not [
+        p.name
+        for p in run_dir.iterdir()  # no temporary file, no reserve
+        if p.name.startswith(".tmp-") or p.name == ".reserve"
+    ]
 
 
 def results_sha256(path):
     import hashlib
+
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 # --- signals ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("arm,action", [("plain", "sigterm"), ("plain", "sigint2"),
-                                        ("lightning", "sigterm"), ("lightning", "sigint2")])
+
+@pytest.mark.parametrize(
+    "arm,action",
+    [
+        ("plain", "sigterm"),
+        ("plain", "sigint2"),
+        ("lightning", "sigterm"),
+        ("lightning", "sigint2"),
+    ],
+)
 def test_a_signal_while_the_checkpoint_is_written_leaves_the_last_good_one(
-        tmp_path, monkeypatch, arm, action):
+    tmp_path, monkeypatch, arm, action
+):
     faults.inject_children(monkeypatch, epoch=1, action=action, step="save")
     out = tmp_path / "runs"
     proc = run_cli([arm, *TINY_CLI, "--epochs", "3", "--out-dir", str(out), "--run-id", "r"])
@@ -69,15 +90,20 @@ def test_a_signal_while_the_checkpoint_is_written_leaves_the_last_good_one(
 @pytest.mark.parametrize("arm", ["plain", "lightning"])
 def test_signals_after_the_last_epoch_is_recorded_change_nothing(tmp_path, monkeypatch, arm):
     faults.inject_children(monkeypatch, epoch=1, action="sigint2", step="recorded")
-    proc = run_cli([arm, *TINY_CLI, "--epochs", "2", "--out-dir", str(tmp_path), "--run-id", "r"])
+    proc = run_cli(
+        [arm, *TINY_CLI, "--epochs", "2", "--out-dir", str(tmp_path), "--run-id", "r"]
+    )
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
     assert saved(tmp_path / "r")["status"] == "ok"
 
 
 def test_ctrl_c_during_start_up_is_one_line(tmp_path):
-    proc = subprocess.Popen([os.sys.executable, "-m", "ampcompare", "plain", *TINY_CLI,
-                             "--out-dir", str(tmp_path)], text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [os.sys.executable, "-m", "ampcompare", "plain", *TINY_CLI, "--out-dir", str(tmp_path)],
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     time.sleep(0.3)  # importing torch takes longer than this
     proc.send_signal(signal.SIGINT)
     time.sleep(0.02)
@@ -89,8 +115,21 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path):
 def test_a_second_signal_to_compare_ends_the_arm_and_leaves_no_process(tmp_path):
     out = tmp_path / "runs"
     proc, path = start_until_first_epoch(
-        ["compare", *SMALL_RUN, "--epochs", "100", "--impls", "plain", "--precisions", "32",
-         "--out-dir", str(out)], out, "*/plain-32-true-r0/result.json")
+        [
+            "compare",
+            *SMALL_RUN,
+            "--epochs",
+            "100",
+            "--impls",
+            "plain",
+            "--precisions",
+            "32",
+            "--out-dir",
+            str(out),
+        ],
+        out,
+        "*/plain-32-true-r0/result.json",
+    )
     child = json.loads(path.read_text())["pid"]
     proc.send_signal(signal.SIGINT)
     time.sleep(0.05)
@@ -106,10 +145,26 @@ def test_a_second_signal_to_compare_ends_the_arm_and_leaves_no_process(tmp_path)
 def test_a_hung_arm_and_ctrl_c_is_interrupted_not_running(tmp_path, monkeypatch):
     faults.inject_children(monkeypatch, epoch=1, action="stop")  # SIGSTOP itself in epoch 1
     out = tmp_path / "runs"
-    proc = subprocess.Popen([os.sys.executable, "-m", "ampcompare", "compare", *SMALL_RUN,
-                             "--epochs", "3", "--impls", "plain", "--precisions", "32",
-                             "--out-dir", str(out)], text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            os.sys.executable,
+            "-m",
+            "ampcompare",
+            "compare",
+            *SMALL_RUN,
+            "--epochs",
+            "3",
+            "--impls",
+            "plain",
+            "--precisions",
+            "32",
+            "--out-dir",
+            str(out),
+        ],
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     path = None
     for _ in range(300):
         found = list(out.glob("*/plain-32-true-r0/result.json"))
@@ -127,7 +182,10 @@ def test_a_hung_arm_and_ctrl_c_is_interrupted_not_running(tmp_path, monkeypatch)
 
 # --- a full disk -----------------------------------------------------------------------------
 
-def test_a_full_disk_fails_the_run_keeps_what_was_measured_and_it_resumes(tmp_path, monkeypatch):
+
+def test_a_full_disk_fails_the_run_keeps_what_was_measured_and_it_resumes(
+    tmp_path, monkeypatch
+):
     straight = plain.train(tiny(tmp_path, run_id="straight", epochs=3))
     with monkeypatch.context() as m:
         faults.inject(m, epoch=1, action="enospc", step="save")
@@ -147,15 +205,24 @@ def test_a_full_disk_fails_the_run_keeps_what_was_measured_and_it_resumes(tmp_pa
 
 def test_a_really_full_tmpfs(tmp_path):
     """The same on a real 3 MiB tmpfs, where the second checkpoint does not fit."""
-    script = (f"mount -t tmpfs -o size=3m tmpfs {tmp_path} && cd {os.getcwd()} && "
-              f"{os.sys.executable} -m ampcompare plain {' '.join(TINY_CLI)} --epochs 3 "
-              f"--out-dir {tmp_path} --run-id r; echo rc=$?; cat {tmp_path}/r/result.json")
-    probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "true"],
-                           capture_output=True)
+    script = (
+        f"mount -t tmpfs -o size=3m tmpfs {tmp_path} && cd {os.getcwd()} && "
+        f"{os.sys.executable} -m ampcompare plain {' '.join(TINY_CLI)} --epochs 3 "
+        f"--out-dir {tmp_path} --run-id r; echo rc=$?; cat {tmp_path}/r/result.json"
+    )
+    probe = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "true"], capture_output=True
+    )
     if probe.returncode != 0:
-        pytest.skip("no mount namespace here (unshare failed); the injected ENOSPC test covers it")
-    proc = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
-                          capture_output=True, text=True, timeout=180)
+        pytest.skip(
+            "no mount namespace here (unshare failed); the injected ENOSPC test covers it"
+        )
+    proc = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     out, _, record = proc.stdout.partition("rc=1\n")
     assert record, (proc.stdout, proc.stderr)
     record = json.loads(record)
@@ -168,9 +235,12 @@ def test_a_really_full_tmpfs(tmp_path):
 def test_a_full_disk_when_compare_writes_its_report_is_one_line(tmp_path, monkeypatch):
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
     monkeypatch.setattr(report, "write", full)
-    r = CliRunner().invoke(cli, ["compare", *TINY_CMP, "--epochs", "1", "--impls", "apex",
-                                 "--out-dir", str(tmp_path)])
+    r = CliRunner().invoke(
+        cli,
+        ["compare", *TINY_CMP, "--epochs", "1", "--impls", "apex", "--out-dir", str(tmp_path)],
+    )
     assert r.exit_code == 1 and r.stderr.strip().endswith("No space left on device"), r.stderr
 
 
@@ -178,12 +248,15 @@ def test_a_full_disk_when_compare_writes_its_report_is_one_line(tmp_path, monkey
 def test_a_full_disk_when_compare_starts_is_one_line(tmp_path, monkeypatch, where):
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
     if where == "folder":
         monkeypatch.setattr(plan.os, "makedirs", full)
     else:
         monkeypatch.setattr(plan.results, "write_json", full)
-    r = CliRunner().invoke(cli, ["compare", *TINY_CMP, "--epochs", "1", "--impls", "plain",
-                                 "--out-dir", str(tmp_path)])
+    r = CliRunner().invoke(
+        cli,
+        ["compare", *TINY_CMP, "--epochs", "1", "--impls", "plain", "--out-dir", str(tmp_path)],
+    )
     assert r.exit_code == 2, r.output
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot start a comparison in" in lines[0], r.stderr
@@ -192,11 +265,27 @@ def test_a_full_disk_when_compare_starts_is_one_line(tmp_path, monkeypatch, wher
 
 # --- paths -----------------------------------------------------------------------------------
 
+
 def test_compare_with_relative_paths_from_another_folder(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    proc = run_cli(["compare", *TINY_CMP, "--epochs", "1", "--impls", "plain", "--precisions",
-                    "32", "--out-dir", "rel", "--data-dir", "data"], cwd=elsewhere)
+    proc = run_cli(
+        [
+            "compare",
+            *TINY_CMP,
+            "--epochs",
+            "1",
+            "--impls",
+            "plain",
+            "--precisions",
+            "32",
+            "--out-dir",
+            "rel",
+            "--data-dir",
+            "data",
+        ],
+        cwd=elsewhere,
+    )
     assert proc.returncode == 0, proc.stderr
     (folder,) = (elsewhere / "rel").iterdir()
     assert saved(folder / "plain-32-true-r0")["status"] == "ok"
@@ -219,6 +308,7 @@ def test_two_compares_in_the_same_second_get_their_own_folders(tmp_path, monkeyp
 
 # --- statuses that are true ------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 def test_a_huge_learning_rate_diverges(tmp_path, precision):
     result = plain.train(tiny(tmp_path, lr=1e6, epochs=3, precision=precision))
@@ -233,6 +323,7 @@ def test_a_collapsed_fp16_loss_scale_is_divergence(tmp_path, monkeypatch):
 
     def tiny_scale(self, *args, **kwargs):
         real(self, *args, **{**kwargs, "init_scale": 0.25})
+
     monkeypatch.setattr(torch.amp.GradScaler, "__init__", tiny_scale)
     result = lightning.train(tiny(tmp_path, precision="16-mixed", epochs=2))
     assert result.status == "diverged" and "loss scale fell to 0.25" in result.error
@@ -243,12 +334,15 @@ def test_nan_losses_are_null_in_strict_json_and_say_why(tmp_path):
     assert result.status == "diverged"
     record = saved(tmp_path / "runs" / "nan")  # fails on NaN or Infinity
     nulls = [i for i, v in enumerate(record["step_losses"]) if v is None]
-    assert nulls and all(any(f"step_losses[{i}]" in n for n in record["nonfinite"]) for i in nulls)
+    assert nulls and all(
+        any(f"step_losses[{i}]" in n for n in record["nonfinite"]) for i in nulls
+    )
 
 
 def test_out_of_memory_on_cpu_is_oom_with_the_figures(tmp_path, monkeypatch):
     def no_memory(self):
         raise MemoryError
+
     monkeypatch.setattr(metrics.EpochMeter, "train_done", no_memory)
     result = plain.train(tiny(tmp_path, epochs=1))
     assert result.status == "oom" and "batch size 32" in result.error
@@ -259,17 +353,22 @@ def test_files_are_readable_as_the_umask_allows(tmp_path):
     plain.train(tiny(tmp_path, run_id="p", epochs=1))
     mask = os.umask(0)
     os.umask(mask)
-    for path in (tmp_path / "runs" / "p" / "result.json", checkpoint_of(tmp_path / "runs" / "p")):
+    for path in (
+        tmp_path / "runs" / "p" / "result.json",
+        checkpoint_of(tmp_path / "runs" / "p"),
+    ):
         mode = stat.S_IMODE(path.stat().st_mode)
         assert mode == 0o666 & ~mask, (path, oct(mode))
 
 
 def test_a_killed_child_is_described_by_its_signal():
     from ampcompare.launch import exit_description
+
     assert exit_description(-9) == "killed by SIGKILL" and exit_description(3) == "exit code 3"
 
 
 # --- report ----------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def two_runs(tmp_path):
@@ -279,8 +378,10 @@ def two_runs(tmp_path):
     return out
 
 
-ALMOST = ('{"run_id": "x", "impl": "plain", "status": "ok", "config": {}, "env": {}, '
-          '"precision": %s, "epochs": %s, "summary": %s}')
+ALMOST = (
+    '{"run_id": "x", "impl": "plain", "status": "ok", "config": {}, "env": {}, '
+    '"precision": %s, "epochs": %s, "summary": %s}'
+)
 GOOD = ('{"requested": "32-true", "effective": "32-true"}', "[]", "{}")
 
 
@@ -288,13 +389,31 @@ def almost(precision=GOOD[0], epochs=GOOD[1], summary=GOOD[2]):
     return ALMOST % (precision, epochs, summary)
 
 
-@pytest.mark.parametrize("content", ["garbage{", '{"run_id": "x"', "{}", "[]", "",
-                                     almost(summary="null"),
-                                     almost(summary='{"median_epoch_time_s": "x"}'),
-                                     almost(precision="{}"), almost(epochs="[1, 2]")],
-                         ids=["garbage", "truncated", "empty object", "a list", "empty file",
-                              "null summary", "a word for a number", "no precision names",
-                              "epochs not objects"])
+@pytest.mark.parametrize(
+    "content",
+    [
+        "garbage{",
+        '{"run_id": "x"',
+        "{}",
+        "[]",
+        "",
+        almost(summary="null"),
+        almost(summary='{"median_epoch_time_s": "x"}'),
+        almost(precision="{}"),
+        almost(epochs="[1, 2]"),
+    ],
+    ids=[
+        "garbage",
+        "truncated",
+        "empty object",
+        "a list",
+        "empty file",
+        "null summary",
+        "a word for a number",
+        "no precision names",
+        "epochs not objects",
+    ],
+)
 def test_report_skips_a_broken_record_and_names_it(two_runs, tmp_path, content):
     bad = two_runs / "broken"
     bad.mkdir()

@@ -1,6 +1,7 @@
 """Reports from other machines are input too: values that look like Markdown or HTML, a device
 name matplotlib would read as mathtext, glyphs its font lacks, runs of other software on the
 same device, one run reached by two paths, and a terminal that speaks only ASCII."""
+
 import copy
 import json
 import os
@@ -43,8 +44,13 @@ def test_values_from_records_stay_text_in_the_report(tmp_path, one_run):
     bad = variant(one_run, "run|x", device_name=HOSTILE, git_commit="abc|<b>def</b>\n| row |")
     bad["error"] = "line one\n| a | b |"
     bad["status"] = "failed"
-    write_runs(tmp_path / "runs", [bad, variant(one_run, "fine", device_name=HOSTILE,
-                                                git_commit="abc|<b>def</b>\n| row |")])
+    write_runs(
+        tmp_path / "runs",
+        [
+            bad,
+            variant(one_run, "fine", device_name=HOSTILE, git_commit="abc|<b>def</b>\n| row |"),
+        ],
+    )
     r = CliRunner().invoke(cli, ["report", str(tmp_path / "runs")])
     assert r.exit_code == 0, r.output
     md = (tmp_path / "runs" / "report.md").read_text()
@@ -52,9 +58,13 @@ def test_values_from_records_stay_text_in_the_report(tmp_path, one_run):
     headings = [line for line in md.splitlines() if line.startswith("#")]
     assert [h.split(" ")[0] for h in headings] == ["#", "##", "###", "##"], headings
     rows = [line for line in md.splitlines() if line.startswith("|")]
-    env_rows = rows[:rows.index("| impl | runs ok | step time [95% interval] | epoch time (s) "
-                                "| images/s | TFLOP/s | MFU | activation memory (MiB) | peak "
-                                "memory (MiB, process RSS) | final test acc |")]
+    env_rows = rows[
+        : rows.index(
+            "| impl | runs ok | step time [95% interval] | epoch time (s) "
+            "| images/s | TFLOP/s | MFU | activation memory (MiB) | peak "
+            "memory (MiB, process RSS) | final test acc |"
+        )
+    ]
     assert len(env_rows) == len(report.ENV_KEYS) + 2  # no row was injected
     for line in rows:  # every row has its table's number of cells: no "|" got in raw
         cells = line.replace("\\|", "").count("|")
@@ -72,11 +82,21 @@ def test_the_chart_draws_any_device_name(tmp_path, one_run, name):
     assert (tmp_path / "benchmark.png").stat().st_size > 1000
 
 
-@pytest.mark.parametrize("key,value", [("torch", "2.11.0"), ("lightning", "2.5.0"),
-                                       ("git_commit", "0" * 40), ("host", "elsewhere")])
-def test_runs_of_other_software_on_the_same_device_are_never_one_cell(tmp_path, one_run, key,
-                                                                      value):
-    write_runs(tmp_path / "runs", [variant(one_run, "a"), variant(one_run, "b", **{key: value})])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("torch", "2.11.0"),
+        ("lightning", "2.5.0"),
+        ("git_commit", "0" * 40),
+        ("host", "elsewhere"),
+    ],
+)
+def test_runs_of_other_software_on_the_same_device_are_never_one_cell(
+    tmp_path, one_run, key, value
+):
+    write_runs(
+        tmp_path / "runs", [variant(one_run, "a"), variant(one_run, "b", **{key: value})]
+    )
     summary = report.summarize(report.load([tmp_path / "runs"]))
     assert len(summary["devices"]) == 2
     assert any(f"{key} {value}" in g["device"] for g in summary["devices"])
@@ -90,21 +110,41 @@ def test_a_run_is_counted_once_however_many_paths_reach_it(tmp_path, one_run):
     for paths in ([folder, folder], [folder, folder / "sub"], [tmp_path, folder]):
         records = report.load(paths)
         assert [r["run_id"] for r in records] == ["a"], paths
-    r = CliRunner().invoke(cli, ["report", str(folder), str(folder / "sub"), "--out",
-                                 str(tmp_path / "out")])
+    r = CliRunner().invoke(
+        cli, ["report", str(folder), str(folder / "sub"), "--out", str(tmp_path / "out")]
+    )
     assert r.exit_code == 0, r.output
     assert len((tmp_path / "out" / "results.csv").read_text().splitlines()) == 2
     assert "| plain | 1/1 |" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_an_ascii_terminal_gets_every_file_and_what_it_can_show(tmp_path):
-    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0",
-           "PYTHONIOENCODING": ""}
-    proc = subprocess.run([sys.executable, "-m", "ampcompare", "compare", *TINY_ARGS[:-3],
-                           "--epochs", "1", "--impls", "plain", "--precisions", "32,bf16",
-                           "--quiet", "--out-dir", str(tmp_path)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, encoding="utf-8",
-                          errors="replace", timeout=300)
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONIOENCODING": ""}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ampcompare",
+            "compare",
+            *TINY_ARGS[:-3],
+            "--epochs",
+            "1",
+            "--impls",
+            "plain",
+            "--precisions",
+            "32,bf16",
+            "--quiet",
+            "--out-dir",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     text = (folder / "report.md").read_text(encoding="utf-8")

@@ -2,6 +2,7 @@
 same per-step losses and final weights as a straight run (DESIGN.md, "Equivalence"). The
 checkpoint is written atomically each epoch and read back with weights_only=True; a truncated
 or changed one, or an option that differs, is refused before anything is overwritten."""
+
 import hashlib
 import json
 import os
@@ -36,14 +37,17 @@ def resumed_run(tmp_path, monkeypatch, arm, stop_step, **overrides):
 
 @pytest.mark.parametrize("arm", ["plain", "lightning"])
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed"])
-def test_stopped_mid_epoch_and_resumed_is_bitwise_a_straight_run(tmp_path, monkeypatch, arm,
-                                                                 precision):
+def test_stopped_mid_epoch_and_resumed_is_bitwise_a_straight_run(
+    tmp_path, monkeypatch, arm, precision
+):
     straight = ARMS[arm].train(tiny(tmp_path, run_id="straight", precision=precision))
     resumed = resumed_run(tmp_path, monkeypatch, arm, stop_step=2, precision=precision)
     assert straight.status == resumed.status == "ok"
     assert resumed.step_losses == straight.step_losses and len(straight.step_losses) == 6
     assert resumed.weights_sha256 == straight.weights_sha256
-    assert [r["loss_scale"] for r in resumed.epochs] == [r["loss_scale"] for r in straight.epochs]
+    assert [r["loss_scale"] for r in resumed.epochs] == [
+        r["loss_scale"] for r in straight.epochs
+    ]
     assert [r["warmup"] for r in resumed.epochs] == [True, True]  # a new process warms up
     assert straight.resumes == [] and [r["epoch"] for r in resumed.resumes] == [1]
     assert resumed.resumes[0]["env"]["torch"] == torch.__version__
@@ -54,8 +58,9 @@ def test_an_ok_run_trains_further_with_more_epochs(tmp_path, arm):
     straight = ARMS[arm].train(tiny(tmp_path, run_id="straight", epochs=3))
     first = ARMS[arm].train(tiny(tmp_path, run_id="grown", epochs=2))
     assert first.status == "ok"
-    grown = ARMS[arm].train(tiny(tmp_path, run_id="grown", epochs=3,
-                                 resume=str(tmp_path / "runs" / "grown")))
+    grown = ARMS[arm].train(
+        tiny(tmp_path, run_id="grown", epochs=3, resume=str(tmp_path / "runs" / "grown"))
+    )
     assert grown.status == "ok" and grown.step_losses == straight.step_losses
     assert grown.weights_sha256 == straight.weights_sha256
 
@@ -72,12 +77,15 @@ def test_the_checkpoint_holds_everything_and_loads_weights_only(tmp_path):
     assert saved["checkpoint"] == result.checkpoint
     lit = lightning.train(tiny(tmp_path, run_id="l", epochs=1))
     ckpt = torch.load(checkpoint_of(tmp_path / "runs" / "l"), weights_only=True)
-    assert {"state_dict", "optimizer_states", "lr_schedulers", "loops", "ampcompare"} <= set(ckpt)
+    assert {"state_dict", "optimizer_states", "lr_schedulers", "loops", "ampcompare"} <= set(
+        ckpt
+    )
     assert lit.checkpoint["epochs"] == 1
 
 
 def cli(*args):
     from ampcompare.cli import cli as group
+
     return CliRunner().invoke(group, list(args))
 
 
@@ -120,12 +128,16 @@ def test_a_damaged_checkpoint_is_refused_and_nothing_is_overwritten(stopped, tmp
     assert_unchanged(run_dir, before)
 
 
-@pytest.mark.parametrize("args,fragment", [
-    (["--lr", "0.5"], "--lr 0.5 differs from the stopped run's 0.0001"),
-    (["--precision", "bf16"], "--precision bf16-mixed differs"),
-    (["--out-dir", "elsewhere"], "drop --out-dir"),
-    (["--epochs", "2"], "was started with --epochs 3; --epochs may only be raised"),
-], ids=["lr", "precision", "out-dir", "fewer epochs"])
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["--lr", "0.5"], "--lr 0.5 differs from the stopped run's 0.0001"),
+        (["--precision", "bf16"], "--precision bf16-mixed differs"),
+        (["--out-dir", "elsewhere"], "drop --out-dir"),
+        (["--epochs", "2"], "was started with --epochs 3; --epochs may only be raised"),
+    ],
+    ids=["lr", "precision", "out-dir", "fewer epochs"],
+)
 def test_a_resume_that_would_change_the_run_is_refused(stopped, args, fragment):
     run_dir, before = stopped
     one_line_exit_2(cli("plain", "--resume", str(run_dir), *args), fragment)
@@ -136,8 +148,10 @@ def test_resume_needs_the_same_command_and_a_checkpoint(stopped, tmp_path):
     run_dir, before = stopped
     one_line_exit_2(cli("lightning", "--resume", str(run_dir)), "is a plain run")
     plain.train(tiny(tmp_path, run_id="nock", checkpoint=False, epochs=1))
-    one_line_exit_2(cli("plain", "--resume", str(tmp_path / "runs" / "nock"), "--epochs", "2"),
-                    "has no checkpoint")
+    one_line_exit_2(
+        cli("plain", "--resume", str(tmp_path / "runs" / "nock"), "--epochs", "2"),
+        "has no checkpoint",
+    )
     one_line_exit_2(cli("plain", "--resume", str(tmp_path / "nowhere")), "no such folder")
     assert_unchanged(run_dir, before)
 
@@ -168,9 +182,20 @@ def test_resume_through_the_cli_finishes_the_run(stopped):
 def test_compare_resume_keeps_finished_arms_and_continues_the_rest(tmp_path):
     from tests.conftest import SMALL_RUN, run_cli, start_until_first_epoch
     import signal
+
     out = tmp_path / "runs"
-    args = ["compare", *SMALL_RUN, "--epochs", "4", "--impls", "plain", "--precisions",
-            "32,bf16", "--out-dir", str(out)]
+    args = [
+        "compare",
+        *SMALL_RUN,
+        "--epochs",
+        "4",
+        "--impls",
+        "plain",
+        "--precisions",
+        "32,bf16",
+        "--out-dir",
+        str(out),
+    ]
     proc, second = start_until_first_epoch(args, out, "*/plain-bf16-mixed-r0/result.json")
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
@@ -178,7 +203,9 @@ def test_compare_resume_keeps_finished_arms_and_continues_the_rest(tmp_path):
     folder = second.parent.parent
     first = json.loads((folder / "plain-32-true-r0" / "result.json").read_text())
     stopped = json.loads(second.read_text())
-    assert first["status"] == "ok" and not list((folder / "plain-32-true-r0").glob("checkpoint*.pt"))
+    assert first["status"] == "ok" and not list(
+        (folder / "plain-32-true-r0").glob("checkpoint*.pt")
+    )
     assert stopped["status"] == "interrupted" and stopped["checkpoint"]
     one_line_exit_2(cli("compare", "--resume", str(folder), "--lr", "0.1"), "--lr differs")
     proc = run_cli(["compare", "--resume", str(folder)])
@@ -193,26 +220,35 @@ def test_compare_resume_keeps_finished_arms_and_continues_the_rest(tmp_path):
 
 
 def test_compare_resume_starts_over_an_arm_whose_resume_is_refused_and_keeps_the_old(
-        tmp_path, monkeypatch):
+    tmp_path, monkeypatch
+):
     # An arm left stopped by an earlier attempt, whose checkpoint no longer matches: compare
     # --resume says why it cannot continue it, moves it aside whole (nothing is deleted) and
     # runs it from the start.
     with monkeypatch.context() as m:
         faults.inject(m, epoch=1, action="interrupt")
-        plain.train(tiny(tmp_path, run_id="plain-32-true-r0", epochs=3,
-                         keep_checkpoint=False))
+        plain.train(tiny(tmp_path, run_id="plain-32-true-r0", epochs=3, keep_checkpoint=False))
     folder = tmp_path / "runs"
     arm = folder / "plain-32-true-r0"
     cfg = json.loads((arm / "result.json").read_text())["config"]
-    (folder / "compare.json").write_text(json.dumps({
-        "config": {**cfg, "out_dir": str(folder)}, "impls": ["plain"],
-        "precisions": ["32-true"], "repeats": 1, "seeds": 1}))
+    (folder / "compare.json").write_text(
+        json.dumps(
+            {
+                "config": {**cfg, "out_dir": str(folder)},
+                "impls": ["plain"],
+                "precisions": ["32-true"],
+                "repeats": 1,
+                "seeds": 1,
+            }
+        )
+    )
     ckpt = checkpoint_of(arm)
     ckpt.write_bytes(ckpt.read_bytes()[:-10])
     (arm / "NOTES.txt").write_text("mine")
     before = {p.name: p.read_bytes() for p in arm.iterdir() if p.name != ".lock"}
     # never while another compare works in that folder
     from common.rundir import lock
+
     held = lock(str(folder), "held by this test")
     try:
         one_line_exit_2(cli("compare", "--resume", str(folder)), "another compare is running")
@@ -232,20 +268,34 @@ def stopped_comparison(tmp_path, monkeypatch, epochs=3):
     """A compare folder whose one arm stopped after its first epoch (a checkpoint to go on)."""
     with monkeypatch.context() as m:
         faults.inject(m, epoch=1, action="interrupt")
-        plain.train(tiny(tmp_path, run_id="plain-32-true-r0", epochs=epochs,
-                         keep_checkpoint=False))
+        plain.train(
+            tiny(tmp_path, run_id="plain-32-true-r0", epochs=epochs, keep_checkpoint=False)
+        )
     folder = tmp_path / "runs"
     cfg = json.loads((folder / "plain-32-true-r0" / "result.json").read_text())["config"]
-    (folder / "compare.json").write_text(json.dumps({
-        "config": {**cfg, "out_dir": str(folder)}, "impls": ["plain"],
-        "precisions": ["32-true"], "repeats": 1, "seeds": 1}))
+    (folder / "compare.json").write_text(
+        json.dumps(
+            {
+                "config": {**cfg, "out_dir": str(folder)},
+                "impls": ["plain"],
+                "precisions": ["32-true"],
+                "repeats": 1,
+                "seeds": 1,
+            }
+        )
+    )
     return folder, folder / "plain-32-true-r0"
 
 
 def test_compare_resume_never_touches_a_run_another_process_writes(tmp_path, monkeypatch):
     folder, arm = stopped_comparison(tmp_path, monkeypatch, epochs=2000)
-    hand = subprocess.Popen([sys.executable, "-m", "ampcompare", "plain", "--resume", str(arm)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    hand = subprocess.Popen(
+        [sys.executable, "-m", "ampcompare", "plain", "--resume", str(arm)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while json.loads((arm / "result.json").read_text())["pid"] != hand.pid:
@@ -266,8 +316,9 @@ def test_compare_resume_never_touches_a_run_another_process_writes(tmp_path, mon
 
 
 @pytest.mark.parametrize("damage", ["paused", "truncated"])
-def test_compare_resume_leaves_a_folder_with_a_bad_record_as_it_is(tmp_path, monkeypatch,
-                                                                   damage):
+def test_compare_resume_leaves_a_folder_with_a_bad_record_as_it_is(
+    tmp_path, monkeypatch, damage
+):
     folder, arm = stopped_comparison(tmp_path, monkeypatch)
     path = arm / "result.json"
     if damage == "paused":
@@ -298,14 +349,30 @@ def test_an_arm_killed_before_it_wrote_says_so_and_resumes_later(tmp_path, monke
     assert done["status"] == "ok" and [x["epoch"] for x in done["resumes"]] == [1]
 
 
-@pytest.mark.parametrize("damage", [
-    {"repeats": "2"}, {"repeats": -3}, {"impls": []}, {"impls": "plain"},
-    {"impls": ["tensorflow"]}, {"precisions": ["fp8"]}, {"config": {"epochs": "x"}},
-    {"config": {"out_dir": 5}}, {"config": {"lr": -1}}, {"config": {"nonsense": 1}},
-], ids=lambda d: str(d))
+@pytest.mark.parametrize(
+    "damage",
+    [
+        {"repeats": "2"},
+        {"repeats": -3},
+        {"impls": []},
+        {"impls": "plain"},
+        {"impls": ["tensorflow"]},
+        {"precisions": ["fp8"]},
+        {"config": {"epochs": "x"}},
+        {"config": {"out_dir": 5}},
+        {"config": {"lr": -1}},
+        {"config": {"nonsense": 1}},
+    ],
+    ids=lambda d: str(d),
+)
 def test_a_damaged_compare_plan_is_refused(tmp_path, damage):
-    plan = {"config": {}, "impls": ["plain"], "precisions": ["32-true"], "repeats": 1,
-            "seeds": 1}
+    plan = {
+        "config": {},
+        "impls": ["plain"],
+        "precisions": ["32-true"],
+        "repeats": 1,
+        "seeds": 1,
+    }
     for key, value in damage.items():
         plan[key] = {**plan["config"], **value} if key == "config" else value
     (tmp_path / "compare.json").write_text(json.dumps(plan))

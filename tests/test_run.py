@@ -13,12 +13,47 @@ from plain_torch import train as plain
 from tests import faults
 from tests.conftest import SMALL_RUN, checkpoint_of, start_until_first_epoch, tiny
 
-RESULT_FIELDS = {"schema", "run_id", "impl", "status", "error", "precision", "opt_level", "config",
-                 "env", "epochs", "step_losses", "weights_sha256", "summary"}
-ENV_FIELDS = {"python", "torch", "torchvision", "lightning", "apex", "device", "device_name",
-              "cuda_capability", "tensor_cores", "cpu_model", "threads", "git_commit"}
-EPOCH_FIELDS = {"epoch", "train_loss", "test_loss", "test_acc", "epoch_time_s", "images_per_s",
-                "data_wait_s", "peak_memory_bytes", "skipped_steps", "loss_scale"}
+RESULT_FIELDS = {
+    "schema",
+    "run_id",
+    "impl",
+    "status",
+    "error",
+    "precision",
+    "opt_level",
+    "config",
+    "env",
+    "epochs",
+    "step_losses",
+    "weights_sha256",
+    "summary",
+}
+ENV_FIELDS = {
+    "python",
+    "torch",
+    "torchvision",
+    "lightning",
+    "apex",
+    "device",
+    "device_name",
+    "cuda_capability",
+    "tensor_cores",
+    "cpu_model",
+    "threads",
+    "git_commit",
+}
+EPOCH_FIELDS = {
+    "epoch",
+    "train_loss",
+    "test_loss",
+    "test_acc",
+    "epoch_time_s",
+    "images_per_s",
+    "data_wait_s",
+    "peak_memory_bytes",
+    "skipped_steps",
+    "loss_scale",
+}
 SUMMARY_FIELDS = {"median_epoch_time_s", "images_per_s", "peak_memory_bytes", "final_test_acc"}
 
 
@@ -54,8 +89,14 @@ def test_trained_weights_are_reproducible(tmp_path):
 
 
 def test_two_epochs_learn_and_write_every_field(tmp_path):
-    cfg = tiny(tmp_path, synthetic_size=3000, batch_size=64, limit_train_batches=None,
-               limit_test_batches=None, lr=2e-3)
+    cfg = tiny(
+        tmp_path,
+        synthetic_size=3000,
+        batch_size=64,
+        limit_train_batches=None,
+        limit_test_batches=None,
+        lr=2e-3,
+    )
     result = plain.train(cfg)
     saved = load(result)
     assert set(saved) >= RESULT_FIELDS
@@ -70,8 +111,9 @@ def test_two_epochs_learn_and_write_every_field(tmp_path):
     assert saved["epochs"][1]["train_loss"] < saved["epochs"][0]["train_loss"]
     assert saved["summary"]["median_epoch_time_s"] == saved["epochs"][1]["epoch_time_s"]
     assert saved["weights_sha256"] == result.weights_sha256
-    ckpt = torch.load(checkpoint_of(os.path.join(cfg.out_dir, result.run_id)),
-                      weights_only=True)
+    ckpt = torch.load(
+        checkpoint_of(os.path.join(cfg.out_dir, result.run_id)), weights_only=True
+    )
     assert set(ckpt) == {"model", "optimizer", "scheduler", "scaler", "ampcompare"}
     assert ckpt["ampcompare"]["epochs"] == saved["epochs"]
     assert saved["checkpoint"]["epochs"] == 2 and saved["weights_epochs"] == 2
@@ -93,10 +135,31 @@ def test_interrupted_run_keeps_what_it_measured(tmp_path, monkeypatch):
     faults.inject(monkeypatch, epoch=1, action="interrupt")
     runner = CliRunner()
     out = tmp_path / "runs"
-    r = runner.invoke(cli, ["plain", "--dataset", "synthetic", "--model", "small", "--epochs", "3",
-                            "--synthetic-size", "128", "--batch-size", "32", "--quiet",
-                            "--accelerator", "cpu", "--precision", "32", "--out-dir", str(out),
-                            "--run-id", "x"])
+    r = runner.invoke(
+        cli,
+        [
+            "plain",
+            "--dataset",
+            "synthetic",
+            "--model",
+            "small",
+            "--epochs",
+            "3",
+            "--synthetic-size",
+            "128",
+            "--batch-size",
+            "32",
+            "--quiet",
+            "--accelerator",
+            "cpu",
+            "--precision",
+            "32",
+            "--out-dir",
+            str(out),
+            "--run-id",
+            "x",
+        ],
+    )
     assert r.exit_code == 130
     saved = json.loads((out / "x" / "result.json").read_text())
     assert saved["status"] == "interrupted"
@@ -124,6 +187,7 @@ def test_divergence_stops_the_run(tmp_path):
 def test_existing_run_id_is_a_usage_error(tmp_path):
     plain.train(tiny(tmp_path, run_id="same", epochs=1))
     from common.errors import UsageError
+
     with pytest.raises(UsageError, match="already exists"):
         plain.train(tiny(tmp_path, run_id="same", epochs=1))
 
@@ -131,7 +195,9 @@ def test_existing_run_id_is_a_usage_error(tmp_path):
 def test_write_json_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "r.json"
     results.write_json(str(path), {"a": 1})
-    monkeypatch.setattr(json, "dump", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    monkeypatch.setattr(
+        json, "dump", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full"))
+    )
     with pytest.raises(OSError):
         results.write_json(str(path), {"a": 2})
     assert json.loads(path.read_text()) == {"a": 1}
@@ -154,15 +220,31 @@ def test_loss_is_cross_entropy():
 def test_no_checkpoint_option(tmp_path):
     result = plain.train(tiny(tmp_path, epochs=1, checkpoint=False, run_id="nock"))
     assert result.status == "ok" and result.weights_sha256
-    assert sorted(p.name for p in (tmp_path / "runs" / "nock").iterdir()) == [".lock",
-                                                                             "result.json"]
+    assert sorted(p.name for p in (tmp_path / "runs" / "nock").iterdir()) == [
+        ".lock",
+        "result.json",
+    ]
 
 
 def test_sigterm_ends_a_run_like_ctrl_c(tmp_path):
     out = tmp_path / "runs"
     proc, path = start_until_first_epoch(
-        ["plain", *SMALL_RUN, "--epochs", "200", "--precision", "32", "--out-dir", str(out),
-         "--run-id", "t", "--quiet"], out, "t/result.json")
+        [
+            "plain",
+            *SMALL_RUN,
+            "--epochs",
+            "200",
+            "--precision",
+            "32",
+            "--out-dir",
+            str(out),
+            "--run-id",
+            "t",
+            "--quiet",
+        ],
+        out,
+        "t/result.json",
+    )
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr

@@ -1,6 +1,7 @@
 """Timing figures that can be trusted: the bootstrap's intervals and verdicts against step times
 built by hand (a known difference, a known null, bursts, runs that differ), the report's
 ratios and notes on hand-made records, and the meters' step times in every arm."""
+
 import copy
 
 import numpy as np
@@ -60,8 +61,9 @@ def test_a_burst_of_slow_steps_is_not_counted_as_independent_evidence():
     # The same step times twice: in order (a burst: 60 slow steps in a row, as this machine's
     # noise comes) and shuffled. Blocks of consecutive steps make the bursty run's interval wider.
     rng = np.random.default_rng(0)
-    steps = np.concatenate([0.2 + 0.002 * rng.standard_normal(140),
-                            0.3 + 0.002 * rng.standard_normal(60)])
+    steps = np.concatenate(
+        [0.2 + 0.002 * rng.standard_normal(140), 0.3 + 0.002 * rng.standard_normal(60)]
+    )
     bursty = stats.Sample([steps], "bursty").estimate()
     shuffled = stats.Sample([rng.permutation(steps)], "shuffled").estimate()
     assert bursty.hi - bursty.lo > 1.5 * (shuffled.hi - shuffled.lo)
@@ -71,8 +73,9 @@ def test_a_round_effect_cancels_when_the_runs_were_measured_side_by_side():
     # Rounds whose machine speed differs by up to 50%; in each, b takes 10 ms more than a.
     levels = [0.2, 0.3, 0.25, 0.22, 0.28, 0.21]
     a = stats.Sample([noisy(v, 40, seed=i, noise=0.005) for i, v in enumerate(levels)], "a")
-    b = stats.Sample([noisy(v + 0.01, 40, seed=10 + i, noise=0.005)
-                      for i, v in enumerate(levels)], "b")
+    b = stats.Sample(
+        [noisy(v + 0.01, 40, seed=10 + i, noise=0.005) for i, v in enumerate(levels)], "b"
+    )
     paired, unpaired = stats.difference(b, a, paired=True), stats.difference(b, a)
     assert paired.lo > 0.008 and paired.hi < 0.012
     assert unpaired.contains(0.0)
@@ -83,50 +86,87 @@ def test_a_round_effect_cancels_when_the_runs_were_measured_side_by_side():
         stats.difference(b, stats.Sample(a.runs[:3], "short"), paired=True)
 
 
-@pytest.mark.parametrize("est,words", [
-    (stats.Estimate(1.31, 1.25, 1.38), "1.31× faster [1.25–1.38]"),
-    (stats.Estimate(1.002, 0.97, 1.04), "no difference detectable [0.97–1.04]"),
-    (stats.Estimate(0.8, 0.78, 0.82), "1.25× slower [1.22–1.28]"),
-    (stats.Estimate(1.004, 1.001, 1.007), "1.004× faster [1.001–1.007]"),
-])
+@pytest.mark.parametrize(
+    "est,words",
+    [
+        (stats.Estimate(1.31, 1.25, 1.38), "1.31× faster [1.25–1.38]"),
+        (stats.Estimate(1.002, 0.97, 1.04), "no difference detectable [0.97–1.04]"),
+        (stats.Estimate(0.8, 0.78, 0.82), "1.25× slower [1.22–1.28]"),
+        (stats.Estimate(1.004, 1.001, 1.007), "1.004× faster [1.001–1.007]"),
+    ],
+)
 def test_speed_words(est, words):
     assert stats.speed_words(est) == words
 
 
-@pytest.mark.parametrize("est,words", [
-    (stats.Estimate(812e-6, 690e-6, 930e-6),
-     "+812 µs a step [+690, +930], 0.33% of plain's 246 ms step"),
-    (stats.Estimate(30e-6, -80e-6, 150e-6),
-     "no difference detectable [−80, +150] µs a step, against plain's 246 ms"),
-    (stats.Estimate(-20e-3, -30e-3, -10e-3),
-     "−20.0 ms a step [−30.0, −10.0]: plain's steps took longer here (246 ms)"),
-])
+@pytest.mark.parametrize(
+    "est,words",
+    [
+        (
+            stats.Estimate(812e-6, 690e-6, 930e-6),
+            "+812 µs a step [+690, +930], 0.33% of plain's 246 ms step",
+        ),
+        (
+            stats.Estimate(30e-6, -80e-6, 150e-6),
+            "no difference detectable [−80, +150] µs a step, against plain's 246 ms",
+        ),
+        (
+            stats.Estimate(-20e-3, -30e-3, -10e-3),
+            "−20.0 ms a step [−30.0, −10.0]: plain's steps took longer here (246 ms)",
+        ),
+    ],
+)
 def test_overhead_words(est, words):
     assert stats.overhead_words(est, 0.246) == words
 
 
-@pytest.mark.parametrize("est,target,at_most,words", [
-    (stats.Estimate(2.5, 2.2, 2.8), 2.0, False, "meets ≥ 2.0"),
-    (stats.Estimate(1.5, 1.4, 1.6), 2.0, False, "misses ≥ 2.0"),
-    (stats.Estimate(2.0, 1.9, 2.1), 2.0, False, "cannot tell"),
-])
+@pytest.mark.parametrize(
+    "est,target,at_most,words",
+    [
+        (stats.Estimate(2.5, 2.2, 2.8), 2.0, False, "meets ≥ 2.0"),
+        (stats.Estimate(1.5, 1.4, 1.6), 2.0, False, "misses ≥ 2.0"),
+        (stats.Estimate(2.0, 1.9, 2.1), 2.0, False, "cannot tell"),
+    ],
+)
 def test_targets_are_judged_on_the_whole_interval(est, target, at_most, words):
     assert stats.against(est, target, at_most).startswith(words)
 
 
 # --- the report, on records built by hand --------------------------------------------------
 
+
 def record(impl, precision, steps_by_run_epoch, run, weights="w"):
     """A run record whose epochs hold the given step times (the first epoch a warm-up)."""
-    epochs = [{"epoch": i, "warmup": i == 0, "step_times_s": list(times), "train_loss": 1.0,
-               "test_loss": 1.0, "test_acc": 0.5, "epoch_time_s": 1.0, "train_time_s": 1.0,
-               "images_per_s": 1.0, "data_wait_s": 0.0, "peak_memory_bytes": 1}
-              for i, times in enumerate(steps_by_run_epoch)]
-    return {"run_id": f"{impl}-{precision}-r{run}", "impl": impl, "seed": 0, "repeat": run,
-            "status": "ok", "precision": {"requested": precision, "effective": precision},
-            "opt_level": None, "config": {"model": "small"}, "weights_sha256": weights,
-            "env": {"device": "cpu", "device_name": "CPU"}, "epochs": epochs,
-            "summary": results.summarize(epochs)}
+    epochs = [
+        {
+            "epoch": i,
+            "warmup": i == 0,
+            "step_times_s": list(times),
+            "train_loss": 1.0,
+            "test_loss": 1.0,
+            "test_acc": 0.5,
+            "epoch_time_s": 1.0,
+            "train_time_s": 1.0,
+            "images_per_s": 1.0,
+            "data_wait_s": 0.0,
+            "peak_memory_bytes": 1,
+        }
+        for i, times in enumerate(steps_by_run_epoch)
+    ]
+    return {
+        "run_id": f"{impl}-{precision}-r{run}",
+        "impl": impl,
+        "seed": 0,
+        "repeat": run,
+        "status": "ok",
+        "precision": {"requested": precision, "effective": precision},
+        "opt_level": None,
+        "config": {"model": "small"},
+        "weights_sha256": weights,
+        "env": {"device": "cpu", "device_name": "CPU"},
+        "epochs": epochs,
+        "summary": results.summarize(epochs),
+    }
 
 
 def group_of(records):
@@ -138,17 +178,37 @@ def test_the_report_finds_a_known_speedup_and_a_known_null():
     records = []
     for run in range(2):
         for impl, extra in (("plain", 0.0), ("lightning", 0.0)):
-            records.append(record(impl, "32-true", [noisy(0.3, 20, run), noisy(0.2 + extra, 50,
-                                                   seed=run)], run, weights=f"w32-{run}"))
-            records.append(record(impl, "bf16-mixed", [noisy(0.3, 20, run),
-                                                        noisy(0.1, 50, seed=9 + run)], run,
-                                  weights=f"w16-{run}"))
+            records.append(
+                record(
+                    impl,
+                    "32-true",
+                    [noisy(0.3, 20, run), noisy(0.2 + extra, 50, seed=run)],
+                    run,
+                    weights=f"w32-{run}",
+                )
+            )
+            records.append(
+                record(
+                    impl,
+                    "bf16-mixed",
+                    [noisy(0.3, 20, run), noisy(0.1, 50, seed=9 + run)],
+                    run,
+                    weights=f"w16-{run}",
+                )
+            )
     group = group_of(records)
     speed = group["ratios"]["plain"]["bf16-mixed"]["speedup"]
     # independently: the mean over runs of each run's median timed step
-    medians = {p: np.mean([np.median(r["epochs"][1]["step_times_s"]) for r in records
-                           if (r["impl"], r["precision"]["effective"]) == ("plain", p)])
-               for p in ("32-true", "bf16-mixed")}
+    medians = {
+        p: np.mean(
+            [
+                np.median(r["epochs"][1]["step_times_s"])
+                for r in records
+                if (r["impl"], r["precision"]["effective"]) == ("plain", p)
+            ]
+        )
+        for p in ("32-true", "bf16-mixed")
+    }
     expected = medians["32-true"] / medians["bf16-mixed"]
     lo, hi = speed["interval"]
     assert speed["estimate"] == pytest.approx(expected) and 1.9 < lo < expected < hi < 2.1
@@ -163,8 +223,10 @@ def test_the_report_finds_a_known_speedup_and_a_known_null():
 
 
 def test_one_run_per_cell_says_what_its_interval_covers():
-    records = [record("plain", p, [noisy(0.3, 20), noisy(t, 50)], 0)
-               for p, t in (("32-true", 0.2), ("bf16-mixed", 0.1))]
+    records = [
+        record("plain", p, [noisy(0.3, 20), noisy(t, 50)], 0)
+        for p, t in (("32-true", 0.2), ("bf16-mixed", 0.1))
+    ]
     notes = group_of(records)["notes"]
     assert any("One run per cell" in n and "--repeats" in n for n in notes)
 
@@ -173,14 +235,29 @@ def test_identical_arithmetic_with_speedups_that_do_not_overlap_is_called_noise(
     # plain and Lightning trained the same weights, yet one got 2x and the other 1.5x.
     records = []
     for impl, mixed in (("plain", 0.1), ("lightning", 0.1333)):
-        records.append(record(impl, "32-true", [[0.3] * 5, noisy(0.2, 100, seed=1, noise=0.001)],
-                              0, weights="same-32"))
-        records.append(record(impl, "bf16-mixed", [[0.3] * 5, noisy(mixed, 100, seed=2,
-                                                                    noise=0.001)],
-                              0, weights="same-16"))
+        records.append(
+            record(
+                impl,
+                "32-true",
+                [[0.3] * 5, noisy(0.2, 100, seed=1, noise=0.001)],
+                0,
+                weights="same-32",
+            )
+        )
+        records.append(
+            record(
+                impl,
+                "bf16-mixed",
+                [[0.3] * 5, noisy(mixed, 100, seed=2, noise=0.001)],
+                0,
+                weights="same-16",
+            )
+        )
     notes = group_of(records)["notes"]
-    assert any("plain and lightning trained bitwise-identical weights" in n
-               and "noise exceeded" in n for n in notes), notes
+    assert any(
+        "plain and lightning trained bitwise-identical weights" in n and "noise exceeded" in n
+        for n in notes
+    ), notes
     # Different weights: not the same arithmetic, nothing to say.
     records[-1]["weights_sha256"] = "other"
     assert not any("noise exceeded" in n for n in group_of(records)["notes"])
@@ -190,12 +267,17 @@ def test_a_one_epoch_run_leaves_out_its_first_steps():
     steps = [1.0] * results.WARMUP_STEPS + [0.2] * 20
     timed, rule = results.timed_steps([{"warmup": True, "step_times_s": steps}])
     assert timed == [0.2] * 20 and "first" in rule
-    timed, rule = results.timed_steps([{"warmup": True, "step_times_s": [1.0] * 3},
-                                       {"warmup": False, "step_times_s": [0.2] * 4}])
+    timed, rule = results.timed_steps(
+        [
+            {"warmup": True, "step_times_s": [1.0] * 3},
+            {"warmup": False, "step_times_s": [0.2] * 4},
+        ]
+    )
     assert timed == [0.2] * 4 and "warm-up epochs left out" in rule
 
 
 # --- the meters ----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("arm", [plain, lightning, fabric])
 def test_every_arm_records_a_time_and_a_wait_per_step(tmp_path, arm):
@@ -208,13 +290,16 @@ def test_every_arm_records_a_time_and_a_wait_per_step(tmp_path, arm):
         assert sum(e["step_times_s"]) <= e["train_time_s"]
         assert sum(e["step_waits_s"]) == pytest.approx(e["data_wait_s"])
     s = result.summary
-    assert s["timed_steps"] == 3 and s["step_time_q1_s"] <= s["median_step_time_s"] <= \
-        s["step_time_q3_s"]
+    assert (
+        s["timed_steps"] == 3
+        and s["step_time_q1_s"] <= s["median_step_time_s"] <= s["step_time_q3_s"]
+    )
     assert result.env["steady_malloc"] is True  # glibc here: the same allocator for every arm
 
 
 class StandInEvent:
     """torch.cuda.Event's interface, on a CPU: a stamp on a fake stream clock."""
+
     clock, made, synced = 0.0, [], False
 
     def __init__(self, enable_timing=False):

@@ -2,6 +2,7 @@
 epoch's end, a record edited by hand, a checkpoint changed with its hash fixed up, records with
 a key missing or of the wrong type. Each is resumed bitwise or refused in one line; the report
 names a bad record and reports the rest."""
+
 import json
 
 import pytest
@@ -21,14 +22,17 @@ def files(run_dir):
 
 
 @pytest.mark.parametrize("window,resumed_from", [("between", 1), ("committed", 2)])
-def test_a_crash_at_either_rename_leaves_a_run_that_resumes_bitwise(tmp_path, monkeypatch,
-                                                                    window, resumed_from):
+def test_a_crash_at_either_rename_leaves_a_run_that_resumes_bitwise(
+    tmp_path, monkeypatch, window, resumed_from
+):
     # kill -9 (os._exit) after the new checkpoint got its name but before the record that
     # names it did; or after the record, before the old checkpoint went.
     straight = plain.train(tiny(tmp_path, run_id="straight", epochs=3))
     faults.inject_children(monkeypatch, epoch=1, action="exit", step=window)
     out = tmp_path / "runs"
-    proc = run_cli(["plain", *TINY_ARGS, "--epochs", "3", "--out-dir", str(out), "--run-id", "r"])
+    proc = run_cli(
+        ["plain", *TINY_ARGS, "--epochs", "3", "--out-dir", str(out), "--run-id", "r"]
+    )
     assert proc.returncode == 137, proc.stderr
     monkeypatch.delenv(faults.ENV)
     run_dir = out / "r"
@@ -90,30 +94,45 @@ def test_a_checkpoint_the_record_names_that_is_not_there_is_refused(stopped):
     refused(stopped, "checkpoint-1.pt, which result.json names, is not there")
 
 
-@pytest.mark.parametrize("change,fragment", [
-    (lambda r: r["config"].pop("epochs"), "config has no epochs"),
-    (lambda r: r["checkpoint"].pop("sha256"), "checkpoint has no sha256"),
-    (lambda r: r.update(resumes=5), "resumes is 5, not a list"),
-    (lambda r: r["checkpoint"].update(epochs="1"), "checkpoint.epochs is '1', not an integer"),
-    (lambda r: r["checkpoint"].update(file="../../etc/passwd"),
-     "checkpoint.file is '../../etc/passwd', not a checkpoint's file name"),
-    (lambda r: r.update(status="paused"), "status is 'paused', not one of"),
-    (lambda r: r["config"].update(lr="fast"), "config.lr: --lr must be a float"),
-    (lambda r: r.update(epochs=[None]), "epochs[0] is null, not an object"),
-])
-def test_a_record_missing_a_key_or_of_the_wrong_type_is_refused_in_one_line(stopped, change,
-                                                                             fragment):
+@pytest.mark.parametrize(
+    "change,fragment",
+    [
+        (lambda r: r["config"].pop("epochs"), "config has no epochs"),
+        (lambda r: r["checkpoint"].pop("sha256"), "checkpoint has no sha256"),
+        (lambda r: r.update(resumes=5), "resumes is 5, not a list"),
+        (
+            lambda r: r["checkpoint"].update(epochs="1"),
+            "checkpoint.epochs is '1', not an integer",
+        ),
+        (
+            lambda r: r["checkpoint"].update(file="../../etc/passwd"),
+            "checkpoint.file is '../../etc/passwd', not a checkpoint's file name",
+        ),
+        (lambda r: r.update(status="paused"), "status is 'paused', not one of"),
+        (lambda r: r["config"].update(lr="fast"), "config.lr: --lr must be a float"),
+        (lambda r: r.update(epochs=[None]), "epochs[0] is null, not an object"),
+    ],
+)
+def test_a_record_missing_a_key_or_of_the_wrong_type_is_refused_in_one_line(
+    stopped, change, fragment
+):
     edit(stopped, change)
     refused(stopped, f"result.json is not a run record ({fragment}")
 
 
-@pytest.mark.parametrize("change,fragment", [
-    (lambda r: r.pop("summary"), "has no summary"),
-    (lambda r: r.update(seed=[1]), "seed is [1], not an integer"),
-    (lambda r: r["env"].update(device_name=5), "env.device_name is 5, not a string or null"),
-    (lambda r: r["summary"].update(median_step_time_s="x"), "summary.median_step_time_s"),
-    (lambda r: r["epochs"][0].update(step_times_s=["x"]), "epochs[0].step_times_s[0]"),
-])
+@pytest.mark.parametrize(
+    "change,fragment",
+    [
+        (lambda r: r.pop("summary"), "has no summary"),
+        (lambda r: r.update(seed=[1]), "seed is [1], not an integer"),
+        (
+            lambda r: r["env"].update(device_name=5),
+            "env.device_name is 5, not a string or null",
+        ),
+        (lambda r: r["summary"].update(median_step_time_s="x"), "summary.median_step_time_s"),
+        (lambda r: r["epochs"][0].update(step_times_s=["x"]), "epochs[0].step_times_s[0]"),
+    ],
+)
 def test_report_names_a_bad_record_and_reports_the_rest(tmp_path, change, fragment):
     for run_id in ("good", "bad"):
         plain.train(tiny(tmp_path, run_id=run_id, epochs=1))
@@ -127,10 +146,18 @@ def test_report_names_a_bad_record_and_reports_the_rest(tmp_path, change, fragme
 
 def test_the_resume_check_is_a_function_of_values():
     # No file is read: the stored record, what the checkpoint holds, the options, the machine.
-    stored = {"status": "interrupted", "error": None, "env": {"device": "cpu", "torch": "2"},
-              "config": {"epochs": 2, "lr": 1e-4, "schedule": "constant"},
-              "checkpoint": {"file": "checkpoint-1.pt", "epochs": 1, "sha256": "a" * 64,
-                             "weights_sha256": "b" * 64}}
+    stored = {
+        "status": "interrupted",
+        "error": None,
+        "env": {"device": "cpu", "torch": "2"},
+        "config": {"epochs": 2, "lr": 1e-4, "schedule": "constant"},
+        "checkpoint": {
+            "file": "checkpoint-1.pt",
+            "epochs": 1,
+            "sha256": "a" * 64,
+            "weights_sha256": "b" * 64,
+        },
+    }
     given = {"epochs": 2, "lr": 1e-4, "schedule": "constant"}
     env = {"device": "cpu", "torch": "2"}
     good = resume.Checkpoint("a" * 64, 1, dict(given), "b" * 64, "b" * 64)
@@ -139,13 +166,30 @@ def test_the_resume_check_is_a_function_of_values():
         (dict(given, lr=0.5), env, good, "--lr 0.5 differs"),
         (given, dict(env, torch="3"), good, "that run ran with torch 2"),
         (given, env, None, "is not there"),
-        (given, env, resume.Checkpoint("c" * 64, 1, given, "b" * 64, "b" * 64),
-         "does not match the SHA-256"),
-        (given, env, resume.Checkpoint("a" * 64, 1, dict(given, lr=1.0), "b" * 64, "b" * 64),
-         "was trained with 1.0"),
-        (given, env, resume.Checkpoint("a" * 64, 1, given, "b" * 64, "d" * 64),
-         "the weights in checkpoint-1.pt are not the ones"),
-        (given, env, resume.Checkpoint("a" * 64, 2, given, "b" * 64, "b" * 64), "holds 2 epochs"),
+        (
+            given,
+            env,
+            resume.Checkpoint("c" * 64, 1, given, "b" * 64, "b" * 64),
+            "does not match the SHA-256",
+        ),
+        (
+            given,
+            env,
+            resume.Checkpoint("a" * 64, 1, dict(given, lr=1.0), "b" * 64, "b" * 64),
+            "was trained with 1.0",
+        ),
+        (
+            given,
+            env,
+            resume.Checkpoint("a" * 64, 1, given, "b" * 64, "d" * 64),
+            "the weights in checkpoint-1.pt are not the ones",
+        ),
+        (
+            given,
+            env,
+            resume.Checkpoint("a" * 64, 2, given, "b" * 64, "b" * 64),
+            "holds 2 epochs",
+        ),
         (dict(given, epochs=1), env, good, "--epochs may only be raised"),
     ]
     for options, machine, ckpt, fragment in cases:
