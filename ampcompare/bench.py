@@ -14,13 +14,15 @@ procedure: plain against plain must show no difference, its interval's width is 
 of every other figure, and a bias of the procedure (the threads' start order) would show there.
 
 - lightning_cost_per_step, fabric_cost_per_step, accelerate_cost_per_step: the step time each
-  framework adds to the plain loop, in µs, with the `linear` model (a linear classifier: next to no compute, so that
-  the framework dominates) and one thread (a framework's own work is single-threaded Python).
+  framework adds to the plain loop, in µs, with the `linear` model (a linear classifier: next
+  to no compute, so that the framework dominates) and one thread (a framework's own work is
+  single-threaded Python).
   control_cost_per_step and control_ratio: plain against plain, the same way. Target for
   Lightning's: an interval that excludes 0, half as wide as the estimate at most (±25%).
-- lightning_cost_share_of_small_step, fabric_..., accelerate_...: that cost as a share of the small CNN's step
-  (batch 256), where a step is mostly arithmetic: what a user of a real model pays. A ratio of
-  small-CNN step times cannot show it: its control's interval is wider than the whole effect.
+- lightning_cost_share_of_small_step, fabric_..., accelerate_...: that cost as a share of the
+  small CNN's step (batch 256), where a step is mostly arithmetic: what a user of a real model
+  pays. A ratio of small-CNN step times cannot show it: its control's interval is wider than the
+  whole effect.
 - bf16_over_fp32: step time of bf16-mixed over 32-true (plain loop, small CNN), beside
   control_over_fp32 (32-true against itself: the noise floor of that ratio), and the activation
   memory ratio.
@@ -315,7 +317,7 @@ def loaders(base: Config, n: int, report: dict) -> None:
         if hasattr(loader.batch_sampler.sampler, "set_epoch"):  # ours; torchvision's reshuffles
             loader.batch_sampler.sampler.set_epoch(epoch)
         times, last = [], time.perf_counter()
-        for x, y in loader:  # per image, so that a short last batch counts for what it is
+        for _, y in loader:  # per image, so that a short last batch counts for what it is
             if STOP.is_set():
                 return times
             now = time.perf_counter()
@@ -418,7 +420,8 @@ def run(rounds: int, linear_rounds: int, base: Config) -> int:
         cost_shares(samples["framework_cost"], samples["precisions"], report)
     # 4 x --rounds: an epoch of theirs is half a second
     phase("loaders", lambda: loaders(base, rounds, report))
-    signals.absorb_from_now()  # from here on a signal interrupts nothing: the report is written whole
+    # From here on a signal interrupts nothing: the report is written whole.
+    signals.absorb_from_now()
     report["seconds"] = took
     report["interrupted"] = STOP.is_set()
     env = environment(device, {})

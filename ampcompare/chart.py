@@ -1,7 +1,7 @@
 """benchmark.png: grouped bars like the reference benchmark's chart — memory, step time and
 accuracy per implementation and precision. Step time is the report's figure with its 95%
-interval as the error bar; memory and accuracy are medians with min–max error bars (over repeats;
-accuracy over seeds).
+interval as the error bar; memory and accuracy are medians with min–max error bars (over
+repeats; accuracy over seeds).
 
 The memory panel shows activation memory (what a step saves for backward), which means the
 same on every device; with a GPU, a second panel shows the CUDA allocator's peak. A CPU's peak

@@ -497,9 +497,10 @@ def _method(dev) -> list[str]:
     lines = [
         f"Model {md(cfg.get('model'))} on {md(cfg.get('dataset'))}, batch "
         f"{md(cfg.get('batch_size'))}, {md(cfg.get('optimizer'))} at lr {md(cfg.get('lr'))}, "
-        f"epochs: {md(cfg.get('epochs'))}. A step's time runs from the end of one optimizer step to the "
-        f"end of the next, the wait for its batch included ({clock}); warm-up epochs (the "
-        f"first a process runs) are left out, or a one-epoch run's first steps. Step time "
+        f"epochs: {md(cfg.get('epochs'))}. A step's time runs from the end of one optimizer "
+        f"step to the end of the next, the wait for its batch included ({clock}); warm-up "
+        f"epochs (the first a process runs) are left out, or a one-epoch run's first steps. "
+        f"Step time "
         f"is the mean over runs of each run's median step, with its 95% interval (a "
         f"bootstrap over runs, then blocks of steps); other figures are medians over "
         f"repeats and seeds, [min–max] when they differ; accuracy over seeds. Activation "

@@ -82,7 +82,8 @@ def resolve(precision: str, opt_level: str | None) -> tuple[str, Policy]:
 
 
 def check(cfg) -> tuple[str, Policy]:
-    """Everything apex needs, checked before anything runs: options first, then apex, then CUDA."""
+    """Everything apex needs, checked before anything runs: options first, then apex, then
+    CUDA."""
     cfg.validate()
     device = resolve_device(cfg)
     opt_level, policy = resolve(cfg.precision, cfg.opt_level)

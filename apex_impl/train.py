@@ -76,7 +76,7 @@ def fit(cfg, setup: RunSetup, model, optimizer, scheduler) -> None:
             for x, y in islice(setup.train_loader, setup.steps_per_epoch):
                 meter.batch_start()
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                # plain: under torch.autocast; here amp patched torch (O1) or cast the model (O2)
+                # plain: under torch.autocast; here amp patched torch (O1) or cast the model
                 with meter.saved_tensors(model):  # measures the run's first step
                     loss = models.cross_entropy(model(x), y)
                 optimizer.zero_grad()

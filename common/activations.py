@@ -1,10 +1,10 @@
 """Activation memory: the bytes autograd saves for backward during one training step.
 
-Mixed precision halves activation memory, and that is measurable on any device, where a process's
-peak RSS on a CPU is set by libraries and data instead. Every tensor the forward saves passes
-through torch.autograd.graph.saved_tensors_hooks; each storage is counted once (views share
-one), and the hook keeps no reference to a tensor, only its storage's address and size. The
-bytes are split by kind:
+Mixed precision halves activation memory, and that is measurable on any device, where a
+process's peak RSS on a CPU is set by libraries and data instead. Every tensor the forward saves
+passes through torch.autograd.graph.saved_tensors_hooks; each storage is counted once (views
+share one), and the hook keeps no reference to a tensor, only its storage's address and size.
+The bytes are split by kind:
 
     activations    floating-point tensors the backward needs: what mixed precision shrinks
     integer        integer tensors, e.g. max-pool indices (int64 at any precision)
@@ -34,7 +34,8 @@ VIEWS = {
 
 
 class SavedTensors:
-    """A context manager around one forward: afterwards `.bytes` holds the bytes saved by kind."""
+    """A context manager around one forward: afterwards `.bytes` holds the bytes saved, by
+    kind."""
 
     def __init__(self, model: torch.nn.Module):
         self.params = {id(p) for p in model.parameters()}

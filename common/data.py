@@ -179,9 +179,9 @@ class EpochSampler(Sampler):
     keep). Order and draws depend only on (seed, epoch) — set_epoch is the hook
     DistributedSampler has, and Lightning calls it each epoch — never on how often a framework
     calls iter(). With several ranks, the epoch's draws are padded to a multiple of the world
-    size the way DistributedSampler pads (repeating the first ones) and this rank takes positions
-    rank::world. Training counts the padding as samples, as DistributedSampler does; evaluation
-    marks it keep=0, so that the test set is counted exactly once across ranks."""
+    size the way DistributedSampler pads (repeating the first ones) and this rank takes
+    positions rank::world. Training counts the padding as samples, as DistributedSampler does;
+    evaluation marks it keep=0, so that the test set is counted exactly once across ranks."""
 
     def __init__(
         self, n: int, batch_size: int, seed: int, augment: bool, rank: int = 0, world: int = 1

@@ -32,7 +32,8 @@ def reset_peak_memory(device: torch.device) -> None:
 
 
 def peak_memory_bytes(device: torch.device) -> int:
-    """CUDA allocator peak on a GPU; the process's peak RSS on CPU (ru_maxrss is KiB on Linux)."""
+    """CUDA allocator peak on a GPU; the process's peak RSS on CPU (ru_maxrss is KiB on
+    Linux)."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
@@ -225,7 +226,8 @@ SCALE_FLOOR = 1.0
 
 def divergence(row: dict, losses: list[float]) -> str | None:
     """Why this epoch shows a diverged run, or None. One non-finite fp16 loss is routine (the
-    scaler skips that step); a non-finite loss at the end of an epoch means it did not recover."""
+    scaler skips that step); a non-finite loss at the end of an epoch means it did not
+    recover."""
     if losses and not math.isfinite(losses[-1]):
         return f"loss is {losses[-1]} at the end of epoch {row['epoch']}"
     if row["train_loss"] is not None and row["train_loss"] > LOSS_BOUND:

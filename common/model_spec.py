@@ -2,7 +2,8 @@
 anything runs.
 
     resnet18, small, linear      ours (common/models.py)
-    torchvision:NAME             torchvision.models.get_model(NAME, num_classes=10, weights=None)
+    torchvision:NAME             torchvision.models.get_model(NAME, num_classes=10,
+                                 weights=None)
     timm:NAME                    timm.create_model(NAME, num_classes=10, pretrained=False)
     package.module:callable      a callable returning an nn.Module, from the working folder or
                                  the environment

@@ -1,9 +1,9 @@
 """Dense peak throughput of the GPUs this project knows, for model FLOPs utilisation (MFU).
 
-TFLOP/s, dense. NVIDIA quotes some tensor-core figures "with sparsity", which are twice the dense
-peak: those are halved here. Lightning's get_available_flops is not used: "NVIDIA H200" finds no
-entry there, and its H200 values are the sparse ones. A GPU not in this table, and every CPU,
-gets no MFU, and the reason is recorded instead.
+TFLOP/s, dense. NVIDIA quotes some tensor-core figures "with sparsity", which are twice the
+dense peak: those are halved here. Lightning's get_available_flops is not used: "NVIDIA H200"
+finds no entry there, and its H200 values are the sparse ones. A GPU not in this table, and
+every CPU, gets no MFU, and the reason is recorded instead.
 
 Sources (NVIDIA data sheets):
   H200 SXM   https://www.nvidia.com/en-us/data-center/h200/

@@ -21,7 +21,8 @@ from common.recorder import Recorder
 
 @dataclass
 class RunSetup:
-    """What a loop needs before its first step; each train.py builds its model and loop on it."""
+    """What a loop needs before its first step; each train.py builds its model and loop on
+    it."""
 
     device: torch.device
     policy: precision.Policy

@@ -46,9 +46,10 @@ class Recorder:
         device: torch.device,
         env: dict,
         opt_level: Optional[str] = None,
-        world: distributed.World = distributed.World(),
+        world: Optional[distributed.World] = None,
         model: Optional[dict] = None,
     ):
+        world = world or distributed.World()  # None: a single process
         self.cfg, self.device, self.world = cfg, device, world
         self.is_rank0 = world.main
         self.lock = None
@@ -179,7 +180,8 @@ class Recorder:
             signals.absorb_from_now()  # the last epoch is on disk: nothing is left to interrupt
 
     def _write_epoch(self, row: dict, losses: list, model: torch.nn.Module, save) -> None:
-        """Rank 0: the epoch's checkpoint (with save) and the record that names it, as a pair."""
+        """Rank 0: the epoch's checkpoint (with save) and the record that names it, as a
+        pair."""
         # With several ranks, rank 0's weights: BatchNorm's running statistics are each rank's.
         weights, info, staged = weights_sha256(model), self.result.checkpoint, None
         old = checkpoints.named(self.result.to_dict())

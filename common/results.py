@@ -22,7 +22,8 @@ from common import activations
 from common.errors import UsageError
 
 # 2: repeat and seed as fields; 3: checkpoint, nonfinite, warm-up rows, pid, resumes; 4: step
-# times (each epoch's step_times_s and step_waits_s, the summary's step-time figures, the clock);
+# times (each epoch's step_times_s and step_waits_s, the summary's step-time figures, the
+# clock);
 # 5: model (spec, parameters, source), flops.counted, unsaved_epoch, per-epoch checkpoints
 SCHEMA = 5
 EXIT_CODES = {"ok": 0, "interrupted": 130}  # diverged, oom, failed: 1

@@ -7,8 +7,8 @@ is already stopping, and a second exception raised while the first one's result 
 would leave that result half done. A `deferred()` section (renaming a checkpoint and its record
 together) holds a signal back until the section ends.
 
-`install()` is the first thing the command line does; without it (a test calling train()), Python's
-default SIGINT handling applies and `deferred()` changes nothing.
+`install()` is the first thing the command line does; without it (a test calling train()),
+Python's default SIGINT handling applies and `deferred()` changes nothing.
 """
 
 from __future__ import annotations

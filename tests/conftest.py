@@ -125,7 +125,8 @@ def checkpoint_of(run_dir):
 
 
 def on_gpu(tmp_path, **overrides) -> Config:
-    """A config for the gpu-marked tests: whole epochs of a small set, deterministic algorithms."""
+    """A config for the gpu-marked tests: whole epochs of a small set, deterministic
+    algorithms."""
     values = dict(
         accelerator="cuda",
         synthetic_size=2048,

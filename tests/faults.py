@@ -1,5 +1,6 @@
 """One way to make a run fail on purpose: in this process (monkeypatch), or in the child
-processes that compare starts (an environment variable read by tests/fault_hook/sitecustomize.py).
+processes that compare starts (an environment variable read by
+tests/fault_hook/sitecustomize.py).
 
 A fault fires in epoch `epoch` — after step `step` of that epoch, or with step=None when its
 training part ends, with step="save" halfway through writing that epoch's checkpoint, with

@@ -59,7 +59,8 @@ def test_runs_that_differ_widen_the_interval_beyond_one_runs():
 
 def test_a_burst_of_slow_steps_is_not_counted_as_independent_evidence():
     # The same step times twice: in order (a burst: 60 slow steps in a row, as this machine's
-    # noise comes) and shuffled. Blocks of consecutive steps make the bursty run's interval wider.
+    # noise comes) and shuffled. Blocks of consecutive steps make the bursty run's interval
+    # wider.
     rng = np.random.default_rng(0)
     steps = np.concatenate(
         [0.2 + 0.002 * rng.standard_normal(140), 0.3 + 0.002 * rng.standard_normal(60)]
@@ -325,7 +326,7 @@ def test_the_cuda_clock_stamps_each_step_without_a_sync(monkeypatch):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     meter = metrics.EpochMeter(torch.device("cpu"), 1, metrics.StepCounter(optimizer))
     syncs_at_start = len(synced)
-    for step, took in enumerate((0.010, 0.020, 0.015)):
+    for took in (0.010, 0.020, 0.015):
         StandInEvent.clock += 0.001  # the wait for the batch
         meter.batch_start()
         StandInEvent.clock += took
