@@ -2,7 +2,9 @@
 "bf16-mixed" | "32-true") running the loop, around a thin LightningModule (module.py).
 
 Run:    ampcompare lightning --dataset synthetic --model small --epochs 2
-Read:   sdiff -w 200 plain_torch/train.py lightning_impl/train.py
+Read:   sdiff -W -w 200 plain_torch/train.py lightning_impl/module.py   for the loop, and
+        sdiff -w 200 plain_torch/train.py lightning_impl/train.py   for build, where the
+        Trainer's arguments stand for plain's DDP wrapper and GradScaler
 Shows:  per-step losses and final weights bitwise identical to the plain loop at 32-true,
         bf16-mixed and 16-mixed (tests/test_parity.py), and what the Trainer costs per step
         (ampcompare bench).

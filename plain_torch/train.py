@@ -2,7 +2,9 @@
 torch.amp.GradScaler as switches (enabled=...), not as a second code path.
 
 Run:    ampcompare plain --dataset synthetic --model small --epochs 2
-Read:   sdiff -w 200 plain_torch/train.py lightning_impl/train.py   (or apex_impl/train.py)
+Read:   sdiff -w 200 plain_torch/train.py fabric_impl/train.py   (accelerate_impl, apex_impl);
+        the loop against Lightning's hooks: sdiff -W -w 200 plain_torch/train.py
+        lightning_impl/module.py
 Shows:  the reference loop the others are measured against; per-step losses and final
         weights are bitwise identical to Lightning's at 32-true, bf16-mixed and 16-mixed.
 Measured: small CNN, batch 256, 10k synthetic images, 2-core AMD EPYC, torch 2.14.1: a step
@@ -34,9 +36,8 @@ def build(cfg, setup: RunSetup):
         scaler.load_state_dict(setup.resumed["scaler"])
     if cfg.compile:  # the same in every arm: the common model, before any wrapper
         model = torch.compile(model)
-    if (
-        setup.world.size > 1
-    ):  # fabric: Fabric(strategy=DDPStrategy(...)); lightning: Trainer(...)
+    # fabric: Fabric(strategy=DDPStrategy(...)); lightning: Trainer(strategy=DDPStrategy(...))
+    if setup.world.size > 1:
         model = DistributedDataParallel(
             model, device_ids=setup.ddp_device_ids, **distributed.DDP_KWARGS
         )

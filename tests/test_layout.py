@@ -4,6 +4,8 @@ reference is each command's real --help."""
 
 import ast
 import pathlib
+import shutil
+import subprocess
 import sys
 
 import pytest
@@ -27,10 +29,56 @@ def test_train_files_share_top_level_names_in_order():
         assert names[arm] == names["plain_torch"], arm
 
 
+WIDTH = 96  # what GNU `sdiff -w 200` shows of each side (not 100: it keeps a gutter)
+READ = ["sdiff", "-W", "-w", "200"]  # the README's command: -W, the loop sits deeper in plain
+
+
 @pytest.mark.parametrize("path", SIDE_BY_SIDE, ids=lambda p: str(p.relative_to(ROOT)))
 def test_lines_fit_side_by_side(path):
-    wide = [i for i, line in enumerate(path.read_text().splitlines(), 1) if len(line) > 100]
-    assert not wide, f"{path.name}: lines over 100 characters: {wide}"
+    wide = [i for i, line in enumerate(path.read_text().splitlines(), 1) if len(line) > WIDTH]
+    assert not wide, f"{path.name}: lines over {WIDTH} characters: {wide}"
+
+
+@pytest.mark.skipif(shutil.which("sdiff") is None, reason="GNU sdiff is not installed here")
+def test_the_width_is_what_sdiff_shows(tmp_path):
+    (tmp_path / "a").write_text("a" * 150 + "\n")
+    (tmp_path / "b").write_text("b" * 150 + "\n")
+    shown = subprocess.run([*READ, "a", "b"], cwd=tmp_path, capture_output=True, text=True)
+    assert shown.stdout.count("a") == shown.stdout.count("b") == WIDTH, shown.stdout
+
+
+# The lines of plain's loop that stand opposite their Lightning hook when the pair is read.
+LOOP_PAIRS = [
+    "optimizer, scheduler = models.build_optimizer(cfg, model, setup.steps_per_epoch)",
+    "meter = setup.meter(epoch, steps)",
+    "meter.batch_start()",
+    "loss = models.cross_entropy(model(x), y)",
+    "meter.step(loss, len(y))",
+    "meter.train_done()",
+]
+
+
+def test_lightnings_hooks_follow_the_plain_loop_in_order():
+    module = [
+        line.strip() for line in (ROOT / "lightning_impl/module.py").read_text().split("\n")
+    ]
+    plain = [line.strip() for line in (ROOT / "plain_torch/train.py").read_text().split("\n")]
+    for pairs in (LOOP_PAIRS, ["meter.eval_batch(model(x), y)"]):
+        assert all(p in module and p in plain for p in pairs)
+    order = [*LOOP_PAIRS, "meter.eval_batch(model(x), y)"]
+    assert sorted(order, key=module.index) == order == sorted(order, key=plain.index)
+
+
+@pytest.mark.skipif(shutil.which("sdiff") is None, reason="GNU sdiff is not installed here")
+def test_the_loop_lines_up_with_lightnings_hooks():
+    shown = subprocess.run(
+        [*READ, "plain_torch/train.py", "lightning_impl/module.py"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    ).stdout.splitlines()
+    paired = {line.split("\t")[0].strip() for line in shown if not set("|<>") & set(line)}
+    assert set(LOOP_PAIRS) <= paired, set(LOOP_PAIRS) - paired
 
 
 def imported_packages(folder):
