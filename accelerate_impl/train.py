@@ -6,7 +6,7 @@ Read:   sdiff -w 200 plain_torch/train.py accelerate_impl/train.py
 Shows:  per-step losses and final weights bitwise identical to the plain loop at 32-true and
         bf16-mixed (tests/test_accelerate.py); on a CPU, Accelerate asked for fp16 trains
         fp32 (no autocast, no scaler), so 16-mixed is refused there rather than misrecorded.
-Measured: see README, "A real comparison" (accelerate 1.15.0).
+Measured: see docs/benchmark.md (accelerate 1.15.0).
 """
 
 from __future__ import annotations

@@ -58,7 +58,8 @@ from common import console, data, metrics, signals, stats
 from common.config import Config
 from common.device import resolve_device
 from common.environment import environment
-from common.results import check_out_dir, write_json
+from common.rundir import check_out_dir
+from common.files import write_json
 from fabric_impl import train as fabric
 from lightning_impl import train as lightning
 from plain_torch import train as plain

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 
-from common import results
+from common import files
 
 MIB = 2**20
 
@@ -110,4 +110,4 @@ def _bar(figure_: dict) -> tuple[float, float, float]:
 def write(summary, path: str) -> None:
     """benchmark.png, written atomically."""
     fig = figure(summary)
-    results.write_file(path, lambda f: fig.savefig(f, format="png"), binary=True)
+    files.write_file(path, lambda f: fig.savefig(f, format="png"), binary=True)

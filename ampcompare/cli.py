@@ -14,7 +14,7 @@ import click
 from click.core import ParameterSource
 
 from ampcompare import plan, quiet
-from common import console, ranks, rundir, signals
+from common import console, ranks, rundir, signals, summary
 from common.config import Config, option_flag
 from common.errors import Unavailable, UsageError, unavailable_exit
 from common.resume import read_stopped
@@ -160,12 +160,12 @@ def run_one(impl: str, cfg: Config) -> int:
 
 
 def _summary(impl: str, record: dict, cfg: Config) -> None:
-    from common import results, stats
+    from common import stats
 
     s = record.get("summary") or {}
     acc = f"{s['final_test_acc']:.4f}" if s.get("final_test_acc") is not None else "-"
     sample = stats.Sample(
-        [results.timed_steps(record.get("epochs") or [])[0]], record["run_id"]
+        [summary.timed_steps(record.get("epochs") or [])[0]], record["run_id"]
     )
     est = sample.estimate() if sample else None
     step = stats.duration_with_interval(est.value, est.lo, est.hi) if est else "-"
@@ -189,7 +189,7 @@ def _launch(impl: str, cfg: Config) -> int:
             f"--num-nodes {cfg.num_nodes}: start the job on each node with torchrun "
             f"--nnodes {cfg.num_nodes} --nproc-per-node {cfg.devices} --rdzv-backend c10d "
             f"--rdzv-endpoint HOST:PORT -m ampcompare {impl} --devices {cfg.devices} "
-            f'--num-nodes {cfg.num_nodes} ... (README, "Several devices and nodes")'
+            f"--num-nodes {cfg.num_nodes} ... (docs/devices.md)"
         )
     try:
         ranks.threads()  # each rank would fail on it
@@ -207,7 +207,7 @@ def _launch(impl: str, cfg: Config) -> int:
             *compare.child_args(cfg, exclude=("resume", "out_dir", "run_id")),
         ]
     else:
-        results.check_out_dir(cfg.out_dir)
+        rundir.check_out_dir(cfg.out_dir)
         named = precision.mixed_default(device) if cfg.precision == "auto" else cfg.precision
         cfg.run_id = cfg.run_id or results.new_run_id(impl, named)
         if os.path.exists(os.path.join(cfg.out_dir, cfg.run_id)):
@@ -371,7 +371,7 @@ def compare_command(impls, precisions, repeats, seeds, **options):
 def _plan(ctx, impls, precisions, repeats, seeds, options) -> "plan.Plan":
     """The comparison to run, fresh or read back from --resume DIR, checked, with its folder."""
     from common import data, model_spec
-    from common.results import check_out_dir
+    from common.rundir import check_out_dir
 
     if options["resume"]:
         stored = plan.read(os.path.abspath(options["resume"]), tuple(IMPLS))

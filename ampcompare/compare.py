@@ -25,7 +25,7 @@ from typing import Optional
 
 from ampcompare.launch import exit_description
 from ampcompare.plan import Arm, Plan, applies
-from common import results, signals
+from common import files, results, signals
 from common.config import Config, option_flag
 from common.device import resolve_device
 from common.environment import environment
@@ -316,7 +316,7 @@ def _save(run_dir: str, record: dict) -> dict:
     comparison: the record still reaches the report's in-memory list."""
     try:
         os.makedirs(run_dir, exist_ok=True)
-        results.write_json(os.path.join(run_dir, "result.json"), record)
+        files.write_json(os.path.join(run_dir, "result.json"), record)
     except OSError as e:
         console.say(
             f"ampcompare: warning: could not write {run_dir}/result.json ({e.strerror})",

@@ -20,7 +20,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Optional
 
-from common import checkpoints, console, distributed, ranks, results
+from common import checkpoints, console, distributed, files, ranks, results
 from common.errors import UNAVAILABLE_EXIT, UsageError
 
 
@@ -154,7 +154,7 @@ def conclude(run_dir: str, failures: dict, endings: dict, stopped: bool) -> int:
         and (verdict.status, verdict.error) != (record["status"], record.get("error"))
     ):
         record.update(status=verdict.status, error=verdict.error)
-        results.write_json(os.path.join(run_dir, "result.json"), record)
+        files.write_json(os.path.join(run_dir, "result.json"), record)
     return verdict.code
 
 

@@ -14,7 +14,7 @@ import shutil
 from dataclasses import dataclass
 from typing import Optional
 
-from common import config as config_module
+from common import config as config_module, files
 from common import results
 from common.config import INT_MAX, Config, option_flag
 from common.errors import UsageError
@@ -78,8 +78,8 @@ def fresh(cfg: Config, impls, precisions, repeats: int, seeds: int) -> Plan:
     if cfg.num_nodes > 1:
         raise UsageError(
             f"compare --num-nodes {cfg.num_nodes}: compare starts its arms on this "
-            f"node only; run each arm on every node with torchrun (docs/cli.md, "
-            f'"Several devices and nodes") and gather the folders with report'
+            f"node only; run each arm on every node with torchrun (docs/devices.md) and "
+            f"gather the folders with report"
         )
     if cfg.opt_level is not None:
         if "apex" not in impls:
@@ -148,7 +148,7 @@ def start(plan: Plan) -> Plan:
         "seeds": plan.seeds,
     }
     try:
-        results.write_json(os.path.join(folder, PLAN), record)
+        files.write_json(os.path.join(folder, PLAN), record)
     except OSError as e:
         shutil.rmtree(folder, ignore_errors=True)
         raise UsageError(f"cannot start a comparison in {folder}: {e.strerror}") from None

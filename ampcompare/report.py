@@ -23,7 +23,7 @@ import re
 
 from ampcompare import chart, explain
 from ampcompare.chart import MIB
-from common import results, stats
+from common import files, results, stats, summary
 from common import config
 from common.precision import CANONICAL
 
@@ -189,8 +189,8 @@ def rows(records) -> list[dict]:
 
 
 def sample_of(runs, name: str) -> stats.Sample:
-    """The timed step times of each run (results.timed_steps), for the bootstrap."""
-    return stats.Sample([results.timed_steps(r.get("epochs") or [])[0] for r in runs], name)
+    """The timed step times of each run (summary.timed_steps), for the bootstrap."""
+    return stats.Sample([summary.timed_steps(r.get("epochs") or [])[0] for r in runs], name)
 
 
 def _order(names, canonical=()):
@@ -645,9 +645,9 @@ def write(records, out_dir: str) -> dict:
     writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS)
     writer.writeheader()
     writer.writerows(rows(records))
-    results.write_file(paths["results.csv"], lambda f: f.write(buf.getvalue()))
-    results.write_json(paths["summary.json"], summary)
+    files.write_file(paths["results.csv"], lambda f: f.write(buf.getvalue()))
+    files.write_json(paths["summary.json"], summary)
     text = markdown(summary, records)
-    results.write_file(paths["report.md"], lambda f: f.write(text))
+    files.write_file(paths["report.md"], lambda f: f.write(text))
     chart.write(summary, paths["benchmark.png"])
     return paths

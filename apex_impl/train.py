@@ -1,6 +1,6 @@
 """NVIDIA apex: the same CIFAR-10 loop with amp.initialize + amp.scale_loss, as the many
 codebases that still carry it wrote it. Needs CUDA and apex 25.04 or older (apex.amp was
-removed after that release); see apex_impl/opt_levels.py and the README's apex section.
+removed after that release); see apex_impl/opt_levels.py and docs/apex.md.
 
 Run:    ampcompare apex --dataset synthetic --model small --epochs 2 --opt-level O1
 Read:   sdiff -w 200 plain_torch/train.py apex_impl/train.py

@@ -17,7 +17,7 @@ import os
 from typing import Optional
 
 from common import schema, signals
-from common.results import write_temp_json
+from common.files import write_temp_json
 from common.rundir import RESERVE, remove
 
 

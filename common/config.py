@@ -141,7 +141,7 @@ class Config:
     num_nodes: int = option(
         1,
         "Nodes (machines) of the job: run the same command under torchrun "
-        "on each (see README).",
+        "on each (docs/devices.md).",
         min=1,
         max=1024,
     )

@@ -126,9 +126,9 @@ def synthetic(seed: int, n_train: int, n_test: int) -> tuple[ImageSet, ImageSet]
     """CIFAR-shaped uint8 images whose class a model has to learn: a noisy texture drawn with a
     random colour, contrast, phase and a jittered frequency and tilt, none of which depends on
     the class. Neither the nearest class-mean image nor the mean colour does better than chance
-    on it (tests/test_data.py); the small CNN reaches 70-81% after 10 epochs (README). Made
-    CHUNK images at a time, so that memory stays near the uint8 set's own size (3 GiB for 10^6
-    images), with the same draws as one pass over the whole set."""
+    on it (tests/test_data.py); the small CNN reaches 70-81% after 10 epochs
+    (docs/benchmark.md). Made CHUNK images at a time, so that memory stays near the uint8 set's
+    own size (3 GiB for 10^6 images), with the same draws as one pass over the whole set."""
     g = torch.Generator().manual_seed(seed)
     freq, tilt = 2 * math.pi / WAVES[:, 0::2], WAVES[:, 1::2].deg2rad()
 

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch.utils.data import DataLoader
 
-from common import console, data, distributed, flops, metrics, model_spec, precision, results
+from common import console, data, distributed, flops, metrics, model_spec, precision, rundir
 from common.device import apply_speed_switches, resolve_device
 from common.environment import environment
 from common.errors import UsageError
@@ -60,7 +60,7 @@ def prepare(cfg, impl: str, opt_level: Optional[str] = None, policy=None) -> Run
     cfg.validate()
     checked = model_spec.check(cfg.model, cfg.seed)  # a model that cannot train here: one line
     torch.manual_seed(cfg.seed)  # anything random in a run draws from (seed, ...) alone
-    results.check_out_dir(cfg.resume or cfg.out_dir, "--resume" if cfg.resume else "--out-dir")
+    rundir.check_out_dir(cfg.resume or cfg.out_dir, "--resume" if cfg.resume else "--out-dir")
     device = resolve_device(cfg)
     if cfg.devices * cfg.num_nodes > 1 and not distributed.launched():
         raise UsageError(

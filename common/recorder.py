@@ -23,15 +23,9 @@ import torch
 
 from common import checkpoints, distributed, endings, metrics, resume, rundir, signals
 from common.errors import UsageError
-from common.results import (
-    SCHEMA,
-    RunResult,
-    new_run_id,
-    summarize,
-    weights_sha256,
-    write_json,
-    write_temp,
-)
+from common.files import write_json, write_temp
+from common.results import SCHEMA, RunResult, new_run_id, weights_sha256
+from common.summary import summarize
 
 
 class Recorder:

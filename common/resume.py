@@ -181,7 +181,8 @@ def open_stopped(run_dir: str, cfg, impl: str, env: dict, model: Optional[dict] 
     the stopped run in run_dir, read and checked (check()), or UsageError."""
     from dataclasses import fields
 
-    from common.results import RunResult, summarize
+    from common.results import RunResult
+    from common.summary import summarize
 
     where = f"--resume {run_dir}"
     stored = read_stopped(run_dir, impl)

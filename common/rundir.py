@@ -83,3 +83,23 @@ def remove(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def check_out_dir(out_dir: str, option: str = "--out-dir") -> None:
+    """Fail before anything is written if nothing can be written in out_dir (the nearest
+    folder of it that exists): `option` names what the user gave."""
+    probe = first_existing(out_dir)
+    if os.path.isdir(probe) and os.access(probe, os.W_OK | os.X_OK):
+        return
+    why = "is not a writable folder"
+    try:
+        if os.path.isdir(probe) and os.statvfs(probe).f_flag & os.ST_RDONLY:
+            why = "is on a read-only filesystem"
+    except OSError:
+        pass
+    if option == "--resume":
+        raise UsageError(
+            f"--resume {out_dir}: {probe} {why}; a resumed run writes its record "
+            f"and checkpoint there"
+        )
+    raise UsageError(f"{option} {out_dir}: {probe} {why}; choose another {option}")

@@ -8,8 +8,8 @@ Shows:  per-step losses and final weights bitwise identical to the plain loop at
         (ampcompare bench).
 Measured: same setup as plain_torch/train.py, pytorch-lightning 2.6.6: 156 ms [154-158] a
         step at 32-true, 109 ms [106-112] at bf16-mixed (plain: 164, 105). What Fabric adds to
-        a step of the linear model: no difference detectable, [-9, +102] us (README,
-        "make bench").
+        a step of the linear model: no difference detectable, [-9, +102] us
+        (docs/bench.md).
 """
 
 from __future__ import annotations

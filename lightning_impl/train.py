@@ -11,7 +11,7 @@ Shows:  per-step losses and final weights bitwise identical to the plain loop at
 Measured: same setup as plain_torch/train.py, pytorch-lightning 2.6.6: 162 ms [158-169] a
         step at 32-true, 111 ms [107-117] at bf16-mixed (plain: 164, 105). The Trainer adds
         +372 us [+316, +417] to a step of the linear model, 0.22% [0.18-0.24] of the small
-        CNN's step (README, "make bench").
+        CNN's step (docs/bench.md).
 """
 
 from __future__ import annotations

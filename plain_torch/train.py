@@ -9,7 +9,7 @@ Shows:  the reference loop the others are measured against; per-step losses and 
         weights are bitwise identical to Lightning's at 32-true, bf16-mixed and 16-mixed.
 Measured: small CNN, batch 256, 10k synthetic images, 2-core AMD EPYC, torch 2.14.1: a step
         takes 164 ms [154-174] at 32-true and 105 ms [102-109] at bf16-mixed, 1.56x faster
-        [1.45-1.67] (95% intervals, 3 repeats; README, "A real comparison").
+        [1.45-1.67] (95% intervals, 3 repeats; docs/benchmark.md).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """DDP on torch.distributed, 2 processes, gloo, CPU: the plain loop, Lightning and Fabric give
-bitwise-identical per-step losses and weights (DESIGN.md, "Equivalence"), a job resumes, and a
+bitwise-identical per-step losses and weights (docs/equivalence.md), a job resumes, and a
 job that loses a rank or gets Ctrl-C ends with a true record and no process left. Every job runs
 through the command line (`--devices 2` starts the processes with torch's elastic launcher),
 under a time limit, so that a hung process group fails a test instead of blocking the suite."""

@@ -1,5 +1,5 @@
 """Lightning Fabric against the plain loop: bitwise-identical per-step losses, epoch metrics,
-loss scales and weights (DESIGN.md, "Equivalence"), through Fabric's own machinery:
+loss scales and weights (docs/equivalence.md), through Fabric's own machinery:
 Fabric(precision=...), fabric.setup, fabric.setup_dataloaders, fabric.backward,
 fabric.clip_gradients, fabric.save and fabric.load."""
 

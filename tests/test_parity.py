@@ -1,5 +1,5 @@
 """Plain PyTorch and Lightning, same seed and options: bitwise-identical per-step losses and
-final weights (DESIGN.md, "Equivalence"). Each arm runs through its own framework's machinery:
+final weights (docs/equivalence.md). Each arm runs through its own framework's machinery:
 the plain loop by hand, Lightning through its Trainer, precision plugin and fit loop."""
 
 import pytest
@@ -139,7 +139,7 @@ def test_identical_in_channels_last(tmp_path):
 def test_compiled_arms_stay_bitwise_identical(tmp_path, precision):
     # Each run compiles afresh, as each process does: one process running all three arms
     # would otherwise share dynamo's cache (and its limit of 8 graphs a function). The linear
-    # model keeps compiling to seconds; README gives the small CNN's figures.
+    # model keeps compiling to seconds; docs/benchmark.md gives the small CNN's figures.
     from fabric_impl import train as fabric
 
     runs = []

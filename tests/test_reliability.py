@@ -252,7 +252,7 @@ def test_a_full_disk_when_compare_starts_is_one_line(tmp_path, monkeypatch, wher
     if where == "folder":
         monkeypatch.setattr(plan.os, "makedirs", full)
     else:
-        monkeypatch.setattr(plan.results, "write_json", full)
+        monkeypatch.setattr(plan.files, "write_json", full)
     r = CliRunner().invoke(
         cli,
         ["compare", *TINY_CMP, "--epochs", "1", "--impls", "plain", "--out-dir", str(tmp_path)],

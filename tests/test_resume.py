@@ -1,5 +1,5 @@
 """Stop and resume: a run stopped after an epoch, or in the middle of one, and resumed gives the
-same per-step losses and final weights as a straight run (DESIGN.md, "Equivalence"). The
+same per-step losses and final weights as a straight run (docs/equivalence.md). The
 checkpoint is written atomically each epoch and read back with weights_only=True; a truncated
 or changed one, or an option that differs, is refused before anything is overwritten."""
 

@@ -6,7 +6,7 @@ import signal
 import pytest
 import torch
 
-from common import models, results
+from common import files, models, results
 from ampcompare.cli import cli
 from click.testing import CliRunner
 from plain_torch import train as plain
@@ -194,12 +194,12 @@ def test_existing_run_id_is_a_usage_error(tmp_path):
 
 def test_write_json_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "r.json"
-    results.write_json(str(path), {"a": 1})
+    files.write_json(str(path), {"a": 1})
     monkeypatch.setattr(
         json, "dump", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full"))
     )
     with pytest.raises(OSError):
-        results.write_json(str(path), {"a": 2})
+        files.write_json(str(path), {"a": 2})
     assert json.loads(path.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
 

@@ -1,6 +1,6 @@
 """A closed terminal (SIGHUP), a reader that goes away (SIGPIPE), signals that come late, a
 bench stopped half-way, and an environment left over from another job: the run goes on or
-stops as the README says, its files are whole, and its exit code is the record's."""
+stops as docs/failures.md says, its files are whole, and its exit code is the record's."""
 
 import json
 import os

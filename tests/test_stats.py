@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ampcompare import report
-from common import metrics, results, stats
+from common import metrics, stats, summary
 from fabric_impl import train as fabric
 from lightning_impl import train as lightning
 from plain_torch import train as plain
@@ -166,7 +166,7 @@ def record(impl, precision, steps_by_run_epoch, run, weights="w"):
         "weights_sha256": weights,
         "env": {"device": "cpu", "device_name": "CPU"},
         "epochs": epochs,
-        "summary": results.summarize(epochs),
+        "summary": summary.summarize(epochs),
     }
 
 
@@ -265,10 +265,10 @@ def test_identical_arithmetic_with_speedups_that_do_not_overlap_is_called_noise(
 
 
 def test_a_one_epoch_run_leaves_out_its_first_steps():
-    steps = [1.0] * results.WARMUP_STEPS + [0.2] * 20
-    timed, rule = results.timed_steps([{"warmup": True, "step_times_s": steps}])
+    steps = [1.0] * summary.WARMUP_STEPS + [0.2] * 20
+    timed, rule = summary.timed_steps([{"warmup": True, "step_times_s": steps}])
     assert timed == [0.2] * 20 and "first" in rule
-    timed, rule = results.timed_steps(
+    timed, rule = summary.timed_steps(
         [
             {"warmup": True, "step_times_s": [1.0] * 3},
             {"warmup": False, "step_times_s": [0.2] * 4},
@@ -349,7 +349,7 @@ def test_old_records_without_step_times_still_report(tmp_path):
     old = copy.deepcopy(rec)
     for e in old["epochs"]:
         del e["step_times_s"]
-    old["summary"] = results.summarize(old["epochs"])
+    old["summary"] = summary.summarize(old["epochs"])
     old["precision"] = {"requested": "bf16-mixed", "effective": "bf16-mixed"}
     group = group_of([rec, old])
     assert group["precisions"]["bf16-mixed"]["plain"]["step_time_s"] is None
