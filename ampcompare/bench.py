@@ -280,14 +280,37 @@ def cost_shares(linear: dict, small: stats.Sample, report: dict) -> None:
 
 def loaders(base: Config, n: int, report: dict) -> None:
     """Per-batch times of the common loader and of torchvision's, round by round."""
+    sets = data.load(base)
+    ours, _ = data.loaders(base, sets, resolve_device(base), channels_last=False)
+    theirs = _torchvision_loader(base, sets[0])
+    try:
+        _batch_times(theirs, 0)  # start the workers
+        pairs = [(_batch_times(ours, r), _batch_times(theirs, r)) for r in range(4 * n)]
+    except RuntimeError:  # its workers stopped by the same signal
+        if not STOP.is_set():
+            raise
+    if STOP.is_set():
+        report["loader_over_torchvision"] = {"error": "interrupted"}
+        return
+    a = stats.Sample([p[0] for p in pairs], "loader ours")
+    b = stats.Sample([p[1] for p in pairs], "loader torchvision")
+    # their time per image over ours: our speed over theirs
+    est = stats.ratio(b, a, paired=True)
+    report["loader_over_torchvision"] = figure(est, stats.speed_words(est), target=(20, False))
+    for name, sample in (("loader_images_per_s", a), ("torchvision_images_per_s", b)):
+        e = sample.estimate()
+        report[name] = figure(
+            stats.Estimate(1 / e.value, 1 / e.hi, 1 / e.lo, e.runs), "measured", "images/s"
+        )
+
+
+def _torchvision_loader(base: Config, train):
+    """torchvision's own CIFAR10 pipeline over the same images: one PIL image at a time."""
     import torchvision.transforms as T
     from torch.utils.data import DataLoader, Dataset
 
-    device = resolve_device(base)
-    sets = data.load(base)
-    ours, _ = data.loaders(base, sets, device, channels_last=False)
-    images = sets[0].images.permute(0, 2, 3, 1).numpy()  # HWC uint8, as torchvision's CIFAR10
-    labels = sets[0].labels.tolist()
+    images = train.images.permute(0, 2, 3, 1).numpy()  # HWC uint8, as torchvision's CIFAR10
+    labels = train.labels.tolist()
     transform = T.Compose(
         [
             T.ToPILImage(),
@@ -298,14 +321,14 @@ def loaders(base: Config, n: int, report: dict) -> None:
         ]
     )
 
-    class Pil(Dataset):  # torchvision's own CIFAR10 pipeline: one PIL image at a time
+    class Pil(Dataset):
         def __len__(self):
             return len(labels)
 
         def __getitem__(self, i):
             return transform(images[i]), labels[i]
 
-    theirs = DataLoader(
+    return DataLoader(
         Pil(),
         batch_size=base.batch_size,
         shuffle=True,
@@ -314,38 +337,19 @@ def loaders(base: Config, n: int, report: dict) -> None:
         generator=torch.Generator().manual_seed(0),
     )
 
-    def batch_times(loader, epoch):
-        if hasattr(loader.batch_sampler.sampler, "set_epoch"):  # ours; torchvision's reshuffles
-            loader.batch_sampler.sampler.set_epoch(epoch)
-        times, last = [], time.perf_counter()
-        for _, y in loader:  # per image, so that a short last batch counts for what it is
-            if STOP.is_set():
-                return times
-            now = time.perf_counter()
-            times.append((now - last) / len(y))
-            last = now
-        return times
 
-    try:
-        batch_times(theirs, 0)  # start the workers
-        pairs = [(batch_times(ours, r), batch_times(theirs, r)) for r in range(4 * n)]
-    except RuntimeError:  # its workers stopped by the same signal
-        if not STOP.is_set():
-            raise
-    if STOP.is_set():
-        report["loader_over_torchvision"] = {"error": "interrupted"}
-        return
-    a = stats.Sample([p[0] for p in pairs], "loader ours")
-    b = stats.Sample([p[1] for p in pairs], "loader torchvision")
-    est = stats.ratio(
-        b, a, paired=True
-    )  # their time per image over ours: our speed over theirs
-    report["loader_over_torchvision"] = figure(est, stats.speed_words(est), target=(20, False))
-    for name, sample in (("loader_images_per_s", a), ("torchvision_images_per_s", b)):
-        e = sample.estimate()
-        report[name] = figure(
-            stats.Estimate(1 / e.value, 1 / e.hi, 1 / e.lo, e.runs), "measured", "images/s"
-        )
+def _batch_times(loader, epoch) -> list:
+    """Seconds per image of each batch of one pass (cut short by a stop)."""
+    if hasattr(loader.batch_sampler.sampler, "set_epoch"):  # ours; torchvision's reshuffles
+        loader.batch_sampler.sampler.set_epoch(epoch)
+    times, last = [], time.perf_counter()
+    for _, y in loader:  # per image, so that a short last batch counts for what it is
+        if STOP.is_set():
+            return times
+        now = time.perf_counter()
+        times.append((now - last) / len(y))
+        last = now
+    return times
 
 
 def precisions(base: Config, folder: str, n: int, threads: int, report: dict):

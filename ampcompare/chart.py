@@ -27,17 +27,7 @@ def figure(summary):
         ("step_time_s", "step time (ms), 95% interval", 1e-3),
         ("final_test_acc", "final test accuracy", 1.0),
     )
-    groups, precisions = [], []
-    for dev in summary["devices"]:
-        for precision, impls in dev["precisions"].items():
-            if precision not in precisions:
-                precisions.append(precision)
-            for impl in impls:
-                label = _text(
-                    impl if len(summary["devices"]) == 1 else f"{impl}\n{dev['device']}"
-                )
-                if (dev, impl, label) not in groups:
-                    groups.append((dev, impl, label))
+    groups, precisions = _groups(summary)
     fig = Figure(figsize=(4.4 * len(panels), 4.2), dpi=100)
     axes = fig.subplots(1, len(panels))
     width = 0.8 / max(1, len(precisions))
@@ -79,6 +69,22 @@ def figure(summary):
     )
     fig.tight_layout()
     return fig
+
+
+def _groups(summary) -> tuple[list, list]:
+    """The bar groups, (device, impl, label) each, and the precisions, in the report's order."""
+    groups, precisions = [], []
+    for dev in summary["devices"]:
+        for precision, impls in dev["precisions"].items():
+            if precision not in precisions:
+                precisions.append(precision)
+            for impl in impls:
+                label = _text(
+                    impl if len(summary["devices"]) == 1 else f"{impl}\n{dev['device']}"
+                )
+                if (dev, impl, label) not in groups:
+                    groups.append((dev, impl, label))
+    return groups, precisions
 
 
 def _text(value) -> str:

@@ -90,6 +90,13 @@ def check(
     """Raise UsageError (the one line) when the stopped run `stored` may not be continued with
     the options `given` on a machine with `env`, from checkpoint `ckpt` (None: none found),
     with the model `model` (model_spec.check's, as the record keeps it)."""
+    _check_run(where, stored, given, impl, env, model)
+    _check_epochs(where, stored, given)
+    _check_checkpoint(where, stored, ckpt)
+
+
+def _check_run(where, stored, given, impl, env, model) -> None:
+    """The run itself: not diverged, the same options, machine and model source."""
     status, config = stored["status"], stored["config"]
     if status == "diverged":
         raise UsageError(
@@ -119,7 +126,11 @@ def check(
             f"that run began (SHA-256 {was[:12]}..., now "
             f"{(now or 'none')[:12]}...); one record cannot mix two models"
         )
-    info = stored.get("checkpoint")
+
+
+def _check_epochs(where, stored, given) -> None:
+    """A checkpoint to continue from, and --epochs a resume may give."""
+    status, config, info = stored["status"], stored["config"], stored.get("checkpoint")
     if not info:
         raise UsageError(
             f"{where}: that run has no checkpoint (it ran with --no-checkpoint "
@@ -141,7 +152,12 @@ def check(
             f"{where}: --epochs changes the length of its cosine schedule; a "
             f"resumed cosine run keeps --epochs {started}"
         )
-    file = info["file"]
+
+
+def _check_checkpoint(where, stored, ckpt) -> None:
+    """The checkpoint file against the record: its hash, epochs, config and weights."""
+    config, info, free = stored["config"], stored["checkpoint"], may_change()
+    done, file = info["epochs"], info["file"]
     if ckpt is None:
         raise UsageError(f"{where}: {file}, which result.json names, is not there")
     if ckpt.sha256 != info["sha256"]:

@@ -81,12 +81,18 @@ def install(setattr, epoch: int, action: str, step=None, argv=(), rank=None) -> 
         return
     if rank is not None and os.environ.get("RANK") != str(rank):
         return
+    saves = []  # the fault fires once, whichever patch meets it first
+    _patch_training(setattr, epoch, action, step, saves)
+    _patch_recording(setattr, epoch, action, step, saves)
+
+
+def _patch_training(setattr, epoch: int, action: str, step, saves: list) -> None:
+    """The meter's steps and the end of training, and torch.save of a checkpoint."""
     import torch
     from common import metrics
 
     meter = metrics.EpochMeter
     real_step, real_done, real_save = meter.step, meter.train_done, torch.save
-    saves = []
 
     def save(obj, f, *args, **kwargs):  # every arm writes its checkpoint with torch.save
         ours = isinstance(obj, dict) and "ampcompare" in obj
@@ -109,6 +115,13 @@ def install(setattr, epoch: int, action: str, step=None, argv=(), rank=None) -> 
             act(action)
         real_done(self)
 
+    setattr(meter, "step", step_)
+    setattr(meter, "train_done", train_done)
+    setattr(torch, "save", save)
+
+
+def _patch_recording(setattr, epoch: int, action: str, step, saves: list) -> None:
+    """The run's start, its end, each epoch's record and the renames that commit it."""
     from common import recorder, rundir
 
     real_end, real_reserve = recorder.Recorder.end_epoch, rundir.reserve
@@ -152,9 +165,6 @@ def install(setattr, epoch: int, action: str, step=None, argv=(), rank=None) -> 
             act(action)
 
     setattr(os, "replace", replace)
-    setattr(meter, "step", step_)
-    setattr(meter, "train_done", train_done)
-    setattr(torch, "save", save)
     setattr(recorder.Recorder, "end_epoch", end_epoch)
 
 
