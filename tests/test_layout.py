@@ -114,3 +114,15 @@ def test_the_cli_reference_is_current():
     assert cli_reference.updated(page) == page, (
         "docs/cli.md is stale: run .venv/bin/python scripts/cli_reference.py"
     )
+
+
+def test_no_function_is_over_60_lines():
+    packages = ("ampcompare", "common", *ARMS, "scripts", "tests")
+    long = []
+    for path in (p for pkg in packages for p in sorted((ROOT / pkg).glob("*.py"))):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > 60:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines})")
+    assert not long, long
