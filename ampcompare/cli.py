@@ -26,6 +26,7 @@ IMPLS = {
     "accelerate": "accelerate_impl.train",
     "apex": "apex_impl.train",
 }
+OWN_PACKAGES = {"ampcompare", "common", *(path.split(".")[0] for path in IMPLS.values())}
 # click 8.2 raises this for a bare `ampcompare`; 8.1 prints the help itself.
 NO_ARGS = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
@@ -146,6 +147,10 @@ def run_one(impl: str, cfg: Config) -> int:
     try:
         module = importlib.import_module(IMPLS[impl])
     except ImportError as e:
+        # A framework missing or broken here: unavailable. This project's own modules failing
+        # to import is a bug, never a reason to call an arm unavailable: it propagates.
+        if not e.name or e.name.split(".")[0] in OWN_PACKAGES:
+            raise
         raise Unavailable(f"{impl}: cannot import its framework ({e})") from None
     quiet.frameworks()  # again: Lightning sets its loggers' level as it is imported
     try:

@@ -173,3 +173,29 @@ def test_an_arm_that_raises_in_the_bench_is_reported_not_a_traceback(tmp_path, m
     report = {}
     bench.precisions(base, str(tmp_path), 1, 1, report)
     assert report["bf16_over_fp32"] == {"error": "RuntimeError: refused on purpose"}
+
+
+@pytest.mark.parametrize(
+    "missing,unavailable", [("pytorch_lightning", True), ("common.results", False)]
+)
+def test_only_a_missing_framework_makes_an_arm_unavailable(
+    monkeypatch, tmp_path, missing, unavailable
+):
+    import importlib
+
+    from ampcompare import cli as cli_module
+    from common.errors import COMPARE_CHILD, UNAVAILABLE_EXIT
+
+    def broken(name):
+        raise ImportError(f"cannot import name 'x' from '{missing}'", name=missing)
+
+    monkeypatch.setattr(cli_module.importlib, "import_module", broken)
+    monkeypatch.setenv(COMPARE_CHILD, "1")  # as compare starts an arm
+    r = CliRunner().invoke(
+        cli, ["lightning", "--dataset", "synthetic", "--out-dir", str(tmp_path)]
+    )
+    monkeypatch.setattr(cli_module.importlib, "import_module", importlib.import_module)
+    if unavailable:  # said in one line, and compare records the arm as unavailable
+        assert r.exit_code == UNAVAILABLE_EXIT and "cannot import its framework" in r.stderr
+    else:  # this project's own code failing to import is a failure, never "unavailable"
+        assert r.exit_code != UNAVAILABLE_EXIT and isinstance(r.exception, ImportError)
