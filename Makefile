@@ -21,7 +21,7 @@ $(BIN)/.installed: setup.cfg pyproject.toml
 # synthetic data, into one folder with report.md and benchmark.png. Two repeats, so that every
 # interval covers the noise between processes too; lr 1e-3, so that three short epochs learn.
 demo: $(BIN)/.installed
-	$(BIN)/ampcompare compare --dataset synthetic --model small --synthetic-size 5120 \
+	$(BIN)/ampcompare compare --dataset synthetic --model small --synthetic-size 3072 \
 		--epochs 3 --lr 1e-3 --repeats 2 --out-dir $(DEMO_DIR)
 
 # The python-only wheel of apex 25.04, where this checkout has it beside it (../shared/wheels):
