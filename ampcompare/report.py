@@ -450,13 +450,7 @@ ENV_KEYS = (
     "cudnn_benchmark",
     "channels_last",
     "deterministic",
-    "torch",
-    "torchvision",
-    "lightning",
-    "accelerate",
-    "apex",
-    "python",
-    "git_commit",
+    *(key for key in SOFTWARE if key != "host"),
 )
 
 

@@ -53,38 +53,14 @@ def tiny(tmp_path, **overrides) -> Config:
 
 
 # tiny()'s settings as command-line options (at 32-true): the same run from a CLI process.
-TINY_ARGS = [
-    "--dataset",
-    "synthetic",
-    "--model",
-    "small",
-    "--synthetic-size",
-    "256",
-    "--batch-size",
-    "32",
-    "--limit-train-batches",
-    "3",
-    "--limit-test-batches",
-    "2",
-    "--accelerator",
-    "cpu",
-    "--precision",
-    "32",
-    "--quiet",
-]
+TINY_ARGS = (
+    "--dataset synthetic --model small --synthetic-size 256 --batch-size 32 "
+    "--limit-train-batches 3 --limit-test-batches 2 --accelerator cpu --precision 32 --quiet"
+).split()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL_RUN = [
-    "--dataset",
-    "synthetic",
-    "--model",
-    "small",
-    "--synthetic-size",
-    "256",
-    "--batch-size",
-    "64",
-    "--accelerator",
-    "cpu",
-]
+SMALL_RUN = (
+    "--dataset synthetic --model small --synthetic-size 256 --batch-size 64 --accelerator cpu"
+).split()
 
 
 def run_cli(args, cwd=ROOT, timeout=180) -> subprocess.CompletedProcess:
@@ -116,6 +92,27 @@ def start_until_first_epoch(args, out_dir, pattern):
         time.sleep(0.2)
     proc.kill()
     raise AssertionError(f"no epoch finished: {proc.communicate()[1][-2000:]}")
+
+
+def start_plain_compare(out_dir, epochs: int, args=SMALL_RUN):
+    """start_until_first_epoch of a compare of the plain loop alone at 32-true: its process and
+    its arm's result.json once the arm has finished an epoch."""
+    return start_until_first_epoch(
+        [
+            "compare",
+            *args,
+            "--epochs",
+            str(epochs),
+            "--impls",
+            "plain",
+            "--precisions",
+            "32",
+            "--out-dir",
+            str(out_dir),
+        ],
+        out_dir,
+        "*/plain-32-true-r0/result.json",
+    )
 
 
 def checkpoint_of(run_dir):

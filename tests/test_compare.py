@@ -14,24 +14,9 @@ from ampcompare import compare, plan, report
 from ampcompare.cli import cli, common_options, config_from
 from common.config import Config
 from tests import faults
-from tests.conftest import SMALL_RUN, start_until_first_epoch
+from tests.conftest import SMALL_RUN, start_plain_compare
 
-ARGS = [
-    "--dataset",
-    "synthetic",
-    "--model",
-    "small",
-    "--synthetic-size",
-    "256",
-    "--batch-size",
-    "64",
-    "--epochs",
-    "2",
-    "--limit-train-batches",
-    "2",
-    "--accelerator",
-    "cpu",
-]
+ARGS = [*SMALL_RUN, "--epochs", "2", "--limit-train-batches", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -368,22 +353,7 @@ def test_child_args_reproduce_the_config():
 
 def test_interrupting_compare_keeps_the_running_arm_and_reports(tmp_path):
     out = tmp_path / "runs"
-    proc, result = start_until_first_epoch(
-        [
-            "compare",
-            *SMALL_RUN,
-            "--epochs",
-            "50",
-            "--impls",
-            "plain",
-            "--precisions",
-            "32",
-            "--out-dir",
-            str(out),
-        ],
-        out,
-        "*/plain-32-true-r0/result.json",
-    )
+    proc, result = start_plain_compare(out, 50)
     proc.send_signal(signal.SIGINT)  # to the parent only, as `kill -INT` would
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr

@@ -18,25 +18,10 @@ from ampcompare import launch
 from tests import faults
 from tests.conftest import ROOT, run_cli
 
-JOB = [
-    "--devices",
-    "2",
-    "--dataset",
-    "synthetic",
-    "--model",
-    "small",
-    "--synthetic-size",
-    "256",
-    "--batch-size",
-    "16",
-    "--limit-train-batches",
-    "3",
-    "--limit-test-batches",
-    "2",
-    "--accelerator",
-    "cpu",
-    "--quiet",
-]
+JOB = (
+    "--devices 2 --dataset synthetic --model small --synthetic-size 256 --batch-size 16 "
+    "--limit-train-batches 3 --limit-test-batches 2 --accelerator cpu --quiet"
+).split()
 LIMIT = 240  # seconds for any one job
 
 

@@ -20,17 +20,11 @@ from common import metrics, results
 from lightning_impl import train as lightning
 from plain_torch import train as plain
 from tests import faults
-from tests.conftest import SMALL_RUN, checkpoint_of, run_cli, start_until_first_epoch, tiny
+from tests.conftest import SMALL_RUN, checkpoint_of, run_cli, start_plain_compare, tiny
 
 TINY_CMP = [
     *SMALL_RUN,
-    "--batch-size",
-    "32",
-    "--limit-train-batches",
-    "2",
-    "--limit-test-batches",
-    "1",
-    "--quiet",
+    *"--batch-size 32 --limit-train-batches 2 --limit-test-batches 1 --quiet".split(),
 ]
 TINY_CLI = [*TINY_CMP, "--precision", "32"]
 
@@ -114,22 +108,7 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path):
 
 def test_a_second_signal_to_compare_ends_the_arm_and_leaves_no_process(tmp_path):
     out = tmp_path / "runs"
-    proc, path = start_until_first_epoch(
-        [
-            "compare",
-            *SMALL_RUN,
-            "--epochs",
-            "100",
-            "--impls",
-            "plain",
-            "--precisions",
-            "32",
-            "--out-dir",
-            str(out),
-        ],
-        out,
-        "*/plain-32-true-r0/result.json",
-    )
+    proc, path = start_plain_compare(out, 100)
     child = json.loads(path.read_text())["pid"]
     proc.send_signal(signal.SIGINT)
     time.sleep(0.05)

@@ -12,7 +12,13 @@ import time
 import pytest
 
 from tests import faults
-from tests.conftest import ROOT, TINY_ARGS, run_cli, start_until_first_epoch
+from tests.conftest import (
+    ROOT,
+    TINY_ARGS,
+    run_cli,
+    start_plain_compare,
+    start_until_first_epoch,
+)
 
 AMPCOMPARE = [sys.executable, "-m", "ampcompare"]
 COMPARE_ARGS = [*TINY_ARGS[:-3], "--quiet"]  # tiny(), less --precision: compare has its own
@@ -46,22 +52,7 @@ def test_a_closed_terminal_ends_a_run_as_sigterm_does(tmp_path, sig):
 
 def test_a_closed_terminal_stops_compare_with_its_report(tmp_path):
     out = tmp_path / "runs"
-    proc, path = start_until_first_epoch(
-        [
-            "compare",
-            *COMPARE_ARGS,
-            "--epochs",
-            "500",
-            "--impls",
-            "plain",
-            "--precisions",
-            "32",
-            "--out-dir",
-            str(out),
-        ],
-        out,
-        "*/plain-32-true-r0/result.json",
-    )
+    proc, path = start_plain_compare(out, 500, COMPARE_ARGS)
     proc.send_signal(signal.SIGHUP)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
