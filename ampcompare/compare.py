@@ -35,6 +35,9 @@ from common.errors import COMPARE_CHILD, UNAVAILABLE_EXIT
 GRACE_S = 60  # how long an interrupted child may take to record its result
 RESUMABLE = ("interrupted", "failed", "oom", "running")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# How each arm is started: a fresh interpreter running this package, so that no arm inherits
+# another's imports, allocator or threads (the suite starts its arms from a fork server).
+ARM_COMMAND = [sys.executable, "-m", "ampcompare"]
 
 
 def child_args(cfg: Config, exclude=None) -> list[str]:
@@ -236,7 +239,7 @@ def _attempt(cfg: Config, arm: Arm, folder: str, run_dir: str, resuming: bool):
         ]
         if arm.impl == "apex" and applies(cfg.opt_level, arm.precision):
             cmd += ["--opt-level", cfg.opt_level]
-    cmd = [sys.executable, "-m", "ampcompare", *cmd, "--quiet", "--no-keep-checkpoint"]
+    cmd = [*ARM_COMMAND, *cmd, "--quiet", "--no-keep-checkpoint"]
     # The child runs from the project (python -m ampcompare), and imports a --model of the
     # user's own from the folder compare was started in, as the arm would.
     path = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)

@@ -24,6 +24,11 @@ from common import checkpoints, console, distributed, files, ranks, results
 from common.errors import UNAVAILABLE_EXIT, UsageError
 
 
+# How each rank is started: a fresh interpreter running this package, as torchrun would start
+# it (the suite starts its ranks from a fork server).
+RANK_COMMAND = [sys.executable, "-m", "ampcompare"]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -58,7 +63,7 @@ def run(cfg, args: list[str]) -> int:
     )
     failures, stopped = {}, False
     try:
-        elastic_launch(config, sys.executable)("-m", "ampcompare", *args)
+        elastic_launch(config, RANK_COMMAND[0])(*RANK_COMMAND[1:], *args)
     except ChildFailedError as e:
         failures = {rank: (f.exitcode, f.timestamp) for rank, f in e.failures.items()}
     except SignalException:  # the ranks were sent the same signal and have stopped

@@ -20,7 +20,7 @@
 # installed first; without it the apex tests are skipped with a reason and apex is an
 # "unavailable" row.
 #
-# Usage: scripts/gpu_check.sh [--cpu] [OUT_DIR]
+# Usage: [PYTHON=python3] [AMPCOMPARE="python3 -m ampcompare"] scripts/gpu_check.sh [--cpu] [OUT_DIR]
 #   --cpu: the same steps on the CPU with a tiny model and a few batches (the tests of step 1
 #   are left to make test, which runs this mode), so that the script cannot rot without a GPU.
 set -uo pipefail
@@ -29,6 +29,7 @@ MODE=gpu
 if [ "${1:-}" = "--cpu" ]; then MODE=cpu; shift; fi
 OUT=${1:-${OUT:-runs/gpu-check}}
 PY=${PYTHON:-python3}
+read -r -a AMP <<< "${AMPCOMPARE:-$PY -m ampcompare}"  # the command, its words split on spaces
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # run from the source tree: torch untouched
 if [ "$MODE" = gpu ] && ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
   echo "gpu_check: no CUDA device here; run scripts/gpu_check.sh --cpu for the CPU mode" >&2
@@ -67,14 +68,14 @@ else
 fi
 
 # Budget (GPU): tests 170 s + compare 230 s + O2 45 s + report: under 8 minutes with set-up.
-timeout -k 30 "$LIMIT" "$PY" -m ampcompare compare "${RUN[@]}" --precisions "$PRECISIONS" \
+timeout -k 30 "$LIMIT" "${AMP[@]}" compare "${RUN[@]}" --precisions "$PRECISIONS" \
   --impls "$IMPLS" --out-dir "$OUT" --quiet > "$OUT/log-compare.txt" 2>&1
 compare_rc=$?
-timeout -k 15 "$O2_LIMIT" "$PY" -m ampcompare compare "${RUN[@]}" --precisions 16-mixed --impls apex \
+timeout -k 15 "$O2_LIMIT" "${AMP[@]}" compare "${RUN[@]}" --precisions 16-mixed --impls apex \
   --opt-level O2 --out-dir "$OUT" --quiet > "$OUT/log-compare-apex-o2.txt" 2>&1
 o2_rc=$?
 
-"$PY" -m ampcompare report "$OUT"/compare-*/ --out "$OUT/report" > "$OUT/report.log" 2>&1
+"${AMP[@]}" report "$OUT"/compare-*/ --out "$OUT/report" > "$OUT/report.log" 2>&1
 report_rc=$?
 cat "$OUT/report/report.md" 2>/dev/null
 "$PY" scripts/gpu_targets.py "$OUT/report/summary.json" | tee "$OUT/targets.txt"
