@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from ampcompare.cli import cli
-from tests.conftest import tiny
+from tests.conftest import ampcompare, tiny
 
 
 def commands():
@@ -94,9 +94,7 @@ def test_the_bench_runs_and_writes_every_ratio(tmp_path):
     root = os.path.dirname(os.path.dirname(__file__))
     proc = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "ampcompare",
+            *ampcompare(),
             "bench",
             "--rounds",
             "2",
@@ -147,7 +145,7 @@ def test_the_gpu_check_runs_every_step_in_its_cpu_mode(tmp_path):
     proc = subprocess.run(
         ["bash", "scripts/gpu_check.sh", "--cpu", str(tmp_path)],
         cwd=root,
-        env={**os.environ, "PYTHON": sys.executable},
+        env={**os.environ, "PYTHON": sys.executable, "AMPCOMPARE": " ".join(ampcompare())},
         capture_output=True,
         text=True,
         timeout=300,

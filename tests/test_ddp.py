@@ -2,7 +2,9 @@
 bitwise-identical per-step losses and weights (docs/equivalence.md), a job resumes, and a
 job that loses a rank or gets Ctrl-C ends with a true record and no process left. Every job runs
 through the command line (`--devices 2` starts the processes with torch's elastic launcher),
-under a time limit, so that a hung process group fails a test instead of blocking the suite."""
+under a time limit, so that a hung process group fails a test instead of blocking the suite.
+Most jobs and their ranks are forked from the suite's server (tests/forkserver.py); the killed
+rank, Ctrl-C and OMP_NUM_THREADS jobs start every process for real, interpreter and all."""
 
 import json
 import os
@@ -16,7 +18,7 @@ import pytest
 
 from ampcompare import launch
 from tests import faults
-from tests.conftest import ROOT, run_cli
+from tests.conftest import FRESH, ROOT, ampcompare, run_cli
 
 JOB = (
     "--devices 2 --dataset synthetic --model small --synthetic-size 256 --batch-size 16 "
@@ -25,8 +27,14 @@ JOB = (
 LIMIT = 240  # seconds for any one job
 
 
-def job(arm, out, run_id, *args, expect=0):
-    proc = run_cli([arm, *JOB, "--out-dir", str(out), "--run-id", run_id, *args], timeout=LIMIT)
+def job(arm, out, run_id, *args, expect=0, fresh=False):
+    command = [arm, *JOB, "--out-dir", str(out), "--run-id", run_id, *args]
+    if fresh:
+        proc = subprocess.run(
+            [*FRESH, *command], cwd=ROOT, text=True, capture_output=True, timeout=LIMIT
+        )
+    else:
+        proc = run_cli(command, timeout=LIMIT)
     assert proc.returncode == expect, proc.stderr[-3000:]
     with open(out / run_id / "result.json") as f:
         return json.load(f)
@@ -102,7 +110,9 @@ def test_a_ddp_job_stopped_mid_epoch_resumes_bitwise(tmp_path, monkeypatch):
 def test_a_killed_rank_fails_the_job_at_once_and_leaves_no_process(tmp_path, monkeypatch):
     faults.inject_children(monkeypatch, epoch=1, action="exit", step=1, rank=1)
     start = time.monotonic()
-    record = job("lightning", tmp_path, "k", "--precision", "32", "--epochs", "5", expect=1)
+    record = job(
+        "lightning", tmp_path, "k", "--precision", "32", "--epochs", "5", expect=1, fresh=True
+    )
     assert time.monotonic() - start < 90
     assert record["status"] == "failed"
     assert record["error"].startswith("rank 1 ended first (exit code 137)")
@@ -111,9 +121,7 @@ def test_a_killed_rank_fails_the_job_at_once_and_leaves_no_process(tmp_path, mon
 
 def test_ctrl_c_to_a_ddp_job_is_interrupted_and_resumable(tmp_path):
     args = [
-        sys.executable,
-        "-m",
-        "ampcompare",
+        *FRESH,
         "fabric",
         *JOB,
         "--precision",
@@ -147,9 +155,7 @@ def test_ctrl_c_to_a_ddp_job_is_interrupted_and_resumable(tmp_path):
 def start_job(arm, tmp_path, run_id="live"):
     """A long DDP job, running: (its process, its result.json, the ranks' pids)."""
     args = [
-        sys.executable,
-        "-m",
-        "ampcompare",
+        *ampcompare(),
         arm,
         *JOB,
         "--precision",
@@ -295,7 +301,7 @@ def test_a_rendezvous_port_in_use_is_one_line(tmp_path):
             "TORCHELASTIC_USE_AGENT_STORE": "0",
         }
         proc = subprocess.run(
-            [sys.executable, "-m", "ampcompare", "plain", *JOB, "--out-dir", str(tmp_path)],
+            [*ampcompare(env), "plain", *JOB, "--out-dir", str(tmp_path)],
             cwd=ROOT,
             env=env,
             text=True,

@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -18,7 +17,7 @@ from click.testing import CliRunner
 from lightning_impl import train as lightning
 from plain_torch import train as plain
 from tests import faults
-from tests.conftest import ROOT, checkpoint_of, run_cli, tiny
+from tests.conftest import ROOT, ampcompare, checkpoint_of, run_cli, tiny
 
 ARMS = {"plain": plain, "lightning": lightning}
 
@@ -290,7 +289,7 @@ def stopped_comparison(tmp_path, monkeypatch, epochs=3):
 def test_compare_resume_never_touches_a_run_another_process_writes(tmp_path, monkeypatch):
     folder, arm = stopped_comparison(tmp_path, monkeypatch, epochs=2000)
     hand = subprocess.Popen(
-        [sys.executable, "-m", "ampcompare", "plain", "--resume", str(arm)],
+        [*ampcompare(), "plain", "--resume", str(arm)],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -298,7 +297,7 @@ def test_compare_resume_never_touches_a_run_another_process_writes(tmp_path, mon
     )
     try:
         deadline = time.monotonic() + 60
-        while json.loads((arm / "result.json").read_text())["pid"] != hand.pid:
+        while json.loads((arm / "result.json").read_text())["status"] != "running":
             assert time.monotonic() < deadline and hand.poll() is None, hand.communicate()
             time.sleep(0.1)
         for _ in range(2):  # twice: the second once deleted the live run's folder

@@ -5,6 +5,7 @@ stops as docs/failures.md says, its files are whole, and its exit code is the re
 import json
 import os
 import signal
+import shlex
 import subprocess
 import sys
 import time
@@ -13,6 +14,8 @@ import pytest
 
 from tests import faults
 from tests.conftest import (
+    FRESH,
+    ampcompare,
     ROOT,
     TINY_ARGS,
     run_cli,
@@ -20,7 +23,6 @@ from tests.conftest import (
     start_until_first_epoch,
 )
 
-AMPCOMPARE = [sys.executable, "-m", "ampcompare"]
 COMPARE_ARGS = [*TINY_ARGS[:-3], "--quiet"]  # tiny(), less --precision: compare has its own
 
 
@@ -62,7 +64,7 @@ def test_a_closed_terminal_stops_compare_with_its_report(tmp_path):
 
 def piped(args, cwd=ROOT):
     """`ampcompare ARGS 2>&1 | head -1`: the reader takes one line and goes away."""
-    cmd = " ".join([*AMPCOMPARE, *args]) + ' 2>&1 | head -1; echo "rc=${PIPESTATUS[0]}"'
+    cmd = shlex.join([*ampcompare(), *args]) + ' 2>&1 | head -1; echo "rc=${PIPESTATUS[0]}"'
     proc = subprocess.run(
         ["bash", "-c", cmd], cwd=cwd, capture_output=True, text=True, timeout=300
     )
@@ -102,7 +104,7 @@ def test_a_signal_after_the_run_printed_its_end_is_absorbed(tmp_path):
     for attempt in range(3):
         proc = subprocess.Popen(
             [
-                *AMPCOMPARE,
+                *FRESH,  # the interpreter's own teardown is under test
                 "plain",
                 *TINY_ARGS,
                 "--epochs",
@@ -160,7 +162,7 @@ def test_ctrl_c_to_compare_after_its_last_arm_ended_ok_is_absorbed(tmp_path, mon
 def test_a_bench_stopped_half_way_keeps_what_it_measured(tmp_path, sig):
     proc = subprocess.Popen(
         [
-            *AMPCOMPARE,
+            *ampcompare(),
             "bench",
             "--rounds",
             "50",
@@ -197,7 +199,7 @@ def test_a_bench_stopped_half_way_keeps_what_it_measured(tmp_path, sig):
 
 def test_bench_refuses_an_empty_out_dir_in_one_line():
     proc = subprocess.run(
-        [*AMPCOMPARE, "bench", "--out-dir", ""],
+        [*ampcompare(), "bench", "--out-dir", ""],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -214,10 +216,11 @@ def test_bench_refuses_an_empty_out_dir_in_one_line():
 
 def run_with_env(args, **env):
     full = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK")}
+    full = {**full, **env}
     return subprocess.run(
-        [*AMPCOMPARE, *args],
+        [*ampcompare(full), *args],
         cwd=ROOT,
-        env={**full, **env},
+        env=full,
         text=True,
         capture_output=True,
         timeout=300,
