@@ -15,8 +15,9 @@ code, or the same signal). The child is a real process of its own: it runs the m
 starts its own children (compare's arms, a job's ranks) with `sys.executable` as usual. What it
 does not do is start an interpreter: a test about start-up itself (Ctrl-C while torch is being
 imported, what a command imports, the interpreter's teardown) starts `python -m ampcompare`
-for real, and so does any command whose environment would change how the interpreter or torch
-starts (`command` decides).
+for real, and so does any command whose environment would change what an interpreter or an
+import reads as it starts (`_differs`: `command` starts those afresh, and a child given one by
+its parent execs a fresh interpreter in its place).
 
 Run as a script, this file is the client and imports the standard library only.
 """
@@ -30,38 +31,29 @@ import socket
 import sys
 import time
 
-# Variables read as an interpreter, torch or OpenMP start: a child forked from the server would
-# not see a change to these, so a command given one that differs runs as a fresh process.
-AT_START = ("PYTHON", "LC_", "LANG", "OMP_", "MKL_", "OPENBLAS_", "KMP_", "TORCH", "CUDA")
-# ...except what the fault hook (tests/fault_hook) reads, which the child applies itself.
-HANDLED = ("PYTHONPATH",)
+# Variables read as an interpreter starts or torch, OpenMP or a framework is imported: a child
+# forked from the server would not see a change to these, so a command given one runs afresh.
+AT_START = (
+    *("PYTHON", "LC_", "LANG", "HOME", "XDG_", "TMP", "TEMP"),
+    *("OMP_", "MKL_", "OPENBLAS_", "KMP_", "TORCH", "PYTORCH", "CUDA"),
+    *("MPL", "MATPLOTLIB", "ACCELERATE"),
+)
+# ...except what the child applies itself (the fault hook's path, the rank Lightning reads as
+# it is imported) and what torch reads only as its launcher or a process group starts.
+HANDLED = ("PYTHONPATH", "TORCHELASTIC_", "TORCH_NCCL_")
 FORWARDED = [
-    s
-    for s in signal.Signals
-    if s not in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD, signal.SIGPIPE)
-    and s.name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGCONT")
+    getattr(signal, name)
+    for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGCONT")
 ]
+PR_SET_PDEATHSIG = 1
 
 
 # --- the client (a script: the standard library only) ----------------------------------------
 
 
-def _client(path: str, args: list[str]) -> None:
-    deadline = time.monotonic() + 180  # the server imports for a few seconds after it starts
-    while True:
-        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            conn.connect(path)
-            break
-        except OSError:
-            conn.close()
-            if time.monotonic() > deadline:
-                sys.stderr.write(f"forkserver: no server at {path}\n")
-                os._exit(99)
-            time.sleep(0.05)
+def _client(path: str, server: int, args: list[str]) -> None:
     import ctypes
 
-    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG, passed on as the others are
     pending, child = [], []
 
     def forward(signum, frame):
@@ -75,32 +67,71 @@ def _client(path: str, args: list[str]) -> None:
 
     for s in FORWARDED:
         signal.signal(s, forward)
-    streams = [fd for fd in (0, 1, 2) if _is_open(fd)]
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)  # passed on as the others are
+    streams = [fd for fd in (0, 1, 2) if _is_open(fd)]  # before the socket takes a free one
     request = {
         "args": args,
         "cwd": os.getcwd(),
         "env": dict(os.environ),
         "streams": streams,
         "parent": os.getppid(),
+        "session": os.getsid(0) == os.getpid(),
     }
-    socket.send_fds(conn, [json.dumps(request).encode() + b"\n"], streams)
-    replies = conn.makefile("r")
-    line = replies.readline()
+    conn = _connect(path, server)
+    if conn is None:  # no server: the command starts afresh, and nothing was started yet
+        _fresh(args, pending)
+    try:
+        socket.send_fds(conn, [json.dumps(request).encode() + b"\n"], streams)
+        replies = conn.makefile("r")
+        line = replies.readline()
+    except OSError:
+        line = ""
     if not line:
-        sys.stderr.write("forkserver: the server ended before it started the command\n")
-        os._exit(99)
+        _fresh(args, pending)
     child.append(json.loads(line)["pid"])
     for signum in pending:
         forward(signum, None)
     line = replies.readline()
-    status = json.loads(line)["status"] if line else -signal.SIGKILL
+    status = json.loads(line)["status"] if line else -signal.SIGKILL  # the server was killed
     if status >= 0:
         os._exit(status)
-    for s in FORWARDED:
+    for s in {*FORWARDED, -status} - {signal.SIGKILL}:
         signal.signal(s, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, [-status])
     os.kill(os.getpid(), -status)
     os._exit(128 - status)
+
+
+def _connect(path: str, server: int):
+    deadline = time.monotonic() + 180  # the server imports for a few seconds after it starts
+    while time.monotonic() < deadline and _alive(server):
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            conn.connect(path)
+            return conn
+        except FileNotFoundError:  # still importing
+            conn.close()
+            time.sleep(0.05)
+        except OSError:  # there and gone
+            conn.close()
+            return None
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _fresh(args: list[str], pending: list[int]) -> None:
+    for s in FORWARDED:
+        signal.signal(s, signal.SIG_DFL)
+    for signum in pending:
+        os.kill(os.getpid(), signum)
+    os.execv(sys.executable, [sys.executable, "-m", "ampcompare", *args])
 
 
 def _is_open(fd: int) -> bool:
@@ -120,7 +151,10 @@ def _serve(path: str) -> dict:
     import ctypes
     import selectors
 
-    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: gone with its test worker
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # gone with its test worker
+    for s in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):  # a Ctrl-C meant for the suite
+        signal.signal(s, signal.SIG_IGN)
+    env = dict(os.environ)
     _import_everything()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path + ".tmp")
@@ -128,29 +162,41 @@ def _serve(path: str) -> dict:
     os.rename(path + ".tmp", path)  # clients connect once everything is imported
     sel = selectors.DefaultSelector()
     sel.register(listener, selectors.EVENT_READ)
-    children = {}  # pid -> its client's connection
+    children = {}  # pid -> (its client's connection, whether it leads a session)
     while True:
         for key, _ in sel.select(timeout=0.02):
-            if key.fileobj is listener:
-                conn, _ = listener.accept()
-                request = {**_receive(conn), "server": path}
-                pid = os.fork()
-                if pid == 0:
-                    for fileobj in [listener, conn, *children.values()]:
-                        fileobj.close()
-                    sel.close()
-                    return request
-                for fd in request["fds"]:
-                    os.close(fd)
+            if key.fileobj is not listener:  # its client went away (a timeout): so does it
+                if key.data in children:
+                    _kill(key.data, children[key.data][1])
+                continue
+            conn, _ = listener.accept()
+            try:
+                request = {**_receive(conn), "server": path, "server_env": env}
+            except (OSError, ValueError):  # a client gone before it asked for anything
+                conn.close()
+                continue
+            pid = os.fork()
+            if pid == 0:
+                for fileobj in [listener, conn, *(c for c, _ in children.values())]:
+                    fileobj.close()
+                sel.close()
+                return request
+            for fd in request["fds"]:
+                os.close(fd)
+            children[pid] = (conn, request["session"])
+            sel.register(conn, selectors.EVENT_READ, pid)
+            try:
                 conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
-                children[pid] = conn
-                sel.register(conn, selectors.EVENT_READ, pid)
-            elif key.data in children:  # its client went away (a test's timeout): so does it
-                try:
-                    os.kill(key.data, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            except OSError:  # gone already: the next select sees it
+                pass
         _reap(children, sel)
+
+
+def _kill(pid: int, session: bool) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL) if session else os.kill(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _import_everything() -> None:
@@ -176,7 +222,7 @@ def _reap(children: dict, sel) -> None:
         pid, status = os.waitpid(-1, os.WNOHANG)
         if pid == 0:
             return
-        conn = children.pop(pid, None)
+        conn, _ = children.pop(pid, (None, None))
         if conn is None:
             continue
         try:
@@ -190,6 +236,7 @@ def _reap(children: dict, sel) -> None:
 
 
 def _receive(conn) -> dict:
+    conn.settimeout(10)  # a client stopped half-way must not stall the others
     data, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
     while not data.endswith(b"\n"):
         more = conn.recv(1 << 20)
@@ -204,6 +251,14 @@ def _receive(conn) -> dict:
 def _become(request: dict) -> None:
     """In the forked child: take the client's streams, folder, environment and command line,
     as `python -m ampcompare ARGS` started there would have them."""
+    import ctypes
+
+    server = os.getppid()
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # fork cleared the server's
+    if os.getppid() != server:
+        os._exit(1)
+    if request["session"]:  # as the client was started: compare's arms, a job's ranks
+        os.setsid()
     for target in (0, 1, 2):
         if target in request["streams"]:
             fd = request["fds"][request["streams"].index(target)]
@@ -221,17 +276,35 @@ def _become(request: dict) -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    if _differs(request["env"], request["server_env"]):  # what this command starts, say
+        os.execv(sys.executable, [sys.executable, "-m", "ampcompare", *request["args"]])
+    _as_started_there(request)
+
+
+def _differs(env: dict, server_env: dict) -> bool:
+    """Whether `env` changes something an interpreter or an import reads as it starts."""
+    names = {n for n in set(env) | set(server_env) if not n.startswith(HANDLED)}
+    return any(n.startswith(AT_START) and env.get(n) != server_env.get(n) for n in names)
+
+
+def _as_started_there(request: dict) -> None:
     import importlib.util
 
     sys.argv = [importlib.util.find_spec("ampcompare.__main__").origin, *request["args"]]
+    # python -m puts the folder first, then PYTHONPATH, then what the installation has
     extra = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    sys.path[:1] = [os.getcwd(), *[p for p in extra if p not in sys.path]]
-    parent = request["parent"]
+    old = [p for p in request["server_env"].get("PYTHONPATH", "").split(os.pathsep) if p]
+    sys.path[:] = [os.getcwd(), *extra, *[p for p in sys.path[1:] if p not in old]]
+    real, parent = os.getppid, request["parent"]
     os.getppid = lambda: parent  # the process that started the client: compare, a launcher
+    os.register_at_fork(after_in_child=lambda: setattr(os, "getppid", real))
+    from lightning_fabric.utilities import rank_zero
+
+    rank_zero.rank_zero_only.rank = rank_zero._get_rank() or 0  # read as Lightning is imported
     # What it starts in turn (compare's arms, a job's ranks) is forked from the server too.
     from ampcompare import compare, launch
 
-    compare.ARM_COMMAND = launch.RANK_COMMAND = _client_command(request["server"])
+    compare.ARM_COMMAND = launch.RANK_COMMAND = _client_command(request["server"], real())
     from tests import faults
 
     if faults.HOOK in extra and os.environ.get(faults.ENV):  # tests/fault_hook/sitecustomize.py
@@ -292,16 +365,13 @@ def command(env=None) -> list[str]:
     fresh = [sys.executable, "-m", "ampcompare"]
     if not _server or _server["proc"].poll() is not None:
         return fresh
-    env = os.environ if env is None else env
-    names = (set(env) | set(_server["env"])) - set(HANDLED)
-    for name in names:
-        if name.startswith(AT_START) and env.get(name) != _server["env"].get(name):
-            return fresh
-    return _client_command(_server["path"])
+    if _differs(dict(os.environ if env is None else env), _server["env"]):
+        return fresh
+    return _client_command(_server["path"], _server["proc"].pid)
 
 
-def _client_command(path: str) -> list[str]:
-    return [sys.executable, "-I", "-S", os.path.abspath(__file__), path]
+def _client_command(path: str, server: int) -> list[str]:
+    return [sys.executable, "-I", "-S", os.path.abspath(__file__), path, str(server)]
 
 
 def stop() -> None:
@@ -322,4 +392,4 @@ if __name__ == "__main__":
 
         runpy.run_module("ampcompare", run_name="__main__", alter_sys=True)
         sys.exit(0)
-    _client(sys.argv[1], sys.argv[2:])
+    _client(sys.argv[1], int(sys.argv[2]), sys.argv[3:])

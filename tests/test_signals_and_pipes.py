@@ -162,7 +162,7 @@ def test_ctrl_c_to_compare_after_its_last_arm_ended_ok_is_absorbed(tmp_path, mon
 def test_a_bench_stopped_half_way_keeps_what_it_measured(tmp_path, sig):
     proc = subprocess.Popen(
         [
-            *ampcompare(),
+            *FRESH,  # threads stopped by a signal, then the interpreter's teardown
             "bench",
             "--rounds",
             "50",
