@@ -21,10 +21,12 @@ def main() -> None:
             print("ampcompare: interrupted", file=sys.stderr)
         sys.exit(signals.interrupted_exit())
     except SystemExit as end:
-        if not ranks.launched():
+        if not ranks.launched() and end.code != 130:
             raise
-        # A rank of a job, its part done and recorded: leave without the interpreter's teardown,
-        # in which torch.distributed's threads ended 1 finished rank in 30 with SIGABRT here.
+        # A rank of a job, its part done and recorded, or a command stopped by a signal once it
+        # has written what it measured: leave without the interpreter's teardown, in which
+        # torch's threads ended 1 finished rank in 30, and 2 of 28 benches stopped half-way,
+        # with SIGABRT ("terminate called without an active exception") here.
         signals.block_for_exit()
         for stream in (sys.stdout, sys.stderr):
             try:
