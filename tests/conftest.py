@@ -4,7 +4,6 @@ import os
 import pathlib
 import pickle
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -72,7 +71,7 @@ def ampcompare(env=None) -> list[str]:
     return forkserver.command(env)
 
 
-FRESH = [sys.executable, "-m", "ampcompare"]
+FRESH = forkserver.FRESH
 
 
 def pytest_sessionstart(session):
@@ -97,10 +96,11 @@ def forked_arms():
         yield
 
 
-def run_cli(args, cwd=ROOT, timeout=180) -> subprocess.CompletedProcess:
-    """`ampcompare ARGS` as its own process, through the console entry's own code path."""
+def run_cli(args, cwd=ROOT, timeout=180, fresh=False) -> subprocess.CompletedProcess:
+    """`ampcompare ARGS` as its own process, through the console entry's own code path
+    (fresh: started as FRESH, interpreter and all)."""
     return subprocess.run(
-        [*ampcompare(), *args],
+        [*(FRESH if fresh else ampcompare()), *args],
         cwd=cwd,
         text=True,
         capture_output=True,

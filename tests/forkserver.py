@@ -46,6 +46,7 @@ FORWARDED = [
     for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGCONT")
 ]
 PR_SET_PDEATHSIG = 1
+FRESH = [sys.executable, "-m", "ampcompare"]  # a command started as a user starts it
 
 
 # --- the client (a script: the standard library only) ----------------------------------------
@@ -131,7 +132,7 @@ def _fresh(args: list[str], pending: list[int]) -> None:
         signal.signal(s, signal.SIG_DFL)
     for signum in pending:
         os.kill(os.getpid(), signum)
-    os.execv(sys.executable, [sys.executable, "-m", "ampcompare", *args])
+    os.execv(sys.executable, [*FRESH, *args])
 
 
 def _is_open(fd: int) -> bool:
@@ -277,7 +278,7 @@ def _become(request: dict) -> None:
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
     if _differs(request["env"], request["server_env"]):  # what this command starts, say
-        os.execv(sys.executable, [sys.executable, "-m", "ampcompare", *request["args"]])
+        os.execv(sys.executable, [*FRESH, *request["args"]])
     _as_started_there(request)
 
 
@@ -362,11 +363,10 @@ def command(env=None) -> list[str]:
     """The command that runs `ampcompare` (append its arguments) in a process of its own:
     forked from the server when there is one and `env` (default: this process's) changes
     nothing read at start-up, else a fresh `python -m ampcompare`."""
-    fresh = [sys.executable, "-m", "ampcompare"]
     if not _server or _server["proc"].poll() is not None:
-        return fresh
+        return FRESH
     if _differs(dict(os.environ if env is None else env), _server["env"]):
-        return fresh
+        return FRESH
     return _client_command(_server["path"], _server["proc"].pid)
 
 

@@ -29,12 +29,7 @@ LIMIT = 240  # seconds for any one job
 
 def job(arm, out, run_id, *args, expect=0, fresh=False):
     command = [arm, *JOB, "--out-dir", str(out), "--run-id", run_id, *args]
-    if fresh:
-        proc = subprocess.run(
-            [*FRESH, *command], cwd=ROOT, text=True, capture_output=True, timeout=LIMIT
-        )
-    else:
-        proc = run_cli(command, timeout=LIMIT)
+    proc = run_cli(command, timeout=LIMIT, fresh=fresh)
     assert proc.returncode == expect, proc.stderr[-3000:]
     with open(out / run_id / "result.json") as f:
         return json.load(f)
