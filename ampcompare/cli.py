@@ -172,7 +172,7 @@ def _summary(impl: str, record: dict, cfg: Config) -> None:
     sample = stats.Sample(
         [summary.timed_steps(record.get("epochs") or [])[0]], record["run_id"]
     )
-    est = sample.estimate() if sample else None
+    est = stats.level(sample) if sample else None
     step = stats.duration_with_interval(est.value, est.lo, est.hi) if est else "-"
     console.say(
         f"{impl} {record['precision']['effective']}: {record['status']}, "
@@ -340,8 +340,9 @@ def _names(value: str, allowed, what: str) -> list[str]:
     "--repeats",
     default=1,
     type=click.IntRange(min=1, max=1000),
-    help="Runs of each (impl, precision), each a fresh process: with 2 or more the "
-    "step-time intervals cover the noise between processes too.  [default: 1]",
+    help="Runs of each (impl, precision), each a fresh process: with one, nothing measures "
+    "the noise between processes and the report draws no verdict; 3 or more for verdicts "
+    "you can lean on.  [default: 1]",
 )
 @option("opt_level")
 @click.option(
@@ -351,17 +352,30 @@ def _names(value: str, allowed, what: str) -> list[str]:
     help="Train every arm at this many seeds (--seed, --seed + 1, ...), so that an "
     "accuracy change can be weighed against seed-to-seed spread.  [default: 1]",
 )
-def compare_command(impls, precisions, repeats, seeds, **options):
+@click.option(
+    "--control/--no-control",
+    default=True,
+    help='Run the plain loop once more at each precision, as "plain (control)": plain '
+    "against itself is the report's own noise floor.  [default: --control]",
+)
+@click.option(
+    "--warmup/--no-warmup",
+    default=True,
+    help="One short untimed run before the first timed one, so that a cold start falls on "
+    "no measured run.  [default: --warmup]",
+)
+def compare_command(impls, precisions, repeats, seeds, control, warmup, **options):
     from ampcompare import compare
     from common import progress
 
     ctx = click.get_current_context()
-    planned = _plan(ctx, impls, precisions, repeats, seeds, options)
+    planned = _plan(ctx, impls, precisions, repeats, seeds, control, options)
     _lock(ctx, planned.folder)
     code = 0
     try:
         with progress.Bar(progress.enabled(planned.cfg)) as bar:
-            done = compare.compare(planned, show=_progress(bar, planned))
+            show = _progress(bar, planned)
+            done = compare.compare(planned, show=show, warmup=warmup)
             bar.update(completed=len(done), description="done")
     except KeyboardInterrupt:
         console.say(
@@ -373,7 +387,7 @@ def compare_command(impls, precisions, repeats, seeds, **options):
     return _report(planned.folder, code)
 
 
-def _plan(ctx, impls, precisions, repeats, seeds, options) -> "plan.Plan":
+def _plan(ctx, impls, precisions, repeats, seeds, control, options) -> "plan.Plan":
     """The comparison to run, fresh or read back from --resume DIR, checked, with its folder."""
     from common import data, model_spec
     from common.rundir import check_out_dir
@@ -381,7 +395,12 @@ def _plan(ctx, impls, precisions, repeats, seeds, options) -> "plan.Plan":
     if options["resume"]:
         stored = plan.read(os.path.abspath(options["resume"]), tuple(IMPLS))
         given = dict(
-            impls=impls, precisions=precisions, repeats=repeats, seeds=seeds, **options
+            impls=impls,
+            precisions=precisions,
+            repeats=repeats,
+            seeds=seeds,
+            control=control,
+            **options,
         )
         asked = {k: v for k, v in given.items() if k != "resume" and _given(ctx, k)}
         cfg = config_from(options, stored.cfg.to_dict(), ctx)
@@ -394,6 +413,7 @@ def _plan(ctx, impls, precisions, repeats, seeds, options) -> "plan.Plan":
             _precisions(precisions, cfg),
             repeats,
             seeds,
+            control,
         )
     resuming = planned.folder is not None
     check_out_dir(planned.folder or cfg.out_dir, "--resume" if resuming else "--out-dir")
@@ -418,7 +438,8 @@ def _progress(bar, planned):
 
     def show(k, n, arm, elapsed):
         seed = f" seed {arm.seed}" if planned.seeds > 1 else ""
-        what = f"{arm.impl} {arm.precision}{seed} repeat {arm.repeat + 1}"
+        name = "plain (control)" if arm.control else arm.impl
+        what = f"{name} {arm.precision}{seed} repeat {arm.repeat + 1}"
         if not bar.on:
             console.say(f"[{k + 1}/{n}] {what}  (elapsed {elapsed:.0f}s)", err=True)
             return
@@ -486,6 +507,47 @@ def _echo_report(paths: dict) -> None:
         console.say(f.read())
     for name, path in paths.items():
         console.say(f"{name}: {path}")
+
+
+@cli.command(
+    "calibrate",
+    help="How often a verdict claims a difference that is not there, on this machine: the "
+    "runs of one arm (six or more a cell, e.g. compare --impls plain --repeats 8) split "
+    "into two groups of k and compared as two arms, at every k; and how often a slowdown "
+    "made in one group is found.",
+)
+@click.argument(
+    "run_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False)
+)
+@click.option(
+    "--slowdown",
+    default=0.05,
+    type=click.FloatRange(min=0.0, max=10.0),
+    help="Make one group's steps this much slower (0.05: 5%) to measure how often it is "
+    "found; 0 measures false differences only.  [default: 0.05]",
+)
+@click.option(
+    "--splits",
+    default=400,
+    type=click.IntRange(min=1, max=100_000),
+    help="Splits drawn at each k where there are more (seeded).  [default: 400]",
+)
+@click.option(
+    "--steps",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Use only each run's first N timed steps (what a shorter run would have "
+    "given).  [default: all]",
+)
+def calibrate_command(run_dirs, slowdown, splits, steps):
+    from ampcompare import calibrate, report
+
+    skipped = []
+    records = report.load(run_dirs, skipped)
+    for path, why in skipped:
+        console.say(f"ampcompare: warning: skipped {path}: {why}", err=True)
+    console.say(calibrate.run(records, slowdown, splits, steps))
+    return 0
 
 
 @cli.command(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -76,6 +77,8 @@ def unavailable_result(cfg: Config, arm: Arm, status: str, reason: str, env: dic
             "precision": arm.precision,
             "repeat": arm.repeat,
             "seed": arm.seed,
+            "role": "control" if arm.control else "arm",
+            "position": arm.position,
         },
         "env": env,
         "epochs": [],
@@ -165,7 +168,7 @@ def outcome(
     return Outcome("update", ended, f"{last}; {how}" if last else how)
 
 
-def run_arm(cfg: Config, arm: Arm, folder: str, unavailable: dict, env: dict):
+def run_arm(cfg: Config, arm: Arm, folder: str, unavailable: dict, env: dict, before=None):
     """Run (or, with a checkpoint left by an earlier attempt, resume) one arm in a child
     process. Returns its record, also left on disk (None: the arm was skipped, and why was
     said), and whether to stop comparing. A run is never deleted: one that must start over
@@ -193,6 +196,8 @@ def run_arm(cfg: Config, arm: Arm, folder: str, unavailable: dict, env: dict):
     )
     if found.exists and not resuming:
         _supersede(folder, run_dir, "it left nothing to continue from")
+    if before is not None and before(arm):  # the warm-up, before the first timed run
+        return None, True
     code, last, interrupted = _attempt(cfg, arm, folder, run_dir, resuming)
     after = look(run_dir).record
     if os.path.isdir(run_dir) and not rundir.held(run_dir):  # a killed child's leftovers go
@@ -207,7 +212,7 @@ def run_arm(cfg: Config, arm: Arm, folder: str, unavailable: dict, env: dict):
         if stop:
             return after, stop
         _supersede(folder, run_dir, "its resume was refused")
-        return run_arm(cfg, arm, folder, unavailable, env)
+        return run_arm(cfg, arm, folder, unavailable, env, before)
     if result.action == "keep":
         return after, stop
     if result.action == "update":
@@ -232,6 +237,10 @@ def _attempt(cfg: Config, arm: Arm, folder: str, run_dir: str, resuming: bool):
             str(arm.seed),
             "--repeat",
             str(arm.repeat),
+            "--role",
+            "control" if arm.control else "arm",
+            "--position",
+            str(arm.position),
             "--out-dir",
             folder,
             "--run-id",
@@ -328,25 +337,56 @@ def _save(run_dir: str, record: dict) -> dict:
     return record
 
 
-def compare(plan: Plan, show=None) -> list[dict]:
+WARMUP = ".warmup"  # where the untimed warm-up run goes, removed once it ends
+
+
+def warm_up(cfg: Config, arm: Arm, folder: str) -> bool:
+    """One untimed process before the first timed run (as hyperfine's --warmup): the arm that
+    is about to run, for one short epoch, so that what the first process of a session pays
+    (files read into the page cache, a cold CPU) falls on no measured run. Its folder is
+    removed. Returns whether it was interrupted."""
+    short = dataclasses.replace(
+        cfg, epochs=1, limit_train_batches=3, limit_test_batches=1, checkpoint=False
+    )
+    if arm.impl == "apex":  # may well be unavailable here: the plain loop warms up instead
+        arm = dataclasses.replace(arm, impl="plain", control=False)
+    aside = os.path.join(folder, WARMUP)
+    try:
+        _, _, interrupted = _attempt(short, arm, aside, os.path.join(aside, arm.run_id), False)
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
+    return interrupted
+
+
+def compare(plan: Plan, show=None, warmup: bool = True) -> list[dict]:
     """Run the plan's arms into its folder; returns their records. `show(k, n, arm, elapsed)`
-    is called before each arm. An interrupt stops after the running arm has recorded its
+    is called before each arm; with `warmup`, one untimed run comes before the first arm
+    that starts a process. An interrupt stops after the running arm has recorded its
     result."""
     arms = plan.arms()
     env = environment(resolve_device(plan.cfg), {})
     records, unavailable, start = [], {}, time.monotonic()
+    pending = [warmup]
+
+    def before(arm: Arm) -> bool:
+        if not pending[0]:
+            return False
+        pending[0] = False
+        return warm_up(plan.cfg, arm, plan.folder)
+
     for k, arm in enumerate(arms):
         if show:
             show(k, len(arms), arm, time.monotonic() - start)
         record = None
         try:
             with signals.deferred():  # a signal now is passed to the child by _wait
-                record, stop = run_arm(plan.cfg, arm, plan.folder, unavailable, env)
+                record, stop = run_arm(plan.cfg, arm, plan.folder, unavailable, env, before)
                 if record is not None:
                     records.append(record)
         except KeyboardInterrupt:  # held back while the arm ran: it has recorded its end
             stop = True
-        if k == len(arms) - 1 and (record is None or record["status"] != "interrupted"):
+        ended = record is not None and record["status"] != "interrupted"
+        if k == len(arms) - 1 and (ended or (record is None and not stop)):
             signals.absorb_from_now()  # every arm has ended: a signal now interrupts nothing
             stop = False
         if stop:

@@ -8,11 +8,14 @@ way it is checked here, before anything runs; compare.py then runs it.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
 from dataclasses import dataclass
 from typing import Optional
+
+import numpy as np
 
 from common import config as config_module, files
 from common import results
@@ -22,7 +25,7 @@ from common.precision import CANONICAL, OPT_LEVELS
 
 PLAN = "compare.json"
 # The compare options a plan keeps beside its Config, as the command line spells them.
-KEYS = ("impls", "precisions", "repeats", "seeds")
+KEYS = ("impls", "precisions", "repeats", "seeds", "control")
 
 
 @dataclass
@@ -32,22 +35,50 @@ class Arm:
     repeat: int
     seed: int = 0
     seeded: bool = False  # several seeds: the seed is part of the run's name
+    control: bool = False  # the plain loop once more: the comparison's noise floor
+    position: int = 0  # its place in its repeat's order
 
     @property
     def run_id(self) -> str:
         seed = f"-s{self.seed}" if self.seeded else ""
-        return f"{self.impl}-{self.precision}{seed}-r{self.repeat}"
+        role = "-control" if self.control else ""
+        return f"{self.impl}{role}-{self.precision}{seed}-r{self.repeat}"
 
 
-def schedule(impls, precisions, repeats, seeds=(0,)) -> list[Arm]:
-    """Every (impl, precision, seed), once per repeat; the order rotates each repeat so that no
-    arm always runs first."""
-    arms = [(i, p, s) for s in seeds for p in precisions for i in impls]
+def schedule(impls, precisions, repeats, seeds=(0,), control=False, key="") -> list[Arm]:
+    """Every (impl, precision, seed), and with `control` plain once more at each precision and
+    seed, once per repeat, each repeat in the order of one row of a balanced Latin square:
+    over the repeats every arm takes every place in the order equally often (exactly, over
+    each whole number of rows), and no arm always follows the same one. `key` seeds which
+    rows and which arm is which symbol, so that a plan read back runs the same order."""
+    arms = [(i, p, s, False) for s in seeds for p in precisions for i in impls]
+    if control:
+        arms += [("plain", p, s, True) for s in seeds for p in precisions]
+    rng = np.random.default_rng(int.from_bytes(hashlib.sha256(key.encode()).digest()[:8]))
     order = []
-    for r in range(repeats):
-        k = r % len(arms)
-        order += [Arm(i, p, r, s, len(seeds) > 1) for i, p, s in arms[k:] + arms[:k]]
+    for r, row in enumerate(balanced_orders(len(arms), repeats, rng)):
+        for position, k in enumerate(row):
+            i, p, s, c = arms[k]
+            order.append(Arm(i, p, r, s, len(seeds) > 1, c, position))
     return order
+
+
+def balanced_orders(n: int, rows: int, rng: np.random.Generator) -> list[list[int]]:
+    """`rows` orders of 0..n-1 from a Williams square (a Latin square whose rows, for an even
+    n, put every item right after every other exactly once; for an odd n its mirror image
+    follows it), with its rows and symbols shuffled by rng."""
+    first, lo, hi = [0], 1, n - 1
+    while len(first) < n:
+        first.append(lo)
+        lo += 1
+        if len(first) < n:
+            first.append(hi)
+            hi -= 1
+    square = [[(x + r) % n for x in first] for r in range(n)]
+    blocks = [square] if n % 2 == 0 else [square, [row[::-1] for row in square]]
+    symbols = rng.permutation(n)
+    sequence = [block[i] for block in blocks for i in rng.permutation(n)]
+    return [[int(symbols[x]) for x in sequence[r % len(sequence)]] for r in range(rows)]
 
 
 @dataclass(frozen=True)
@@ -58,10 +89,12 @@ class Plan:
     repeats: int
     seeds: int  # seeds cfg.seed, cfg.seed + 1, ...
     folder: Optional[str] = None  # None until the comparison has one
+    control: bool = False  # plain once more at each precision: the report's noise floor
 
     def arms(self) -> list[Arm]:
         seeds = range(self.cfg.seed, self.cfg.seed + self.seeds)
-        return schedule(self.impls, self.precisions, self.repeats, seeds)
+        key = json.dumps([self.spelled(), self.cfg.seed])
+        return schedule(self.impls, self.precisions, self.repeats, seeds, self.control, key)
 
     def spelled(self) -> dict:
         """The compare options as the command line gives them."""
@@ -70,10 +103,13 @@ class Plan:
             "precisions": ",".join(self.precisions),
             "repeats": self.repeats,
             "seeds": self.seeds,
+            "control": self.control,
         }
 
 
-def fresh(cfg: Config, impls, precisions, repeats: int, seeds: int) -> Plan:
+def fresh(
+    cfg: Config, impls, precisions, repeats: int, seeds: int, control: bool = True
+) -> Plan:
     """A new comparison's plan, once compare can run it."""
     if cfg.num_nodes > 1:
         raise UsageError(
@@ -89,7 +125,8 @@ def fresh(cfg: Config, impls, precisions, repeats: int, seeds: int) -> Plan:
                 f"--opt-level {cfg.opt_level} runs none of --precisions "
                 f"{','.join(precisions)} (O0: 32-true; O1, O2: 16-mixed)"
             )
-    return _seeded(Plan(cfg, tuple(impls), tuple(precisions), repeats, seeds))
+    plan = Plan(cfg, tuple(impls), tuple(precisions), repeats, seeds, None, control)
+    return _seeded(plan)
 
 
 def resumed(stored: Plan, asked: dict, cfg: Config) -> Plan:
@@ -146,6 +183,7 @@ def start(plan: Plan) -> Plan:
         "precisions": list(plan.precisions),
         "repeats": plan.repeats,
         "seeds": plan.seeds,
+        "control": plan.control,
     }
     try:
         files.write_json(os.path.join(folder, PLAN), record)
@@ -165,6 +203,7 @@ def read(folder: str, impls) -> Plan:
         with open(path, encoding="utf-8") as f:
             stored = json.load(f)
         stored.setdefault("seeds", 1)
+        stored.setdefault("control", False)  # a comparison from before the control arm
         why = _damage(stored, impls)
     except (OSError, ValueError, AttributeError) as e:
         why = type(e).__name__
@@ -177,6 +216,7 @@ def read(folder: str, impls) -> Plan:
         stored["repeats"],
         stored["seeds"],
         folder,
+        stored["control"],
     )
 
 
@@ -187,6 +227,8 @@ def _damage(stored, impls) -> Optional[str]:
         names = stored.get(key)
         if not isinstance(names, list) or not names or not set(names) <= set(allowed):
             return f"{key}: {names!r}"
+    if not isinstance(stored.get("control"), bool):
+        return f"control: {stored.get('control')!r}"
     for key in ("repeats", "seeds"):
         if type(stored.get(key)) is not int or not 1 <= stored[key] <= 1000:
             return f"{key}: {stored.get(key)!r}"

@@ -14,12 +14,15 @@ is skipped, and named.
 from __future__ import annotations
 
 import csv
-import glob
+import dataclasses
 import html
 import io
 import json
+import math
 import os
 import re
+
+import numpy as np
 
 from ampcompare import chart, explain
 from ampcompare.chart import MIB
@@ -50,6 +53,7 @@ CSV_COLUMNS = (
     "opt_level",
     "seed",
     "repeat",
+    "position",
     "status",
     "error",
     *METRICS,
@@ -65,6 +69,7 @@ CSV_COLUMNS = (
 )
 IMPL_ORDER = (
     "plain",
+    "plain (control)",
     "lightning",
     "fabric",
     "accelerate",
@@ -77,13 +82,13 @@ IMPL_ORDER = (
 
 
 def load(folders, skipped: list | None = None) -> list[dict]:
-    """Every run record under the folders. A result.json that cannot be read or is not a run
-    record is left out, and (path, reason) appended to `skipped`."""
-    records, seen = [], set()
+    """Every run record under the folders, each run once. A result.json that cannot be read,
+    is not a run record, holds a step time that is not a finite number above zero, or is a
+    copy of a run already read (the same run_id, host, process and start) is left out, and
+    (path, reason) appended to `skipped`."""
+    records, seen, runs = [], set(), {}
     for folder in folders:
-        for path in sorted(
-            glob.glob(os.path.join(folder, "**", "result.json"), recursive=True)
-        ):
+        for path in result_files(folder):
             real = os.path.realpath(path)
             if real in seen:  # a run is one run, however many of the folders reach it
                 continue
@@ -91,9 +96,13 @@ def load(folders, skipped: list | None = None) -> list[dict]:
             try:
                 with open(path, encoding="utf-8") as f:
                     record = json.load(f)
-                why = results.why_not_a_record(record)
+                why = results.why_not_a_record(record) or unusable_steps(record)
             except (OSError, ValueError) as e:
                 why = f"unreadable ({e})"
+            if not why:
+                first = runs.setdefault(identity(record), path)
+                if first != path:
+                    why = f"a copy of {first} (the same run: run_id, host, process and start)"
             if why:
                 if skipped is not None:
                     skipped.append((path, why))
@@ -101,6 +110,67 @@ def load(folders, skipped: list | None = None) -> list[dict]:
             record["_path"] = os.path.relpath(path, folder)
             records.append(record)
     return records
+
+
+DEPTH = 32  # how deep below a folder a result.json is looked for
+
+
+def result_files(folder: str) -> list[str]:
+    """The result.json files below folder, sorted, following links but no folder twice (a
+    link to a folder above it would otherwise be walked without end), and none deeper than
+    DEPTH; hidden folders (.superseded, .warmup) are passed over, as glob's ** does."""
+    found, walked = [], set()
+    stack = [(folder, 0)]
+    while stack:
+        path, depth = stack.pop()
+        real = os.path.realpath(path)
+        if real in walked or depth > DEPTH:
+            continue
+        walked.add(real)
+        try:
+            entries = sorted(os.scandir(path), key=lambda e: e.name)
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                if entry.is_dir():
+                    stack.append((entry.path, depth + 1))
+                elif entry.name == "result.json" and entry.is_file():
+                    found.append(entry.path)
+            except OSError:
+                continue
+    return sorted(found)
+
+
+def unusable_steps(record) -> str | None:
+    """Why a record's step times cannot be averaged (one that is null, NaN, infinite, zero or
+    negative), or None."""
+    for e in record.get("epochs") or []:
+        times = e.get("step_times_s") if isinstance(e, dict) else None
+        if times is not None and (not isinstance(times, list) or not stats.usable(times)):
+            bad = next((t for t in times if not stats.usable([t])), times)
+            return (
+                f"epoch {e.get('epoch')} holds a step time that is not a finite number "
+                f"above zero ({bad!r})"
+            )
+    return None
+
+
+def identity(record) -> tuple:
+    """What makes a run the same run wherever its folder was copied: its run_id, host,
+    process, start and (for records older than the start time) its first epoch's steps."""
+    env = record.get("env") or {}
+    epochs = record.get("epochs") or [{}]
+    first = (epochs[0] or {}).get("step_times_s") if isinstance(epochs[0], dict) else None
+    return (
+        record["run_id"],
+        env.get("host"),
+        env.get("pid", record.get("pid")),
+        env.get("started"),
+        json.dumps(first),
+    )
 
 
 def device_of(record) -> str:
@@ -113,8 +183,8 @@ def precision_of(record) -> str:
     return p.get("effective") or p.get("requested")
 
 
-# What a run was measured with, beside its device: runs whose software, code or host differ
-# are different settings, never one cell.
+# What a run was measured with, beside its device: runs whose software, code, host or thread
+# count differ are different settings, never one cell.
 SOFTWARE = (
     "torch",
     "torchvision",
@@ -125,13 +195,16 @@ SOFTWARE = (
     "git_commit",
     "host",
 )
+MACHINE = ("threads",)
+CONTROL = "plain (control)"
 
 
 def software_of(record) -> dict:
-    """Its software, code and host, and the source of its model where it is the user's own."""
+    """Its software, code, host and threads, and the source of its model where it is the
+    user's own."""
     env = record.get("env") or {}
     return {
-        **{k: env.get(k) for k in SOFTWARE},
+        **{k: env.get(k) for k in (*SOFTWARE, *MACHINE)},
         "model_source_sha256": (record.get("model") or {}).get("source_sha256"),
     }
 
@@ -144,10 +217,17 @@ def settings_of(record) -> dict:
     return {k: options[k] for k in sorted(config.names(setting=True))}
 
 
+def arm_of(record) -> str:
+    """Its impl, or "plain (control)" for the plain loop run again as a comparison's noise
+    floor."""
+    control = (record.get("config") or {}).get("role") == "control"
+    return CONTROL if control else record["impl"]
+
+
 def label_of(record) -> str:
-    """The row a run belongs to: its impl, and apex's opt level (O1 and O2 are not averaged)."""
+    """The row a run belongs to: its arm, and apex's opt level (O1 and O2 are not averaged)."""
     level = record.get("opt_level")
-    return f"{record['impl']} ({level})" if level else record["impl"]
+    return f"{arm_of(record)} ({level})" if level else arm_of(record)
 
 
 def seed_of(record):
@@ -161,16 +241,17 @@ def rows(records) -> list[dict]:
     for r in records:
         s, env = r.get("summary") or {}, r.get("env") or {}
         own = sample_of([r], r["run_id"])
-        interval = own.estimate() if own else None
+        interval = stats.level(own) if own else None
         out.append(
             {
                 "device_name": env.get("device_name"),
                 "device": env.get("device"),
-                "impl": r["impl"],
+                "impl": arm_of(r),
                 "precision": precision_of(r),
                 "opt_level": r.get("opt_level"),
                 "seed": seed_of(r),
                 "repeat": r.get("repeat"),
+                "position": (r.get("config") or {}).get("position"),
                 "status": r["status"],
                 "error": r.get("error"),
                 **{m: s.get(m) for m in METRICS},
@@ -189,7 +270,7 @@ def rows(records) -> list[dict]:
 
 
 def sample_of(runs, name: str) -> stats.Sample:
-    """The timed step times of each run (summary.timed_steps), for the bootstrap."""
+    """The timed step times of each run (summary.timed_steps)."""
     return stats.Sample([summary.timed_steps(r.get("epochs") or [])[0] for r in runs], name)
 
 
@@ -221,13 +302,18 @@ def _differences(groups) -> dict:
     return out
 
 
-def _cell(runs, name: str) -> tuple[dict, stats.Sample]:
-    """One table cell: every run of one impl at one precision and settings, and the sample of
-    its ok runs' step times. Timings spread over repeats and seeds; accuracy over seeds (each
-    seed's median over its repeats: a repeat with the same seed trains the same weights)."""
+def ok_runs(runs) -> list[dict]:
+    return [r for r in runs if r["status"] == "ok"]
+
+
+def _cell(runs, sample: stats.Sample, noise: stats.Noise) -> dict:
+    """One table cell: every run of one arm at one precision and settings. Step time is the
+    geometric mean of the ok runs' medians, its interval from the noise pooled over the whole
+    comparison; other timings spread over repeats and seeds; accuracy over seeds (each seed's
+    median over its repeats: a repeat with the same seed trains the same weights)."""
     good = [r for r in runs if r["status"] == "ok"]
     cell = {
-        "impl": runs[0]["impl"],
+        "impl": arm_of(runs[0]),
         "runs": len(runs),
         "ok": len(good),
         "opt_level": runs[0].get("opt_level"),
@@ -240,10 +326,9 @@ def _cell(runs, name: str) -> tuple[dict, stats.Sample]:
         [stats.spread(v)["median"] for v in per_seed.values() if stats.spread(v)]
     )
     cell["seeds"] = len(per_seed)
-    sample = sample_of(good, name)
-    cell["step_time_s"] = sample.estimate().to_dict() if sample else None
+    cell["step_time_s"] = stats.level(sample, noise).to_dict() if sample else None
     cell["weights"] = sorted({r.get("weights_sha256") or "" for r in good})
-    return cell, sample
+    return cell
 
 
 def summarize(records) -> dict:
@@ -256,12 +341,18 @@ def summarize(records) -> dict:
         cells = {}
         for r in recs:
             cells.setdefault(precision_of(r), {}).setdefault(label_of(r), []).append(r)
-        table, samples = {}, {}
+        samples = {
+            (p, label): sample_of(ok_runs(runs), f"{device} {p} {label}")
+            for p, per in cells.items()
+            for label, runs in per.items()
+        }
+        noise = stats.Noise.pooled(samples.values())
+        table = {}
         for precision in _order(cells, CANONICAL):
             table[precision] = {}
             for label in _order(cells[precision], IMPL_ORDER):
-                table[precision][label], samples[precision, label] = _cell(
-                    cells[precision][label], f"{device} {i} {precision} {label}"
+                table[precision][label] = _cell(
+                    cells[precision][label], samples[precision, label], noise
                 )
         diff = differences[i]
         name = device + (" — " + ", ".join(f"{k} {v}" for k, v in diff.items()) if diff else "")
@@ -270,23 +361,51 @@ def summarize(records) -> dict:
             "env": env,
             "config": (ok or recs)[0].get("config", {}),
             "settings": {
-                k: v for k, v in settings.items() if k not in (*SOFTWARE, "model_source_sha256")
+                k: v
+                for k, v in settings.items()
+                if k not in (*SOFTWARE, *MACHINE, "model_source_sha256")
             },
-            "software": {k: settings[k] for k in (*SOFTWARE, "model_source_sha256")},
+            "software": {k: settings[k] for k in (*SOFTWARE, *MACHINE, "model_source_sha256")},
+            "noise": {"variance": noise.variance, "df": noise.df, "cells": noise.cells},
             "precisions": table,
-            "ratios": _ratios(table, samples),
-            "overheads": _overheads(table, samples),
         }
+        _verdicts(group, samples, noise)
+        group["order"] = order_effect([r for r in ok if r["epochs"]], samples, noise)
         group["notes"] = _notes(group)
         group["explanations"] = explain.lines(group)
         out.append(group)
     return {"schema": results.SCHEMA, "devices": out}
 
 
-def _ratios(table, samples) -> dict:
+def _verdicts(group, samples, noise) -> None:
+    """The group's speed-ups and framework costs. When plain against itself (the control)
+    claims a difference, this machine's noise exceeded the method: every figure is then given
+    with its interval and no verdict."""
+    table = group["precisions"]
+    group["overheads"] = _overheads(table, samples, noise)
+    claimed = [
+        (precision, per[CONTROL])
+        for precision, per in group["overheads"].items()
+        if CONTROL in per and stats.Estimate.from_dict(per[CONTROL]).claims(0.0)
+    ]
+    group["control_claims"] = [f"{p}: {o['verdict']}" for p, o in claimed]
+    hold = NOISE_EXCEEDED if claimed else None
+    if hold:
+        group["overheads"] = _overheads(table, samples, noise, hold)
+    group["ratios"] = _ratios(table, samples, noise, hold)
+
+
+NOISE_EXCEEDED = "no verdict: plain against itself showed a difference here"
+
+
+def _held(est: stats.Estimate, hold) -> stats.Estimate:
+    return dataclasses.replace(est, short=est.short or hold) if hold else est
+
+
+def _ratios(table, samples, noise, hold=None) -> dict:
     """Mixed precision against 32-true per row: the speed-up (32-true's step time over the
     mixed one's, with its interval and verdict), memory ratios, and the accuracy change beside
-    the seed-to-seed spread. The 32-true run of the same impl is the reference (apex: O0,
+    the seed-to-seed spread. The 32-true run of the same arm is the reference (apex: O0,
     whatever the mixed opt level)."""
     base = {c["impl"]: label for label, c in table.get("32-true", {}).items()}
     ratios = {}
@@ -301,7 +420,7 @@ def _ratios(table, samples) -> dict:
             if not ref["ok"] or not cell["ok"]:
                 continue
             a, b = samples["32-true", ref_label], samples[precision, label]
-            speedup = stats.ratio(a, b) if a and b else None
+            speedup = _held(stats.ratio(a, b, noise), hold) if a and b else None
             ratio = {
                 "speedup": {**speedup.to_dict(), "verdict": stats.speed_words(speedup)}
                 if speedup
@@ -322,32 +441,78 @@ def _ratios(table, samples) -> dict:
     return ratios
 
 
-def _overheads(table, samples) -> dict:
-    """Per precision, what each framework adds to a step over the plain loop at the same
-    precision: the difference of step times, with its interval, as µs and as a share."""
+def _overheads(table, samples, noise, hold=None) -> dict:
+    """Per precision, what each arm adds to a step over the plain loop at the same precision:
+    the difference of step times, with its interval, as time and as a share. The control
+    (plain again) comes first: its row is the report's own noise floor."""
     out = {}
     for precision, impls in table.items():
         plain = samples.get((precision, "plain"))
         if "plain" not in impls or not plain:
             continue
-        for label in impls:
+        for label in sorted(impls, key=lambda k: k != CONTROL):
             sample = samples[precision, label]
             if label == "plain" or not sample:
                 continue
-            est = stats.difference(sample, plain)
+            est = _held(stats.difference(sample, plain, noise), hold)
+            words = stats.overhead_words(est, plain.value)
+            if label == CONTROL:
+                words = f"plain against itself: {words}"
             out.setdefault(precision, {})[label] = {
                 **est.to_dict(),
                 "share": est.value / plain.value,
                 "plain_step_s": plain.value,
-                "verdict": stats.overhead_words(est, plain.value),
+                "verdict": words,
             }
     return out
 
 
+def order_effect(records, samples, noise) -> dict | None:
+    """Whether a run's place in its repeat's order changed its speed: the slope of the runs'
+    log medians (less their cell's mean) over their position, as a share a position, with its
+    interval. None without positions, or with fewer than 3 of them."""
+    points = []
+    for r in records:
+        position = (r.get("config") or {}).get("position")
+        sample = samples.get((precision_of(r), label_of(r)))
+        own = sample_of([r], "")
+        if position is None or not sample or not own or len(sample.runs) < 2:
+            continue
+        points.append((position, own.log_value - sample.log_value))
+    x = np.array([p for p, _ in points], dtype=float)
+    if len(points) < 3 or np.ptp(x) == 0:
+        return None
+    y = np.array([v for _, v in points])
+    xc = x - x.mean()
+    slope = float(np.sum(xc * y) / np.sum(xc**2))
+    resid = y - y.mean() - slope * xc
+    df = len(points) - 2
+    se = math.sqrt(float(np.sum(resid**2)) / df / float(np.sum(xc**2))) if df else None
+    half = stats.t_quantile((1 + stats.LEVEL) / 2, df) * se if se is not None else math.inf
+    lo, hi = math.expm1(slope - half), math.expm1(slope + half)
+    words = f"{math.expm1(slope):+.2%} a position [{lo:+.2%}, {hi:+.2%}]".replace("-", "−")
+    if df < stats.MIN_DF:
+        verdict = f"not enough runs to tell whether order mattered ({words})"
+    elif lo > 0 or hi < 0:
+        verdict = (
+            f"order mattered: each later place in a repeat's order ran {words} (the balanced "
+            f"order spreads this over every arm alike)"
+        )
+    else:
+        verdict = f"no effect of run order detectable ({words})"
+    return {
+        "estimate": math.expm1(slope),
+        "interval": [lo, hi],
+        "runs": len(points),
+        "verdict": verdict,
+    }
+
+
 def _notes(group, quote=str) -> list[str]:
-    """What the reader must know to weigh the intervals: that one run per arm measures only
-    the noise within a run; that arms which did the same arithmetic got speed-ups that do not
-    overlap, i.e. the machine's noise exceeded what the runs could measure."""
+    """What the reader must know to weigh the intervals: that one run per arm cannot measure
+    the noise between processes; that arms which did the same arithmetic got speed-ups that
+    do not overlap, or a framework cost that the control does not show; whether order
+    mattered."""
     notes = []
     cells = [
         c
@@ -355,27 +520,57 @@ def _notes(group, quote=str) -> list[str]:
         for c in impls.values()
         if c.get("step_time_s")
     ]
-    if any(c["step_time_s"]["runs"] == [1] for c in cells):
+    if cells and all(c["step_time_s"]["runs"] == [1] for c in cells):
         notes.append(
-            "One run per cell: each interval covers the noise within that run (its "
-            "steps), not the noise between processes, which on a busy machine can be "
-            "larger; --repeats N (3 or more) measures that too."
+            "One run per cell: nothing here measures the noise between processes, which on "
+            "a busy machine is several percent, so no verdict is drawn; --repeats 3 measures "
+            "it."
         )
+    if group.get("order"):
+        notes.append(f"Run order: {group['order']['verdict']}.")
     for precision in group["precisions"]:
         same = _same_arithmetic(group, precision)
         for a, b in same:
             x = group["ratios"][a][precision]["speedup"]
             y = group["ratios"][b][precision]["speedup"]
-            if not stats.Estimate(x["estimate"], *x["interval"]).overlaps(
-                stats.Estimate(y["estimate"], *y["interval"])
-            ):
+            if not stats.Estimate.from_dict(x).overlaps(stats.Estimate.from_dict(y)):
                 notes.append(
                     f"{quote(a)} and {quote(b)} trained bitwise-identical weights at 32-true "
                     f"and {quote(precision)}, yet their {quote(precision)} speed-ups do not "
                     f"overlap ({x['verdict']}; "
                     f"{y['verdict']}): the machine's noise exceeded these intervals. Measure "
-                    f"on an idle machine, with --repeats 3 or more, so that the intervals "
-                    f"include the noise between processes."
+                    f"on an idle machine, with more --repeats."
+                )
+    notes += _same_weights_costs(group, quote)
+    return notes
+
+
+def _same_weights_costs(group, quote=str) -> list[str]:
+    """A note for each arm that trained the same weights as plain at a precision and whose
+    step time still differs from plain's there."""
+    notes = []
+    for precision, per in group["overheads"].items():
+        cells = group["precisions"][precision]
+        plain = cells["plain"]["weights"]
+        for label, o in per.items():
+            est = stats.Estimate.from_dict(o)
+            if label == CONTROL or not est.claims(0.0):
+                continue
+            if not all(plain) or cells[label]["weights"] != plain:
+                continue
+            if est.hi < 0:
+                notes.append(
+                    f"{quote(label)} trained bitwise-identical weights to plain's at "
+                    f"{quote(precision)}, yet its steps came out faster ({o['verdict']}): the "
+                    f"same arithmetic plus a framework's own work cannot take less time, so "
+                    f"the machine's noise exceeded this interval."
+                )
+            else:
+                notes.append(
+                    f"{quote(label)} trained bitwise-identical weights to plain's at "
+                    f"{quote(precision)}: the time it adds is the framework's own work around "
+                    f"the same arithmetic, or noise beyond what the control showed; "
+                    f"ampcompare bench measures a framework's own cost side by side."
                 )
     return notes
 
@@ -467,13 +662,25 @@ MARKUP = re.compile(r"([\\`*_\[\]|#~$])")
 def markdown(summary, records) -> str:
     lines = ["# ampcompare report", ""]
     for dev in summary["devices"]:
-        lines += [f"## {md(dev['device'])}", "", *_environment(dev), *_method(dev)]
+        lines += [f"## {md(dev['device'])}", "", *_noise_exceeded(dev)]
+        lines += [*_environment(dev), *_method(dev)]
         for precision, impls in dev["precisions"].items():
             lines += _precision_table(dev, precision, impls)
         lines += _overhead_table(dev)
         lines += _ratio_table(dev)
     lines += _unfinished(records)
     return "\n".join(lines)
+
+
+def _noise_exceeded(dev) -> list[str]:
+    if not dev.get("control_claims"):
+        return []
+    return [
+        f"**This machine's noise exceeded the method here**: plain against itself claimed a "
+        f"difference ({md('; '.join(dev['control_claims']))}). No verdict below is stated as "
+        f"fact; the figures and their intervals stand as measured.",
+        "",
+    ]
 
 
 def _environment(dev) -> list[str]:
@@ -494,9 +701,11 @@ def _method(dev) -> list[str]:
         f"epochs: {md(cfg.get('epochs'))}. A step's time runs from the end of one optimizer "
         f"step to the end of the next, the wait for its batch included ({clock}); warm-up "
         f"epochs (the first a process runs) are left out, or a one-epoch run's first steps. "
-        f"Step time "
-        f"is the mean over runs of each run's median step, with its 95% interval (a "
-        f"bootstrap over runs, then blocks of steps); other figures are medians over "
+        f"Step time is the geometric mean over runs of each run's median step, with its "
+        f"95% interval: Student's t over the noise between processes, pooled over every "
+        f"cell here ({_pooled(dev)}), or a block bootstrap of the runs' own steps where that "
+        f"is wider; no verdict rests on fewer than {stats.MIN_DF} degrees of freedom or "
+        f"{stats.MIN_STEPS} timed steps a run. Other figures are medians over "
         f"repeats and seeds, [min–max] when they differ; accuracy over seeds. Activation "
         f"memory is what one training step saves for backward, measured on any device; "
         f"peak memory is "
@@ -512,6 +721,14 @@ def _method(dev) -> list[str]:
     if cpu:
         lines += ["On CPU the mixed precision is bf16-mixed: fp16 has no fast CPU kernels.", ""]
     return lines
+
+
+def _pooled(dev) -> str:
+    noise = dev.get("noise") or {}
+    if not noise.get("df"):
+        return "no cell has two runs: nothing to pool"
+    sd = math.expm1(math.sqrt(noise["variance"]))
+    return f"a run's own noise {sd:.1%}, {noise['df']} degrees of freedom"
 
 
 def _precision_table(dev, precision, impls) -> list[str]:

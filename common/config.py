@@ -21,6 +21,7 @@ DATASETS = ("cifar10", "synthetic")
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "cosine")
 ACCELERATORS = ("auto", "cpu", "cuda")
+ROLES = ("arm", "control")
 INT_MAX = 2**31 - 1  # the largest value any integer option takes, unless it says less
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,199}")
 
@@ -125,6 +126,24 @@ class Config:
         "recorded, changes nothing).",
         min=0,
         max=100_000,
+        per_arm=True,
+        setting=False,
+    )
+    role: str = option(
+        "arm",
+        "What compare runs this as: an arm, or the plain loop once more as the comparison's "
+        "control, its noise floor (compare sets it; recorded, changes nothing).",
+        choices=ROLES,
+        per_arm=True,
+        setting=False,
+    )
+    position: Optional[int] = option(
+        None,
+        "Place of this run in its repeat's order (compare sets it; recorded, changes nothing).",
+        min=0,
+        max=100_000,
+        type=int,
+        shown="none",
         per_arm=True,
         setting=False,
     )

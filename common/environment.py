@@ -9,6 +9,7 @@ import importlib.metadata
 import os
 import platform
 import subprocess
+import time
 from typing import Optional
 
 import torch
@@ -88,5 +89,8 @@ def environment(device: torch.device, switches: dict) -> dict:
         "git_commit": git_commit(),
         "host": platform.node(),
         "pid": os.getpid(),
+        # With host and pid, when this process began: a run's identity, so that a run found in
+        # two folders (a copy) counts once in a report.
+        "started": round(time.time(), 6),
         **switches,
     }

@@ -119,6 +119,7 @@ ENV = {
     "git_commit": maybe(str),
     "host": maybe(str),
     "pid": int,
+    "started": NUMBER,
     "pids": [int],
     "world_size": at_least(1),
     "nodes": at_least(1),

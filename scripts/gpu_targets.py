@@ -104,10 +104,10 @@ def _speed(speedup, targeted: bool) -> str:
     """The step-time speed-up with its interval, and against its target where it has one."""
     if not speedup:
         return "n/a"
-    est = stats.Estimate(speedup["estimate"], *speedup["interval"])
+    est = stats.Estimate.from_dict(speedup)
     if not targeted:
         return speedup["verdict"]
-    return f"{speedup['verdict']}: {stats.against(est, TARGETS['speed'], at_most=False)}"
+    return f"{speedup['verdict']}: {stats.target_words(est, TARGETS['speed'], at_most=False)}"
 
 
 def _x(value):

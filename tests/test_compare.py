@@ -69,8 +69,9 @@ def test_compare_writes_every_file(compared):
     for name in ("results.csv", "summary.json", "report.md", "benchmark.png"):
         assert (folder / name).stat().st_size > 0
     rows = csv_rows(folder)
-    assert len(rows) == 3 * 2 * 2
-    assert "[1/12]" in result.stderr and "[12/12]" in result.stderr
+    assert len(rows) == 3 * 2 * 2 + 2 * 2  # and plain once more at each precision: the control
+    assert "[1/16]" in result.stderr and "[16/16]" in result.stderr
+    assert not (folder / compare.WARMUP).exists()  # the warm-up run leaves nothing
     assert not list(
         folder.glob("*/checkpoint*.pt")
     )  # compare measures, it keeps no checkpoints
@@ -80,7 +81,7 @@ def test_each_run_came_from_its_own_process(compared):
     _, folder = compared
     records = [r for r in report.load([folder]) if r["impl"] != "apex"]
     pids = [r["env"]["pid"] for r in records]
-    assert len(records) == 8 and len(set(pids)) == 8 and os.getpid() not in pids
+    assert len(records) == 12 and len(set(pids)) == 12 and os.getpid() not in pids
 
 
 def test_a_failing_arm_is_a_row_and_the_rest_complete(compared):
@@ -138,6 +139,7 @@ def test_only_what_the_machine_lacks_makes_an_arm_unavailable(
             "32",
             "--repeats",
             "2",
+            "--no-control",
             "--out-dir",
             str(tmp_path),
         ],
@@ -153,7 +155,8 @@ def test_only_what_the_machine_lacks_makes_an_arm_unavailable(
 
 def test_report_speedup_follows_from_the_csv(compared):
     # Independently of the report's code: each run's median step time, from results.csv; an
-    # arm's step time is the mean over its repeats, and the speed-up 32-true's over bf16's.
+    # arm's step time is the geometric mean over its repeats, and the speed-up 32-true's over
+    # bf16's.
     _, folder = compared
     rows = csv_rows(folder)
 
@@ -164,14 +167,19 @@ def test_report_speedup_follows_from_the_csv(compared):
             if (r["impl"], r["precision"], r["status"]) == ("plain", precision, "ok")
         ]
         assert len(times) == 2
-        return sum(times) / 2
+        return (times[0] * times[1]) ** 0.5
 
     expected = step_time("32-true") / step_time("bf16-mixed")
     md = (folder / "report.md").read_text()
     ratios = md_table(md, "### Mixed precision against 32-true")
     row = next(r for r in ratios if (r["impl"], r["precision"]) == ("plain", "bf16-mixed"))
     speed = row["speed (32-true step time / mixed step time)"]
-    if speed.startswith("no difference"):
+    if "; measured " in speed:  # two timed steps a run: figures, no verdict
+        assert speed.startswith("not enough steps to tell")
+        number, interval = speed.split("; measured ")[1].split("× [")
+        lo, hi = map(float, interval.rstrip("]").split("–"))
+        assert float(number) == pytest.approx(expected, abs=0.006) and lo <= expected <= hi
+    elif speed.startswith("no difference"):
         lo, hi = map(float, speed.split("[")[1].rstrip("]").split("–"))
         assert lo <= expected <= hi
     else:
@@ -184,8 +192,11 @@ def test_report_speedup_follows_from_the_csv(compared):
     assert len(why) == 1 and speed in why[0]
     assert "Reference: the benchmark this tool grew from" in md
     table = md_table(md, "### 32-true")
-    assert [r["impl"] for r in table] == ["plain", "lightning", "apex"]
-    assert table[0]["runs ok"] == "2/2" and table[2]["runs ok"] == "0/2"
+    assert [r["impl"] for r in table] == ["plain", "plain (control)", "lightning", "apex"]
+    assert table[0]["runs ok"] == "2/2" and table[3]["runs ok"] == "0/2"
+    costs = md_table(md, "### What each framework adds to a step")
+    assert costs[0]["impl"] == "plain (control)"
+    assert costs[0]["time added per step"].startswith("plain against itself: ")
 
 
 def test_report_rebuilds_the_same_files(compared, tmp_path):
@@ -203,7 +214,7 @@ def test_report_groups_several_folders_by_device(compared, tmp_path):
     _, folder = compared
     other = tmp_path / "other-machine"
     for record in report.load([folder]):
-        record["env"]["device_name"] = "Other CPU"
+        record["env"].update(device_name="Other CPU", host="other")  # another machine
         run_dir = other / record["run_id"]
         run_dir.mkdir(parents=True)
         (run_dir / "result.json").write_text(json.dumps(record))
@@ -306,15 +317,42 @@ def test_what_an_arms_attempt_ended_as(
     assert (got.action, got.status, got.error) == expected
 
 
-def test_schedule_interleaves_and_rotates():
-    arms = plan.schedule(["plain", "lightning"], ["32-true", "bf16-mixed"], 3)
-    assert len(arms) == 12
-    firsts = [arms[k * 4] for k in range(3)]
-    assert len({(a.impl, a.precision) for a in firsts}) == 3  # no arm always goes first
-    for r in range(3):
-        block = arms[r * 4 : (r + 1) * 4]
-        assert {a.repeat for a in block} == {r}
-        assert len({(a.impl, a.precision) for a in block}) == 4
+def test_every_arm_takes_every_place_in_the_order_equally_often():
+    impls, precisions = ["plain", "lightning", "fabric"], ["32-true", "bf16-mixed"]
+    n = 3 * 2 + 2  # and the control at each precision
+    arms = plan.schedule(impls, precisions, n, control=True, key="k")
+    assert len(arms) == n * n
+    places = {}
+    for a in arms:
+        assert a.position == arms.index(a) % n and a.repeat == arms.index(a) // n
+        places.setdefault((a.impl, a.precision, a.control), []).append(a.position)
+    assert len(places) == n
+    assert all(sorted(p) == list(range(n)) for p in places.values())
+    # an even count: every arm comes right after every other exactly once
+    pairs = [
+        (arms[i].run_id.split("-r")[0], arms[i + 1].run_id.split("-r")[0])
+        for i in range(len(arms) - 1)
+        if arms[i].repeat == arms[i + 1].repeat
+    ]
+    assert len(set(pairs)) == len(pairs) == n * (n - 1)
+
+
+def test_the_order_is_seeded_and_read_back_the_same():
+    one = plan.schedule(
+        ["plain", "fabric"], ["32-true", "bf16-mixed"], 3, control=True, key="a"
+    )
+    again = plan.schedule(
+        ["plain", "fabric"], ["32-true", "bf16-mixed"], 3, control=True, key="a"
+    )
+    other = plan.schedule(
+        ["plain", "fabric"], ["32-true", "bf16-mixed"], 3, control=True, key="b"
+    )
+    assert [a.run_id for a in one] == [a.run_id for a in again]
+    assert [a.run_id for a in one] != [a.run_id for a in other]
+    # an odd count over its whole square: every place, once each
+    odd = plan.schedule(["plain", "fabric", "lightning"], ["32-true"], 3, key="c")
+    for name in ("plain", "fabric", "lightning"):
+        assert sorted(a.position for a in odd if a.impl == name) == [0, 1, 2]
 
 
 def test_child_args_reproduce_the_config():

@@ -21,30 +21,48 @@ def noisy(level, n=200, seed=0, noise=0.02):
     return list(level * (1 + noise * np.random.default_rng(seed).standard_normal(n)))
 
 
+def runs_of(level, count, seed, between=0.03, n=60):
+    """`count` runs around `level`, each process off by its own share (sd `between`)."""
+    rng = np.random.default_rng(seed)
+    return [
+        noisy(level * np.exp(between * rng.standard_normal()), n, seed * 100 + i)
+        for i in range(count)
+    ]
+
+
+@pytest.mark.parametrize(
+    "df,quantile",  # Student's t at 0.975, from the printed tables
+    [(1, 12.706), (2, 4.303), (3, 3.182), (4, 2.776), (8, 2.306), (10, 2.228), (30, 2.042)],
+)
+def test_t_quantiles_match_the_tables(df, quantile):
+    assert stats.t_quantile(0.975, df) == pytest.approx(quantile, abs=5e-4)
+
+
 def test_a_known_difference_is_found_and_said():
-    a = stats.Sample([noisy(0.26, seed=1), noisy(0.26, seed=2)], "32")
-    b = stats.Sample([noisy(0.20, seed=3), noisy(0.20, seed=4)], "mixed")
-    est = stats.ratio(a, b)
-    assert est.lo > 1.25 and est.hi < 1.35 and est.contains(1.3)
+    a = stats.Sample(runs_of(0.26, 4, 1), "32")
+    b = stats.Sample(runs_of(0.20, 4, 2), "mixed")
+    noise = stats.Noise.pooled([a, b])
+    est = stats.ratio(a, b, noise)
+    assert est.short is None and est.df == 6
+    assert 1.1 < est.lo < est.value < est.hi < 1.5 and est.contains(1.3)
     words = stats.speed_words(est)
-    assert float(words.split("×")[0]) == pytest.approx(1.3, abs=0.01)
     assert "× faster [" in words and words.endswith("]")
-    assert "× slower [" in stats.speed_words(stats.ratio(b, a))
+    assert "× slower [" in stats.speed_words(stats.ratio(b, a, noise))
 
 
 def test_a_known_null_is_no_difference_detectable():
-    a = stats.Sample([noisy(0.2, seed=s) for s in (1, 2, 3)], "a")
-    b = stats.Sample([noisy(0.2, seed=s) for s in (4, 5, 6)], "b")
-    est = stats.ratio(a, b)
-    assert est.contains(1.0)
+    a = stats.Sample(runs_of(0.2, 3, 3), "a")
+    b = stats.Sample(runs_of(0.2, 3, 4), "b")
+    est = stats.ratio(a, b, stats.Noise.pooled([a, b]))
+    assert est.contains(1.0) and est.short is None
     assert stats.speed_words(est).startswith("no difference detectable [")
     assert stats.time_ratio_words(est).startswith("no difference detectable [")
 
 
 def test_the_same_records_give_the_same_interval():
-    runs = [noisy(0.2, seed=s) for s in (1, 2)]
-    first = stats.Sample(runs, "x").estimate()
-    assert stats.Sample([list(r) for r in runs], "x").estimate() == first
+    runs = runs_of(0.2, 2, 5)
+    first = stats.level(stats.Sample(runs, "x"), stats.NO_NOISE)
+    assert stats.level(stats.Sample([list(r) for r in runs], "x")) == first
 
 
 def test_runs_that_differ_widen_the_interval_beyond_one_runs():
@@ -52,9 +70,21 @@ def test_runs_that_differ_widen_the_interval_beyond_one_runs():
     # interval must cover that spread, which one run's steps alone cannot show.
     between = stats.Sample([noisy(0.2, seed=1), noisy(0.22, seed=2), noisy(0.18, seed=3)], "b")
     one = stats.Sample([noisy(0.2, seed=1)], "one")
-    wide, narrow = between.estimate(), one.estimate()
+    wide = stats.level(between, stats.Noise.pooled([between]))
+    narrow = stats.level(one)
     assert wide.hi - wide.lo > 3 * (narrow.hi - narrow.lo)
-    assert wide.lo < 0.195 and wide.hi > 0.205
+    assert wide.lo < 0.19 and wide.hi > 0.21
+
+
+def test_the_noise_pooled_over_a_comparison_reaches_a_cell_of_one_run():
+    # One run of this cell, but other cells measured how far a process strays: the cell's
+    # interval is as wide as that, not as narrow as its own steps.
+    others = [stats.Sample(runs_of(0.1 * (i + 1), 3, 10 + i, between=0.05)) for i in range(4)]
+    noise = stats.Noise.pooled(others)
+    one = stats.Sample([noisy(0.2, seed=9, noise=0.001)])
+    assert noise.df == 8
+    est = stats.level(one, noise)
+    assert est.hi / est.lo > 1.05 > stats.level(one).hi / stats.level(one).lo
 
 
 def test_a_burst_of_slow_steps_is_not_counted_as_independent_evidence():
@@ -65,26 +95,75 @@ def test_a_burst_of_slow_steps_is_not_counted_as_independent_evidence():
     steps = np.concatenate(
         [0.2 + 0.002 * rng.standard_normal(140), 0.3 + 0.002 * rng.standard_normal(60)]
     )
-    bursty = stats.Sample([steps], "bursty").estimate()
-    shuffled = stats.Sample([rng.permutation(steps)], "shuffled").estimate()
+    bursty = stats.level(stats.Sample([steps], "bursty"))
+    shuffled = stats.level(stats.Sample([rng.permutation(steps)], "shuffled"))
     assert bursty.hi - bursty.lo > 1.5 * (shuffled.hi - shuffled.lo)
 
 
-def test_a_round_effect_cancels_when_the_runs_were_measured_side_by_side():
-    # Rounds whose machine speed differs by up to 50%; in each, b takes 10 ms more than a.
+@pytest.mark.parametrize("seed", range(30))
+def test_a_cells_interval_holds_its_own_estimate(seed):
+    rng = np.random.default_rng(seed)
+    count = int(rng.integers(1, 5))
+    runs = [
+        list(rng.lognormal(np.log(0.2), rng.uniform(0.001, 1.0), int(rng.integers(1, 40))))
+        for _ in range(count)
+    ]
+    sample = stats.Sample(runs, str(seed))
+    for est in (stats.level(sample), stats.level(sample, stats.Noise.pooled([sample]))):
+        assert est.lo <= est.value <= est.hi
+        text = stats.duration_with_interval(est.value, est.lo, est.hi)
+        value, lo, hi = (
+            float(x)
+            for x in text.replace("[", "").replace("]", "").replace("–", " ").split()[::2][:1]
+            + text.split("[")[1].rstrip("]").split("–")
+        )
+        assert lo <= value <= hi, text
+
+
+def test_one_run_a_cell_gives_figures_but_no_verdict():
+    a, b = stats.Sample([[0.3] * 20]), stats.Sample([[0.1] * 20])
+    est = stats.ratio(a, b, stats.Noise.pooled([a, b]))
+    assert est.short.startswith("not enough runs to tell: 1 run a cell, need ≥ 2")
+    assert not est.claims(1.0)
+    words = stats.speed_words(est)
+    assert words.startswith("not enough runs to tell") and "measured 3.0" in words
+    assert "faster" not in words and "slower" not in words
+    cost = stats.overhead_words(stats.difference(a, b), 0.1)
+    assert cost.startswith("not enough runs to tell") and "measured +200.0 ms" in cost
+
+
+def test_too_few_steps_a_run_give_no_verdict():
+    few = stats.MIN_STEPS - 1
+    a = stats.Sample([noisy(0.3, few, s) for s in range(4)])
+    b = stats.Sample([noisy(0.1, few, 10 + s) for s in range(4)])
+    est = stats.ratio(a, b, stats.Noise.pooled([a, b]))
+    assert est.short.startswith(f"not enough steps to tell: a run has {few} timed steps")
+    assert not est.claims(1.0)
+    more = stats.Sample([noisy(0.3, stats.MIN_STEPS, s) for s in range(4)])
+    assert stats.ratio(more, b.__class__([noisy(0.1, stats.MIN_STEPS, 9)] * 4)).claims(1.0)
+
+
+def test_figures_from_several_processes_pool_across_them():
+    # Three processes put a cost at 300, 900 and 600 µs, each sure of its own to ±50: the
+    # pooled interval covers all three (t with 2 degrees of freedom), not ±50.
+    mean, half, df = stats.across([300e-6, 900e-6, 600e-6], [(25e-6) ** 2] * 3)
+    assert df == 2 and mean == pytest.approx(600e-6)
+    assert mean - half < 300e-6 and mean + half > 900e-6
+    # Processes that agree: the within part keeps the interval from collapsing.
+    mean, half, _ = stats.across([1.0, 1.0, 1.0], [0.01**2] * 3)
+    assert half == pytest.approx(1.96 * 0.01 / 3**0.5, rel=1e-3)
+
+
+def test_rounds_measured_side_by_side_cancel_what_a_round_did_to_both():
     levels = [0.2, 0.3, 0.25, 0.22, 0.28, 0.21]
     a = stats.Sample([noisy(v, 40, seed=i, noise=0.005) for i, v in enumerate(levels)], "a")
     b = stats.Sample(
-        [noisy(v + 0.01, 40, seed=10 + i, noise=0.005) for i, v in enumerate(levels)], "b"
+        [noisy(v * 1.05, 40, seed=10 + i, noise=0.005) for i, v in enumerate(levels)], "b"
     )
-    paired, unpaired = stats.difference(b, a, paired=True), stats.difference(b, a)
-    assert paired.lo > 0.008 and paired.hi < 0.012
-    assert unpaired.contains(0.0)
-    assert stats.overhead_words(paired, a.value).startswith("+10.")
-    assert " ms a step [+" in stats.overhead_words(paired, a.value)
-    assert stats.overhead_words(unpaired, a.value).startswith("no difference detectable")
+    d, var = stats.paired_logs(b, a)
+    assert np.exp(d) == pytest.approx(1.05, abs=0.005) and var**0.5 < 0.003
     with pytest.raises(ValueError):
-        stats.difference(b, stats.Sample(a.runs[:3], "short"), paired=True)
+        stats.paired_logs(b, stats.Sample(a.runs[:3], "short"))
 
 
 @pytest.mark.parametrize(
@@ -130,7 +209,7 @@ def test_overhead_words(est, words):
     ],
 )
 def test_targets_are_judged_on_the_whole_interval(est, target, at_most, words):
-    assert stats.against(est, target, at_most).startswith(words)
+    assert stats.target_words(est, target, at_most).startswith(words)
 
 
 # --- the report, on records built by hand --------------------------------------------------
