@@ -278,33 +278,53 @@ def apex(**options):
 @cli.command(
     "bench",
     help="What each framework costs per step, and bf16-mixed against 32-true, "
-    "measured side by side in one process with a plain-against-plain control, each "
-    "figure with its 95% interval: a table, and bench.json in --out-dir.",
+    "measured side by side with a plain-against-plain control in each of several fresh "
+    "processes and pooled over them, each figure with its 95% interval: a table, and "
+    "bench.json in --out-dir.",
+)
+@click.option(
+    "--processes",
+    default=3,
+    type=click.IntRange(min=1, max=100),
+    help="Fresh processes, one after another; every figure's interval covers the spread "
+    "between them (3 or more for a verdict).  [default: 3]",
 )
 @click.option(
     "--rounds",
-    default=5,
+    default=2,
     type=click.IntRange(min=1, max=1000),
-    help="Timed rounds (epochs) of the small-CNN and loader measurements.  [default: 5]",
+    help="Timed rounds (epochs) of the small-CNN and loader measurements, in each "
+    "process.  [default: 2]",
 )
 @click.option(
     "--linear-rounds",
-    default=200,
+    default=70,
     type=click.IntRange(min=1, max=100_000),
-    help="Timed rounds of each framework's cost per step, with the linear model.  "
-    "[default: 200]",
+    help="Timed rounds of each framework's cost per step, with the linear model, in each "
+    "process.  [default: 70]",
 )
 @option("synthetic_size", default=5120)
 @option("batch_size")
 @option("accelerator", default="cpu")
 @option("out_dir", default="runs/bench")
-def bench_command(rounds, linear_rounds, **options):
+@click.option(
+    "--one-process",
+    is_flag=True,
+    hidden=True,
+    help="Be one of the bench's processes: measure, and write rounds.json into --out-dir.  "
+    "[default: off]",
+)
+def bench_command(processes, rounds, linear_rounds, one_process, **options):
     base = Config(
         dataset="synthetic", precision="32-true", quiet=True, checkpoint=False, **options
     ).validate()
-    from ampcompare import bench  # imports every arm: they take turns in this process
+    if one_process:  # one of the bench's processes: the arms take turns in it
+        from ampcompare import bench_process
 
-    return bench.run(rounds, linear_rounds, base)
+        return bench_process.run(rounds, linear_rounds, base)
+    from ampcompare import bench
+
+    return bench.run(processes, rounds, linear_rounds, base)
 
 
 def _names(value: str, allowed, what: str) -> list[str]:

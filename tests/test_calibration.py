@@ -1,5 +1,6 @@
-"""The verdicts' error rates, on runs recorded on this machine (tests/data/calibration-runs.json:
-32 runs of the plain loop at the demo's settings, 16 a precision, in the order they ran).
+"""The verdicts' error rates, on runs recorded on this machine
+(tests/data/calibration-runs.json: 32 runs of the plain loop at the demo's settings, 16 a
+precision, in the order they ran).
 Every run is of the same arm, so every difference a split of them claims is a false one; a
 slowdown made in one group is a real one. These tests guard every change to common/stats.py:
 the rates stated in docs/benchmark.md ("How sure is a verdict") are the ones kept here."""

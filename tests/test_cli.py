@@ -96,6 +96,8 @@ def test_the_bench_runs_and_writes_every_ratio(tmp_path):
         [
             *ampcompare(),
             "bench",
+            "--processes",
+            "3",
             "--rounds",
             "2",
             "--linear-rounds",
@@ -115,22 +117,33 @@ def test_the_bench_runs_and_writes_every_ratio(tmp_path):
     import json
 
     bench = json.loads((tmp_path / "bench.json").read_text())
-    for name, rounds in (
-        ("lightning_cost_per_step", 3),
-        ("fabric_cost_per_step", 3),
-        ("accelerate_cost_per_step", 3),
-        ("control_cost_per_step", 3),
-        ("control_ratio", 3),
-        ("lightning_cost_share_of_small_step", 3),
-        ("bf16_over_fp32", 2),
-        ("control_over_fp32", 2),
-        ("data_wait_fraction", 2),
-        ("loader_over_torchvision", 8),
+    assert bench["processes"] == 3 and "between the bench's processes" in bench["covers"]
+    (folder,) = tmp_path.glob("compare-*")
+    parts = [json.loads(p.read_text()) for p in sorted(folder.glob("process-*/rounds.json"))]
+    assert len(parts) == 3 and all(len(p["linear"]["plain"]) == 3 for p in parts)
+    pids = {
+        r["env"]["pid"]
+        for r in map(
+            lambda p: json.loads(p.read_text()), folder.glob("process-*/*/result.json")
+        )
+    }
+    assert len(pids) == 3  # each process's arms ran as threads of that process
+    for name in (
+        "lightning_cost_per_step",
+        "fabric_cost_per_step",
+        "accelerate_cost_per_step",
+        "control_cost_per_step",
+        "control_ratio",
+        "lightning_cost_share_of_small_step",
+        "bf16_over_fp32",
+        "control_over_fp32",
+        "data_wait_fraction",
+        "loader_over_torchvision",
     ):
         figure = bench[name]
         lo, hi = figure["interval"]
-        assert figure["rounds"] == rounds and lo <= hi, name
-        assert figure["verdict"], name
+        assert figure["processes"] == 3 and figure["df"] == 2, name
+        assert lo <= figure["estimate"] <= hi and figure["verdict"], name
     assert bench["bf16_over_fp32_activation_memory"] < 0.7
     assert bench["control_ratio"]["target_verdict"].split(":")[0] in ("holds", "FAILS")
     assert bench["lightning_cost_per_step"]["target_verdict"].split(":")[0] in (
@@ -138,6 +151,43 @@ def test_the_bench_runs_and_writes_every_ratio(tmp_path):
         "not resolved",
     )
     assert "lightning_cost_per_step" in proc.stdout and " a step" in proc.stdout
+
+
+def test_the_bench_pools_its_processes_figures():
+    from ampcompare import bench
+
+    def part(cost):  # plain's linear step 1 ms in every round; Lightning's 1 ms + cost
+        rounds = lambda t: [[t] * 8 for _ in range(5)]  # noqa: E731
+        small = {k: rounds(0.05) for k in ("32-true", "control")}
+        return {
+            "linear": {
+                "plain": rounds(1e-3),
+                "lightning": rounds(1e-3 + cost),
+                "fabric": rounds(1e-3),
+                "accelerate": rounds(1e-3),
+                "control": rounds(1e-3),
+            },
+            "small": {
+                **small,
+                "bf16-mixed": rounds(0.03),
+                "waits": rounds(0.0005),
+                "activation_ratio": 0.6,
+            },
+            "loader": {"ours": rounds(1e-5), "theirs": rounds(2e-4)},
+        }
+
+    # Three processes that disagree, each sure of itself (no spread within): the interval
+    # covers all three, as t with 2 degrees of freedom over their spread says.
+    report = bench.pooled([part(c) for c in (300e-6, 900e-6, 600e-6)])
+    cost = report["lightning_cost_per_step"]
+    assert cost["estimate"] == pytest.approx(600, rel=1e-6) and cost["df"] == 2
+    assert cost["interval"][0] < 300 and cost["interval"][1] > 900
+    # One process alone: figures, and no verdict.
+    one = bench.pooled([part(600e-6)])["lightning_cost_per_step"]
+    assert one["verdict"].startswith("not enough processes to tell")
+    assert report["bf16_over_fp32"]["estimate"] == pytest.approx(0.6)
+    assert report["data_wait_fraction"]["estimate"] == pytest.approx(0.01)
+    assert report["loader_over_torchvision"]["estimate"] == pytest.approx(20)
 
 
 def test_the_gpu_check_runs_every_step_in_its_cpu_mode(tmp_path):
@@ -161,15 +211,16 @@ def test_the_gpu_check_runs_every_step_in_its_cpu_mode(tmp_path):
 
 def test_an_arm_that_raises_in_the_bench_is_reported_not_a_traceback(tmp_path, monkeypatch):
     import types
-    from ampcompare import bench
+    from ampcompare import bench, bench_process
 
     def refuse(cfg):
         raise RuntimeError("refused on purpose")
 
-    monkeypatch.setitem(bench.ARMS, "plain", types.SimpleNamespace(train=refuse))
+    monkeypatch.setitem(bench_process.ARMS, "plain", types.SimpleNamespace(train=refuse))
     base = tiny(tmp_path, batch_size=64)
-    report = {}
-    bench.precisions(base, str(tmp_path), 1, 1, report)
+    measured = bench_process.small(base, str(tmp_path), 1, 1)
+    assert measured == {"error": "RuntimeError: refused on purpose"}
+    report = bench.pooled([{"small": measured}])
     assert report["bf16_over_fp32"] == {"error": "RuntimeError: refused on purpose"}
 
 

@@ -150,3 +150,52 @@ def test_an_ascii_terminal_gets_every_file_and_what_it_can_show(tmp_path):
     text = (folder / "report.md").read_text(encoding="utf-8")
     assert "×" in text and (folder / "benchmark.png").exists()
     assert "# ampcompare report" in proc.stdout and "×" not in proc.stdout
+
+
+def test_a_copied_compare_folder_counts_each_run_once(tmp_path, one_run):
+    # The same run under two names (a copy of the folder): one run, not two repeats.
+    import shutil
+
+    write_runs(tmp_path / "a", [variant(one_run, "r0"), variant(one_run, "r1", pid=1)])
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    skipped = []
+    records = report.load([str(tmp_path / "a"), str(tmp_path / "b")], skipped)
+    assert sorted(r["run_id"] for r in records) == ["r0", "r1"]
+    assert len(skipped) == 2 and all("a copy of" in why for _, why in skipped)
+    (cell,) = report.summarize(records)["devices"][0]["precisions"]["32-true"].values()
+    assert cell["runs"] == 2
+
+
+def test_runs_with_other_thread_counts_are_never_one_cell(one_run):
+    records = [variant(one_run, "two"), variant(one_run, "one", threads=1, pid=2)]
+    devices = report.summarize(records)["devices"]
+    assert len(devices) == 2 and all("threads" in d["device"] for d in devices)
+
+
+@pytest.mark.parametrize("bad", [None, float("nan"), float("inf"), 0.0, -0.01, "1"])
+def test_a_record_with_an_unusable_step_time_is_skipped_and_named(tmp_path, one_run, bad):
+    broken = variant(one_run, "broken", pid=3)
+    broken["epochs"][1]["step_times_s"][0] = bad
+    write_runs(tmp_path, [variant(one_run, "fine"), broken])
+    skipped = []
+    records = report.load([str(tmp_path)], skipped)
+    assert [r["run_id"] for r in records] == ["fine"]
+    ((path, why),) = skipped
+    assert "broken" in path and "not a finite number above zero" in why
+    r = CliRunner().invoke(cli, ["report", str(tmp_path)])
+    assert r.exit_code == 0 and "skipped" in r.stderr and "broken" in r.stderr
+    md = (tmp_path / "report.md").read_text()
+    assert "nan" not in md.lower().replace("nanogpt", "") and "0.00 µs" not in md
+
+
+def test_report_follows_no_link_twice(tmp_path, one_run):
+    # A folder with two links to itself: a glob that follows them walks 2^depth folders.
+    write_runs(tmp_path, [variant(one_run, "only")])
+    os.symlink(".", tmp_path / "a")
+    os.symlink(".", tmp_path / "b")
+    os.symlink(tmp_path / "only", tmp_path / "only-again")
+    found = report.result_files(str(tmp_path))
+    assert [os.path.relpath(p, tmp_path) for p in found] == [
+        os.path.join("only", "result.json")
+    ]
+    assert [r["run_id"] for r in report.load([str(tmp_path)])] == ["only"]

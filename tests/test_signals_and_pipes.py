@@ -181,7 +181,7 @@ def test_a_bench_stopped_half_way_keeps_what_it_measured(tmp_path, sig):
         text=True,
     )
     deadline = time.monotonic() + 120
-    while not list(tmp_path.glob("compare-*/linear-*/result.json")):
+    while not list(tmp_path.glob("compare-*/process-1/linear-*/result.json")):
         assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
         time.sleep(0.2)
     time.sleep(2)
@@ -192,9 +192,12 @@ def test_a_bench_stopped_half_way_keeps_what_it_measured(tmp_path, sig):
     assert stderr.strip().splitlines()[-1].startswith("ampcompare: bench interrupted;")
     bench = json.loads((tmp_path / "bench.json").read_text())
     assert bench["interrupted"] is True
-    records = [record_of(p) for p in tmp_path.glob("compare-*/*/result.json")]
+    records = [record_of(p) for p in tmp_path.glob("compare-*/process-*/*/result.json")]
     assert records and {r["status"] for r in records} == {"interrupted"}
-    assert all(no_leftovers(p.parent) for p in tmp_path.glob("compare-*/*/result.json"))
+    assert all(
+        no_leftovers(p.parent) for p in tmp_path.glob("compare-*/process-*/*/result.json")
+    )
+    assert not list(tmp_path.glob("compare-*/process-2"))  # no process started after it
 
 
 def test_bench_refuses_an_empty_out_dir_in_one_line():

@@ -215,7 +215,7 @@ def test_targets_are_judged_on_the_whole_interval(est, target, at_most, words):
 # --- the report, on records built by hand --------------------------------------------------
 
 
-def record(impl, precision, steps_by_run_epoch, run, weights="w"):
+def record(impl, precision, steps_by_run_epoch, run, weights="w", role="arm"):
     """A run record whose epochs hold the given step times (the first epoch a warm-up)."""
     epochs = [
         {
@@ -241,7 +241,7 @@ def record(impl, precision, steps_by_run_epoch, run, weights="w"):
         "status": "ok",
         "precision": {"requested": precision, "effective": precision},
         "opt_level": None,
-        "config": {"model": "small"},
+        "config": {"model": "small", "role": role},
         "weights_sha256": weights,
         "env": {"device": "cpu", "device_name": "CPU"},
         "epochs": epochs,
@@ -434,3 +434,81 @@ def test_old_records_without_step_times_still_report(tmp_path):
     assert group["precisions"]["bf16-mixed"]["plain"]["step_time_s"] is None
     assert group["ratios"]["plain"]["bf16-mixed"]["speedup"] is None
     assert "– (no step times)" in report.markdown(report.summarize([rec, old]), [rec, old])
+
+
+def comparison(costs, weights=None, runs=3, level=0.1):
+    """Records of plain and the arms in `costs` ({label: factor on plain's step}) at 32-true and
+    bf16-mixed (half the time), `runs` repeats each with a little noise between processes;
+    "plain (control)" is the plain loop again."""
+    records = []
+    rng = np.random.default_rng(0)
+    for run in range(runs):
+        for label, factor in {"plain": 1.0, **costs}.items():
+            impl, role = ("plain", "control") if label == "plain (control)" else (label, "arm")
+            for precision, scale in (("32-true", 1.0), ("bf16-mixed", 0.5)):
+                level_ = level * scale * factor * np.exp(0.005 * rng.standard_normal())
+                steps = noisy(level_, 30, seed=run * 31 + len(records), noise=0.002)
+                w = (weights or {}).get(label, label) + precision
+                records.append(
+                    record(impl, precision, [[0.3] * 5, steps], run, weights=w, role=role)
+                )
+    return records
+
+
+def test_a_control_that_claims_a_difference_withholds_every_verdict():
+    records = comparison({"plain (control)": 1.2, "lightning": 1.0})
+    group = group_of(records)
+    assert group["control_claims"]
+    md = report.markdown(report.summarize(records), records)
+    assert md.splitlines()[4].startswith("**This machine's noise exceeded the method here**")
+    speed = group["ratios"]["plain"]["bf16-mixed"]["speedup"]["verdict"]
+    assert speed.startswith("no verdict: plain against itself showed a difference here")
+    assert "faster" not in speed and "measured 2.0" in speed
+    cost = group["overheads"]["32-true"]["lightning"]["verdict"]
+    assert cost.startswith("no verdict") and "measured" in cost
+
+
+def test_a_quiet_control_leaves_the_verdicts_standing():
+    records = comparison({"plain (control)": 1.0, "lightning": 1.0})
+    group = group_of(records)
+    assert not group["control_claims"]
+    control = group["overheads"]["32-true"]["plain (control)"]["verdict"]
+    assert control.startswith("plain against itself: no difference detectable [")
+    assert group["ratios"]["plain"]["bf16-mixed"]["speedup"]["verdict"].startswith("2.0")
+    assert "noise exceeded the method" not in report.markdown(
+        report.summarize(records), records
+    )
+
+
+@pytest.mark.parametrize(
+    "factor,says", [(1.3, "framework's own work"), (0.7, "cannot take less")]
+)
+def test_the_same_weights_with_a_claimed_cost_get_a_note(factor, says):
+    same = {"lightning": "plain"}  # lightning trained plain's weights, bit for bit
+    records = comparison({"plain (control)": 1.0, "lightning": factor}, weights=same)
+    notes = group_of(records)["notes"]
+    assert any(
+        "lightning trained bitwise-identical weights to plain's" in n and says in n
+        for n in notes
+    ), notes
+    other = comparison({"plain (control)": 1.0, "lightning": factor})  # other weights
+    assert not any("identical weights to plain's" in n for n in group_of(other)["notes"])
+
+
+def test_the_explanation_never_contradicts_the_speedup():
+    # fp16 on a CPU is usually far slower; where it measured faster, the line beside it must
+    # not say "slower".
+    records = [r for r in comparison({}) if True]
+    for r in records:
+        if r["precision"]["effective"] == "bf16-mixed":
+            r["precision"] = {"requested": "16-mixed", "effective": "16-mixed"}
+    group = group_of(records)
+    (line,) = group["explanations"]
+    assert "faster" in line and "slower" not in line and "no fast fp16 kernels" in line
+    for r in records:  # and where it measured slower, it says why
+        if r["precision"]["effective"] == "16-mixed":
+            for e in r["epochs"]:
+                e["step_times_s"] = [t * 8 for t in e["step_times_s"]]
+            r["summary"] = summary.summarize(r["epochs"])
+    (line,) = group_of(records)["explanations"]
+    assert "which is why fp16 ran slower than fp32 here" in line
