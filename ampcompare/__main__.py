@@ -10,6 +10,11 @@ def main() -> None:
     from common import ranks, signals  # the standard library only
 
     signals.install()
+    try:  # before torch is imported: its OpenMP runtime prints its own complaint first
+        ranks.threads()
+    except ValueError as e:
+        print(f"ampcompare: error: {e}", file=sys.stderr)
+        sys.exit(2)
     if ranks.launched():  # a rank of a job: it ends with the launcher that started it
         signals.die_with_parent()
     try:

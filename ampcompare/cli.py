@@ -99,6 +99,7 @@ class OneLineErrors(click.Group):
                 f"set without the rest of a launcher's variables; running as one process"
             )
         try:
+            _clear_framework_env()
             code = super().main(
                 args=args, prog_name=prog_name or "ampcompare", standalone_mode=False, **extra
             )
@@ -106,10 +107,10 @@ class OneLineErrors(click.Group):
             console.say(e.ctx.get_help())
             code = 0
         except click.ClickException as e:
-            _say(f"ampcompare: error: {e.format_message()}")
+            _say(f"ampcompare: error: {one_line(e.format_message())}")
             code = 2
         except UsageError as e:
-            _say(f"ampcompare: error: {e}")
+            _say(f"ampcompare: error: {one_line(str(e))}")
             code = unavailable_exit() if isinstance(e, Unavailable) else 2
         except (KeyboardInterrupt, click.exceptions.Abort):
             _say("ampcompare: interrupted")
@@ -118,6 +119,23 @@ class OneLineErrors(click.Group):
             console.silence(sys.stdout)
             code = 0
         sys.exit(code or 0)
+
+
+def _clear_framework_env() -> None:
+    """Take out what Lightning and Accelerate would read from the environment (or refuse it:
+    UsageError), said once, in the process the user started."""
+    from common import framework_env
+    from common.errors import COMPARE_CHILD
+
+    child = bool(os.environ.get(COMPARE_CHILD)) or ranks.launched()
+    found = framework_env.scrub(child=child)
+    if found and not child:
+        _say(framework_env.warning(found))
+
+
+def one_line(text: str) -> str:
+    """A message as one line, whatever a framework's or a model's error put in it."""
+    return " ".join(text.split())
 
 
 @click.group(cls=OneLineErrors, no_args_is_help=True)

@@ -168,7 +168,7 @@ def outcome(
     return Outcome("update", ended, f"{last}; {how}" if last else how)
 
 
-def run_arm(cfg: Config, arm: Arm, folder: str, unavailable: dict, env: dict, before=None):
+def run_arm(cfg: Config, arm: Arm, folder: str, unavailable: dict, env: dict, warm=None):
     """Run (or, with a checkpoint left by an earlier attempt, resume) one arm in a child
     process. Returns its record, also left on disk (None: the arm was skipped, and why was
     said), and whether to stop comparing. A run is never deleted: one that must start over
@@ -196,7 +196,7 @@ def run_arm(cfg: Config, arm: Arm, folder: str, unavailable: dict, env: dict, be
     )
     if found.exists and not resuming:
         _supersede(folder, run_dir, "it left nothing to continue from")
-    if before is not None and before(arm):  # the warm-up, before the first timed run
+    if warm is not None and warm(arm):  # the warm-up, before the first timed run: interrupted
         return None, True
     code, last, interrupted = _attempt(cfg, arm, folder, run_dir, resuming)
     after = look(run_dir).record
@@ -212,7 +212,7 @@ def run_arm(cfg: Config, arm: Arm, folder: str, unavailable: dict, env: dict, be
         if stop:
             return after, stop
         _supersede(folder, run_dir, "its resume was refused")
-        return run_arm(cfg, arm, folder, unavailable, env, before)
+        return run_arm(cfg, arm, folder, unavailable, env, warm)
     if result.action == "keep":
         return after, stop
     if result.action == "update":
@@ -368,7 +368,7 @@ def compare(plan: Plan, show=None, warmup: bool = True) -> list[dict]:
     records, unavailable, start = [], {}, time.monotonic()
     pending = [warmup]
 
-    def before(arm: Arm) -> bool:
+    def warm(arm: Arm) -> bool:
         if not pending[0]:
             return False
         pending[0] = False
@@ -380,7 +380,7 @@ def compare(plan: Plan, show=None, warmup: bool = True) -> list[dict]:
         record = None
         try:
             with signals.deferred():  # a signal now is passed to the child by _wait
-                record, stop = run_arm(plan.cfg, arm, plan.folder, unavailable, env, before)
+                record, stop = run_arm(plan.cfg, arm, plan.folder, unavailable, env, warm)
                 if record is not None:
                     records.append(record)
         except KeyboardInterrupt:  # held back while the arm ran: it has recorded its end

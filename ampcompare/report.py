@@ -13,6 +13,7 @@ is skipped, and named.
 
 from __future__ import annotations
 
+import collections
 import csv
 import dataclasses
 import html
@@ -120,15 +121,15 @@ def result_files(folder: str) -> list[str]:
     link to a folder above it would otherwise be walked without end), and none deeper than
     DEPTH; hidden folders (.superseded, .warmup) are passed over, as glob's ** does."""
     found, walked = [], set()
-    stack = [(folder, 0)]
-    while stack:
-        path, depth = stack.pop()
+    queue = collections.deque([(folder, 0)])  # breadth first: a folder before a link to it
+    while queue:
+        path, depth = queue.popleft()
         real = os.path.realpath(path)
         if real in walked or depth > DEPTH:
             continue
         walked.add(real)
         try:
-            entries = sorted(os.scandir(path), key=lambda e: e.name)
+            entries = sorted(os.scandir(path), key=lambda e: (e.is_symlink(), e.name))
         except OSError:
             continue
         for entry in entries:
@@ -136,7 +137,7 @@ def result_files(folder: str) -> list[str]:
                 continue
             try:
                 if entry.is_dir():
-                    stack.append((entry.path, depth + 1))
+                    queue.append((entry.path, depth + 1))
                 elif entry.name == "result.json" and entry.is_file():
                     found.append(entry.path)
             except OSError:
@@ -454,7 +455,9 @@ def _overheads(table, samples, noise, hold=None) -> dict:
             sample = samples[precision, label]
             if label == "plain" or not sample:
                 continue
-            est = _held(stats.difference(sample, plain, noise), hold)
+            est = stats.difference(sample, plain, noise)
+            if label != CONTROL:  # the control's own claim is what withholds the rest
+                est = _held(est, hold)
             words = stats.overhead_words(est, plain.value)
             if label == CONTROL:
                 words = f"plain against itself: {words}"

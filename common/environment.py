@@ -14,6 +14,8 @@ from typing import Optional
 
 import torch
 
+from common import framework_env
+
 
 def version(dist: str) -> Optional[str]:
     try:
@@ -92,5 +94,8 @@ def environment(device: torch.device, switches: dict) -> dict:
         # With host and pid, when this process began: a run's identity, so that a run found in
         # two folders (a copy) counts once in a report.
         "started": round(time.time(), 6),
+        # What the frameworks would have read from the environment, taken out before the run
+        # (common/framework_env.py): the run trained as if they were never set.
+        "cleared_environment": framework_env.inherited(),
         **switches,
     }

@@ -179,6 +179,8 @@ class EpochMeter:
         if self.test_sums is not None:
             loss_sum, correct, count = distributed.sum_(self.test_sums).cpu().tolist()
             test = [loss_sum / count, correct / count] if count else test
+            if test[0] is not None and not math.isfinite(test[0]):  # non-finite logits:
+                test[1] = None  # their argmax is no accuracy to report
         images = self.images * world  # every rank trains on as many images (padded alike)
         peaks = distributed.gather_ints(peak_memory_bytes(self.device), self.device)
         row = {

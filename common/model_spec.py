@@ -18,13 +18,17 @@ it takes is named). Nothing is downloaded.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import inspect
 import os
+import random
 import re
 import sys
+import threading
 import traceback
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -37,6 +41,91 @@ SIZE = 32
 # Square sizes tried, in order, to name the smallest input a model takes.
 PROBE = (32, 48, 64, 80, 96, 128, 160, 192, 224, 256, 299, 384, 448, 518)
 IMPORT_PATH = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*")
+
+
+# This tool's own top-level packages: a module of the user's named like one is hidden by it.
+OWN = (
+    "ampcompare",
+    "common",
+    "plain_torch",
+    "lightning_impl",
+    "fabric_impl",
+    "accelerate_impl",
+    "apex_impl",
+)
+
+
+class _Ended(BaseException):
+    """os._exit called by a model's code, turned into an exception while it runs here."""
+
+    def __init__(self, code):
+        super().__init__(code)
+        self.code = code
+
+
+@contextlib.contextmanager
+def guarded(where: str, doing: str):
+    """Run a model's own code (its import, its build, its forward) so that ending the process
+    — sys.exit, exit(), os._exit — is a usage error naming the spec, never a silent exit
+    with nothing run; torchvision's FutureWarnings about its own defaults are not printed."""
+    with _PATCH:  # threads (the bench's arms) build at once: patched while any one builds
+        _PATCH.depth += 1
+        os._exit = _refuse
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning, module=r"torchvision\.")
+            yield
+    except (SystemExit, _Ended) as e:
+        how = "os._exit" if isinstance(e, _Ended) else "sys.exit"
+        raise UsageError(
+            f"{where}: {doing} ended the process ({how}({e.code!r})); a model must not exit"
+        ) from None
+    finally:
+        with _PATCH:
+            _PATCH.depth -= 1
+            if not _PATCH.depth:
+                os._exit = _REAL_EXIT
+
+
+class _Patch:
+    """How many threads are inside guarded(), under a lock."""
+
+    def __init__(self):
+        self.lock, self.depth = threading.Lock(), 0
+
+    def __enter__(self):
+        self.lock.acquire()
+
+    def __exit__(self, *exc):
+        self.lock.release()
+
+
+_REAL_EXIT = os._exit
+_PATCH = _Patch()
+
+
+def _refuse(code=0):
+    raise _Ended(code)
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Every global generator a model's code may draw from — torch's, Python's random,
+    numpy's — seeded with the run's seed, as Lightning's seed_everything does, and restored
+    afterwards: the same initial weights in every arm, whichever a model uses."""
+    import numpy as np
+    import torch
+
+    state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        try:
+            yield
+        finally:
+            random.setstate(state)
+            np.random.set_state(np_state)
 
 
 @dataclass(frozen=True)
@@ -106,7 +195,7 @@ def builder(spec: Spec) -> Callable:
     target = module
     for part in attr.split("."):
         if not hasattr(target, part):
-            raise UsageError(f"{where}: {module_name} has no {attr}")
+            raise UsageError(f"{where}: {module_name} has no {attr}{_hidden(module, where)}")
         target = getattr(target, part)
     if not callable(target):
         raise UsageError(
@@ -132,10 +221,37 @@ def _import(name: str, where: str):
     if os.getcwd() not in sys.path:
         sys.path.append(os.getcwd())  # the working folder, after the environment
     try:
-        return importlib.import_module(name)
+        with guarded(where, f"importing {name}"):
+            return importlib.import_module(name)
+    except UsageError:
+        raise
     except Exception as e:  # whatever the module's own code raised
-        last = traceback.format_exception_only(type(e), e)[-1].strip()
-        raise UsageError(f"{where}: cannot import {name} ({last})") from None
+        raise UsageError(f"{where}: cannot import {name} ({last_line(e)})") from None
+
+
+def last_line(e: BaseException) -> str:
+    """An exception as one line: its type and message, newlines folded."""
+    return " ".join(traceback.format_exception_only(type(e), e)[-1].split())
+
+
+def _hidden(module, where: str) -> str:
+    """Where the module named came from, when a file of the user's with that name in the
+    working folder was passed over for it (this tool's own package, or the standard
+    library's, is found first)."""
+    top = module.__name__.split(".")[0]
+    mine = [p for p in (f"{top}.py", top) if os.path.exists(os.path.join(os.getcwd(), p))]
+    found = getattr(module, "__file__", None) or "built in"
+    if not mine or (found != "built in" and os.path.dirname(found) == os.getcwd()):
+        return ""
+    whose = (
+        "this tool's own package"
+        if top in OWN
+        else "a module of Python's or of the environment"
+    )
+    return (
+        f" (the {top} imported is {whose}, from {found}, not ./{mine[0]}: rename yours, "
+        f"e.g. my_{top})"
+    )
 
 
 @dataclass
@@ -155,26 +271,29 @@ class Checked:
 def check(text: str, seed: int = 0) -> Checked:
     """Build the model once on the CPU and try it on two CIFAR-sized images; UsageError naming
     what is wrong. The global RNG and every model state are left as they were."""
-    import torch
     from torch import nn
 
     spec = parse(text)
     make = builder(spec)
     where = f"--model {text}"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         try:
-            model = make()
+            with guarded(where, "building it"):
+                model = make()
+        except UsageError:
+            raise
         except Exception as e:
-            last = traceback.format_exception_only(type(e), e)[-1].strip()
-            raise UsageError(f"{where}: building it failed ({last})") from None
+            raise UsageError(f"{where}: building it failed ({last_line(e)})") from None
         if not isinstance(model, nn.Module):
             raise UsageError(
                 f"{where}: it returned {type(model).__name__}, not a torch.nn.Module"
             )
-        shape, error = _forward(model, SIZE)
-        if error is None and shape == [2, CLASSES]:  # and in training, where some differ
-            shape, error = _forward(model, SIZE, training=True)
+        if not any(p.requires_grad for p in model.parameters()):
+            raise UsageError(f"{where}: it has no parameters to train")
+        with guarded(where, "its forward"):
+            shape, error = _forward(model, SIZE)
+            if error is None and shape == [2, CLASSES]:  # and in training, where some differ
+                shape, error = _forward(model, SIZE, training=True)
         if error is not None:
             smallest = next((s for s in PROBE[1:] if _forward(model, s)[1] is None), None)
             takes = (
@@ -191,19 +310,69 @@ def check(text: str, seed: int = 0) -> Checked:
                 f"{where}: a forward of a 2-image batch [2, 3, {SIZE}, {SIZE}] "
                 f"gave {shape}, not [2, {CLASSES}] logits"
             )
+        with guarded(where, "its forward"):
+            dtype = _forward(model, SIZE, dtype=True)[0]
+        if not dtype.is_floating_point:
+            raise UsageError(
+                f"{where}: its forward gave {dtype} outputs, not floating-point logits"
+            )
     checked = Checked(text, sum(p.numel() for p in model.parameters()))
     if spec.kind == "import":
-        source = inspect.getsourcefile(sys.modules[spec.name.partition(":")[0]])
-        if source and os.path.isfile(source):
-            with open(source, "rb") as f:
-                checked.source = os.path.abspath(source)
-                checked.source_sha256 = hashlib.sha256(f.read()).hexdigest()
+        module = sys.modules[spec.name.partition(":")[0]]
+        files = source_files(module, inspect.getmodule(make) or module)
+        if files:
+            checked.source = files[0]
+            checked.source_sha256 = sources_sha256(files)
     return checked
 
 
-def _forward(model, size: int, training: bool = False):
-    """(output shape, None), or (None, the error's last line), of a forward of 2 images (the
-    model checked is thrown away: a training-mode forward may change its state)."""
+def source_files(*modules) -> list[str]:
+    """The source files a model's code lives in: the modules named (the one given in --model,
+    the one that defines the callable) first, then every module loaded from the same package
+    (or, for a module outside a package, from the same folder), this tool's own left out."""
+    first, roots = [], set()
+    for m in modules:
+        path = _source(m)
+        if path is None:
+            continue
+        first.append(path)
+        top = sys.modules.get(m.__name__.split(".")[0])
+        root = _source(top) if top is not None and top is not m else None
+        package = root and os.path.basename(root) == "__init__.py"
+        roots.add((os.path.dirname(root if package else path), bool(package)))
+    more = set()
+    for name, m in list(sys.modules.items()):
+        path = _source(m)
+        if path is None or name.split(".")[0] in OWN:
+            continue
+        for folder, package in roots:
+            inside = path.startswith(folder + os.sep)
+            if inside and (package or os.path.dirname(path) == folder):
+                more.add(path)
+    return list(dict.fromkeys(first)) + sorted(more - set(first))
+
+
+def _source(module) -> Optional[str]:
+    try:
+        path = inspect.getsourcefile(module)
+    except TypeError:  # a built-in module
+        return None
+    return os.path.abspath(path) if path and os.path.isfile(path) else None
+
+
+def sources_sha256(files: list[str]) -> str:
+    """One SHA-256 over the files' names and bytes: a change in any of them changes it."""
+    h = hashlib.sha256()
+    for path in files:
+        with open(path, "rb") as f:
+            h.update(f"{os.path.basename(path)}|".encode() + hashlib.sha256(f.read()).digest())
+    return h.hexdigest()
+
+
+def _forward(model, size: int, training: bool = False, dtype: bool = False):
+    """(output shape, or with `dtype` its dtype, None), or (None, the error's last line), of a
+    forward of 2 images (the model checked is thrown away: a training-mode forward may change
+    its state)."""
     import torch
 
     was = model.training
@@ -211,8 +380,10 @@ def _forward(model, size: int, training: bool = False):
     try:
         with torch.inference_mode():
             out = model(torch.randn(2, 3, size, size))
-        return (list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__), None
+        if not isinstance(out, torch.Tensor):
+            return type(out).__name__, None
+        return (out.dtype if dtype else list(out.shape)), None
     except Exception as e:
-        return None, traceback.format_exception_only(type(e), e)[-1].strip()
+        return None, last_line(e)
     finally:
         model.train(was)

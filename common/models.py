@@ -107,13 +107,13 @@ def unwrapped(model: nn.Module) -> nn.Module:
 
 def build_model(cfg) -> nn.Module:
     """Same seed, same initial weights, whichever implementation asks: ours, torchvision's,
-    timm's or the user's own (common/model_spec.py), on the CPU. The global RNG is left as it
-    was (a resumed run has just restored it)."""
+    timm's or the user's own (common/model_spec.py), on the CPU, with torch's, Python's and
+    numpy's global generators seeded. They are left as they were (a resumed run has just
+    restored them)."""
     from common import model_spec
 
     make = model_spec.builder(model_spec.parse(cfg.model))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
+    with model_spec.seeded(cfg.seed), model_spec.guarded(f"--model {cfg.model}", "building it"):
         return make()
 
 

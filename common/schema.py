@@ -120,6 +120,7 @@ ENV = {
     "host": maybe(str),
     "pid": int,
     "started": NUMBER,
+    "cleared_environment": dict,
     "pids": [int],
     "world_size": at_least(1),
     "nodes": at_least(1),

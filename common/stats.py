@@ -423,7 +423,7 @@ def paired_logs(a: Sample, b: Sample) -> tuple[float, float]:
 
 def _digits(*values: float) -> int:
     """Decimals enough (2 to 4) to tell the values apart from each other and from 1."""
-    points = sorted(set((*values, 1.0)))
+    points = sorted({float(f"{v:.6g}") for v in (*values, 1.0)})
     gap = min((b - a for a, b in zip(points, points[1:])), default=1.0)
     return min(4, max(2, math.ceil(-math.log10(gap) - 1e-9) if gap > 0 else 4))
 

@@ -141,6 +141,8 @@ def start_plain_compare(out_dir, epochs: int, args=SMALL_RUN):
             "plain",
             "--precisions",
             "32",
+            "--no-control",  # what these tests are about: one arm, stopped and resumed
+            "--no-warmup",
             "--out-dir",
             str(out_dir),
         ],

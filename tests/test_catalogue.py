@@ -116,6 +116,18 @@ CASES = {
     "ampcompare report NOWHERE": "Directory 'NOWHERE' does not exist",
     "ampcompare report EMPTY": "no readable run record under",
     "ampcompare report STOPPED_PARENT --out FILE": "is a file; name a folder",
+    "ampcompare calibrate EMPTY": "calibrate needs ≥ 6 ok runs of one arm at one precision",
+    "ampcompare calibrate COMPARED": "calibrate needs ≥ 6 ok runs of one arm at one precision",
+    "ampcompare calibrate EMPTY --splits 0": "0 is not in the range 1<=x<=100000",
+    "ampcompare calibrate EMPTY --slowdown -1": "-1.0 is not in the range 0.0<=x<=10.0",
+    "ampcompare plain --role judge": "'judge' is not one of 'arm', 'control'",
+    "ampcompare bench --processes 0": "0 is not in the range 1<=x<=100",
+    "ACCELERATE_USE_DEEPSPEED=true ampcompare accelerate": "asks for DeepSpeed, which "
+    "ampcompare does not run; unset it",
+    "LT_STRATEGY=fsdp ampcompare fabric": "asks for a sharded strategy",
+    "ACCELERATE_FP8_BACKEND=TE ampcompare compare": "asks Accelerate for fp8",
+    "ampcompare plain --model sys:exit": "building it ended the process (sys.exit(None)); a "
+    "model must not exit",
 }
 
 
@@ -198,7 +210,7 @@ def test_bad_input_gets_one_line_exit_2_and_writes_nothing(command, places, tmp_
 
 def readme_catalogue():
     section = (ROOT / "docs" / "bad-input.md").read_text()
-    return re.findall(r"^\| `((?:[A-Z_]+=\S+ )*ampcompare [^`]*)` \|", section, flags=re.M)
+    return re.findall(r"^\| `((?:[A-Z0-9_]+=\S+ )*ampcompare [^`]*)` \|", section, flags=re.M)
 
 
 def test_the_readme_catalogue_is_this_table():

@@ -201,6 +201,7 @@ def test_gpu_targets_weigh_the_allocator_peak_beyond_the_data(tmp_path, data_mib
     # the GPU are the same at every precision, so the target is judged without them.
     import copy
     import importlib.util
+    import itertools
 
     spec = importlib.util.spec_from_file_location(
         "gpu_targets", pathlib.Path(__file__).parent.parent / "scripts" / "gpu_targets.py"
@@ -209,8 +210,11 @@ def test_gpu_targets_weigh_the_allocator_peak_beyond_the_data(tmp_path, data_mib
     spec.loader.exec_module(gpu_targets)
     base = plain.train(tiny(tmp_path, epochs=1)).to_dict()
     records = []
-    for precision, step, peak in (("32-true", 0.25, 1000), ("16-mixed", 0.1, 800)):
+    for (precision, step, peak), repeat in itertools.product(
+        (("32-true", 0.25, 1000), ("16-mixed", 0.1, 800)), (0, 1)
+    ):  # two repeats each: a verdict rests on the noise between runs
         r = copy.deepcopy(base)
+        r.update(run_id=f"{precision}-r{repeat}", repeat=repeat)
         r["epochs"][0]["step_times_s"] = [step] * 20  # 2.5x the speed, no noise
         r["precision"] = {"requested": precision, "effective": precision}
         r["config"]["precision"] = precision

@@ -2,7 +2,6 @@
 way in every arm (bitwise parity holds for them as for ours), each spec that cannot train on
 CIFAR-10 refused in one line, and the record keeping what was trained."""
 
-import hashlib
 import json
 import sys
 
@@ -11,6 +10,7 @@ from click.testing import CliRunner
 
 from ampcompare import report
 from ampcompare.cli import cli
+from common import model_spec
 from lightning_impl import train as lightning
 from plain_torch import train as plain
 from tests.test_parity import assert_identical
@@ -54,6 +54,52 @@ class AsksForAValue(nn.Module):
 
 
 answer = 42
+
+
+def exits():
+    import sys
+
+    sys.exit(0)
+
+
+def hard_exit():
+    import os
+
+    os._exit(3)
+
+
+class ExitsInForward(Tiny):
+    def forward(self, x):
+        raise SystemExit(0)
+
+
+def two_lines():
+    raise ValueError("line one\\nline two")
+
+
+def no_parameters():
+    return nn.Sequential(nn.Flatten(), nn.Identity())
+
+
+class Counts(Tiny):
+    def forward(self, x):
+        return super().forward(x).round().long()
+
+
+def from_numpy_and_random():
+    import random
+
+    import numpy as np
+
+    model = Tiny()
+    with torch.no_grad():
+        model.fc.bias.copy_(torch.tensor(np.random.rand(10) + random.random()))
+    return model
+
+
+class NaNs(Tiny):
+    def forward(self, x):
+        return super().forward(x) * float("nan")
 """
 
 TINY = dict(synthetic_size=64, batch_size=8, limit_train_batches=2, limit_test_batches=1)
@@ -66,10 +112,13 @@ def user_module(tmp_path, monkeypatch):
     folder.mkdir()
     (folder / "mymodels.py").write_text(USER_MODULE)
     (folder / "broken.py").write_text("import math\nvalue = 1 / 0\n")
+    (folder / "ends.py").write_text("import sys\nsys.exit(0)\n")
+    (folder / "ends_hard.py").write_text("import os\nos._exit(0)\n")
+    (folder / "common.py").write_text(USER_MODULE)  # named like this tool's own package
     monkeypatch.chdir(folder)
     monkeypatch.setattr(sys, "path", list(sys.path))  # the working folder joins it: undone
     yield folder
-    for name in ("mymodels", "broken"):
+    for name in ("mymodels", "broken", "ends", "ends_hard", "pkg", "pkg.net"):
         sys.modules.pop(name, None)
 
 
@@ -88,8 +137,10 @@ def test_a_users_own_module_trains_bitwise_alike_and_is_recorded(tmp_path, user_
         "spec": "mymodels:build",
         "parameters": 3 * 8 * 9 + 8 + 16 + 8 * 10 + 10,
         "source": str(source),
-        "source_sha256": hashlib.sha256(source.read_bytes()).hexdigest(),
+        # over the one file of the model's own the run loaded (no other from its folder)
+        "source_sha256": model_spec.sources_sha256([str(source)]),
     }
+    assert b.model == a.model
     assert a.flops["per_step"] and a.flops["counted"] == "counted on the meta device"
 
 
@@ -129,6 +180,20 @@ def test_flops_of_a_model_the_meta_device_cannot_run(tmp_path, user_module):
         ("torchvision:inception_v3", "needs inputs of at least 75x75 (torchvision's min_size)"),
         ("timm:vit_tiny_patch16_224", "needs inputs of at least 224x224; CIFAR-10's are 32x32"),
         ("torchvision:", "name a torchvision model after the colon"),
+        (
+            "mymodels:exits",
+            "building it ended the process (sys.exit(0)); a model must not exit",
+        ),
+        ("mymodels:hard_exit", "building it ended the process (os._exit(3))"),
+        ("mymodels:ExitsInForward", "its forward ended the process (sys.exit(0))"),
+        ("sys:exit", "building it ended the process (sys.exit(None))"),
+        ("ends:build", "importing ends ended the process (sys.exit(0))"),
+        ("ends_hard:build", "importing ends_hard ended the process (os._exit(0))"),
+        ("mymodels:two_lines", "building it failed (ValueError: line one line two)"),
+        ("mymodels:no_parameters", "it has no parameters to train"),
+        ("mymodels:Counts", "its forward gave torch.int64 outputs, not floating-point logits"),
+        ("torchvision:googlenet", "gave GoogLeNetOutputs, not [2, 10] logits"),
+        ("common:build", "the common imported is this tool's own package, from "),
         (
             "vit",
             "not one of resnet18, small, linear, and not torchvision:NAME, timm:NAME or "
@@ -206,3 +271,54 @@ def test_a_resume_with_the_models_source_changed_is_refused(tmp_path, user_modul
     sys.modules.pop("mymodels", None)
     r = CliRunner().invoke(cli, ["plain", "--resume", str(tmp_path / "runs" / "s")])
     assert r.exit_code == 2 and "the source of --model mymodels:build changed" in r.stderr
+
+
+def test_a_model_drawing_from_numpy_and_random_starts_alike_in_every_arm(tmp_path, user_module):
+    import random
+
+    import numpy as np
+
+    np.random.seed(1), random.seed(1)  # whatever the process drew before, the build is seeded
+    a = plain.train(tiny(tmp_path, run_id="a", model="mymodels:from_numpy_and_random", **TINY))
+    np.random.seed(2), random.seed(2)
+    b = lightning.train(
+        tiny(tmp_path, run_id="b", model="mymodels:from_numpy_and_random", **TINY)
+    )
+    assert a.status == b.status == "ok"
+    assert_identical(a, b)
+    random.seed(3)
+    with model_spec.seeded(0):
+        random.random()
+    assert random.random() == random.Random(3).random()  # the caller's state is given back
+
+
+def test_nan_logits_give_no_accuracy(tmp_path, user_module):
+    result = plain.train(tiny(tmp_path, run_id="n", model="mymodels:NaNs", **TINY))
+    assert result.status == "diverged"
+    assert all(e["test_acc"] is None for e in result.epochs)
+
+
+PACKAGE = {
+    "pkg/__init__.py": "from pkg.net import build\n",
+    "pkg/net.py": USER_MODULE,
+}
+
+
+def test_a_resume_with_a_submodule_of_the_models_package_changed_is_refused(
+    tmp_path, user_module, monkeypatch
+):
+    from tests import faults
+
+    for name, text in PACKAGE.items():
+        (user_module / name).parent.mkdir(exist_ok=True)
+        (user_module / name).write_text(text)
+    with monkeypatch.context() as m:
+        faults.inject(m, epoch=1, action="interrupt")
+        plain.train(tiny(tmp_path, run_id="s", model="pkg:build", epochs=2, **TINY))
+    record = json.loads((tmp_path / "runs" / "s" / "result.json").read_text())
+    assert record["model"]["source"].endswith("pkg/__init__.py")
+    (user_module / "pkg" / "net.py").write_text(USER_MODULE + "\n# changed\n")
+    for name in ("pkg", "pkg.net"):
+        sys.modules.pop(name, None)
+    r = CliRunner().invoke(cli, ["plain", "--resume", str(tmp_path / "runs" / "s")])
+    assert r.exit_code == 2 and "the source of --model pkg:build changed" in r.stderr

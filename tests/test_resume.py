@@ -179,6 +179,8 @@ def test_resume_through_the_cli_finishes_the_run(stopped):
 
 
 def test_compare_resume_keeps_finished_arms_and_continues_the_rest(tmp_path):
+    from ampcompare.plan import Plan
+    from common.config import Config
     from tests.conftest import SMALL_RUN, run_cli, start_until_first_epoch
     import signal
 
@@ -192,24 +194,28 @@ def test_compare_resume_keeps_finished_arms_and_continues_the_rest(tmp_path):
         "plain",
         "--precisions",
         "32,bf16",
+        "--no-control",
         "--out-dir",
         str(out),
     ]
-    proc, second = start_until_first_epoch(args, out, "*/plain-bf16-mixed-r0/result.json")
+    # the order the plan runs them in (seeded from its options): the second is stopped
+    ran_first, ran_second = (
+        a.run_id
+        for a in Plan(Config(), ("plain",), ("32-true", "bf16-mixed"), 1, 1, None, False).arms()
+    )
+    proc, second = start_until_first_epoch(args, out, f"*/{ran_second}/result.json")
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "compare --resume" in stderr, stderr
     folder = second.parent.parent
-    first = json.loads((folder / "plain-32-true-r0" / "result.json").read_text())
+    first = json.loads((folder / ran_first / "result.json").read_text())
     stopped = json.loads(second.read_text())
-    assert first["status"] == "ok" and not list(
-        (folder / "plain-32-true-r0").glob("checkpoint*.pt")
-    )
+    assert first["status"] == "ok" and not list((folder / ran_first).glob("checkpoint*.pt"))
     assert stopped["status"] == "interrupted" and stopped["checkpoint"]
     one_line_exit_2(cli("compare", "--resume", str(folder), "--lr", "0.1"), "--lr differs")
     proc = run_cli(["compare", "--resume", str(folder)])
     assert proc.returncode == 0, proc.stderr
-    kept = json.loads((folder / "plain-32-true-r0" / "result.json").read_text())
+    kept = json.loads((folder / ran_first / "result.json").read_text())
     assert kept == first  # untouched
     done = json.loads(second.read_text())
     assert done["status"] == "ok" and len(done["epochs"]) == 4

@@ -84,6 +84,7 @@ def test_output_that_goes_away_does_not_stop_a_comparison(tmp_path):
             "plain,lightning",
             "--precisions",
             "32",
+            "--no-control",
             "--out-dir",
             str(out),
         ]
@@ -146,6 +147,8 @@ def test_ctrl_c_to_compare_after_its_last_arm_ended_ok_is_absorbed(tmp_path, mon
             "plain",
             "--precisions",
             "32",
+            "--no-control",  # the signal comes after the last arm: plain, the only one
+            "--no-warmup",  # (the fault is in every child: the warm-up's too)
             "--out-dir",
             str(out),
             "--quiet",

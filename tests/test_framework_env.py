@@ -1,0 +1,157 @@
+"""What Lightning and Accelerate read from the environment never changes what an arm trains:
+each such variable is cleared with one warning and kept in the record, or refused in one line
+(common/framework_env.py). The decisions are tested as a table; a representative set runs
+through the single-arm commands and through compare, against plain's weights."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from ampcompare import report
+from ampcompare.cli import cli
+from common import framework_env
+from tests.conftest import TINY_ARGS
+
+
+@pytest.mark.parametrize(
+    "environ,refused",
+    [
+        ({"ACCELERATE_USE_DEEPSPEED": "true"}, "asks for DeepSpeed"),
+        ({"ACCELERATE_USE_DEEPSPEED": "false"}, None),  # what `accelerate launch` leaves set
+        ({"ACCELERATE_USE_FSDP": "1"}, "asks for FSDP through Accelerate"),
+        ({"ACCELERATE_FP8_BACKEND": "TE"}, "asks Accelerate for fp8"),
+        ({"LT_STRATEGY": "fsdp"}, "asks for a sharded strategy"),
+        ({"PL_TRAINER_STRATEGY": "deepspeed_stage_2"}, "asks for a sharded strategy"),
+        ({"LT_CLI_USED": "1"}, "a launch by `fabric run`"),
+        ({"LT_DEVICES": "2", "PL_TRAINER_MAX_STEPS": "1"}, None),
+    ],
+)
+def test_what_is_refused(environ, refused):
+    line = framework_env.refusal(environ)
+    assert (line is None) if refused is None else (refused in line and "unset it" in line)
+
+
+def test_what_is_cleared_and_what_is_left():
+    environ = {
+        "PL_TRAINER_ACCUMULATE_GRAD_BATCHES": "2",
+        "PL_GLOBAL_SEED": "7",
+        "LT_DEVICES": "2",
+        "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4",
+        "ACCELERATE_DYNAMO_BACKEND": "inductor",
+        "ACCELERATE_TORCH_DEVICE": "meta",
+        "FSDP_SHARDING_STRATEGY": "1",
+        "ACCELERATE_LOG_LEVEL": "info",  # logging only: left
+        "RANK": "0",  # a launcher's: common/ranks.py decides
+        "PATH": "/bin",
+    }
+    found = framework_env.scrub(environ)
+    assert sorted(found) == sorted(
+        k for k in environ if k.startswith(("PL_", "LT_", "ACCELERATE_", "FSDP_"))
+    ) or sorted(found) == [
+        "ACCELERATE_DYNAMO_BACKEND",
+        "ACCELERATE_GRADIENT_ACCUMULATION_STEPS",
+        "ACCELERATE_TORCH_DEVICE",
+        "FSDP_SHARDING_STRATEGY",
+        "LT_DEVICES",
+        "PL_GLOBAL_SEED",
+        "PL_TRAINER_ACCUMULATE_GRAD_BATCHES",
+    ]
+    assert (
+        "ACCELERATE_LOG_LEVEL" in environ and "RANK" in environ and "LT_DEVICES" not in environ
+    )
+    # a process this one starts finds nothing to clear, and still knows what was
+    child = dict(environ)
+    assert framework_env.scrub(child, child=True) == {}
+    assert framework_env.inherited(child)["LT_DEVICES"] == "2"
+    # a command run afresh in the same process (not a child) records only its own
+    assert framework_env.scrub(environ) == {} and framework_env.inherited(environ) == {}
+
+
+def weights(tmp_path, impl, env, *extra):
+    r = CliRunner().invoke(
+        cli,
+        [
+            impl,
+            *TINY_ARGS,
+            "--optimizer",
+            "sgd",
+            "--out-dir",
+            str(tmp_path),
+            "--run-id",
+            impl,
+            *extra,
+        ],
+        env=env,
+    )
+    assert r.exit_code == 0, r.output
+    record = json.loads((tmp_path / impl / "result.json").read_text())
+    return record, r.stderr
+
+
+@pytest.mark.parametrize(
+    "impl,variable,value",
+    [
+        ("accelerate", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4"),
+        ("accelerate", "ACCELERATE_DYNAMO_BACKEND", "inductor"),
+        ("lightning", "PL_TRAINER_ACCUMULATE_GRAD_BATCHES", "2"),
+        ("lightning", "PL_TRAINER_MAX_STEPS", "1"),
+        ("fabric", "LT_DEVICES", "2"),
+        ("fabric", "LT_PRECISION", "bf16-mixed"),
+    ],
+)
+def test_an_arm_trains_what_its_record_says_whatever_the_environment(
+    tmp_path, impl, variable, value
+):
+    plain, _ = weights(tmp_path / "plain", "plain", {})
+    arm, stderr = weights(tmp_path / "arm", impl, {variable: value})
+    assert arm["status"] == "ok" and arm["weights_sha256"] == plain["weights_sha256"]
+    assert arm["step_losses"] == plain["step_losses"]
+    assert f"ampcompare: warning: cleared {variable}={value}" in stderr
+    assert arm["env"]["cleared_environment"] == {variable: value}
+    assert plain["env"]["cleared_environment"] == {}
+
+
+def test_a_refused_variable_is_one_line_and_exit_2(tmp_path):
+    r = CliRunner().invoke(
+        cli,
+        ["accelerate", *TINY_ARGS, "--out-dir", str(tmp_path)],
+        env={"ACCELERATE_USE_DEEPSPEED": "true"},
+    )
+    lines = r.stderr.strip().splitlines()
+    assert r.exit_code == 2 and len(lines) == 1 and "asks for DeepSpeed" in lines[0]
+    assert not list(tmp_path.iterdir())
+
+
+def test_compare_clears_for_every_arm_and_records_it(tmp_path):
+    r = CliRunner().invoke(
+        cli,
+        [
+            "compare",
+            *TINY_ARGS[:-3],  # without --precision 32 --quiet: compare sets them
+            "--epochs",
+            "1",
+            "--impls",
+            "plain,lightning,accelerate",
+            "--precisions",
+            "32",
+            "--no-control",
+            "--no-warmup",
+            "--out-dir",
+            str(tmp_path),
+        ],
+        env={
+            "PL_TRAINER_ACCUMULATE_GRAD_BATCHES": "2",
+            "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4",
+        },
+    )
+    assert r.exit_code == 0, r.output
+    assert r.stderr.count("ampcompare: warning: cleared") == 1
+    records = report.load([str(tmp_path)])
+    assert len(records) == 3 and {x["status"] for x in records} == {"ok"}
+    assert len({x["weights_sha256"] for x in records}) == 1
+    for x in records:
+        assert sorted(x["env"]["cleared_environment"]) == [
+            "ACCELERATE_GRADIENT_ACCUMULATION_STEPS",
+            "PL_TRAINER_ACCUMULATE_GRAD_BATCHES",
+        ]
