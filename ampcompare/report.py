@@ -27,7 +27,7 @@ import numpy as np
 
 from ampcompare import chart, explain
 from ampcompare.chart import MIB
-from common import files, results, stats, summary
+from common import files, results, rundir, stats, summary
 from common import config
 from common.precision import CANONICAL
 
@@ -109,8 +109,22 @@ def load(folders, skipped: list | None = None) -> list[dict]:
                     skipped.append((path, why))
                 continue
             record["_path"] = os.path.relpath(path, folder)
-            records.append(record)
+            records.append(ended(record, os.path.dirname(path)))
     return records
+
+
+def ended(record: dict, run_dir: str) -> dict:
+    """The record as the report tells it: one left at "running" whose process is gone (its
+    folder's lock is free: killed, or the machine went down) ended without recording how,
+    and is reported as failed, with what it measured."""
+    if record["status"] != "running" or rundir.held(run_dir):
+        return record
+    return {
+        **record,
+        "status": "failed",
+        "error": "its process ended without recording how (killed, or the machine stopped); "
+        "what it measured is kept",
+    }
 
 
 DEPTH = 32  # how deep below a folder a result.json is looked for

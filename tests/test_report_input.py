@@ -199,3 +199,20 @@ def test_report_follows_no_link_twice(tmp_path, one_run):
         os.path.join("only", "result.json")
     ]
     assert [r["run_id"] for r in report.load([str(tmp_path)])] == ["only"]
+
+
+def test_a_run_left_running_by_a_process_that_is_gone_is_reported_failed(tmp_path, one_run):
+    gone = variant(one_run, "gone", pid=4)
+    gone["status"] = "running"
+    write_runs(tmp_path, [gone])
+    (record,) = report.load([str(tmp_path)])
+    assert record["status"] == "failed" and "ended without recording" in record["error"]
+    # while a live process holds its folder, it is running
+    from common.rundir import lock
+
+    held = lock(str(tmp_path / "gone"), "held by this test")
+    try:
+        (record,) = report.load([str(tmp_path)])
+        assert record["status"] == "running"
+    finally:
+        os.close(held)
