@@ -57,7 +57,8 @@ def figure(summary):
                     fontsize=8,
                     color="0.4",
                 )
-        ax.set_xticks(range(len(groups)), [g[2] for g in groups])
+        # "plain (control)", "apex (O1)": the qualifier on a line of its own
+        ax.set_xticks(range(len(groups)), [g[2].replace(" (", "\n(") for g in groups])
         ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)
     if axes[0].get_legend_handles_labels()[0]:  # no bar at all: no legend either

@@ -492,10 +492,7 @@ def _report(folder: str, code: int) -> int:
     """Write the comparison's report from every record in its folder; the exit code."""
     from ampcompare import report
 
-    skipped = []
-    records = report.load([folder], skipped)
-    for path, why in skipped:
-        console.say(f"ampcompare: warning: skipped {path}: {why}", err=True)
+    records, _ = _records([folder])
     try:
         with signals.deferred():  # a report is written whole; a signal now waits for it
             paths = report.write(records, folder)
@@ -515,6 +512,18 @@ def _report(folder: str, code: int) -> int:
     _echo_report(paths)
     failed = [r for r in records if r["status"] not in ("ok", "unavailable")]
     return code or (1 if failed else 0)
+
+
+def _records(folders, quiet: bool = False) -> tuple[list, list]:
+    """Every run record under the folders, and (path, why) of each file skipped, said in a
+    warning line each unless `quiet`."""
+    from ampcompare import report
+
+    skipped = []
+    records = report.load(folders, skipped)
+    for path, why in [] if quiet else skipped:
+        console.say(f"ampcompare: warning: skipped {path}: {why}", err=True)
+    return records, skipped
 
 
 def _given(ctx, name: str) -> bool:
@@ -578,12 +587,9 @@ def _echo_report(paths: dict) -> None:
     "given).  [default: all]",
 )
 def calibrate_command(run_dirs, slowdown, splits, steps):
-    from ampcompare import calibrate, report
+    from ampcompare import calibrate
 
-    skipped = []
-    records = report.load(run_dirs, skipped)
-    for path, why in skipped:
-        console.say(f"ampcompare: warning: skipped {path}: {why}", err=True)
+    records, _ = _records(run_dirs)
     console.say(calibrate.run(records, slowdown, splits, steps))
     return 0
 
@@ -610,8 +616,7 @@ def report_command(run_dirs, out):
     )
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--out {out} is a file; name a folder")
-    skipped = []
-    records = report.load(run_dirs, skipped)
+    records, skipped = _records(run_dirs, quiet=True)
     if not records:
         first = (
             f" ({len(skipped)} skipped; {skipped[0][0]}: {skipped[0][1]})" if skipped else ""

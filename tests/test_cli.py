@@ -105,20 +105,6 @@ BENCH_FIGURES = (
 )
 
 
-BENCH_FIGURES = (
-    "lightning_cost_per_step",
-    "fabric_cost_per_step",
-    "accelerate_cost_per_step",
-    "control_cost_per_step",
-    "control_ratio",
-    "lightning_cost_share_of_small_step",
-    "bf16_over_fp32",
-    "control_over_fp32",
-    "data_wait_fraction",
-    "loader_over_torchvision",
-)
-
-
 def test_the_bench_runs_and_writes_every_ratio(tmp_path):
     root = os.path.dirname(os.path.dirname(__file__))
     proc = subprocess.run(
