@@ -85,12 +85,13 @@ def rate(
     slowdown: float = 0.0,
     most: Optional[int] = None,
     seed: int = 0,
+    confidence: float = stats.LEVEL,
 ) -> Rate:
     """The share of splits into groups of k whose verdict claims a difference. `cells`: for
     each cell, its runs as one-run samples in the order they ran; each split takes the same
     places in every cell (runs of one repeat ran close together in time, in every cell), and
     pools the noise over every cell's two groups. With `slowdown`, the second group's steps
-    are that much longer."""
+    are that much longer. `confidence`: each verdict's, 95% or a table's row's."""
     n = min(len(c) for c in cells)
     claimed = undecided = trials = df = 0
     chosen = splits(n, k, most, seed)
@@ -104,12 +105,54 @@ def rate(
         ]
         noise = stats.Noise.pooled([g for pair in groups for g in pair])
         for first, second in groups:
-            est = stats.ratio(second, first, noise)
+            est = stats.ratio(second, first, noise, confidence)
             df = est.df
             trials += 1
             undecided += est.short is not None
             claimed += est.claims(1.0)
     return Rate(k, len(chosen), trials, claimed, undecided, df)
+
+
+def table_rate(
+    cells: Sequence[Sequence[stats.Sample]],
+    k: int,
+    arms: int,
+    draws: int,
+    slowdown: float = 0.0,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """A report's table of framework costs, made from one arm's runs: in each cell, `arms` + 1
+    disjoint groups of k drawn at random (the first is "plain"), every other group compared
+    with it, the noise pooled over them all, each row at the table's confidence
+    (stats.family). Returns (the share of tables with any false claim, the share in which a
+    first arm made `slowdown` slower was found)."""
+    rng = np.random.default_rng(seed)
+    rows = len(cells) * arms
+    false = found = 0
+    for _ in range(draws):
+        groups = []
+        for cell in cells:
+            order = rng.permutation(len(cell))
+            groups.append(
+                [
+                    stats.Sample.join(
+                        [cell[i] for i in order[j * k : (j + 1) * k]],
+                        factor=1 + slowdown if j == 1 else 1.0,
+                    )
+                    for j in range(arms + 1)
+                ]
+            )
+        noise = stats.Noise.pooled([g for row in groups for g in row])
+        claims = [
+            [
+                stats.difference(g, row[0], noise, stats.family(rows)).claims(0.0)
+                for g in row[1:]
+            ]
+            for row in groups
+        ]
+        found += claims[0][0]
+        false += any(c for r in claims for c in (r[1:] if slowdown else r))
+    return false / draws, found / draws
 
 
 def cells_of(records, steps: Optional[int] = None) -> dict[str, list[stats.Sample]]:

@@ -423,36 +423,40 @@ def _ratios(table, samples, noise, hold=None) -> dict:
     the seed-to-seed spread. The 32-true run of the same arm is the reference (apex: O0,
     whatever the mixed opt level)."""
     base = {c["impl"]: label for label, c in table.get("32-true", {}).items()}
+    rows = [
+        (precision, label, base[cell["impl"]])
+        for precision, impls in table.items()
+        if precision != "32-true"
+        for label, cell in impls.items()
+        if cell["impl"] in base and cell["ok"] and table["32-true"][base[cell["impl"]]]["ok"]
+    ]
+    confidence = stats.family(len(rows))  # the table's verdicts, judged together
     ratios = {}
-    for precision, impls in table.items():
-        if precision == "32-true":
-            continue
-        for label, cell in impls.items():
-            ref_label = base.get(cell["impl"])
-            if ref_label is None:
-                continue
-            ref = table["32-true"][ref_label]
-            if not ref["ok"] or not cell["ok"]:
-                continue
-            a, b = samples["32-true", ref_label], samples[precision, label]
-            speedup = _held(stats.ratio(a, b, noise), hold) if a and b else None
-            ratio = {
-                "speedup": {**speedup.to_dict(), "verdict": stats.speed_words(speedup)}
-                if speedup
-                else None
+    for precision, label, ref_label in rows:
+        cell, ref = table[precision][label], table["32-true"][ref_label]
+        a, b = samples["32-true", ref_label], samples[precision, label]
+        speedup = _held(stats.ratio(a, b, noise, confidence), hold) if a and b else None
+        ratio = {
+            "speedup": {
+                **speedup.to_dict(),
+                "confidence": confidence,
+                "verdict": stats.speed_words(speedup),
             }
-            for metric in ("activation_bytes", "peak_memory_bytes", "peak_beyond_data_bytes"):
-                x, y = stats.median_of(cell, metric), stats.median_of(ref, metric)
-                ratio[metric] = x / y if x is not None and y else None
-            x, y = cell["final_test_acc"], ref["final_test_acc"]
-            ratio["accuracy_change"] = x["median"] - y["median"] if x and y else None
-            ratio["seeds"] = min(cell["seeds"], ref["seeds"])
-            ratio["seed_spread"] = (
-                max(x["max"] - x["min"], y["max"] - y["min"])
-                if x and y and ratio["seeds"] > 1
-                else None
-            )
-            ratios.setdefault(label, {})[precision] = ratio
+            if speedup
+            else None
+        }
+        for metric in ("activation_bytes", "peak_memory_bytes", "peak_beyond_data_bytes"):
+            x, y = stats.median_of(cell, metric), stats.median_of(ref, metric)
+            ratio[metric] = x / y if x is not None and y else None
+        x, y = cell["final_test_acc"], ref["final_test_acc"]
+        ratio["accuracy_change"] = x["median"] - y["median"] if x and y else None
+        ratio["seeds"] = min(cell["seeds"], ref["seeds"])
+        ratio["seed_spread"] = (
+            max(x["max"] - x["min"], y["max"] - y["min"])
+            if x and y and ratio["seeds"] > 1
+            else None
+        )
+        ratios.setdefault(label, {})[precision] = ratio
     return ratios
 
 
@@ -461,26 +465,29 @@ def _overheads(table, samples, noise, hold=None) -> dict:
     the difference of step times, with its interval, as time and as a share. The control
     (plain again) comes first: its row is the report's own noise floor."""
     out = {}
-    for precision, impls in table.items():
-        plain = samples.get((precision, "plain"))
-        if "plain" not in impls or not plain:
-            continue
-        for label in sorted(impls, key=lambda k: k != CONTROL):
-            sample = samples[precision, label]
-            if label == "plain" or not sample:
-                continue
-            est = stats.difference(sample, plain, noise)
-            if label != CONTROL:  # the control's own claim is what withholds the rest
-                est = _held(est, hold)
-            words = stats.overhead_words(est, plain.value)
-            if label == CONTROL:
-                words = f"plain against itself: {words}"
-            out.setdefault(precision, {})[label] = {
-                **est.to_dict(),
-                "share": est.value / plain.value,
-                "plain_step_s": plain.value,
-                "verdict": words,
-            }
+    rows = [
+        (precision, label)
+        for precision, impls in table.items()
+        if "plain" in impls and samples.get((precision, "plain"))
+        for label in sorted(impls, key=lambda k: k != CONTROL)
+        if label != "plain" and samples[precision, label]
+    ]
+    confidence = stats.family(len(rows))  # the table's verdicts, judged together
+    for precision, label in rows:
+        plain, sample = samples[precision, "plain"], samples[precision, label]
+        est = stats.difference(sample, plain, noise, confidence)
+        if label != CONTROL:  # the control's own claim is what withholds the rest
+            est = _held(est, hold)
+        words = stats.overhead_words(est, plain.value)
+        if label == CONTROL:
+            words = f"plain against itself: {words}"
+        out.setdefault(precision, {})[label] = {
+            **est.to_dict(),
+            "share": est.value / plain.value,
+            "plain_step_s": plain.value,
+            "confidence": confidence,
+            "verdict": words,
+        }
     return out
 
 
@@ -722,7 +729,10 @@ def _method(dev) -> list[str]:
         f"95% interval: Student's t over the noise between processes, pooled over every "
         f"cell here ({_pooled(dev)}), or a block bootstrap of the runs' own steps where that "
         f"is wider; no verdict rests on fewer than {stats.MIN_DF} degrees of freedom or "
-        f"{stats.MIN_STEPS} timed steps a run. Other figures are medians over "
+        f"{stats.MIN_STEPS} timed steps a run. The intervals of a table of verdicts (what "
+        f"each framework adds, mixed against 32-true) hold together: each row's at "
+        f"1 − 5%/rows, so that the table as a whole claims a false difference at most 5% "
+        f"of the time. Other figures are medians over "
         f"repeats and seeds, [min–max] when they differ; accuracy over seeds. Activation "
         f"memory is what one training step saves for backward, measured on any device; "
         f"peak memory is "

@@ -353,11 +353,12 @@ def source_files(*modules) -> list[str]:
 
 
 def _source(module) -> Optional[str]:
-    try:
-        path = inspect.getsourcefile(module)
-    except TypeError:  # a built-in module
+    """A module's Python source file, or None (a built-in or compiled module)."""
+    path = getattr(module, "__file__", None)
+    if not isinstance(path, str) or not path.endswith(".py"):
         return None
-    return os.path.abspath(path) if path and os.path.isfile(path) else None
+    path = os.path.abspath(path)
+    return path if os.path.isfile(path) else None
 
 
 def sources_sha256(files: list[str]) -> str:

@@ -305,10 +305,12 @@ def _short(samples: Sequence[Sample], noise: Noise) -> Optional[str]:
     return None
 
 
-def _half_width(se_between: Optional[float], df: int, se_within: float) -> float:
+def _half_width(
+    se_between: Optional[float], df: int, se_within: float, confidence: float = LEVEL
+) -> float:
     """The half-width on the log scale: t over the between-process part, or the normal
     quantile over the within-run part, whichever is wider."""
-    q = (1 + LEVEL) / 2
+    q = (1 + confidence) / 2
     within = normal_quantile(q) * se_within
     if se_between is None or df < 1:
         return within
@@ -337,18 +339,26 @@ def level(a: Sample, noise: Noise = NO_NOISE) -> Estimate:
     )
 
 
-def log_ratio(a: Sample, b: Sample, noise: Noise) -> tuple[float, float, Noise]:
+def log_ratio(
+    a: Sample, b: Sample, noise: Noise, confidence: float = LEVEL
+) -> tuple[float, float, Noise]:
     """log(a / b), the half-width of its interval, and the noise it was judged against."""
     noise = _noise_for([a, b], noise)
     se_b = _between_se(noise, len(a.runs), len(b.runs))
-    half = _half_width(se_b, noise.df, math.sqrt(a.within() + b.within()))
+    half = _half_width(se_b, noise.df, math.sqrt(a.within() + b.within()), confidence)
     return a.log_value - b.log_value, half, noise
 
 
-def ratio(a: Sample, b: Sample, noise: Noise = NO_NOISE) -> Estimate:
+def family(rows: int) -> float:
+    """The confidence of each of `rows` intervals that together claim a false difference at
+    most 1 − LEVEL of the time (Bonferroni): a table of verdicts is judged as a whole."""
+    return 1 - (1 - LEVEL) / max(1, rows)
+
+
+def ratio(a: Sample, b: Sample, noise: Noise = NO_NOISE, confidence: float = LEVEL) -> Estimate:
     """a's figure over b's (e.g. 32-true's step time over a mixed precision's: the
-    speed-up)."""
-    d, half, noise = log_ratio(a, b, noise)
+    speed-up), its interval at `confidence` (95%, or a table's share: family())."""
+    d, half, noise = log_ratio(a, b, noise, confidence)
     return Estimate(
         math.exp(d),
         math.exp(d - half),
@@ -360,10 +370,12 @@ def ratio(a: Sample, b: Sample, noise: Noise = NO_NOISE) -> Estimate:
     )
 
 
-def difference(a: Sample, b: Sample, noise: Noise = NO_NOISE) -> Estimate:
+def difference(
+    a: Sample, b: Sample, noise: Noise = NO_NOISE, confidence: float = LEVEL
+) -> Estimate:
     """a's figure less b's (e.g. a framework's step time less plain's: its cost per step):
     the ratio's interval, in b's time."""
-    r, base = ratio(a, b, noise), b.value
+    r, base = ratio(a, b, noise, confidence), b.value
     return replace(r, value=a.value - base, lo=base * (r.lo - 1), hi=base * (r.hi - 1))
 
 

@@ -111,3 +111,14 @@ def test_the_report_judges_a_pair_as_calibrate_does(cells):
         assert control["verdict"].startswith("plain against itself: no difference detectable")
     speedup = group["ratios"]["plain"]["bf16-mixed"]["speedup"]
     assert speedup["verdict"].endswith("]") and "faster" in speedup["verdict"]
+
+
+def test_a_table_of_verdicts_claims_falsely_at_most_at_the_stated_level(cells):
+    # The demo's table of what each framework adds: 4 arms against plain (Lightning, Fabric,
+    # Accelerate, the control) at 2 precisions, 3 runs each, drawn from the recorded runs.
+    # Its rows are judged together (each at stats.family(8)): a table with any false claim
+    # stays under 5%. Row by row at 95% each, 8 rows claimed something false far more often.
+    false, _ = calibrate.table_rate(cells, DEMO_REPEATS, 4, 300)
+    assert false <= 1 - stats.LEVEL + SLACK
+    _, found = calibrate.table_rate(cells, DEMO_REPEATS, 4, 200, slowdown=0.30)
+    assert found >= 0.5  # a 30% slower arm is still found, at least half the time
