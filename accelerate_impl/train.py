@@ -6,10 +6,8 @@ Read:   sdiff -w 200 plain_torch/train.py accelerate_impl/train.py
 Shows:  per-step losses and final weights bitwise identical to the plain loop at 32-true and
         bf16-mixed (tests/test_accelerate.py); on a CPU, Accelerate asked for fp16 trains
         fp32 (no autocast, no scaler), so 16-mixed is refused there rather than misrecorded.
-Measured: same setup as plain_torch/train.py, accelerate 1.15.0: 178 ms [170-186] a step
-        at 32-true, 119 ms [112-129] at bf16-mixed (plain: 172, 118; docs/benchmark.md).
-        Accelerate adds +376 us [+201, +535] to a step of the linear model, 0.19% [0.10-0.28]
-        of the small CNN's step (docs/bench.md).
+Measured: figures with their commands and machines are in docs/benchmark.md (every arm)
+        and docs/bench.md (what a framework adds to a step), not here, where they would rot.
 """
 
 from __future__ import annotations

@@ -6,10 +6,8 @@ Read:   sdiff -w 200 plain_torch/train.py fabric_impl/train.py
 Shows:  per-step losses and final weights bitwise identical to the plain loop at 32-true,
         bf16-mixed and 16-mixed (tests/test_fabric.py), and what Fabric costs per step
         (ampcompare bench).
-Measured: same setup as plain_torch/train.py, pytorch-lightning 2.6.6: 169 ms [163-176] a
-        step at 32-true, 122 ms [116-131] at bf16-mixed (plain: 172, 118). What Fabric adds to
-        a step of the linear model: no difference detectable, [-151, +169] us
-        (docs/bench.md).
+Measured: figures with their commands and machines are in docs/benchmark.md (every arm)
+        and docs/bench.md (what a framework adds to a step), not here, where they would rot.
 """
 
 from __future__ import annotations

@@ -8,10 +8,8 @@ Read:   sdiff -W -w 200 plain_torch/train.py lightning_impl/module.py   for the 
 Shows:  per-step losses and final weights bitwise identical to the plain loop at 32-true,
         bf16-mixed and 16-mixed (tests/test_parity.py), and what the Trainer costs per step
         (ampcompare bench).
-Measured: same setup as plain_torch/train.py, pytorch-lightning 2.6.6: 174 ms [165-187] a
-        step at 32-true, 120 ms [112-130] at bf16-mixed (plain: 172, 118). The Trainer adds
-        +887 us [+722, +1047] to a step of the linear model, 0.45% [0.37-0.54] of the small
-        CNN's step (docs/bench.md; an earlier run: +372 us).
+Measured: figures with their commands and machines are in docs/benchmark.md (every arm)
+        and docs/bench.md (what a framework adds to a step), not here, where they would rot.
 """
 
 from __future__ import annotations
