@@ -10,6 +10,7 @@ process prints the job's one summary line from that record.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -35,6 +36,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def launch_options(devices: int, job: str, port: int, config_type) -> dict:
+    """LaunchConfig's arguments for a job on this node, each only where this torch's
+    LaunchConfig has the field (shutdown_timeout arrived in torch 2.12; setup.cfg's floor is
+    older)."""
+    wanted = {
+        "min_nodes": 1,
+        "max_nodes": 1,
+        "nproc_per_node": devices,
+        "run_id": job,
+        "rdzv_backend": "c10d",
+        "rdzv_endpoint": f"127.0.0.1:{port}",
+        "max_restarts": 0,
+        "monitor_interval": 0.1,
+        "shutdown_timeout": 60,  # how long a stopped rank may take to record its end
+    }
+    have = {f.name for f in dataclasses.fields(config_type)}
+    return {k: v for k, v in wanted.items() if k in have}
+
+
 def run(cfg, args: list[str]) -> int:
     """Start cfg.devices processes of `ampcompare ARGS`; the job's exit code."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -50,17 +70,7 @@ def run(cfg, args: list[str]) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.devices)))
     os.environ[ranks.OURS] = "1"  # the ranks leave the summary line to this process
     job = f"ampcompare-{uuid.uuid4().hex[:8]}"
-    config = LaunchConfig(
-        min_nodes=1,
-        max_nodes=1,
-        nproc_per_node=cfg.devices,
-        run_id=job,
-        rdzv_backend="c10d",
-        rdzv_endpoint=f"127.0.0.1:{free_port()}",
-        max_restarts=0,
-        monitor_interval=0.1,
-        shutdown_timeout=60,
-    )
+    config = LaunchConfig(**launch_options(cfg.devices, job, free_port(), LaunchConfig))
     failures, stopped = {}, False
     try:
         elastic_launch(config, RANK_COMMAND[0])(*RANK_COMMAND[1:], *args)

@@ -357,3 +357,32 @@ def test_under_torchrun_one_process_a_node_downloads_and_the_others_wait(tmp_pat
         timeout=LIMIT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_the_launcher_passes_only_the_fields_this_torchs_launchconfig_has():
+    # torch 2.11's LaunchConfig has no shutdown_timeout (it came in 2.12): passing it made
+    # every multi-process job a TypeError there.
+    import dataclasses
+
+    from torch.distributed.launcher.api import LaunchConfig
+
+    from ampcompare import launch
+
+    @dataclasses.dataclass
+    class Older:
+        min_nodes: int
+        max_nodes: int
+        nproc_per_node: int
+        run_id: str = ""
+        rdzv_backend: str = "static"
+        rdzv_endpoint: str = ""
+        max_restarts: int = 3
+        monitor_interval: float = 30
+
+    options = launch.launch_options(2, "job", 12345, Older)
+    assert "shutdown_timeout" not in options and options["nproc_per_node"] == 2
+    Older(**options)  # builds
+    here = launch.launch_options(2, "job", 12345, LaunchConfig)
+    assert LaunchConfig(**here).nproc_per_node == 2
+    names = {f.name for f in dataclasses.fields(LaunchConfig)}
+    assert ("shutdown_timeout" in here) == ("shutdown_timeout" in names)
