@@ -233,6 +233,8 @@ def table(cells: dict, rates: dict, slowdown: float = 0.0) -> str:
 
 
 def _share(r: Rate) -> str:
+    if r.trials and r.undecided == r.trials:
+        return f"no verdict drawn in {r.trials} comparisons"
     lo, hi = r.interval()
     text = f"{r.share:.1%} [{lo:.1%}–{hi:.1%}] of {r.trials}"
     return text + (f" ({r.undecided} no verdict)" if r.undecided else "")

@@ -173,6 +173,14 @@ def run_one(impl: str, cfg: Config) -> int:
     quiet.frameworks()  # again: Lightning sets its loggers' level as it is imported
     try:
         result = module.train(cfg)
+    except SystemExit as end:  # the model's or a framework's sys.exit, inside the loop
+        if signals.received():
+            raise
+        _say(
+            f"ampcompare: error: {impl}: sys.exit({end.code!r}) was called during the run (by "
+            f"the model or a framework); its record says failed"
+        )
+        return 1
     finally:
         distributed.shutdown()
     # One job, one summary: rank 0's, or, under `--devices N`, the launcher's (it knows how

@@ -164,11 +164,17 @@ def unusable_steps(record) -> str | None:
     negative), or None."""
     for e in record.get("epochs") or []:
         times = e.get("step_times_s") if isinstance(e, dict) else None
-        if times is not None and (not isinstance(times, list) or not stats.usable(times)):
+        if times is None:
+            continue
+        if not isinstance(times, list) or not stats.usable(times):
             bad = next((t for t in times if not stats.usable([t])), times)
             return (
                 f"epoch {e.get('epoch')} holds a step time that is not a finite number "
-                f"above zero ({bad!r})"
+                f"above zero and under {stats.LONGEST_STEP:g} s ({json.dumps(bad)})"
+            )
+        if isinstance(e.get("steps"), int) and len(times) != e["steps"]:
+            return (
+                f"epoch {e.get('epoch')} holds {len(times)} step times for {e['steps']} steps"
             )
     return None
 

@@ -19,6 +19,7 @@ ACCELERATE_ENABLE_RICH, ACCELERATE_DEBUG_MODE).
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Optional
 
@@ -60,6 +61,12 @@ def refusal(environ) -> Optional[str]:
                 f"{name}={environ[name]} asks for {what}, which ampcompare does not run; "
                 f"unset it (docs/bad-input.md)"
             )
+    level = environ.get("ACCELERATE_LOG_LEVEL")
+    if level is not None and not isinstance(logging.getLevelName(level.upper()), int):
+        return (
+            f"ACCELERATE_LOG_LEVEL={level} is not a logging level (DEBUG, INFO, WARNING, "
+            f"ERROR, CRITICAL); Accelerate fails on it: set one, or unset it"
+        )
     if environ.get("ACCELERATE_FP8_BACKEND", "").strip():
         return (
             f"ACCELERATE_FP8_BACKEND={environ['ACCELERATE_FP8_BACKEND']} asks Accelerate for "

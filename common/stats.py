@@ -119,11 +119,14 @@ def quartiles(values: Sequence[float]) -> Optional[tuple[float, float, float]]:
     return float(q1), float(med), float(q3)
 
 
+LONGEST_STEP = 1e6  # seconds: eleven days; a step time beyond it is no measurement
+
+
 def usable(steps) -> bool:
-    """Whether every step time is a finite number above zero (a record that holds any other
-    is not evidence: report skips it, and names it)."""
+    """Whether every step time is a number above zero and under LONGEST_STEP (a record that
+    holds any other is not evidence: report skips it, and names it)."""
     return all(
-        isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t > 0
+        isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t < LONGEST_STEP
         for t in steps
     )
 

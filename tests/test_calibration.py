@@ -100,6 +100,8 @@ def test_fewer_steps_than_the_minimum_give_no_verdict(cells):
     short = calibrate.cells_of(recorded(), steps=stats.MIN_STEPS - 1)
     rate = calibrate.rate(list(short.values()), 3, 0.5, 20)
     assert rate.claimed == 0 and rate.undecided == rate.trials
+    # and calibrate says so, rather than a rate that rests on no verdict
+    assert "no verdict drawn in 40 comparisons" in calibrate.table(short, {3: (rate, None)})
 
 
 def test_the_report_judges_a_pair_as_calibrate_does(cells):

@@ -125,6 +125,7 @@ CASES = {
     "ACCELERATE_USE_DEEPSPEED=true ampcompare accelerate": "asks for DeepSpeed, which "
     "ampcompare does not run; unset it",
     "LT_STRATEGY=fsdp ampcompare fabric": "asks for a sharded strategy",
+    "ACCELERATE_LOG_LEVEL=bogus ampcompare accelerate": "is not a logging level",
     "ACCELERATE_FP8_BACKEND=TE ampcompare compare": "asks Accelerate for fp8",
     "ampcompare plain --model sys:exit": "building it ended the process (sys.exit(None)); a "
     "model must not exit",

@@ -97,6 +97,16 @@ def from_numpy_and_random():
     return model
 
 
+class ExitsLater(Tiny):
+    calls = 0
+
+    def forward(self, x):
+        ExitsLater.calls += 1
+        if ExitsLater.calls > 8:  # past the checks and the FLOP count: inside the loop
+            raise SystemExit(0)
+        return super().forward(x)
+
+
 class NaNs(Tiny):
     def forward(self, x):
         return super().forward(x) * float("nan")
@@ -322,3 +332,33 @@ def test_a_resume_with_a_submodule_of_the_models_package_changed_is_refused(
         sys.modules.pop(name, None)
     r = CliRunner().invoke(cli, ["plain", "--resume", str(tmp_path / "runs" / "s")])
     assert r.exit_code == 2 and "the source of --model pkg:build changed" in r.stderr
+
+
+def test_a_model_that_exits_inside_the_loop_is_a_failure_not_a_success(tmp_path, user_module):
+    r = CliRunner().invoke(
+        cli,
+        [
+            "plain",
+            "--model",
+            "mymodels:ExitsLater",
+            "--dataset",
+            "synthetic",
+            "--synthetic-size",
+            "64",
+            "--batch-size",
+            "8",
+            "--epochs",
+            "1",
+            "--accelerator",
+            "cpu",
+            "--out-dir",
+            str(tmp_path),
+            "--run-id",
+            "x",
+            "--quiet",
+        ],
+    )
+    assert r.exit_code == 1, r.output
+    assert "sys.exit(0) was called during the run" in r.stderr
+    record = json.loads((tmp_path / "x" / "result.json").read_text())
+    assert record["status"] == "failed" and "SystemExit" in record["error"]

@@ -172,16 +172,23 @@ def test_runs_with_other_thread_counts_are_never_one_cell(one_run):
     assert len(devices) == 2 and all("threads" in d["device"] for d in devices)
 
 
-@pytest.mark.parametrize("bad", [None, float("nan"), float("inf"), 0.0, -0.01, "1"])
+@pytest.mark.parametrize("bad", [None, float("nan"), float("inf"), 0.0, -0.01, "1", 1e300, []])
 def test_a_record_with_an_unusable_step_time_is_skipped_and_named(tmp_path, one_run, bad):
     broken = variant(one_run, "broken", pid=3)
-    broken["epochs"][1]["step_times_s"][0] = bad
+    if bad == []:  # no step times for an epoch that says it took steps
+        broken["epochs"][1]["step_times_s"] = bad
+    else:
+        broken["epochs"][1]["step_times_s"][0] = bad
     write_runs(tmp_path, [variant(one_run, "fine"), broken])
     skipped = []
     records = report.load([str(tmp_path)], skipped)
     assert [r["run_id"] for r in records] == ["fine"]
     ((path, why),) = skipped
-    assert "broken" in path and ("not a finite number above zero" in why or "step_times" in why)
+    assert "broken" in path and (
+        "not a finite number above zero" in why
+        or "step_times" in why
+        or "step times for" in why
+    )
     r = CliRunner().invoke(cli, ["report", str(tmp_path)])
     assert r.exit_code == 0 and "skipped" in r.stderr and "broken" in r.stderr
     md = (tmp_path / "report.md").read_text()
