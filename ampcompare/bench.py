@@ -183,11 +183,11 @@ def _sample(rounds, name="") -> stats.Sample:
     return stats.Sample(rounds, name)
 
 
-def _log_figure(logs, variances, words, target=None) -> dict:
-    """A ratio measured once per process (logs), pooled."""
+def _log_figure(logs, variances, words, target=None, unit="") -> dict:
+    """A figure measured once per process on the log scale (a ratio, a rate), pooled."""
     mean, half, df = stats.across(logs, variances)
     est = _estimate(math.exp(mean), math.exp(mean - half), math.exp(mean + half), logs, df)
-    return figure(est, words(est), target=target)
+    return figure(est, words(est), unit, target=target)
 
 
 def _linear_figure(values, variances, words, unit="", scale=1.0, target=None) -> dict:
@@ -334,9 +334,7 @@ def _loaders(loader: list, why: str, report: dict) -> None:
         samples = [_sample(p[key]) for p in loader]
         logs = [-s.log_value for s in samples]  # images a second: 1 / seconds an image
         variances = [s.within() for s in samples]
-        mean, half, df = stats.across(logs, variances)
-        est = _estimate(math.exp(mean), math.exp(mean - half), math.exp(mean + half), logs, df)
-        report[name] = figure(est, "measured", "images/s")
+        report[name] = _log_figure(logs, variances, lambda e: "measured", unit="images/s")
 
 
 def table(report: dict) -> str:

@@ -332,7 +332,7 @@ def _cell(runs, sample: stats.Sample, noise: stats.Noise) -> dict:
     geometric mean of the ok runs' medians, its interval from the noise pooled over the whole
     comparison; other timings spread over repeats and seeds; accuracy over seeds (each seed's
     median over its repeats: a repeat with the same seed trains the same weights)."""
-    good = [r for r in runs if r["status"] == "ok"]
+    good = ok_runs(runs)
     cell = {
         "impl": arm_of(runs[0]),
         "runs": len(runs),

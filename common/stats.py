@@ -288,7 +288,7 @@ def _noise_for(samples: Sequence[Sample], noise: Noise) -> Noise:
     return Noise(variance, own.df, noise.cells)
 
 
-def _short(samples: Sequence[Sample], noise: Noise) -> Optional[str]:
+def _short(samples: Sequence[Sample]) -> Optional[str]:
     """Why these samples cannot carry a verdict, or None: too few timed steps in a run, or
     too few runs of their own to set their noise against (the comparison's other cells
     widen their interval, but were never shown to make a verdict on single runs sound)."""
@@ -338,7 +338,7 @@ def level(a: Sample, noise: Noise = NO_NOISE) -> Estimate:
         (len(a.runs),),
         (a.steps,),
         noise.df,
-        _short([a], noise),
+        _short([a]),
     )
 
 
@@ -369,7 +369,7 @@ def ratio(a: Sample, b: Sample, noise: Noise = NO_NOISE, confidence: float = LEV
         (len(a.runs), len(b.runs)),
         (a.steps, b.steps),
         noise.df,
-        _short([a, b], noise),
+        _short([a, b]),
     )
 
 

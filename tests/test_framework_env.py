@@ -46,9 +46,7 @@ def test_what_is_cleared_and_what_is_left():
         "PATH": "/bin",
     }
     found = framework_env.scrub(environ)
-    assert sorted(found) == sorted(
-        k for k in environ if k.startswith(("PL_", "LT_", "ACCELERATE_", "FSDP_"))
-    ) or sorted(found) == [
+    assert sorted(found) == [
         "ACCELERATE_DYNAMO_BACKEND",
         "ACCELERATE_GRADIENT_ACCUMULATION_STEPS",
         "ACCELERATE_TORCH_DEVICE",

@@ -140,7 +140,7 @@ def test_too_few_steps_a_run_give_no_verdict():
     assert est.short.startswith(f"not enough steps to tell: a run has {few} timed steps")
     assert not est.claims(1.0)
     more = stats.Sample([noisy(0.3, stats.MIN_STEPS, s) for s in range(4)])
-    assert stats.ratio(more, b.__class__([noisy(0.1, stats.MIN_STEPS, 9)] * 4)).claims(1.0)
+    assert stats.ratio(more, stats.Sample([noisy(0.1, stats.MIN_STEPS, 9)] * 4)).claims(1.0)
 
 
 def test_figures_from_several_processes_pool_across_them():
