@@ -7,8 +7,10 @@ package index, and amp's loss scaler allocates CUDA tensors, so it cannot run wi
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.metadata
+import sys
 
 import torch
 
@@ -97,3 +99,24 @@ def check(cfg) -> tuple[str, Policy]:
     load_amp()
     require_cuda(device)
     return opt_level, policy
+
+
+@contextlib.contextmanager
+def torch_restored():
+    """Undo O1's patches when the run ends, however it ends. O1's amp.initialize replaces some
+    200 torch functions with casting wrappers for the rest of the process, and apex has no
+    public way back: every later run in the same process (a test, the bench's next arm) would
+    run through them and fail, or measure apex's casts in another arm."""
+    rnn = sys.modules.get("torch.nn.modules.rnn")
+    rnn_functions = getattr(rnn, "_VF", None)  # O1 puts a shim of its own there
+    try:
+        yield
+    finally:
+        state = getattr(sys.modules.get("apex.amp._amp_state"), "_amp_state", None)
+        handle = getattr(state, "handle", None)
+        if handle is not None:
+            handle._deactivate()  # apex's own undo: puts back each function it saved
+            del state.handle
+            sys.modules["apex.amp.amp"]._DECORATOR_HANDLE = None
+        if rnn is not None:
+            rnn._VF = rnn_functions

@@ -17,7 +17,7 @@ from itertools import islice
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from apex_impl.opt_levels import check
+from apex_impl.opt_levels import check, torch_restored
 from common import distributed, metrics, models, progress
 from common.prepare import RunSetup, prepare
 from common.results import RunResult
@@ -107,7 +107,7 @@ def train(cfg) -> RunResult:
     cfg.opt_level = opt_level
     setup = prepare(cfg, impl="apex", opt_level=opt_level, policy=policy)
     # Any exception ends here, as the run's status (failed, oom, ...); a usage error, exit 2.
-    with setup.recorder:
+    with torch_restored(), setup.recorder:  # ours: apex leaves O1's patches in place
         model, optimizer, scheduler = build(cfg, setup)
         fit(cfg, setup, model, optimizer, scheduler)
     return setup.recorder.result

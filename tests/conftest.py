@@ -96,6 +96,34 @@ def forked_arms():
         yield
 
 
+def torch_functions() -> dict:
+    """Every function torch, torch.Tensor and torch.nn.functional hold, by name: what apex's O1
+    replaces with casting wrappers (and the RNN functions it shims)."""
+    import torch
+    import torch.nn.functional as F
+    import torch.nn.modules.rnn as rnn
+
+    held = {("rnn", "_VF"): rnn._VF}
+    for space in (torch, torch.Tensor, F):
+        held.update({(space.__name__, name): value for name, value in vars(space).items()})
+    return held
+
+
+@pytest.fixture(autouse=True)
+def torch_left_as_found():
+    """A test that leaves torch patched (apex O1 does, for the rest of a process) fails, instead
+    of every later test in its process failing for a reason far from it."""
+    before = torch_functions()
+    yield
+    after = torch_functions()
+    changed = sorted(
+        f"{space}.{name}"
+        for (space, name), v in before.items()
+        if after.get((space, name)) is not v
+    )
+    assert not changed, f"torch left patched after the test: {', '.join(changed[:5])}"
+
+
 def run_cli(args, cwd=ROOT, timeout=180, fresh=False) -> subprocess.CompletedProcess:
     """`ampcompare ARGS` as its own process, through the console entry's own code path
     (fresh: started as FRESH, interpreter and all)."""

@@ -196,6 +196,43 @@ def test_an_inf_gradient_skips_the_step_and_lowers_the_scale(tmp_path, monkeypat
     assert poisoned.epochs[0]["loss_scale"] == clean.epochs[0]["loss_scale"] / 2  # backoff 0.5
 
 
+def test_o1_leaves_torch_as_it_found_it(tmp_path, monkeypatch):
+    # The real apex on a CPU: its checks for CUDA tensors are lifted, so that O1's
+    # amp.initialize patches torch here as it does on a GPU; the run then fails in apex's
+    # optimizer (CPU parameters), and torch must be put back however the run ends.
+    pytest.importorskip("apex.amp", reason="needs the apex 25.04 wheel (make test installs it)")
+    from apex.amp import _initialize
+    from apex.amp import amp as apex_amp
+
+    from apex_impl import train as apex
+    from plain_torch import train as plain
+    from tests.conftest import torch_functions
+
+    monkeypatch.setattr(_initialize, "check_models", lambda models: None)
+    monkeypatch.setattr(_initialize, "check_params_fp32", lambda models: None)
+    monkeypatch.setattr(
+        torch.cuda, "IntTensor", lambda data: torch.tensor(data, dtype=torch.int32)
+    )
+    monkeypatch.setattr(
+        apex, "check", lambda cfg: opt_levels.resolve(cfg.precision, cfg.opt_level)
+    )
+    before, patched = torch_functions(), []
+    real_init = apex_amp.init
+
+    def amp_init(*args, **kwargs):  # what O1 changed, seen from inside the run
+        handle = real_init(*args, **kwargs)
+        now = torch_functions()
+        patched.extend(k for k, v in before.items() if now.get(k) is not v)
+        return handle
+
+    monkeypatch.setattr(apex_amp, "init", amp_init)  # _initialize imports it when it runs
+    apex.train(tiny(tmp_path, run_id="apex", precision="16-mixed", batch_size=32))
+    assert len(patched) > 100  # O1 did patch torch, or this test would prove nothing
+    after = torch_functions()
+    assert [k for k, v in before.items() if after.get(k) is not v] == []
+    assert plain.train(tiny(tmp_path, run_id="plain")).status == "ok"
+
+
 def test_a_missing_apex_never_imports_the_apex_loop(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "apex", None)
     monkeypatch.delitem(sys.modules, "apex_impl.train", raising=False)
