@@ -113,7 +113,8 @@ class EpochMeter:
         for hook in epoch_start_hooks:
             hook(epoch)
         synchronize(device)
-        self.start = self.last = time.perf_counter()
+        reset_peak_memory(device)  # each epoch's CUDA peak is its own: the summary leaves out
+        self.start = self.last = time.perf_counter()  # the warm-up's (cuDNN's autotuning)
         self.cpu_start = time.process_time()
         self.executed_at_start = steps.executed
         self.losses, self.images, self.waits, self.clock = [], 0, [], clock(device)

@@ -93,7 +93,6 @@ class Recorder:
     def __enter__(self) -> "Recorder":
         try:
             with signals.deferred():
-                metrics.reset_peak_memory(self.device)
                 if self.resumed:
                     _set_rng(self.resumed["ampcompare"]["rng"])
                 if self.is_rank0:

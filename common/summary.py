@@ -36,10 +36,10 @@ def timed_steps(epochs: list) -> tuple[list, str]:
 
 
 def summarize(epochs: list, env: Optional[dict] = None) -> dict:
-    """Medians leave out warm-up epochs (the first a process runs: a resumed run has two) when
-    any other epoch is there; step times follow timed_steps(). On CUDA the allocator's peak is
-    also given less the image sets held there (env's data_on_device_bytes): what the precision
-    can change."""
+    """Medians and the memory peak leave out warm-up epochs (the first a process runs: a resumed
+    run has two) when any other epoch is there: a warm-up's CUDA peak holds cuDNN's autotuning.
+    Step times follow timed_steps(). On CUDA the allocator's peak is also given less the image
+    sets held there (env's data_on_device_bytes): what the precision can change."""
     from common import stats
 
     median = stats.median
@@ -48,7 +48,7 @@ def summarize(epochs: list, env: Optional[dict] = None) -> dict:
     timed = [e for e, w in zip(epochs, warm) if not w] or epochs
 
     saved = next((e["saved_tensors"] for e in epochs if e.get("saved_tensors")), None)
-    peak, env = max((e["peak_memory_bytes"] for e in epochs), default=None), env or {}
+    peak, env = max((e["peak_memory_bytes"] for e in timed), default=None), env or {}
     scales = [e["loss_scale"] for e in epochs if e.get("loss_scale") is not None]
     steps, rule = timed_steps(epochs)
     q1, step, q3 = stats.quartiles(steps) or (None, None, None)

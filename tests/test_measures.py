@@ -65,6 +65,33 @@ def test_activation_memory_halves_in_bf16_and_is_the_same_in_every_arm(tmp_path)
     assert summary["activation_bytes"] == bf16["activations"] + bf16["integer"]
 
 
+@pytest.mark.parametrize("arm", ["plain", "lightning", "fabric", "accelerate"])
+def test_each_epoch_measures_its_own_peak_and_the_warm_up_is_left_out(
+    tmp_path, monkeypatch, arm
+):
+    # A stand-in allocator peak: it grows with the work done and resets as CUDA's does. The
+    # warm-up epoch (epoch 0) does the most, as cuDNN's autotuning does on a GPU.
+    import importlib
+
+    from common import metrics
+
+    peak = {"now": 0, "epochs": 0}
+
+    def reset(device):
+        peak["epochs"] += 1
+        peak["now"] = 100 if peak["epochs"] == 1 else 10 * peak["epochs"]
+
+    monkeypatch.setattr(metrics, "reset_peak_memory", reset)
+    monkeypatch.setattr(metrics, "peak_memory_bytes", lambda device: peak["now"])
+    module = importlib.import_module(
+        f"{dict(plain='plain_torch').get(arm, arm + '_impl')}.train"
+    )
+    result = module.train(tiny(tmp_path, epochs=3))
+    assert result.status == "ok"
+    assert [e["peak_memory_bytes"] for e in result.epochs] == [100, 20, 30]
+    assert result.summary["peak_memory_bytes"] == 30  # not the warm-up's 100
+
+
 def conv_flops(c_in, c_out, k, h, w, batch):
     return 2 * c_in * c_out * k * k * h * w * batch
 
