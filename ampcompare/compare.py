@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -31,7 +32,7 @@ from common.config import Config, option_flag
 from common.device import resolve_device
 from common.environment import environment
 from common import checkpoints, console, rundir
-from common.errors import COMPARE_CHILD, UNAVAILABLE_EXIT
+from common.errors import COMPARE_CHILD, UNAVAILABLE_EXIT, Unavailable, UsageError
 
 GRACE_S = 60  # how long an interrupted child may take to record its result
 RESUMABLE = ("interrupted", "failed", "oom", "running")
@@ -185,6 +186,8 @@ def run_arm(cfg: Config, arm: Arm, folder: str, unavailable: dict, env: dict, wa
     before = found.record
     if before is not None and before["status"] == "ok":
         return before, False  # finished in an earlier attempt: kept
+    if key not in unavailable and (why := known_unavailable(cfg, arm)):
+        unavailable[key] = why
     if key in unavailable:
         if found.exists:
             _supersede(folder, run_dir, "this machine cannot run it")
@@ -221,6 +224,28 @@ def run_arm(cfg: Config, arm: Arm, folder: str, unavailable: dict, env: dict, wa
     if result.status == "unavailable":
         unavailable[key] = result.error
     return _save(run_dir, unavailable_result(cfg, arm, result.status, result.error, env)), stop
+
+
+def known_unavailable(cfg: Config, arm: Arm) -> Optional[str]:
+    """Why the arm cannot run here, where this process can tell without starting it: apex's
+    checks (no bf16 mode, no apex.amp, no CUDA) need no process of seconds of imports to say
+    the same. None: the arm's own process decides."""
+    if arm.impl != "apex":
+        return None
+    from apex_impl import opt_levels
+
+    opt_level = cfg.opt_level if applies(cfg.opt_level, arm.precision) else None
+    try:
+        with warnings.catch_warnings():  # apex warns that amp is deprecated as it is imported
+            warnings.simplefilter("ignore")
+            opt_levels.check(
+                dataclasses.replace(cfg, precision=arm.precision, opt_level=opt_level)
+            )
+    except Unavailable as e:
+        return str(e)
+    except UsageError:  # the arm's own process says it, with its exit code
+        return None
+    return None
 
 
 def _attempt(cfg: Config, arm: Arm, folder: str, run_dir: str, resuming: bool):

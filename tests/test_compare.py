@@ -117,6 +117,29 @@ def test_apex_unavailable_here_is_a_row_that_says_why(compared):
     assert "unavailable" in (folder / "report.md").read_text()
 
 
+def test_an_arm_known_to_be_unavailable_starts_no_process(tmp_path, monkeypatch):
+    started = []
+    real = compare._attempt
+    monkeypatch.setattr(
+        compare, "_attempt", lambda cfg, arm, *a: started.append(arm.impl) or real(cfg, arm, *a)
+    )
+    command = ["compare", *ARGS, "--epochs", "1", "--impls", "apex,plain", "--no-control"]
+    result = CliRunner().invoke(
+        cli, [*command, "--precisions", "32,bf16", "--out-dir", str(tmp_path)]
+    )
+    assert result.exit_code == 0, result.output
+    assert started == ["plain", "plain", "plain"]  # the warm-up and plain's two; apex none
+    rows = {
+        r["precision"]: r for r in csv_rows(next(tmp_path.iterdir())) if r["impl"] == "apex"
+    }
+    assert {r["status"] for r in rows.values()} == {"unavailable"}
+    assert "apex.amp has no bf16 mode" in rows["bf16-mixed"]["error"]
+    # without the apex wheel, or with it and no CUDA:
+    assert rows["32-true"]["error"].startswith(
+        ("apex is not installed", "apex.amp needs a CUDA")
+    )
+
+
 @pytest.mark.parametrize(
     "action, status", [("usage", "failed"), ("unavailable", "unavailable")]
 )
