@@ -277,9 +277,16 @@ def _become(request: dict) -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
-    if _differs(request["env"], request["server_env"]):  # what this command starts, say
-        os.execv(sys.executable, [*FRESH, *request["args"]])
+    if _differs(request["env"], request["server_env"]) or _cuda_started():
+        os.execv(sys.executable, [*FRESH, *request["args"]])  # what this command starts, say
     _as_started_there(request)
+
+
+def _cuda_started() -> bool:
+    """Whether the server had started CUDA before it forked (an import that does is a bug of
+    its own): CUDA cannot be used in a child forked after that, so the child starts afresh."""
+    torch = sys.modules.get("torch")
+    return torch is not None and torch.cuda.is_initialized()
 
 
 def _differs(env: dict, server_env: dict) -> bool:
