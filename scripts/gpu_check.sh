@@ -1,89 +1,179 @@
 #!/usr/bin/env bash
-# What a lent GPU should run, in one call, within 8 minutes including set-up (one H200 here):
+# What a lent GPU should run, in one call of at most 8 minutes including set-up, with no network:
 #   1. every test marked gpu or apex: plain, Lightning, Fabric and Accelerate (16-mixed with its
-#      GradScaler too) bitwise on CUDA; apex O0
-#      bitwise with plain 32-true, O1/O2 within the stated tolerance, O1 resumed bitwise; an
-#      inf gradient skipped by plain and apex; the GPU crops equal to the CPU's;
+#      GradScaler too) bitwise on CUDA; apex O0 bitwise with plain 32-true, O1/O2 within the
+#      stated tolerance, O1 resumed bitwise; an inf gradient skipped by plain and apex; the GPU
+#      crops equal to the CPU's;
 #   2. compare: ResNet-18 at batch 256 on the synthetic set, 32-true against 16-mixed and
-#      bf16-mixed, for plain, Lightning, Fabric, Accelerate and apex (O1), and apex O2 at
-#      16-mixed;
+#      bf16-mixed, for plain, Lightning, Fabric, Accelerate and apex (O1; it has no bf16), and
+#      apex O2 at 16-mixed;
 #   3. one report of both, and the targets beside the reference benchmark's figures
-#      (scripts/gpu_targets.py): speed (step times, with the interval: CUDA events), activation
-#      memory, allocator peak, MFU, data wait, skipped fp16 steps.
-# Everything lands in OUT_DIR ($OUT when set, else runs/gpu-check): env.txt, gpu-tests.log,
-# the compare folders, report/ (report.md, results.csv, summary.json, benchmark.png),
-# targets.txt.
+#      (scripts/gpu_targets.py).
+# Each step has a time limit. A compare stopped at its limit is "partial": the runs it finished
+# are kept, the running one records what it measured, and the report covers them.
 #
-# Needs present (reaches no network, installs nothing but the project and apex): python with a
-# CUDA build of torch, torchvision, pytorch-lightning, accelerate, numpy, click, rich, matplotlib
-# and pytest. With APEX_WHEEL=<path to apex-0.1-py3-none-any.whl>, apex 25.04 (python-only) is
-# installed first; without it the apex tests are skipped with a reason and apex is an
-# "unavailable" row.
+# Everything lands in a work folder (WORK, default runs/gpu-check-<UTC time>). With OUT_DIR (or
+# $OUT, which the lent machine sets), the work folder is then packed there in 7 files, as such a
+# machine sends back at most 8: gpu-check.tar.gz (everything but checkpoints and locks),
+# summary.txt, report.md, targets.txt, env.txt, gpu-tests.log and log-compare.txt. The output
+# ends with the summary: the tests' outcomes, the compares' ends, the targets and the verdict.
 #
-# Usage: [PYTHON=python3] [AMPCOMPARE="python3 -m ampcompare"] scripts/gpu_check.sh [--cpu] [OUT_DIR]
-#   --cpu: the same steps on the CPU with a tiny model and a few batches (the tests of step 1
-#   are left to make test, which runs this mode), so that the script cannot rot without a GPU.
+# Needs present: python (PYTHON, default python3) with a CUDA build of torch, torchvision,
+# pytorch-lightning, accelerate, numpy, click, rich, matplotlib and pytest. APEX_WHEEL=<path to
+# apex-0.1-py3-none-any.whl> (inside the working tree: nothing else reaches the lent machine)
+# installs apex 25.04 into the work folder (pip --target, so a read-only environment cannot
+# stop it); a wheel given that then does not import fails the check. Without APEX_WHEEL the apex
+# tests are skipped with a reason and apex is an "unavailable" row.
+#
+# Usage: [PYTHON=python3] [APEX_WHEEL=...] [WORK=...] scripts/gpu_check.sh [--cpu] [OUT_DIR]
+#   --cpu: the same steps on the CPU with a tiny model and a few batches (the gpu tests skip,
+#   with their reasons), so that the script cannot rot without a GPU; make test runs it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODE=gpu
 if [ "${1:-}" = "--cpu" ]; then MODE=cpu; shift; fi
-OUT=${1:-${OUT:-runs/gpu-check}}
+PACK=${1:-${OUT:-}}
 PY=${PYTHON:-python3}
 read -r -a AMP <<< "${AMPCOMPARE:-$PY -m ampcompare}"  # the command, its words split on spaces
+WORK=${WORK:-runs/gpu-check-$(date -u +%Y%m%dT%H%M%SZ)}
+mkdir -p "$WORK" && WORK=$(cd "$WORK" && pwd)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # run from the source tree: torch untouched
 if [ "$MODE" = gpu ] && ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
   echo "gpu_check: no CUDA device here; run scripts/gpu_check.sh --cpu for the CPU mode" >&2
   exit 2
 fi
-mkdir -p "$OUT"
+echo "gpu_check ($MODE): working in $WORK"
+
+# --- set-up: apex from the wheel, and what this machine is ----------------------------------
+apex_line="apex: no APEX_WHEEL given"
+apex_ok=1
 if [ -n "${APEX_WHEEL:-}" ]; then
-  "$PY" -m pip install --quiet --no-deps --no-index "$APEX_WHEEL" || echo "gpu_check: apex did not install" >&2
+  apex_ok=0
+  if [ ! -f "$APEX_WHEEL" ]; then
+    apex_line="apex: APEX_WHEEL=$APEX_WHEEL is not a file here (does it travel with the tree?)"
+  elif ! "$PY" -m pip install --quiet --no-deps --no-index --target "$WORK/site" "$APEX_WHEEL" \
+      > "$WORK/apex-install.log" 2>&1; then
+    apex_line="apex: pip could not install $APEX_WHEEL: $(tail -n 1 "$WORK/apex-install.log")"
+  else
+    export PYTHONPATH="$PYTHONPATH:$WORK/site"
+    if why=$("$PY" -W ignore -c 'import apex.amp' 2>&1); then
+      apex_line="apex: installed from $APEX_WHEEL into $WORK/site"
+      apex_ok=1
+    else
+      apex_line="apex: installed, but import apex.amp failed: $(tail -n 1 <<< "$why")"
+    fi
+  fi
 fi
-
 {
-  nvidia-smi --query-gpu=name,compute_cap,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
-  "$PY" -c 'import torch, torchvision, pytorch_lightning as pl, accelerate; print("torch", torch.__version__, "cuda", torch.version.cuda, "torchvision", torchvision.__version__, "lightning", pl.__version__, "accelerate", accelerate.__version__)'
-  "$PY" -c 'import apex.amp, importlib.metadata as m; print("apex", m.version("apex"))' 2>&1 | tail -n 1
-} > "$OUT/env.txt" 2>&1
-cat "$OUT/env.txt"
+  nvidia-smi --query-gpu=name,compute_cap,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+  "$PY" -c 'import sys, torch, torchvision, pytorch_lightning as pl, accelerate; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "torchvision", torchvision.__version__, "lightning", pl.__version__, "accelerate", accelerate.__version__)'
+  echo "$apex_line"
+} > "$WORK/env.txt" 2>&1
+cat "$WORK/env.txt"
 
-tests_rc=0
+# --- the steps, each within its limit ---------------------------------------------------------
 if [ "$MODE" = gpu ]; then
-  timeout -k 10 170 "$PY" -m pytest -p no:cacheprovider -q -rs -m "gpu or apex" tests 2>&1 | tee "$OUT/gpu-tests.log"
-  tests_rc=${PIPESTATUS[0]}
-  # 14 processes (apex has no bf16) of about 10 s start-up and 3 short epochs each; at the limit
-  # compare stops the running arm, records it and reports the rest.
-  RUN=(--dataset synthetic --model resnet18 --synthetic-size 5000 --batch-size 256 --epochs 3)
+  # 20 batches of 256 (no ragged batch: one shape less for cuDNN to tune), a warm-up epoch and
+  # one timed epoch of 20 steps; no checkpoints (135 MB written and fsynced per epoch otherwise)
+  RUN=(--dataset synthetic --model resnet18 --synthetic-size 5120 --batch-size 256 --epochs 2
+       --no-checkpoint)
   PRECISIONS=32-true,16-mixed,bf16-mixed
   IMPLS=plain,lightning,fabric,accelerate,apex
-  LIMIT=230
-  O2_LIMIT=45
+  TESTS_LIMIT=150 LIMIT=200 O2_LIMIT=45
+  TEST_WORKERS=(-n "${GPU_TEST_WORKERS:-4}")
 else
   RUN=(--dataset synthetic --model small --synthetic-size 256 --batch-size 32 --epochs 2
-       --limit-train-batches 2 --limit-test-batches 1 --accelerator cpu)
+       --limit-train-batches 2 --limit-test-batches 1 --accelerator cpu --no-checkpoint)
   PRECISIONS=32-true,bf16-mixed
   IMPLS=plain  # every step of the script at the least cost (apex: its O2 row, unavailable)
-  LIMIT=120
-  O2_LIMIT=60
+  TESTS_LIMIT=120 LIMIT=120 O2_LIMIT=60
+  TEST_WORKERS=()
+  export AMPCOMPARE_TEST_FORK=0  # the gpu tests skip here: no fork server to start for them
 fi
+"$PY" -c 'import xdist' 2> /dev/null || TEST_WORKERS=()
 
-# Budget (GPU): tests 170 s + compare 230 s + O2 45 s + report: under 8 minutes with set-up.
+echo "gpu_check: tests (limit ${TESTS_LIMIT}s)"
+timeout -k 10 "$TESTS_LIMIT" "$PY" -m pytest -p no:cacheprovider -q -rfEs --tb=short \
+  "${TEST_WORKERS[@]}" -m "gpu or apex" tests > "$WORK/gpu-tests.log" 2>&1
+tests_rc=$?
+
 # One repeat and no control arm, to fit the time: its speed figures come with their intervals and
 # the words "not enough runs to tell" (a verdict needs repeats: docs/benchmark.md).
+echo "gpu_check: compare (limit ${LIMIT}s)"
 timeout -k 30 "$LIMIT" "${AMP[@]}" compare "${RUN[@]}" --precisions "$PRECISIONS" \
-  --impls "$IMPLS" --no-control --out-dir "$OUT" --quiet > "$OUT/log-compare.txt" 2>&1
+  --impls "$IMPLS" --no-control --out-dir "$WORK" --quiet > "$WORK/log-compare.txt" 2>&1
 compare_rc=$?
+echo "gpu_check: apex O2 (limit ${O2_LIMIT}s)"
 timeout -k 15 "$O2_LIMIT" "${AMP[@]}" compare "${RUN[@]}" --precisions 16-mixed --impls apex \
-  --opt-level O2 --no-control --no-warmup --out-dir "$OUT" --quiet \
-  > "$OUT/log-compare-apex-o2.txt" 2>&1
+  --opt-level O2 --no-control --no-warmup --out-dir "$WORK" --quiet \
+  > "$WORK/log-compare-apex-o2.txt" 2>&1
 o2_rc=$?
 
-"${AMP[@]}" report "$OUT"/compare-*/ --out "$OUT/report" > "$OUT/report.log" 2>&1
+"${AMP[@]}" report "$WORK"/compare-*/ --out "$WORK/report" > "$WORK/report.log" 2>&1
 report_rc=$?
-cat "$OUT/report/report.md" 2>/dev/null
-"$PY" scripts/gpu_targets.py "$OUT/report/summary.json" | tee "$OUT/targets.txt"
+"$PY" scripts/gpu_targets.py "$WORK/report/summary.json" > "$WORK/targets.txt" 2>&1
 
-echo "gpu_check ($MODE): tests exit $tests_rc; compare exit $compare_rc; apex O2 exit $o2_rc;" \
-     "report exit $report_rc; everything in $OUT"
-# compare exits 1 when an arm failed (its row says why); 0 or 1 is a measurement, not a crash.
-[ "$tests_rc" -eq 0 ] && [ "$compare_rc" -le 1 ] && [ "$o2_rc" -le 1 ] && [ "$report_rc" -eq 0 ]
+# --- the summary: what the output ends with -------------------------------------------------
+ended() {  # how a compare ended, from its exit code
+  case "$1" in
+    0) echo "ok" ;;
+    1) echo "ok; an arm failed (its row says why)" ;;
+    124 | 137) echo "partial: stopped at its limit; what it measured is kept and reported" ;;
+    *) echo "failed (exit $1): see its log" ;;
+  esac
+}
+passed=1
+[ "$tests_rc" -eq 0 ] || passed=0
+for rc in "$compare_rc" "$o2_rc"; do
+  case "$rc" in 0 | 1 | 124 | 137) ;; *) passed=0 ;; esac
+done
+[ "$report_rc" -eq 0 ] || passed=0
+[ "$apex_ok" -eq 1 ] || passed=0
+{
+  echo "== gpu_check ($MODE) summary =="
+  cat "$WORK/env.txt"
+  echo "-- tests (exit $tests_rc) --"
+  # pytest's short summary (failures, errors and skips, one line each) and its count, within
+  # about 5,000 characters, so that the whole summary fits in the 12,000 that come back
+  if grep -q 'short test summary info' "$WORK/gpu-tests.log"; then
+    sed -n '/short test summary info/,$p' "$WORK/gpu-tests.log" | tail -n +2 > "$WORK/.short"
+  else
+    tail -n 5 "$WORK/gpu-tests.log" > "$WORK/.short"
+  fi
+  lines=$(wc -l < "$WORK/.short")
+  head -n 24 "$WORK/.short" | cut -c1-200
+  [ "$lines" -gt 25 ] && echo "... $((lines - 25)) more lines in gpu-tests.log"
+  [ "$lines" -gt 24 ] && tail -n 1 "$WORK/.short" | cut -c1-200
+  rm -f "$WORK/.short"
+  echo "-- compare: $(ended "$compare_rc"); apex O2: $(ended "$o2_rc"); report exit $report_rc --"
+  "$PY" - "$WORK/report/results.csv" <<'EOF' 2>/dev/null || echo "no results.csv"
+import collections, csv, sys
+rows = list(csv.DictReader(open(sys.argv[1], newline="")))
+count = collections.Counter(r["status"] for r in rows)
+print("runs:", ", ".join(f"{n} {s}" for s, n in count.most_common()))
+for r in rows:
+    if r["status"] not in ("ok",):
+        print(f"  {r['impl']} {r['precision']}: {r['status']}: {(r.get('error') or '')[:200]}")
+EOF
+  echo "-- targets --"
+  cat "$WORK/targets.txt"
+  if [ -n "$PACK" ]; then
+    echo "packed into $PACK: gpu-check.tar.gz (everything but checkpoints and locks)" \
+         "summary.txt report.md targets.txt env.txt gpu-tests.log log-compare.txt"
+  fi
+  if [ "$passed" -eq 1 ]; then verdict=PASSED; else verdict=FAILED; fi
+  echo "gpu_check ($MODE): $verdict: tests exit $tests_rc; compare exit $compare_rc;" \
+       "apex O2 exit $o2_rc; report exit $report_rc; $apex_line"
+} > "$WORK/summary.txt"
+
+# --- the pack: 7 files, as a lent machine sends back at most 8 -------------------------------
+if [ -n "$PACK" ]; then
+  mkdir -p "$PACK"
+  tar -czf "$PACK/gpu-check.tar.gz" -C "$(dirname "$WORK")" --exclude='*.pt' --exclude='*.lock' \
+    --exclude="$(basename "$WORK")/site" "$(basename "$WORK")"
+  for name in summary.txt report/report.md targets.txt env.txt gpu-tests.log log-compare.txt; do
+    [ -f "$WORK/$name" ] && cp "$WORK/$name" "$PACK/"
+  done
+fi
+cat "$WORK/summary.txt"
+[ "$passed" -eq 1 ]

@@ -107,7 +107,10 @@ def _speed(speedup, targeted: bool) -> str:
     est = stats.Estimate.from_dict(speedup)
     if not targeted:
         return speedup["verdict"]
-    return f"{speedup['verdict']}: {stats.target_words(est, TARGETS['speed'], at_most=False)}"
+    words = stats.target_words(est, TARGETS["speed"], at_most=False)
+    if est.short:  # the verdict has just said why
+        words = words.removesuffix(f": {est.short}")
+    return f"{speedup['verdict']}: {words}"
 
 
 def _x(value):

@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 
 import click
 import pytest
@@ -188,23 +189,78 @@ def test_the_bench_pools_its_processes_figures():
     assert report["loader_over_torchvision"]["estimate"] == pytest.approx(20)
 
 
-def test_the_gpu_check_runs_every_step_in_its_cpu_mode(tmp_path):
+def apex_wheel(folder, amp: bool) -> str:
+    """A python-only wheel named as apex 25.04's, with or without an apex.amp package."""
+    import zipfile
+
+    dist = "apex-0.1.dist-info"
+    files = {
+        "apex/__init__.py": "",
+        **({"apex/amp/__init__.py": ""} if amp else {}),
+        f"{dist}/METADATA": "Metadata-Version: 2.1\nName: apex\nVersion: 0.1\n",
+        f"{dist}/WHEEL": "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    path = os.path.join(folder, "apex-0.1-py3-none-any.whl")
+    with zipfile.ZipFile(path, "w") as z:
+        for name, text in files.items():
+            z.writestr(name, text)
+        z.writestr(f"{dist}/RECORD", "".join(f"{n},,\n" for n in [*files, f"{dist}/RECORD"]))
+    return path
+
+
+# What a lent GPU machine sends back: at most 8 files under $OUT, and its output's last 12,000
+# characters.
+MAX_FILES, TAIL = 8, 12_000
+
+
+@pytest.mark.parametrize("amp", [True, False], ids=["apex-wheel", "wheel-without-amp"])
+def test_the_gpu_check_runs_every_step_in_its_cpu_mode_and_packs_what_comes_back(tmp_path, amp):
     root = os.path.dirname(os.path.dirname(__file__))
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "AMPCOMPARE": " ".join(ampcompare()),
+        "APEX_WHEEL": apex_wheel(tmp_path, amp),
+        "WORK": str(work),
+        "OUT": str(out),
+    }
     proc = subprocess.run(
-        ["bash", "scripts/gpu_check.sh", "--cpu", str(tmp_path)],
+        ["bash", "scripts/gpu_check.sh", "--cpu"],
         cwd=root,
-        env={**os.environ, "PYTHON": sys.executable, "AMPCOMPARE": " ".join(ampcompare())},
+        env=env,
         capture_output=True,
         text=True,
         timeout=300,
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert (tmp_path / "report" / "benchmark.png").exists()
-    targets = (tmp_path / "targets.txt").read_text()
+    tail = proc.stdout[-TAIL:]
+    assert proc.returncode == (0 if amp else 1), proc.stdout[-3000:] + proc.stderr[-3000:]
+    # Every step ran, whatever apex did: the report of both compares and the targets.
+    assert (work / "report" / "benchmark.png").exists()
+    assert "apex (O2)" in (work / "report" / "report.md").read_text()
+    targets = (work / "targets.txt").read_text()
     assert "plain       bf16-mixed speed " in targets and "activations 0.5" in targets
     assert "Reference: the benchmark this tool grew from" in targets
-    report = (tmp_path / "report" / "report.md").read_text()
-    assert "apex (O2)" in report  # the second compare, reported with the first
+    # What comes back: the archive and a few small files beside it.
+    sent = [p for p in out.rglob("*") if p.is_file()]
+    assert len(sent) <= MAX_FILES and (out / "gpu-check.tar.gz") in sent
+    with tarfile.open(out / "gpu-check.tar.gz") as archive:
+        names = archive.getnames()
+    assert any(n.endswith("report/summary.json") for n in names)
+    assert sum(n.endswith("result.json") for n in names) == 3  # plain twice, apex O2's stand-in
+    assert not [n for n in names if n.endswith((".pt", ".lock")) or "/site/" in n]
+    # The output ends with the summary: tests, compares, targets, verdict.
+    summary = tail[tail.index("== gpu_check (cpu) summary ==") :]
+    assert summary == (out / "summary.txt").read_text()
+    assert "SKIPPED" in summary and " skipped" in summary  # the gpu tests, with their reasons
+    assert "-- compare: ok; apex O2: ok; report exit 0 --" in summary
+    assert targets in summary
+    last = summary.strip().splitlines()[-1]
+    if amp:
+        assert last.startswith("gpu_check (cpu): PASSED") and "apex: installed from" in last
+    else:  # a wheel given that does not import apex.amp: said, and the check fails
+        assert last.startswith("gpu_check (cpu): FAILED")
+        assert "import apex.amp failed: ModuleNotFoundError: No module named 'apex.amp'" in last
 
 
 def test_an_arm_that_raises_in_the_bench_is_reported_not_a_traceback(tmp_path, monkeypatch):
