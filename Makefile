@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 DEMO_DIR ?= runs/demo
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-image bench clean
 
 # One pip call for torch and the project: one resolution (76 s here, against 85 s in three).
 $(BIN)/.installed: setup.cfg pyproject.toml
@@ -50,5 +50,25 @@ test: $(BIN)/.apex
 bench: $(BIN)/.installed
 	$(BIN)/ampcompare bench
 
+# The suite on the lent GPU machine's stack (docs/devices.md: Python 3.12, torch 2.11.0,
+# torchvision 0.26.0, pytorch-lightning 2.6.6, accelerate 1.15.0), with every other requirement
+# at the floor setup.cfg states, so that the floors are tested too; the apex wheel beside it.
+# CPU only; pip downloads a few GB the first time (torch's CUDA libraries come with it), so
+# CI does not run it. IMAGE_PYTHON names a Python 3.12 (pyenv's, where there is one).
+IMAGE_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) python3.12)
+IMAGE_VENV ?= .venv-image
+IMAGE_PINS ?= torch==2.11.0 torchvision==0.26.0 pytorch-lightning==2.6.6 accelerate==1.15.0 \
+	numpy==1.26.4 click==8.4.0 rich==13.0.0 matplotlib==3.8.0 \
+	pytest==8.0.0 pytest-xdist==3.5.0 ruff==0.17.6 timm==1.0.8
+
+$(IMAGE_VENV)/bin/.installed: setup.cfg pyproject.toml
+	test -x $(IMAGE_VENV)/bin/python || $(IMAGE_PYTHON) -m venv $(IMAGE_VENV)
+	$(IMAGE_VENV)/bin/python -m pip install --quiet $(IMAGE_PINS) -e ".[test]"
+	$(if $(APEX_WHEEL),$(IMAGE_VENV)/bin/python -m pip install --quiet --no-deps $(APEX_WHEEL))
+	touch $@
+
+test-image: $(IMAGE_VENV)/bin/.installed
+	$(IMAGE_VENV)/bin/python -m pytest -q $(if $(filter 0,$(WORKERS)),,-n $(WORKERS) --dist worksteal)
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(IMAGE_VENV) build *.egg-info
