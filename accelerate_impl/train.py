@@ -19,9 +19,9 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs
 
 from accelerate_impl.precision import MIXED, refuse_unless
-from common import distributed, metrics, models, progress
-from common.prepare import RunSetup, prepare
-from common.results import RunResult
+from common import distributed, metrics, model_spec, models, progress
+from record.prepare import RunSetup, prepare
+from record.results import RunResult
 
 
 def build(cfg, setup: RunSetup):
@@ -37,7 +37,7 @@ def build(cfg, setup: RunSetup):
     # lightning, fabric: the precision plugin read back; here what the Accelerator will do
     refuse_unless(accelerator, setup.policy.effective, setup.device.type)
     # plain: .to(device) here; accelerator.prepare moves the model itself
-    model = models.build_model(cfg).to(memory_format=setup.memory_format)
+    model = model_spec.build_model(cfg).to(memory_format=setup.memory_format)
     optimizer, scheduler = models.build_optimizer(cfg, model, setup.steps_per_epoch)
     if setup.resumed:  # plain: the same load_state_dict calls; fabric: fabric.load(...)
         model.load_state_dict(setup.resumed["model"])

@@ -7,7 +7,8 @@ import sys
 
 
 def main() -> None:
-    from common import ranks, signals  # the standard library only
+    from common import ranks
+    from record import signals  # the standard library only
 
     signals.install()
     try:  # before torch is imported: its OpenMP runtime prints its own complaint first

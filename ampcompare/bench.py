@@ -11,7 +11,7 @@ the machine did to both. That alone is not enough: one process's figure moves fr
 one's by more than its rounds can show (three bench runs of one process each put Lightning's
 cost at +372, +887 and +612 µs, intervals apart). So each figure is taken once per process, and
 its interval is Student's t over the processes' spread, with their count less one degrees of
-freedom (common/stats.py `across`), or the rounds' own spread where that is wider. A control
+freedom (ampcompare/stats.py `across`), or the rounds' own spread where that is wider. A control
 arm, the plain loop a second time, is measured by the same procedure: plain against plain must
 show no difference, and its interval is the noise floor of every other figure.
 
@@ -44,10 +44,12 @@ import sys
 from typing import Optional
 
 from ampcompare import compare, plan
-from common import console, signals, stats
+from common import console
+from record import signals
+from ampcompare import stats
 from common.config import Config
-from common.files import write_json
-from common.rundir import check_out_dir
+from record.files import write_json
+from record.rundir import check_out_dir
 
 ROUNDS = "rounds.json"  # what each process writes (bench_process.ROUNDS)
 FRAMEWORKS = ("lightning", "fabric", "accelerate", "control")

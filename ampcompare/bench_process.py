@@ -28,11 +28,12 @@ import torch
 
 from accelerate_impl import train as accelerate
 from ampcompare import quiet
-from common import data, metrics, signals
+from common import data, metrics
+from record import signals
 from common.config import Config
 from common.device import resolve_device
-from common.environment import environment
-from common.files import write_json
+from record.environment import environment
+from record.files import write_json
 from fabric_impl import train as fabric
 from lightning_impl import train as lightning
 from plain_torch import train as plain

@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from common import stats
+from ampcompare import stats
 from common.errors import UsageError
 
 MIN_RUNS = 6  # fewer leave groups of 2 at most, and too few splits to say anything

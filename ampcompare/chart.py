@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 
-from common import files
+from record import files
 
 MIB = 2**20
 

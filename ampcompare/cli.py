@@ -14,10 +14,11 @@ import click
 from click.core import ParameterSource
 
 from ampcompare import plan, quiet
-from common import console, ranks, rundir, signals, summary
+from common import console, ranks
+from record import rundir, signals, summary
 from common.config import Config, option_flag
 from common.errors import Unavailable, UsageError, unavailable_exit
-from common.resume import read_stopped
+from record.resume import read_stopped
 
 IMPLS = {
     "plain": "plain_torch.train",
@@ -26,9 +27,8 @@ IMPLS = {
     "accelerate": "accelerate_impl.train",
     "apex": "apex_impl.train",
 }
-OWN_PACKAGES = {"ampcompare", "common", *(path.split(".")[0] for path in IMPLS.values())}
-# click 8.2 raises this for a bare `ampcompare`; 8.1 prints the help itself.
-NO_ARGS = getattr(click.exceptions, "NoArgsIsHelpError", ())
+OWN_PACKAGES = {"ampcompare", "common", "record", *(p.split(".")[0] for p in IMPLS.values())}
+NO_ARGS = click.exceptions.NoArgsIsHelpError  # what a bare `ampcompare` raises
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
@@ -124,7 +124,7 @@ class OneLineErrors(click.Group):
 def _clear_framework_env() -> None:
     """Take out what Lightning and Accelerate would read from the environment (or refuse it:
     UsageError), said once, in the process the user started."""
-    from common import framework_env
+    from record import framework_env
     from common.errors import COMPARE_CHILD
 
     child = bool(os.environ.get(COMPARE_CHILD)) or ranks.launched()
@@ -191,7 +191,7 @@ def run_one(impl: str, cfg: Config) -> int:
 
 
 def _summary(impl: str, record: dict, cfg: Config) -> None:
-    from common import stats
+    from ampcompare import stats
 
     s = record.get("summary") or {}
     acc = f"{s['final_test_acc']:.4f}" if s.get("final_test_acc") is not None else "-"
@@ -212,7 +212,8 @@ def _summary(impl: str, record: dict, cfg: Config) -> None:
 def _launch(impl: str, cfg: Config) -> int:
     """The N processes of a DDP job on this node, everything about them fixed first."""
     from ampcompare import compare, launch
-    from common import data, precision, results
+    from common import data, precision
+    from record import results
     from common.device import resolve_device
 
     if cfg.num_nodes > 1:
@@ -436,7 +437,7 @@ def compare_command(impls, precisions, repeats, seeds, control, warmup, **option
 def _plan(ctx, impls, precisions, repeats, seeds, control, options) -> "plan.Plan":
     """The comparison to run, fresh or read back from --resume DIR, checked, with its folder."""
     from common import data, model_spec
-    from common.rundir import check_out_dir
+    from record.rundir import check_out_dir
 
     if options["resume"]:
         stored = plan.read(os.path.abspath(options["resume"]), tuple(IMPLS))

@@ -27,11 +27,12 @@ from typing import Optional
 
 from ampcompare.launch import exit_description
 from ampcompare.plan import Arm, Plan, applies
-from common import files, results, signals
+from record import files, results, signals
 from common.config import Config, option_flag
 from common.device import resolve_device
-from common.environment import environment
-from common import checkpoints, console, rundir
+from record.environment import environment
+from common import console
+from record import checkpoints, rundir
 from common.errors import COMPARE_CHILD, UNAVAILABLE_EXIT, Unavailable, UsageError
 
 GRACE_S = 60  # how long an interrupted child may take to record its result

@@ -5,8 +5,9 @@ skipped fp16 steps and the loss scale), and the reference benchmark's figures to
 
 from __future__ import annotations
 
-from common import peaks, stats
-from common.stats import median_of
+from common import peaks
+from ampcompare import stats
+from ampcompare.stats import median_of
 
 REFERENCE = (
     "the benchmark this tool grew from — Lightning precision 16 against 32, CIFAR-10, "

@@ -21,7 +21,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Optional
 
-from common import checkpoints, console, distributed, files, ranks, results
+from common import console, distributed, ranks
+from record import checkpoints, files, results
 from common.errors import UNAVAILABLE_EXIT, UsageError
 
 

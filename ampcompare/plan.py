@@ -17,8 +17,9 @@ from typing import Optional
 
 import numpy as np
 
-from common import config as config_module, files
-from common import results
+from common import config as config_module
+from record import files
+from record import results
 from common.config import INT_MAX, Config, option_flag
 from common.errors import UsageError
 from common.precision import CANONICAL, OPT_LEVELS

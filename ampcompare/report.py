@@ -7,8 +7,8 @@ grouped by device and by settings: runs are only ever summarised together when e
 changes what is computed or how fast (model, data, batch, optimizer, epochs, switches) is equal.
 Repeats and seeds of the same settings are what the medians and [min–max] spreads run over.
 Speed rests on per-step times: every step-time figure and every ratio between two of them
-carries a 95% interval and a verdict in words (common/stats.py). A file that is not a run record
-is skipped, and named.
+carries a 95% interval and a verdict in words (ampcompare/stats.py). A file that is not a run
+record is skipped, and named.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ import numpy as np
 
 from ampcompare import chart, explain
 from ampcompare.chart import MIB
-from common import files, results, rundir, stats, summary
+from record import files, results, rundir, summary
+from ampcompare import stats
 from common import config
 from common.precision import CANONICAL
 

@@ -18,9 +18,9 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from apex_impl.opt_levels import check, torch_restored
-from common import distributed, metrics, models, progress
-from common.prepare import RunSetup, prepare
-from common.results import RunResult
+from common import distributed, metrics, model_spec, models, progress
+from record.prepare import RunSetup, prepare
+from record.results import RunResult
 
 try:
     from apex import amp
@@ -29,7 +29,7 @@ except ImportError:
 
 
 def build(cfg, setup: RunSetup):
-    model = models.build_model(cfg).to(setup.device, memory_format=setup.memory_format)
+    model = model_spec.build_model(cfg).to(setup.device, memory_format=setup.memory_format)
     optimizer, scheduler = models.build_optimizer(cfg, model, setup.steps_per_epoch)
     # plain: torch.amp.GradScaler(...); lightning: the MixedPrecision plugin's scaler.
     # amp keeps its loss scalers inside, so there is no scaler object to return.

@@ -1,3 +1,4 @@
-"""What every implementation shares verbatim: config, data, model, precision policy, device
-switches, measurements, the run record and the environment probe. Never the training loop (that
-is what is being compared) and never the tool around the loops (that is ampcompare/)."""
+"""The loop's ingredients, which every implementation shares verbatim: config, data, models,
+precision policy, device switches, ranks and the measurements taken inside the loop. Never the
+training loop (that is what is being compared), never the run's record (record/) and never the
+tool around the loops (ampcompare/). It imports nothing of the project's but itself."""

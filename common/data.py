@@ -39,6 +39,8 @@ def load(cfg) -> tuple[ImageSet, ImageSet]:
 
 
 def cifar10(data_dir: str, download: bool) -> tuple[ImageSet, ImageSet]:
+    # torchvision is imported where it is used, here and in the model and environment code:
+    # the commands that build no dataset or model (report, --help) need not pay for it.
     from torchvision.datasets import CIFAR10
 
     folder = os.path.join(data_dir, CIFAR10.base_folder)

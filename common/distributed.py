@@ -11,7 +11,10 @@ initialised and use it. Backend: NCCL on CUDA, gloo on CPU.
 from __future__ import annotations
 
 import datetime
+import json
 import os
+import shutil
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -115,9 +118,6 @@ ENDINGS = ".ranks"  # in the run folder: how each rank of the job ended, for its
 def mark_ending(run_dir: str, rank: int, status: str, error, signal) -> None:
     """Leave how this rank ended (and when, and by which signal) where the launcher that
     started the job reads it: which rank ended first, and why, is what its record must say."""
-    import json
-    import time
-
     if not os.path.isdir(run_dir):
         return
     folder = os.path.join(run_dir, ENDINGS)
@@ -143,9 +143,6 @@ def mark_ending(run_dir: str, rank: int, status: str, error, signal) -> None:
 
 def read_endings(run_dir: str, run: str) -> dict:
     """{rank: ending} that the ranks of job `run` left; the folder goes with them."""
-    import json
-    import shutil
-
     folder, out = os.path.join(run_dir, ENDINGS), {}
     for name in os.listdir(folder) if os.path.isdir(folder) else ():
         try:

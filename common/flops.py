@@ -17,7 +17,7 @@ from typing import Callable, Optional
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import models
+from common import model_spec, models, peaks
 
 SAMPLE = 2  # images in the CPU count
 
@@ -25,8 +25,6 @@ SAMPLE = 2  # images in the CPU count
 def of_run(cfg, precision: str, env: dict) -> dict:
     """FLOPs of one step of the whole job (or why there is no count), and the dense peak of all
     its devices together, which MFU is measured against (common/peaks.py)."""
-    from common import model_spec, peaks
-
     step, counted = per_step(model_spec.builder(model_spec.parse(cfg.model)), cfg.batch_size)
     peak, what = peaks.peak(env, precision)
     devices = env.get("world_size", 1)

@@ -8,7 +8,7 @@ anything runs.
     package.module:callable      a callable returning an nn.Module, from the working folder or
                                  the environment
 
-Every arm builds the model the same way, through build() in common/models.py: under the run's
+Every arm builds the model the same way, through build_model() below: under the run's
 seed, on the CPU, before any framework wraps it, so that the initial weights are the same. What
 cannot work is one line (UsageError): a spec that names nothing, a module that does not import
 (its error's last line), a callable that returns something else, a model whose forward of two
@@ -32,6 +32,11 @@ import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import numpy as np
+import torch
+from torch import nn
+
+from common import models
 from common.errors import UsageError
 
 OURS = ("resnet18", "small", "linear")
@@ -113,9 +118,6 @@ def seeded(seed: int):
     """Every global generator a model's code may draw from — torch's, Python's random,
     numpy's — seeded with the run's seed, as Lightning's seed_everything does, and restored
     afterwards: the same initial weights in every arm, whichever a model uses."""
-    import numpy as np
-    import torch
-
     state, np_state = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -156,15 +158,22 @@ def parse(text: str) -> Spec:
     )
 
 
+def build_model(cfg) -> nn.Module:
+    """Same seed, same initial weights, whichever implementation asks: ours, torchvision's,
+    timm's or the user's own, on the CPU, with torch's, Python's and numpy's global generators
+    seeded. They are left as they were (a resumed run has just restored them)."""
+    make = builder(parse(cfg.model))
+    with seeded(cfg.seed), guarded(f"--model {cfg.model}", "building it"):
+        return make()
+
+
 def builder(spec: Spec) -> Callable:
     """A function of no arguments that builds the model; UsageError when it cannot exist."""
     where = f"--model {spec.text}"
     if spec.kind == "ours":
-        from common import models
-
         return models.MODELS[spec.name]
     if spec.kind == "torchvision":
-        from torchvision import models as tv
+        from torchvision import models as tv  # where used, as in common/data.py
 
         if spec.name not in tv.list_models(module=tv):
             raise UsageError(
@@ -271,8 +280,6 @@ class Checked:
 def check(text: str, seed: int = 0) -> Checked:
     """Build the model once on the CPU and try it on two CIFAR-sized images; UsageError naming
     what is wrong. The global RNG and every model state are left as they were."""
-    from torch import nn
-
     spec = parse(text)
     make = builder(spec)
     where = f"--model {text}"
@@ -374,8 +381,6 @@ def _forward(model, size: int, training: bool = False, dtype: bool = False):
     """(output shape, or with `dtype` its dtype, None), or (None, the error's last line), of a
     forward of 2 images (the model checked is thrown away: a training-mode forward may change
     its state)."""
-    import torch
-
     was = model.training
     model.train(training)
     try:

@@ -1,5 +1,6 @@
-"""The models: plain nn.Modules that know nothing about any training loop (and the one place
-every arm builds its model: build_model)."""
+"""The models: plain nn.Modules that know nothing about any training loop, the optimizer and
+loss every arm uses, and the unwrapping of what is saved. Every arm builds its model through
+model_spec.build_model, which also builds torchvision's, timm's and the user's."""
 
 from __future__ import annotations
 
@@ -103,18 +104,6 @@ def unwrapped(model: nn.Module) -> nn.Module:
     (._orig_mod): what is saved, loaded and hashed, so that every arm's keys are the same."""
     model = getattr(model, "module", model)
     return getattr(model, "_orig_mod", model)
-
-
-def build_model(cfg) -> nn.Module:
-    """Same seed, same initial weights, whichever implementation asks: ours, torchvision's,
-    timm's or the user's own (common/model_spec.py), on the CPU, with torch's, Python's and
-    numpy's global generators seeded. They are left as they were (a resumed run has just
-    restored them)."""
-    from common import model_spec
-
-    make = model_spec.builder(model_spec.parse(cfg.model))
-    with model_spec.seeded(cfg.seed), model_spec.guarded(f"--model {cfg.model}", "building it"):
-        return make()
 
 
 def build_optimizer(cfg, model: nn.Module, steps_per_epoch: int):

@@ -19,10 +19,10 @@ from lightning_fabric import Fabric
 from lightning_fabric.plugins import MixedPrecision
 from lightning_fabric.strategies import DDPStrategy
 
-from common import distributed, metrics, models, progress
+from common import distributed, metrics, model_spec, models, progress
 from common.errors import Unavailable
-from common.prepare import RunSetup, prepare
-from common.results import RunResult
+from record.prepare import RunSetup, prepare
+from record.results import RunResult
 
 
 def build(cfg, setup: RunSetup):
@@ -57,7 +57,7 @@ def build(cfg, setup: RunSetup):
             f"the wrong one"
         )
     # plain: .to(device) here; fabric.setup moves the model itself
-    model = models.build_model(cfg).to(memory_format=setup.memory_format)
+    model = model_spec.build_model(cfg).to(memory_format=setup.memory_format)
     optimizer, scheduler = models.build_optimizer(cfg, model, setup.steps_per_epoch)
     if cfg.compile:  # the same in every arm: the common model, before any wrapper
         model = torch.compile(model)

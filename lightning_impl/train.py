@@ -20,16 +20,16 @@ from pytorch_lightning.callbacks import RichProgressBar
 from pytorch_lightning.plugins import MixedPrecision
 from pytorch_lightning.strategies import DDPStrategy
 
-from common import distributed, models, progress
+from common import distributed, model_spec, progress
 from common.errors import Unavailable
-from common.prepare import RunSetup, prepare
-from common.results import RunResult
+from record.prepare import RunSetup, prepare
+from record.results import RunResult
 from lightning_impl.module import LitClassifier
 
 
 def build(cfg, setup: RunSetup):
     # plain: .to(device) here; the Trainer moves the model itself
-    model = models.build_model(cfg).to(memory_format=setup.memory_format)
+    model = model_spec.build_model(cfg).to(memory_format=setup.memory_format)
     if cfg.compile:  # the same in every arm: the common model, before any wrapper
         model = torch.compile(model)
     # plain: models.build_optimizer(...) inline; here in configure_optimizers

@@ -18,13 +18,13 @@ from itertools import islice
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from common import distributed, metrics, models, progress
-from common.prepare import RunSetup, prepare
-from common.results import RunResult
+from common import distributed, metrics, model_spec, models, progress
+from record.prepare import RunSetup, prepare
+from record.results import RunResult
 
 
 def build(cfg, setup: RunSetup):
-    model = models.build_model(cfg).to(setup.device, memory_format=setup.memory_format)
+    model = model_spec.build_model(cfg).to(setup.device, memory_format=setup.memory_format)
     optimizer, scheduler = models.build_optimizer(cfg, model, setup.steps_per_epoch)
     # apex: amp.initialize(model, optimizer); lightning: the MixedPrecision plugin's scaler
     scaler = torch.amp.GradScaler(setup.device.type, enabled=setup.policy.scaler)

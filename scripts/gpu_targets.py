@@ -4,9 +4,9 @@ beside the targets and the reference benchmark's figures.
     python scripts/gpu_targets.py runs/gpu-check/report/summary.json
 
 Targets (a GPU with tensor cores, TF32 off): 16-mixed at least 2x the speed of 32-true
-(32-true's step time over 16-mixed's, judged on its 95% interval: common/stats.py), activation
-memory at most 0.55x and the CUDA allocator's peak at most 0.65x of 32-true's. The peak is
-taken less the image sets kept on the GPU (the same at every precision; the reference
+(32-true's step time over 16-mixed's, judged on its 95% interval: ampcompare/stats.py),
+activation memory at most 0.55x and the CUDA allocator's peak at most 0.65x of 32-true's. The
+peak is taken less the image sets kept on the GPU (the same at every precision; the reference
 kept its data on the host), where the record has that figure.
 The reference benchmark (Lightning precision 16 against 32, CIFAR-10, batch 256, two P40s and
 two T4s): memory about half, epoch time -23% (P40) and -30% (T4), accuracy about the same. apex
@@ -22,8 +22,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ampcompare.explain import REFERENCE  # noqa: E402
-from common import stats  # noqa: E402
-from common.stats import median_of as median  # noqa: E402
+from ampcompare import stats  # noqa: E402
+from ampcompare.stats import median_of as median  # noqa: E402
 
 TARGETS = {"speed": 2.0, "activations": 0.55, "allocator": 0.65}
 

@@ -122,7 +122,7 @@ def _patch_training(setattr, epoch: int, action: str, step, saves: list) -> None
 
 def _patch_recording(setattr, epoch: int, action: str, step, saves: list) -> None:
     """The run's start, its end, each epoch's record and the renames that commit it."""
-    from common import recorder, rundir
+    from record import recorder, rundir
 
     real_end, real_reserve = recorder.Recorder.end_epoch, rundir.reserve
 

@@ -210,7 +210,7 @@ def _import_everything() -> None:
     import ampcompare.cli  # noqa: F401
     import ampcompare.compare  # noqa: F401
     import ampcompare.report  # noqa: F401
-    import common.prepare  # noqa: F401
+    import record.prepare  # noqa: F401
     import fabric_impl.train  # noqa: F401
     import lightning_impl.train  # noqa: F401
     import plain_torch.train  # noqa: F401

@@ -160,9 +160,9 @@ def test_apex_mixed_tracks_plain_fp16(tmp_path, opt_level):
 
 def poison_gradient_at(monkeypatch, step):
     """Make the first conv's gradient inf on one backward pass, in whichever loop runs."""
-    from common import models
+    from common import model_spec
 
-    real = models.build_model
+    real = model_spec.build_model
 
     def build_model(cfg):
         model = real(cfg)
@@ -175,7 +175,7 @@ def poison_gradient_at(monkeypatch, step):
         next(model.parameters()).register_hook(hook)
         return model
 
-    monkeypatch.setattr(models, "build_model", build_model)
+    monkeypatch.setattr(model_spec, "build_model", build_model)
 
 
 @pytest.mark.gpu

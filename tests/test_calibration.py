@@ -2,7 +2,7 @@
 (tests/data/calibration-runs.json: 32 runs of the plain loop at the demo's settings, 16 a
 precision, in the order they ran).
 Every run is of the same arm, so every difference a split of them claims is a false one; a
-slowdown made in one group is a real one. These tests guard every change to common/stats.py:
+slowdown made in one group is a real one. These tests guard every change to ampcompare/stats.py:
 the rates stated in docs/benchmark.md ("How sure is a verdict") are the ones kept here."""
 
 import json
@@ -11,7 +11,8 @@ import pathlib
 import pytest
 
 from ampcompare import calibrate, report
-from common import stats, summary
+from record import summary
+from ampcompare import stats
 
 FIXTURE = pathlib.Path(__file__).parent / "data" / "calibration-runs.json"
 DEMO_REPEATS = 3  # the Makefile's demo runs --repeats 3

@@ -279,7 +279,7 @@ def test_an_arm_that_raises_in_the_bench_is_reported_not_a_traceback(tmp_path, m
 
 
 @pytest.mark.parametrize(
-    "missing,unavailable", [("pytorch_lightning", True), ("common.results", False)]
+    "missing,unavailable", [("pytorch_lightning", True), ("record.results", False)]
 )
 def test_only_a_missing_framework_makes_an_arm_unavailable(
     monkeypatch, tmp_path, missing, unavailable

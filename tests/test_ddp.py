@@ -315,7 +315,8 @@ WAITER = """
 import datetime, os, sys, time
 import torch.distributed as dist
 sys.path.insert(0, {root!r})
-from common import data, prepare
+from common import data
+from record import prepare
 from common.distributed import World
 
 class Cfg:

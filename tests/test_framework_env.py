@@ -1,6 +1,6 @@
 """What Lightning and Accelerate read from the environment never changes what an arm trains:
 each such variable is cleared with one warning and kept in the record, or refused in one line
-(common/framework_env.py). The decisions are tested as a table; a representative set runs
+(record/framework_env.py). The decisions are tested as a table; a representative set runs
 through the single-arm commands and through compare, against plain's weights."""
 
 import json
@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from ampcompare import report
 from ampcompare.cli import cli
-from common import framework_env
+from record import framework_env
 from tests.conftest import TINY_ARGS
 
 

@@ -1,6 +1,6 @@
 """The side-by-side contract and the layout: the train.py files share their top-level names in
-order and fit `sdiff -w 200`; imports run ampcompare/ -> arms -> common/ only; docs/cli.md is
-each command's real --help."""
+order and fit `sdiff -w 200`; imports run ampcompare/ -> arms -> record/ -> common/ only, with
+no cycle inside a package; docs/cli.md is each command's real --help."""
 
 import ast
 import pathlib
@@ -81,26 +81,68 @@ def test_the_loop_lines_up_with_lightnings_hooks():
     assert set(LOOP_PAIRS) <= paired, set(LOOP_PAIRS) - paired
 
 
-def imported_packages(folder):
-    found = {}
-    for path in (ROOT / folder).glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0:
-                names = [node.module]
+# Each package imports only those below it, and its own modules: the tool, the arms (none
+# another), the run's record, the loop's ingredients.
+LAYERS = [("ampcompare",), ARMS, ("record",), ("common",)]
+PACKAGES = [pkg for layer in LAYERS for pkg in layer]
+
+
+def imports_of(path):
+    """(package, module or None) for every import in the file, at its top or inside a function:
+    `from common import models` gives ("common", "models"), `import torch` ("torch", None)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(*a.name.split(".")[:2], None)[:2] for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            package, _, module = node.module.partition(".")
+            if module:
+                found.append((package, module.split(".")[0]))
             else:
-                continue
-            for name in names:
-                found.setdefault(name.split(".")[0], set()).add(path.name)
+                found += [(package, a.name) for a in node.names]
     return found
 
 
-def test_imports_run_one_way():
-    assert not {"ampcompare", *ARMS} & set(imported_packages("common"))
-    for arm in ARMS:
-        others = {"ampcompare", *ARMS} - {arm}
-        assert not others & set(imported_packages(arm)), arm
+@pytest.mark.parametrize("package", PACKAGES)
+def test_imports_run_one_way(package):
+    layer = next(i for i, names in enumerate(LAYERS) if package in names)
+    allowed = {package, *(p for names in LAYERS[layer + 1 :] for p in names)}
+    wrong = [
+        f"{path.name} imports {imported}"
+        for path in sorted((ROOT / package).glob("*.py"))
+        for imported, _ in imports_of(path)
+        if imported in PACKAGES and imported not in allowed
+    ]
+    assert not wrong, wrong
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_no_cycle_inside_a_package(package):
+    folder = ROOT / package
+    graph = {
+        path.stem: {
+            m for p, m in imports_of(path) if p == package and (folder / f"{m}.py").exists()
+        }
+        for path in folder.glob("*.py")
+    }
+    state = {}  # module -> "open" while its imports are being followed, "done" after
+
+    def follow(module, trail):
+        if state.get(module) == "open":
+            return trail[trail.index(module) :] + [module]
+        if state.get(module) == "done":
+            return None
+        state[module] = "open"
+        for other in sorted(graph[module]):
+            cycle = follow(other, [*trail, module])
+            if cycle:
+                return cycle
+        state[module] = "done"
+        return None
+
+    for module in sorted(graph):
+        cycle = follow(module, [])
+        assert not cycle, " -> ".join(cycle)
 
 
 def test_the_cli_reference_is_current():
@@ -117,7 +159,7 @@ def test_the_cli_reference_is_current():
 
 
 def test_no_function_is_over_60_lines():
-    packages = ("ampcompare", "common", *ARMS, "scripts", "tests")
+    packages = ("ampcompare", "common", "record", *ARMS, "scripts", "tests")
     long = []
     for path in (p for pkg in packages for p in sorted((ROOT / pkg).glob("*.py"))):
         for node in ast.walk(ast.parse(path.read_text())):

@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 
 from ampcompare import compare, plan, report
-from common import config, resume
+from common import config
+from record import resume
 from common.config import FREE, SAME
 from common.errors import UsageError
 

@@ -16,7 +16,8 @@ from click.testing import CliRunner
 
 from ampcompare import compare, plan, report
 from ampcompare.cli import cli, config_from
-from common import metrics, results
+from common import metrics
+from record import results
 from lightning_impl import train as lightning
 from plain_torch import train as plain
 from tests import faults

@@ -215,7 +215,7 @@ def test_a_run_left_running_by_a_process_that_is_gone_is_reported_failed(tmp_pat
     (record,) = report.load([str(tmp_path)])
     assert record["status"] == "failed" and "ended without recording" in record["error"]
     # while a live process holds its folder, it is running
-    from common.rundir import lock
+    from record.rundir import lock
 
     held = lock(str(tmp_path / "gone"), "held by this test")
     try:

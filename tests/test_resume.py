@@ -252,7 +252,7 @@ def test_compare_resume_starts_over_an_arm_whose_resume_is_refused_and_keeps_the
     (arm / "NOTES.txt").write_text("mine")
     before = {p.name: p.read_bytes() for p in arm.iterdir() if p.name != ".lock"}
     # never while another compare works in that folder
-    from common.rundir import lock
+    from record.rundir import lock
 
     held = lock(str(folder), "held by this test")
     try:

@@ -6,7 +6,8 @@ import signal
 import pytest
 import torch
 
-from common import files, models, results
+from common import model_spec, models
+from record import files, results
 from ampcompare.cli import cli
 from click.testing import CliRunner
 from plain_torch import train as plain
@@ -65,9 +66,9 @@ def load(result):
 
 def test_same_seed_same_weights_different_seed_different(tmp_path):
     for name in ("small", "resnet18"):
-        a = models.build_model(tiny(tmp_path, model=name, seed=3))
-        b = models.build_model(tiny(tmp_path, model=name, seed=3))
-        c = models.build_model(tiny(tmp_path, model=name, seed=4))
+        a = model_spec.build_model(tiny(tmp_path, model=name, seed=3))
+        b = model_spec.build_model(tiny(tmp_path, model=name, seed=3))
+        c = model_spec.build_model(tiny(tmp_path, model=name, seed=4))
         assert results.weights_sha256(a) == results.weights_sha256(b)
         assert results.weights_sha256(a) != results.weights_sha256(c)
 

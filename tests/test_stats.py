@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from ampcompare import report
-from common import metrics, stats, summary
+from common import metrics
+from record import summary
+from ampcompare import stats
 from fabric_impl import train as fabric
 from lightning_impl import train as lightning
 from plain_torch import train as plain

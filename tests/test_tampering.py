@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from ampcompare import report
 from ampcompare.cli import cli
-from common import checkpoints, resume
+from record import checkpoints, resume
 from plain_torch import train as plain
 from tests import faults
 from tests.conftest import TINY_ARGS, checkpoint_of, run_cli, tiny

@@ -16,9 +16,9 @@ import hashlib
 import os
 from typing import Optional
 
-from common import schema, signals
-from common.files import write_temp_json
-from common.rundir import RESERVE, remove
+from record import schema, signals
+from record.files import write_temp_json
+from record.rundir import RESERVE, remove
 
 
 def name(epochs: int) -> str:

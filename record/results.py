@@ -1,5 +1,5 @@
 """result.json: one run's record — its fields, its statuses, how it is read back and checked,
-the hash of its weights. common/files.py writes it whole; common/summary.py sums it up."""
+the hash of its weights. record/files.py writes it whole; record/summary.py sums it up."""
 
 from __future__ import annotations
 
@@ -14,7 +14,10 @@ from typing import Any, Optional
 
 import torch
 
+from common import config
 from common.errors import UsageError
+from common.models import unwrapped
+from record import schema
 
 # 2: repeat and seed as fields; 3: checkpoint, nonfinite, warm-up rows, pid, resumes; 4: step
 # times (each epoch's step_times_s and step_waits_s, the summary's step-time figures, the
@@ -70,10 +73,8 @@ def read(run_dir: str) -> dict:
 
 def why_not_a_record(record: Any, complete: bool = False) -> Optional[str]:
     """Why a parsed result.json is not a run record this tool can read, or None (every reader
-    of a record checks it here: common/schema.py). complete: also every option in its config,
+    of a record checks it here: record/schema.py). complete: also every option in its config,
     as a resume needs them to continue the run as it was."""
-    from common import config, schema
-
     if not isinstance(record, dict):
         return f"a JSON {type(record).__name__}, not an object"
     wrong = schema.why(record, schema.record_shape(STATUSES), "")
@@ -94,8 +95,6 @@ def why_not_a_record(record: Any, complete: bool = False) -> Optional[str]:
 
 def weights_sha256(model: torch.nn.Module) -> str:
     """SHA-256 over the common model's state_dict (state_sha256), out of any wrapper."""
-    from common.models import unwrapped
-
     return state_sha256(unwrapped(model).state_dict())
 
 

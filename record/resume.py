@@ -8,12 +8,16 @@ of the file changed) is refused rather than continued under a name that is not t
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Optional
 
-from common import checkpoints, config as config_module, results
+import torch
+
+from common import config as config_module
+from record import checkpoints, results
 from common.config import option_flag
 from common.errors import UsageError
+from record.summary import summarize
 
 
 def may_change() -> tuple:
@@ -195,19 +199,14 @@ def _check_checkpoint(where, stored, ckpt) -> None:
 def open_stopped(run_dir: str, cfg, impl: str, env: dict, model: Optional[dict] = None):
     """(the run's record to go on with, the checkpoint's state, the record as it was on disk):
     the stopped run in run_dir, read and checked (check()), or UsageError."""
-    from dataclasses import fields
-
-    from common.results import RunResult
-    from common.summary import summarize
-
     where = f"--resume {run_dir}"
     stored = read_stopped(run_dir, impl)
     given = cfg.to_dict()
     info = stored.get("checkpoint")
     ckpt, state = read_checkpoint(run_dir, info["file"], impl, where) if info else (None, {})
     check(where, stored, given, impl, env, ckpt, model)
-    known = {f.name for f in fields(RunResult)}
-    result = RunResult(**{k: v for k, v in stored.items() if k in known})
+    known = {f.name for f in fields(results.RunResult)}
+    result = results.RunResult(**{k: v for k, v in stored.items() if k in known})
     result.status, result.error, result.config = "running", None, given
     result.run_id = os.path.basename(run_dir)  # where the run is now, if it was moved
     result.epochs = list(state["ampcompare"]["epochs"])
@@ -225,8 +224,6 @@ def read_checkpoint(
 ) -> tuple[Optional[Checkpoint], dict]:
     """Hash and load the named checkpoint (weights only): what check() weighs (None: no such
     file), and the whole loaded state for the arm."""
-    import torch
-
     path = os.path.join(run_dir, file)
     try:
         digest = checkpoints.synced_sha256(path)

@@ -3,12 +3,12 @@ status that is true.
 
 As a context manager the Recorder turns the way a loop ended (normally, Ctrl-C, SIGTERM or
 SIGHUP, out of memory, divergence, a full disk, any error) into the recorded status
-(common/endings.py). A status is final only once everything it names is on disk: `ok` is
+(record/endings.py). A status is final only once everything it names is on disk: `ok` is
 written after the last epoch's checkpoint and weights hash. At the end of every epoch the
 checkpoint and result.json are written as a pair that a crash at any instant leaves whole
-(common/checkpoints.py); an epoch's row joins the record's epochs only with its checkpoint.
-The folder, its lock and its reserve are common/rundir.py's; whether and how a stopped run
-continues, common/resume.py's.
+(record/checkpoints.py); an epoch's row joins the record's epochs only with its checkpoint.
+The folder, its lock and its reserve are record/rundir.py's; whether and how a stopped run
+continues, record/resume.py's.
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ from typing import Callable, Optional
 
 import torch
 
-from common import checkpoints, distributed, endings, metrics, resume, rundir, signals
+from common import distributed, metrics
+from record import checkpoints, endings, resume, rundir, signals
 from common.errors import UsageError
-from common.files import write_json, write_temp
-from common.results import SCHEMA, RunResult, new_run_id, weights_sha256
-from common.summary import summarize
+from record.files import write_json, write_temp
+from record.results import SCHEMA, RunResult, new_run_id, weights_sha256
+from record.summary import summarize
 
 
 class Recorder:

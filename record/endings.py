@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from common.metrics import Diverged
-from common.rundir import DISK_FULL
+from record.rundir import DISK_FULL
 
 OOM = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), MemoryError)
 

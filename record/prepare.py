@@ -11,12 +11,13 @@ from typing import Optional
 import torch
 from torch.utils.data import DataLoader
 
-from common import console, data, distributed, flops, metrics, model_spec, precision, rundir
+from common import console, data, distributed, flops, metrics, model_spec, precision
+from record import rundir
 from common.device import apply_speed_switches, resolve_device
-from common.environment import environment
+from record.environment import environment
 from common.errors import UsageError
-from common.endings import out_of_memory
-from common.recorder import Recorder
+from record.endings import out_of_memory
+from record.recorder import Recorder
 
 
 @dataclass

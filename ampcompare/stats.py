@@ -35,6 +35,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from record.summary import median  # a run's own figures use it too
+
 RESAMPLES = 2000
 LEVEL = 0.95
 CHUNK = 1 << 22  # step draws held in memory at once
@@ -91,12 +93,6 @@ class Estimate:
         return self.short is None and not self.contains(null)
 
 
-def median(values) -> Optional[float]:
-    """The median of the values that are not None (None when none are)."""
-    values = [v for v in values if v is not None]
-    return float(np.median(values)) if values else None
-
-
 def spread(values) -> Optional[dict]:
     """The median, least, greatest and count of the values that are not None (None when none
     are): how a report gives a figure over several runs."""
@@ -109,14 +105,6 @@ def spread(values) -> Optional[dict]:
 def median_of(cell: dict, metric: str) -> Optional[float]:
     """The median of a report cell's spread of metric (None where the cell has none)."""
     return (cell.get(metric) or {}).get("median")
-
-
-def quartiles(values: Sequence[float]) -> Optional[tuple[float, float, float]]:
-    """(first quartile, median, third quartile), or None without values."""
-    if len(values) == 0:
-        return None
-    q1, med, q3 = np.percentile(np.asarray(values, dtype=float), [25, 50, 75])
-    return float(q1), float(med), float(q3)
 
 
 LONGEST_STEP = 1e6  # seconds: eleven days; a step time beyond it is no measurement

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from common import framework_env
+from record import framework_env
 
 
 def version(dist: str) -> Optional[str]:
@@ -67,7 +67,7 @@ def git_commit() -> Optional[str]:
 
 
 def environment(device: torch.device, switches: dict) -> dict:
-    import torchvision
+    import torchvision  # where used, as in common/data.py
 
     cuda = device.type == "cuda"
     capability = torch.cuda.get_device_capability(device) if cuda else None
@@ -95,7 +95,7 @@ def environment(device: torch.device, switches: dict) -> dict:
         # two folders (a copy) counts once in a report.
         "started": round(time.time(), 6),
         # What the frameworks would have read from the environment, taken out before the run
-        # (common/framework_env.py): the run trained as if they were never set.
+        # (record/framework_env.py): the run trained as if they were never set.
         "cleared_environment": framework_env.inherited(),
         **switches,
     }

@@ -17,6 +17,8 @@ import os
 import signal
 from contextlib import contextmanager
 
+from common import ranks  # the standard library only, as this module: imported before torch
+
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _state = {
     "installed": False,
@@ -83,8 +85,6 @@ def first() -> str | None:
 def interrupted_exit() -> int:
     """The exit code of an interrupted process: 130 (Ctrl-C's) for the command a user ran; for
     a rank of a job, 128 + the signal's number, so that the launcher can tell which it was."""
-    from common import ranks
-
     return 128 + _state["first"] if ranks.launched() and _state["first"] else 130
 
 

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
+
+import numpy as np
 
 from common import activations
 
@@ -11,6 +13,20 @@ from common import activations
 # A run of one epoch (or a resumed run's only new one) has no warm-up-free epoch: its first
 # steps, slow while the allocator and the kernels' caches fill, are left out instead.
 WARMUP_STEPS = 5
+
+
+def median(values) -> Optional[float]:
+    """The median of the values that are not None (None when none are)."""
+    values = [v for v in values if v is not None]
+    return float(np.median(values)) if values else None
+
+
+def quartiles(values: Sequence[float]) -> Optional[tuple[float, float, float]]:
+    """(first quartile, median, third quartile), or None without values."""
+    if len(values) == 0:
+        return None
+    q1, med, q3 = np.percentile(np.asarray(values, dtype=float), [25, 50, 75])
+    return float(q1), float(med), float(q3)
 
 
 def timed_steps(epochs: list) -> tuple[list, str]:
@@ -40,10 +56,6 @@ def summarize(epochs: list, env: Optional[dict] = None) -> dict:
     run has two) when any other epoch is there: a warm-up's CUDA peak holds cuDNN's autotuning.
     Step times follow timed_steps(). On CUDA the allocator's peak is also given less the image
     sets held there (env's data_on_device_bytes): what the precision can change."""
-    from common import stats
-
-    median = stats.median
-
     warm = [e.get("warmup", i == 0) for i, e in enumerate(epochs)]
     timed = [e for e, w in zip(epochs, warm) if not w] or epochs
 
@@ -51,7 +63,7 @@ def summarize(epochs: list, env: Optional[dict] = None) -> dict:
     peak, env = max((e["peak_memory_bytes"] for e in timed), default=None), env or {}
     scales = [e["loss_scale"] for e in epochs if e.get("loss_scale") is not None]
     steps, rule = timed_steps(epochs)
-    q1, step, q3 = stats.quartiles(steps) or (None, None, None)
+    q1, step, q3 = quartiles(steps) or (None, None, None)
     return {
         "median_step_time_s": step,
         "step_time_q1_s": q1,
