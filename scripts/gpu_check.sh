@@ -43,6 +43,11 @@ if [ "$MODE" = gpu ] && ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.
   exit 2
 fi
 echo "gpu_check ($MODE): working in $WORK"
+keep() {  # a step's files go to the pack as soon as they exist: a call cut short keeps them
+  [ -n "$PACK" ] || return 0
+  mkdir -p "$PACK" && for f in "$@"; do [ -f "$f" ] && cp "$f" "$PACK/"; done
+  return 0
+}
 
 # --- set-up: apex from the wheel, and what this machine is ----------------------------------
 apex_line="apex: no APEX_WHEEL given"
@@ -52,8 +57,10 @@ if [ -n "${APEX_WHEEL:-}" ]; then
   if [ ! -f "$APEX_WHEEL" ]; then
     apex_line="apex: APEX_WHEEL=$APEX_WHEEL is not a file here (does it travel with the tree?)"
   elif ! "$PY" -m pip install --quiet --no-deps --no-index --target "$WORK/site" "$APEX_WHEEL" \
-      > "$WORK/apex-install.log" 2>&1; then
-    apex_line="apex: pip could not install $APEX_WHEEL: $(tail -n 1 "$WORK/apex-install.log")"
+      > "$WORK/apex-install.log" 2>&1 \
+      && ! "$PY" -m zipfile -e "$APEX_WHEEL" "$WORK/site" >> "$WORK/apex-install.log" 2>&1; then
+    # (a python-only wheel is a zip of the package: without pip, it is unpacked instead)
+    apex_line="apex: could not install $APEX_WHEEL: $(tail -n 1 "$WORK/apex-install.log")"
   else
     export PYTHONPATH="$PYTHONPATH:$WORK/site"
     if why=$("$PY" -W ignore -c 'import apex.amp' 2>&1); then
@@ -64,12 +71,35 @@ if [ -n "${APEX_WHEEL:-}" ]; then
     fi
   fi
 fi
+# Every package the check needs, with its version; one missing ends the check here, in one line.
+NEEDS="torch torchvision pytorch_lightning accelerate numpy click rich matplotlib pytest"
+probe=$("$PY" - $NEEDS 2>&1 <<'EOF'
+import importlib.metadata as m, importlib, sys
+found = []
+for name in sys.argv[1:]:
+    try:
+        importlib.import_module(name)
+    except Exception as e:
+        print(f"cannot import {name} ({type(e).__name__}: {e})")
+        sys.exit(1)
+    found.append(f"{name} {m.version(name.replace('_', '-'))}")
+import torch
+print("python", sys.version.split()[0], "cuda", torch.version.cuda, ";", ", ".join(found))
+EOF
+)
+probe_rc=$?
 {
   nvidia-smi --query-gpu=name,compute_cap,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
-  "$PY" -c 'import sys, torch, torchvision, pytorch_lightning as pl, accelerate; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "torchvision", torchvision.__version__, "lightning", pl.__version__, "accelerate", accelerate.__version__)'
+  echo "$probe"
   echo "$apex_line"
 } > "$WORK/env.txt" 2>&1
 cat "$WORK/env.txt"
+keep "$WORK/env.txt"
+if [ "$probe_rc" -ne 0 ]; then
+  echo "gpu_check ($MODE): FAILED: $(tail -n 1 <<< "$probe"); nothing was run" | tee -a "$WORK/env.txt"
+  keep "$WORK/env.txt"
+  exit 2
+fi
 
 # --- the steps, each within its limit ---------------------------------------------------------
 if [ "$MODE" = gpu ]; then
@@ -79,7 +109,7 @@ if [ "$MODE" = gpu ]; then
        --no-checkpoint)
   PRECISIONS=32-true,16-mixed,bf16-mixed
   IMPLS=plain,lightning,fabric,accelerate,apex
-  TESTS_LIMIT=150 LIMIT=200 O2_LIMIT=45
+  TESTS_LIMIT=120 LIMIT=230 O2_LIMIT=45
   TEST_WORKERS=(-n "${GPU_TEST_WORKERS:-4}")
 else
   RUN=(--dataset synthetic --model small --synthetic-size 256 --batch-size 32 --epochs 2
@@ -93,9 +123,11 @@ fi
 "$PY" -c 'import xdist' 2> /dev/null || TEST_WORKERS=()
 
 echo "gpu_check: tests (limit ${TESTS_LIMIT}s)"
-timeout -k 10 "$TESTS_LIMIT" "$PY" -m pytest -p no:cacheprovider -q -rfEs --tb=short \
+# SIGINT at the limit, not SIGTERM: pytest then still prints its short summary of outcomes
+timeout -s INT -k 20 "$TESTS_LIMIT" "$PY" -m pytest -p no:cacheprovider -q -rfEs --tb=short \
   "${TEST_WORKERS[@]}" -m "gpu or apex" tests > "$WORK/gpu-tests.log" 2>&1
 tests_rc=$?
+keep "$WORK/gpu-tests.log"
 
 # One repeat and no control arm, to fit the time: its speed figures come with their intervals and
 # the words "not enough runs to tell" (a verdict needs repeats: docs/benchmark.md).
@@ -103,29 +135,32 @@ echo "gpu_check: compare (limit ${LIMIT}s)"
 timeout -k 30 "$LIMIT" "${AMP[@]}" compare "${RUN[@]}" --precisions "$PRECISIONS" \
   --impls "$IMPLS" --no-control --out-dir "$WORK" --quiet > "$WORK/log-compare.txt" 2>&1
 compare_rc=$?
+keep "$WORK/log-compare.txt"
 echo "gpu_check: apex O2 (limit ${O2_LIMIT}s)"
 timeout -k 15 "$O2_LIMIT" "${AMP[@]}" compare "${RUN[@]}" --precisions 16-mixed --impls apex \
   --opt-level O2 --no-control --no-warmup --out-dir "$WORK" --quiet \
   > "$WORK/log-compare-apex-o2.txt" 2>&1
 o2_rc=$?
 
-"${AMP[@]}" report "$WORK"/compare-*/ --out "$WORK/report" > "$WORK/report.log" 2>&1
+timeout -k 10 60 "${AMP[@]}" report "$WORK"/compare-*/ --out "$WORK/report" \
+  > "$WORK/report.log" 2>&1
 report_rc=$?
-"$PY" scripts/gpu_targets.py "$WORK/report/summary.json" > "$WORK/targets.txt" 2>&1
+timeout -k 10 30 "$PY" scripts/gpu_targets.py "$WORK/report/summary.json" > "$WORK/targets.txt" 2>&1
+keep "$WORK/report/report.md" "$WORK/targets.txt"
 
 # --- the summary: what the output ends with -------------------------------------------------
 ended() {  # how a compare ended, from its exit code
   case "$1" in
     0) echo "ok" ;;
-    1) echo "ok; an arm failed (its row says why)" ;;
+    1) echo "an arm failed (its row says why)" ;;
     124 | 137) echo "partial: stopped at its limit; what it measured is kept and reported" ;;
     *) echo "failed (exit $1): see its log" ;;
   esac
 }
 passed=1
 [ "$tests_rc" -eq 0 ] || passed=0
-for rc in "$compare_rc" "$o2_rc"; do
-  case "$rc" in 0 | 1 | 124 | 137) ;; *) passed=0 ;; esac
+for rc in "$compare_rc" "$o2_rc"; do  # partial is a measurement; a failed arm fails it
+  case "$rc" in 0 | 124 | 137) ;; *) passed=0 ;; esac
 done
 [ "$report_rc" -eq 0 ] || passed=0
 [ "$apex_ok" -eq 1 ] || passed=0
@@ -146,11 +181,17 @@ done
   [ "$lines" -gt 24 ] && tail -n 1 "$WORK/.short" | cut -c1-200
   rm -f "$WORK/.short"
   echo "-- compare: $(ended "$compare_rc"); apex O2: $(ended "$o2_rc"); report exit $report_rc --"
-  "$PY" - "$WORK/report/results.csv" <<'EOF' 2>/dev/null || echo "no results.csv"
-import collections, csv, sys
+  "$PY" - "$WORK/report/results.csv" "$WORK"/compare-*/compare.json <<'EOF' 2>/dev/null \
+    || echo "no results.csv"
+import collections, csv, os, sys
+from ampcompare import plan
+from ampcompare.cli import IMPLS
 rows = list(csv.DictReader(open(sys.argv[1], newline="")))
+planned = sum(len(plan.read(os.path.dirname(p), IMPLS).arms()) for p in sys.argv[2:])
 count = collections.Counter(r["status"] for r in rows)
-print("runs:", ", ".join(f"{n} {s}" for s, n in count.most_common()))
+print(f"runs: {planned} planned, {len(rows)} recorded:", ", ".join(f"{n} {s}" for s, n in count.most_common()))
+if len(rows) < planned:
+    print(f"  {planned - len(rows)} never started: the compare stopped at its limit")
 for r in rows:
     if r["status"] not in ("ok",):
         print(f"  {r['impl']} {r['precision']}: {r['status']}: {(r.get('error') or '')[:200]}")
@@ -162,6 +203,7 @@ EOF
          "summary.txt report.md targets.txt env.txt gpu-tests.log log-compare.txt"
   fi
   if [ "$passed" -eq 1 ]; then verdict=PASSED; else verdict=FAILED; fi
+  case " $compare_rc $o2_rc " in *" 124 "* | *" 137 "*) verdict="$verdict (partial)" ;; esac
   echo "gpu_check ($MODE): $verdict: tests exit $tests_rc; compare exit $compare_rc;" \
        "apex O2 exit $o2_rc; report exit $report_rc; $apex_line"
 } > "$WORK/summary.txt"

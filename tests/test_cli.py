@@ -254,6 +254,7 @@ def test_the_gpu_check_runs_every_step_in_its_cpu_mode_and_packs_what_comes_back
     assert summary == (out / "summary.txt").read_text()
     assert "SKIPPED" in summary and " skipped" in summary  # the gpu tests, with their reasons
     assert "-- compare: ok; apex O2: ok; report exit 0 --" in summary
+    assert "runs: 3 planned, 3 recorded: 2 ok, 1 unavailable" in summary
     assert targets in summary
     last = summary.strip().splitlines()[-1]
     if amp:
@@ -261,6 +262,33 @@ def test_the_gpu_check_runs_every_step_in_its_cpu_mode_and_packs_what_comes_back
     else:  # a wheel given that does not import apex.amp: said, and the check fails
         assert last.startswith("gpu_check (cpu): FAILED")
         assert "import apex.amp failed: ModuleNotFoundError: No module named 'apex.amp'" in last
+
+
+def test_the_gpu_check_without_a_package_it_needs_stops_in_one_line(tmp_path):
+    import venv
+
+    venv.create(tmp_path / "bare", with_pip=False)  # a python without torch and the rest
+    root = os.path.dirname(os.path.dirname(__file__))
+    proc = subprocess.run(
+        ["bash", "scripts/gpu_check.sh", "--cpu", str(tmp_path / "out")],
+        cwd=root,
+        env={
+            **os.environ,
+            "PYTHON": str(tmp_path / "bare" / "bin" / "python"),
+            "WORK": str(tmp_path / "work"),
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    last = proc.stdout.strip().splitlines()[-1]
+    assert (
+        last.startswith("gpu_check (cpu): FAILED: cannot import torch")
+        and "nothing was run" in last
+    )
+    assert last in (tmp_path / "out" / "env.txt").read_text()  # what comes back says it too
+    assert not list((tmp_path / "work").glob("compare-*"))
 
 
 def test_an_arm_that_raises_in_the_bench_is_reported_not_a_traceback(tmp_path, monkeypatch):
