@@ -10,7 +10,7 @@ DEMO_DIR ?= runs/demo
 
 .PHONY: demo test test-image bench clean
 
-# One pip call for torch and the project: one resolution (76 s here, against 85 s in three).
+# One pip call for torch and the project: one resolution, faster than three (docs/benchmark.md).
 $(BIN)/.installed: setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet $(TORCH) -e ".[test]"

@@ -31,8 +31,7 @@ def main() -> None:
             raise
         # A rank of a job, its part done and recorded, or a command stopped by a signal once it
         # has written what it measured: leave without the interpreter's teardown, in which
-        # torch's threads ended 1 finished rank in 30, and 2 of 28 benches stopped half-way,
-        # with SIGABRT ("terminate called without an active exception") here.
+        # torch's threads sometimes ended a finished process with SIGABRT (docs/failures.md).
         signals.block_for_exit()
         for stream in (sys.stdout, sys.stderr):
             try:

@@ -67,7 +67,7 @@ def run(cfg, args: list[str]) -> int:
     for name in list(logging.root.manager.loggerDict):  # each sets its own level at import
         if name.startswith("torch.distributed.elastic"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
-    # Threads per rank, the same for every arm (1 against 2 threads changed losses by 7e-7).
+    # Threads per rank, the same for every arm (the thread count changes a loss's last bits).
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.devices)))
     os.environ[ranks.OURS] = "1"  # the ranks leave the summary line to this process
     job = f"ampcompare-{uuid.uuid4().hex[:8]}"

@@ -20,8 +20,8 @@ quiet.frameworks()
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # make test runs two workers on a 2-core machine: one thread each, and in every process they
-    # start, instead of two each fighting over the cores (5:48 serial, 6:09 at two threads a
-    # worker, 4:17 at one, measured here). Each test compares runs made at the same setting.
+    # start, instead of two each fighting over the cores (faster than both serial and two
+    # threads a worker: docs/benchmark.md). Each test compares runs made at the same setting.
     os.environ["OMP_NUM_THREADS"] = "1"
     import torch
 
@@ -32,7 +32,7 @@ CIFAR_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
 
 def tiny(tmp_path, **overrides) -> Config:
     """A config that trains in well under a second per epoch on a CPU. fp16 has no fast CPU
-    kernels (a step of 32 images took 3 s here): 16-mixed runs get 4 images a batch."""
+    kernels (docs/benchmark.md): 16-mixed runs get 4 images a batch."""
     values = dict(
         dataset="synthetic",
         model="small",
