@@ -23,7 +23,7 @@ def main() -> None:
 
         cli.main()  # exits with the code the record says
     except KeyboardInterrupt:  # while torch and the rest were still being imported
-        if ranks.main():  # a job's other ranks leave the line to rank 0
+        if ranks.is_rank0():  # a job's other ranks leave the line to rank 0
             print("ampcompare: interrupted", file=sys.stderr)
         sys.exit(signals.interrupted_exit())
     except SystemExit as end:

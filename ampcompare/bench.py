@@ -189,13 +189,13 @@ def _log_figure(logs, variances, words, target=None, unit="") -> dict:
     """A figure measured once per process on the log scale (a ratio, a rate), pooled."""
     mean, half, df = stats.across(logs, variances)
     est = _estimate(math.exp(mean), math.exp(mean - half), math.exp(mean + half), logs, df)
-    return figure(est, words(est), unit, target=target)
+    return estimate_entry(est, words(est), unit, target=target)
 
 
 def _linear_figure(values, variances, words, unit="", scale=1.0, target=None) -> dict:
     mean, half, df = stats.across(values, variances)
     est = _estimate(mean, mean - half, mean + half, values, df)
-    return figure(est, words(est), unit, scale, target)
+    return estimate_entry(est, words(est), unit, scale, target)
 
 
 def _estimate(value, lo, hi, per_process, df) -> stats.Estimate:
@@ -208,7 +208,9 @@ def _estimate(value, lo, hi, per_process, df) -> stats.Estimate:
     return stats.Estimate(value, lo, hi, (len(per_process),), (), df, short)
 
 
-def figure(est: stats.Estimate, words: str, unit: str = "", scale: float = 1.0, target=None):
+def estimate_entry(
+    est: stats.Estimate, words: str, unit: str = "", scale: float = 1.0, target=None
+):
     out = {
         "estimate": est.value * scale,
         "interval": [est.lo * scale, est.hi * scale],

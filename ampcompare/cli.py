@@ -82,7 +82,7 @@ def config_from(options: dict, stored: Optional[dict] = None, ctx=None) -> Confi
 
 def _say(line: str) -> None:
     """One line on stderr; in a job of several processes, rank 0's only."""
-    if ranks.main():
+    if ranks.is_rank0():
         console.say(line, err=True)
 
 
@@ -185,7 +185,7 @@ def run_one(impl: str, cfg: Config) -> int:
         distributed.shutdown()
     # One job, one summary: rank 0's, or, under `--devices N`, the launcher's (it knows how
     # every rank ended).
-    if ranks.main() and not ranks.under_our_launcher():
+    if ranks.is_rank0() and not ranks.under_our_launcher():
         _summary(impl, result.to_dict(), cfg)
     return signals.interrupted_exit() if result.status == "interrupted" else result.exit_code
 
@@ -354,7 +354,7 @@ def bench_command(processes, rounds, linear_rounds, one_process, **options):
     return bench.run(processes, rounds, linear_rounds, base)
 
 
-def _names(value: str, allowed, what: str) -> list[str]:
+def _listed_choices(value: str, allowed, what: str) -> list[str]:
     names = [v.strip() for v in value.split(",") if v.strip()]
     bad = [n for n in names if n not in allowed]
     if bad or not names:
@@ -456,7 +456,7 @@ def _plan(ctx, impls, precisions, repeats, seeds, control, options) -> "plan.Pla
         cfg = config_from(options).validate()
         planned = plan.fresh(
             cfg,
-            _names(impls, tuple(IMPLS), "impls"),
+            _listed_choices(impls, tuple(IMPLS), "impls"),
             _precisions(precisions, cfg),
             repeats,
             seeds,
@@ -552,7 +552,9 @@ def _precisions(value: Optional[str], cfg: Config) -> list[str]:
     mixed = precision.mixed_default(resolve_device(cfg))
     if value is None:
         return ["32-true", mixed]
-    names = _names(value, (*precision.CANONICAL, *precision.ALIASES, "auto"), "precisions")
+    names = _listed_choices(
+        value, (*precision.CANONICAL, *precision.ALIASES, "auto"), "precisions"
+    )
     return list(
         dict.fromkeys(mixed if p == "auto" else p for p in map(precision.canonical, names))
     )

@@ -14,6 +14,7 @@ record ends with a status that is true. compare.json holds the plan, so that
 from __future__ import annotations
 
 import dataclasses
+import enum
 import os
 import shutil
 import signal
@@ -104,7 +105,7 @@ class Folder:
     busy: bool = False  # another process holds its lock
 
 
-def look(run_dir: str) -> Folder:
+def inspect_folder(run_dir: str) -> Folder:
     if not os.path.isdir(run_dir):
         return Folder(
             exists=os.path.exists(run_dir),
@@ -126,13 +127,21 @@ def look(run_dir: str) -> Folder:
     )
 
 
+class Action(str, enum.Enum):
+    """What compare does with an arm's attempt."""
+
+    KEEP = "keep"  # the child's record, as it wrote it
+    UPDATE = "update"  # the record on disk, with the status and error compare saw
+    STAND_IN = "stand-in"  # a record written for the child, which wrote none
+    START_OVER = "start over"  # its resume was refused: run it again from nothing
+    LEAVE = "leave"  # another process took it: leave it alone
+
+
 @dataclass
 class Outcome:
-    """What compare makes of an arm's attempt: keep the child's record, update the record on
-    disk (status and error), write a stand-in record, start the run over (its resume was
-    refused), or leave it alone (another process took it)."""
+    """What compare makes of an arm's attempt, and the status and error it records."""
 
-    action: str  # "keep", "update", "stand-in", "start over", "leave"
+    action: Action
     status: Optional[str] = None
     error: Optional[str] = None
 
@@ -150,24 +159,24 @@ def outcome(
     how = exit_description(code)
     ended = "interrupted" if interrupted else "failed"
     if last and BUSY in last:
-        return Outcome("leave", error=last)
+        return Outcome(Action.LEAVE, error=last)
     if after is None:
         if code == UNAVAILABLE_EXIT and last:  # this machine cannot run it at all
-            return Outcome("stand-in", "unavailable", last)
-        return Outcome("stand-in", ended, last or how)
+            return Outcome(Action.STAND_IN, "unavailable", last)
+        return Outcome(Action.STAND_IN, ended, last or how)
     if after == before:  # the child wrote nothing
         if resuming and code in (2, UNAVAILABLE_EXIT):
-            return Outcome("start over", error=last or how)
+            return Outcome(Action.START_OVER, error=last or how)
         why = f"{last}; {how}" if last else how
         return Outcome(
-            "update",
+            Action.UPDATE,
             ended,
             f"{why}, before it wrote anything; what an earlier attempt measured is kept",
         )
     if after["status"] != "running":
-        return Outcome("keep")
+        return Outcome(Action.KEEP)
     # Gone before it could record how it ended (OOM killer, SIGKILL, a hang we ended).
-    return Outcome("update", ended, f"{last}; {how}" if last else how)
+    return Outcome(Action.UPDATE, ended, f"{last}; {how}" if last else how)
 
 
 def run_arm(cfg: Config, arm: Arm, folder: str, unavailable: dict, env: dict, warm=None):
@@ -177,7 +186,7 @@ def run_arm(cfg: Config, arm: Arm, folder: str, unavailable: dict, env: dict, wa
     is moved into .superseded/ first, and one another process writes is left alone."""
     run_dir = os.path.join(folder, arm.run_id)
     key = (arm.impl, arm.precision)  # e.g. apex: missing altogether, or only no bf16 mode
-    found = look(run_dir)
+    found = inspect_folder(run_dir)
     if found.busy or found.bad:
         _warn(
             f"skipped {run_dir}: {BUSY if found.busy else found.bad}; it is left as it is "
@@ -203,23 +212,23 @@ def run_arm(cfg: Config, arm: Arm, folder: str, unavailable: dict, env: dict, wa
     if warm is not None and warm(arm):  # the warm-up, before the first timed run: interrupted
         return None, True
     code, last, interrupted = _attempt(cfg, arm, folder, run_dir, resuming)
-    after = look(run_dir).record
+    after = inspect_folder(run_dir).record
     if os.path.isdir(run_dir) and not rundir.held(run_dir):  # a killed child's leftovers go
         checkpoints.clean(run_dir, after)
     result = outcome(before if resuming else None, after, code, last, interrupted, resuming)
     stop = interrupted or code == 130  # also a child interrupted on its own
-    if result.action == "leave":
+    if result.action is Action.LEAVE:
         _warn(f"skipped {run_dir}: {result.error}")
         return after, stop
-    if result.action == "start over":
+    if result.action is Action.START_OVER:
         _warn(f"{run_dir}: its resume was refused ({result.error}); starting it over")
         if stop:
             return after, stop
         _supersede(folder, run_dir, "its resume was refused")
         return run_arm(cfg, arm, folder, unavailable, env, warm)
-    if result.action == "keep":
+    if result.action is Action.KEEP:
         return after, stop
-    if result.action == "update":
+    if result.action is Action.UPDATE:
         after.update(status=result.status, error=result.error)
         return _save(run_dir, after), stop
     if result.status == "unavailable":

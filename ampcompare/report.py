@@ -645,7 +645,7 @@ def _fmt(spread_, scale=1.0, fmt="{:.2f}"):
     return f"{fmt.format(med)} [{fmt.format(lo)}–{fmt.format(hi)}]"
 
 
-def _x(value):
+def _ratio(value):
     return f"{value:.2f}×" if value is not None else "–"
 
 
@@ -845,7 +845,7 @@ def _ratio_table(dev) -> list[str]:
                 speed = r["speedup"]["verdict"] if r["speedup"] else "– (no step times)"
                 lines.append(
                     f"| {md(impl)} | {md(precision)} | {speed} "
-                    f"| {_x(r['activation_bytes'])} | {_x(r[peak])} "
+                    f"| {_ratio(r['activation_bytes'])} | {_ratio(r[peak])} "
                     f"| {accuracy_words(r)} |"
                 )
         lines.append("")

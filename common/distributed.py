@@ -44,7 +44,7 @@ class World:
     backend: Optional[str] = None
 
     @property
-    def main(self) -> bool:
+    def is_rank0(self) -> bool:
         """Rank 0: the one process that writes result.json, the checkpoint and the progress."""
         return self.rank == 0
 

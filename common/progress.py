@@ -11,7 +11,7 @@ from common import ranks
 
 def enabled(cfg) -> bool:
     """On a terminal, unless --quiet; with several processes, rank 0's only."""
-    return not cfg.quiet and sys.stderr.isatty() and ranks.main()
+    return not cfg.quiet and sys.stderr.isatty() and ranks.is_rank0()
 
 
 def epoch_info(row: dict) -> str:

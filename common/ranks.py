@@ -43,7 +43,7 @@ def rank() -> int:
         return -1
 
 
-def main() -> bool:
+def is_rank0() -> bool:
     """Rank 0 (or a process on its own): the one that prints and writes."""
     return rank() == 0
 

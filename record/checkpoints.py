@@ -21,12 +21,12 @@ from record.files import write_temp_json
 from record.rundir import RESERVE, remove
 
 
-def name(epochs: int) -> str:
+def file_for(epochs: int) -> str:
     """The file of the checkpoint that holds `epochs` epochs."""
     return f"checkpoint-{epochs}.pt"
 
 
-def named(record: Optional[dict]) -> Optional[str]:
+def file_named_in(record: Optional[dict]) -> Optional[str]:
     """The checkpoint file a record names, when it is a well-formed name (never a path)."""
     info = (record or {}).get("checkpoint")
     file = info.get("file") if isinstance(info, dict) else None
@@ -82,7 +82,7 @@ def leftovers(run_dir: str, keep: Optional[str]) -> list[str]:
 def clean(run_dir: str, record: Optional[dict]) -> None:
     """Remove the leftovers of the run in run_dir (whose record is `record`, None when it has
     none or an unreadable one: then its checkpoints are kept). Only where no process writes."""
-    keep = named(record)
+    keep = file_named_in(record)
     for entry in leftovers(run_dir, keep):
         if record is None and schema.CHECKPOINT_NAME.fullmatch(entry):
             continue  # without a record, nothing says which checkpoint is the run's

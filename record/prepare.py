@@ -72,7 +72,7 @@ def prepare(cfg, impl: str, opt_level: Optional[str] = None, policy=None) -> Run
     distributed.init(world)
     if policy is None:
         policy, notes = precision.resolve(cfg.precision, device)
-        for line in notes if world.main else ():
+        for line in notes if world.is_rank0 else ():
             console.say(f"ampcompare: warning: {line}", err=True)
     switches = apply_speed_switches(cfg, device)
     try:

@@ -46,7 +46,7 @@ class Recorder:
     ):
         world = world or distributed.World()  # None: a single process
         self.cfg, self.device, self.world = cfg, device, world
-        self.is_rank0 = world.main
+        self.is_rank0 = world.is_rank0
         self.lock = None
         env = {**env, **world.to_dict()}
         if world.size > 1:
@@ -178,7 +178,7 @@ class Recorder:
         pair."""
         # With several ranks, rank 0's weights: BatchNorm's running statistics are each rank's.
         weights, info, staged = weights_sha256(model), self.result.checkpoint, None
-        old = checkpoints.named(self.result.to_dict())
+        old = checkpoints.file_named_in(self.result.to_dict())
         try:
             if save is not None:
                 self.pending, self.pending_losses, self.saving = [row], list(losses), weights
@@ -186,7 +186,7 @@ class Recorder:
                 self._save(save, staged)
                 done = len(self.result.epochs) + 1
                 info = {
-                    "file": checkpoints.name(done),
+                    "file": checkpoints.file_for(done),
                     "epochs": done,
                     "sha256": checkpoints.synced_sha256(staged),
                     "weights_sha256": weights,
@@ -268,7 +268,7 @@ class Recorder:
         """Rank 0: the record's last write, into the room the reserve kept for it."""
         rundir.remove(os.path.join(self.run_dir, rundir.RESERVE))
         drop = (
-            checkpoints.named(self.result.to_dict())
+            checkpoints.file_named_in(self.result.to_dict())
             if self.result.status == "ok" and not self.cfg.keep_checkpoint
             else None
         )

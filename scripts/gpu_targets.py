@@ -68,21 +68,18 @@ def lines(summary: dict) -> list[str]:
                 mfu = [median(c, "mfu") for c in (ref, cell)]
                 wait = [median(c, "data_wait_fraction") for c in (ref, cell)]
                 cuda = env.get("device") == "cuda"
+                acts_text = verdict(acts, TARGETS["activations"], False) if targeted else None
+                peak_text = verdict(peak, TARGETS["allocator"], False) if targeted else None
                 out.append(
                     f"  {label:<11} {precision:<10} speed "
                     + _speed(speedup, targeted)
-                    + "; activations "
-                    + (verdict(acts, TARGETS["activations"], False) if targeted else _x(acts))
+                    + f"; activations {acts_text or _ratio(acts)}"
                     + (
                         "; allocator peak beyond data "
                         if key != "peak_memory_bytes"
                         else "; allocator peak "
                     )
-                    + (
-                        (verdict(peak, TARGETS["allocator"], False) if targeted else _x(peak))
-                        if cuda
-                        else "n/a (CPU: process RSS only)"
-                    )
+                    + ((peak_text or _ratio(peak)) if cuda else "n/a (CPU: process RSS only)")
                     + (f"; accuracy {acc[1] - acc[0]:+.4f}" if None not in acc else "")
                     + (
                         f"; MFU {mfu[0]:.1%} -> {mfu[1]:.1%}"
@@ -113,7 +110,7 @@ def _speed(speedup, targeted: bool) -> str:
     return f"{speedup['verdict']}: {words}"
 
 
-def _x(value):
+def _ratio(value):
     return f"{value:.2f}x" if value is not None else "n/a"
 
 

@@ -124,6 +124,17 @@ def torch_left_as_found():
     assert not changed, f"torch left patched after the test: {', '.join(changed[:5])}"
 
 
+@pytest.fixture
+def fresh_accelerate_state():
+    """One Accelerate state per run, as a process of its own has it: a second Accelerator in
+    one process may not change the mixed precision of the first."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
 def run_cli(args, cwd=ROOT, timeout=180, fresh=False) -> subprocess.CompletedProcess:
     """`ampcompare ARGS` as its own process, through the console entry's own code path
     (fresh: started as FRESH, interpreter and all)."""

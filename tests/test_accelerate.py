@@ -13,20 +13,11 @@ from accelerate_impl import train as accelerate
 from ampcompare.cli import cli
 from common.errors import Unavailable
 from plain_torch import train as plain
-from tests import faults
-from tests.conftest import checkpoint_of, on_gpu, tiny
+from tests.conftest import on_gpu, tiny
 from tests.test_parity import assert_identical
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """One Accelerate state per run, as a process of its own has it: a second Accelerator in
-    one process may not change the mixed precision of the first."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def both(tmp_path, make=tiny, **overrides):
@@ -50,29 +41,6 @@ def test_identical_with_a_cosine_schedule(tmp_path):
     # Accelerate steps a prepared schedule its own way by default; the arm asks for plain's.
     a, b = both(tmp_path, precision="bf16-mixed", optimizer="sgd", schedule="cosine")
     assert_identical(a, b)
-
-
-@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
-def test_accelerate_stopped_mid_epoch_and_resumed_is_bitwise_a_straight_run(
-    tmp_path, monkeypatch, precision
-):
-    straight = accelerate.train(tiny(tmp_path, run_id="straight", precision=precision))
-    with monkeypatch.context() as m:
-        faults.inject(m, epoch=1, action="interrupt", step=2)
-        stopped = accelerate.train(tiny(tmp_path, run_id="stopped", precision=precision))
-    assert stopped.status == "interrupted" and stopped.checkpoint["epochs"] == 1
-    resumed = accelerate.train(
-        tiny(
-            tmp_path,
-            run_id="stopped",
-            precision=precision,
-            resume=str(tmp_path / "runs" / "stopped"),
-        )
-    )
-    assert resumed.status == "ok" and resumed.step_losses == straight.step_losses
-    assert resumed.weights_sha256 == straight.weights_sha256
-    ckpt = torch.load(checkpoint_of(tmp_path / "runs" / "stopped"), weights_only=True)
-    assert {"model", "optimizer", "scheduler", "ampcompare"} <= set(ckpt)
 
 
 def test_16_mixed_on_a_cpu_is_refused_in_one_line(tmp_path):

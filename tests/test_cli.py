@@ -32,15 +32,6 @@ def test_every_command_has_help_and_every_option_states_its_default(name):
             assert "[default:" in param.help, f"{name} {param.opts} does not state its default"
 
 
-def test_common_options_are_identical_across_commands():
-    def signature(command):
-        return [(p.name, p.opts, p.default) for p in command.params if p.name != "opt_level"]
-
-    first = signature(cli.commands["plain"])
-    for name in ("lightning", "fabric", "apex"):
-        assert signature(cli.commands[name]) == first
-
-
 def test_console_script_prints_no_traceback(tmp_path):
     proc = subprocess.run(
         [

@@ -6,11 +6,9 @@ fabric.clip_gradients, fabric.save and fabric.load."""
 import pytest
 import torch
 
-from common.errors import UsageError
 from fabric_impl import train as fabric
 from plain_torch import train as plain
-from tests import faults
-from tests.conftest import checkpoint_of, on_gpu, tiny
+from tests.conftest import on_gpu, tiny
 from tests.test_parity import assert_identical
 
 
@@ -40,42 +38,6 @@ def test_identical_when_the_scaler_skips_steps(tmp_path, monkeypatch):
     a, b = both(tmp_path, precision="16-mixed", clip_grad=0.05)
     assert_identical(a, b)
     assert b.epochs[0]["skipped_steps"] > 0
-
-
-def test_a_silent_switch_to_bf16_is_refused(tmp_path, monkeypatch):
-    # What Fabric does on CPU with precision="16-mixed" and no plugin: it runs bf16.
-    from lightning_fabric.plugins import MixedPrecision
-
-    monkeypatch.setattr(
-        fabric,
-        "MixedPrecision",
-        lambda precision, device, scaler: MixedPrecision("bf16-mixed", device),
-    )
-    with pytest.raises(UsageError, match="Fabric chose bf16-mixed for 16-mixed"):
-        fabric.train(tiny(tmp_path, precision="16-mixed"))
-
-
-@pytest.mark.parametrize("precision", ["32-true", "16-mixed"])
-def test_fabric_stopped_mid_epoch_and_resumed_is_bitwise_a_straight_run(
-    tmp_path, monkeypatch, precision
-):
-    straight = fabric.train(tiny(tmp_path, run_id="straight", precision=precision))
-    with monkeypatch.context() as m:
-        faults.inject(m, epoch=1, action="interrupt", step=2)
-        stopped = fabric.train(tiny(tmp_path, run_id="stopped", precision=precision))
-    assert stopped.status == "interrupted"
-    resumed = fabric.train(
-        tiny(
-            tmp_path,
-            run_id="stopped",
-            precision=precision,
-            resume=str(tmp_path / "runs" / "stopped"),
-        )
-    )
-    assert resumed.status == "ok" and resumed.step_losses == straight.step_losses
-    assert resumed.weights_sha256 == straight.weights_sha256
-    ckpt = torch.load(checkpoint_of(tmp_path / "runs" / "stopped"), weights_only=True)
-    assert ("scaler" in ckpt) == (precision == "16-mixed")
 
 
 @pytest.mark.gpu

@@ -12,9 +12,6 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 ARMS = ("plain_torch", "lightning_impl", "fabric_impl", "accelerate_impl", "apex_impl")
-SIDE_BY_SIDE = [ROOT / arm / "train.py" for arm in ARMS] + [
-    ROOT / "lightning_impl" / "module.py"
-]
 
 
 def top_level_names(path):
@@ -29,22 +26,7 @@ def test_train_files_share_top_level_names_in_order():
         assert names[arm] == names["plain_torch"], arm
 
 
-WIDTH = 96  # what GNU `sdiff -w 200` shows of each side (not 100: it keeps a gutter)
 READ = ["sdiff", "-W", "-w", "200"]  # the README's command: -W, the loop sits deeper in plain
-
-
-@pytest.mark.parametrize("path", SIDE_BY_SIDE, ids=lambda p: str(p.relative_to(ROOT)))
-def test_lines_fit_side_by_side(path):
-    wide = [i for i, line in enumerate(path.read_text().splitlines(), 1) if len(line) > WIDTH]
-    assert not wide, f"{path.name}: lines over {WIDTH} characters: {wide}"
-
-
-@pytest.mark.skipif(shutil.which("sdiff") is None, reason="GNU sdiff is not installed here")
-def test_the_width_is_what_sdiff_shows(tmp_path):
-    (tmp_path / "a").write_text("a" * 150 + "\n")
-    (tmp_path / "b").write_text("b" * 150 + "\n")
-    shown = subprocess.run([*READ, "a", "b"], cwd=tmp_path, capture_output=True, text=True)
-    assert shown.stdout.count("a") == shown.stdout.count("b") == WIDTH, shown.stdout
 
 
 # The lines of plain's loop that stand opposite their Lightning hook when the pair is read.

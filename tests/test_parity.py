@@ -90,17 +90,18 @@ def test_fp16_really_ran_in_lightning_on_cpu(tmp_path):
     assert fp16.step_losses != bf16.step_losses
 
 
-def test_a_silent_switch_to_bf16_is_refused(tmp_path, monkeypatch):
-    # What Lightning does on CPU with precision="16-mixed" and no plugin: it runs bf16.
-    from pytorch_lightning.plugins import MixedPrecision
+@pytest.mark.parametrize("name", ["Lightning", "Fabric"])
+def test_a_silent_switch_to_bf16_is_refused(tmp_path, monkeypatch, name):
+    # What Lightning and Fabric do on CPU with precision="16-mixed" and no plugin: run bf16.
+    import importlib
 
+    module = importlib.import_module(f"{name.lower()}_impl.train")
+    real = module.MixedPrecision
     monkeypatch.setattr(
-        lightning,
-        "MixedPrecision",
-        lambda precision, device, scaler: MixedPrecision("bf16-mixed", device),
+        module, "MixedPrecision", lambda precision, device, scaler: real("bf16-mixed", device)
     )
-    with pytest.raises(UsageError, match="Lightning chose bf16-mixed for 16-mixed"):
-        lightning.train(tiny(tmp_path, precision="16-mixed"))
+    with pytest.raises(UsageError, match=f"{name} chose bf16-mixed for 16-mixed"):
+        module.train(tiny(tmp_path, precision="16-mixed"))
 
 
 @pytest.mark.parametrize("impl", [plain, lightning], ids=["plain", "lightning"])
