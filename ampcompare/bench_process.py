@@ -135,9 +135,7 @@ def take_turns(jobs: dict, threads: int) -> dict:
         finally:
             turns.done(name)
 
-    metrics.epoch_start_hooks.append(hook)
-    metrics.batch_start_hooks.append(stop_here)
-    try:
+    with metrics.hooked(epoch_start=hook, batch_start=stop_here):
         workers = [threading.Thread(target=run, name=n, args=(n, j)) for n, j in jobs.items()]
         for t in workers:
             t.start()
@@ -150,9 +148,6 @@ def take_turns(jobs: dict, threads: int) -> dict:
                 if STOP.is_set():
                     with turns.cond:
                         turns.cond.notify_all()  # a waiting arm wakes, and stops
-    finally:
-        metrics.epoch_start_hooks.remove(hook)
-        metrics.batch_start_hooks.remove(stop_here)
     return out
 
 
@@ -282,9 +277,6 @@ def run(rounds: int, linear_rounds: int, base: Config) -> int:
     device = resolve_device(base)
     threads = torch.get_num_threads()
     out = {"rounds": rounds, "linear_rounds": linear_rounds, "threads": threads}
-    # Ctrl-C, SIGTERM, SIGHUP: the arms stop at their next step and record it, the measures
-    # so far are written, and a second signal is absorbed.
-    signals.listeners.append(STOP.set)
     took = {}
 
     def phase(name, measure):
@@ -298,9 +290,12 @@ def run(rounds: int, linear_rounds: int, base: Config) -> int:
         if STOP.is_set() and name not in out:
             out[name] = {"error": "interrupted"}
 
-    phase("linear", lambda: linear(base, base.out_dir, linear_rounds))
-    phase("small", lambda: small(base, base.out_dir, rounds, threads))
-    phase("loader", lambda: loaders(base, rounds))
+    # Ctrl-C, SIGTERM, SIGHUP: the arms stop at their next step and record it, the measures
+    # so far are written, and a second signal is absorbed.
+    with signals.listening(STOP.set):
+        phase("linear", lambda: linear(base, base.out_dir, linear_rounds))
+        phase("small", lambda: small(base, base.out_dir, rounds, threads))
+        phase("loader", lambda: loaders(base, rounds))
     signals.absorb_from_now()  # from here on a signal interrupts nothing
     env = environment(device, {})
     out.update(

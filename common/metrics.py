@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 import resource
 import time
-from contextlib import nullcontext
-from typing import Optional
+from contextlib import contextmanager, nullcontext
+from typing import Callable, Optional
 
 import torch
 
@@ -92,11 +92,22 @@ def clock(device: torch.device):
     return CudaClock() if device.type == "cuda" else HostClock()
 
 
-# Called with the epoch number as each EpochMeter starts, before its clock does, and before each
-# step's batch_start. Nothing in a run sets them; the bench makes arms that run side by side in
-# one process take turns at the first and stops them at either.
-epoch_start_hooks: list = []
-batch_start_hooks: list = []
+_hooks = {"epoch_start": [], "batch_start": []}  # installed by hooked() alone
+
+
+@contextmanager
+def hooked(epoch_start: Callable[[int], None], batch_start: Callable[[], None]):
+    """Within it, epoch_start(epoch) is called as each EpochMeter starts, before its clock does,
+    and batch_start() before each step's batch_start. Nothing in a run uses it; the bench makes
+    arms that run side by side in one process take turns at the first and stops them at
+    either."""
+    _hooks["epoch_start"].append(epoch_start)
+    _hooks["batch_start"].append(batch_start)
+    try:
+        yield
+    finally:
+        _hooks["epoch_start"].remove(epoch_start)
+        _hooks["batch_start"].remove(batch_start)
 
 
 class EpochMeter:
@@ -110,7 +121,7 @@ class EpochMeter:
         self, device: torch.device, epoch: int, steps: StepCounter, flops: Optional[dict] = None
     ):
         self.device, self.epoch, self.steps, self.flops = device, epoch, steps, flops or {}
-        for hook in epoch_start_hooks:
+        for hook in _hooks["epoch_start"]:
             hook(epoch)
         synchronize(device)
         reset_peak_memory(device)  # each epoch's CUDA peak is its own: the summary leaves out
@@ -130,7 +141,7 @@ class EpochMeter:
         return self.saved
 
     def batch_start(self) -> None:
-        for hook in batch_start_hooks:
+        for hook in _hooks["batch_start"]:
             hook()
         self.waits.append(time.perf_counter() - self.last)
         if len(self.waits) == 1:  # the epoch's first step starts here, later ones where the

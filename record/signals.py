@@ -30,15 +30,25 @@ _state = {
 }
 
 
-# Called on every signal, before anything else: the bench, whose arms run in threads, stops
-# them all with it (a KeyboardInterrupt reaches only the main thread, or is held back).
-listeners: list = []
+_listeners = []  # installed by listening() alone
+
+
+@contextmanager
+def listening(listener):
+    """Within it, listener() is called on every signal, before anything else: the bench, whose
+    arms run in threads, stops them all with it (a KeyboardInterrupt reaches only the main
+    thread, or is held back)."""
+    _listeners.append(listener)
+    try:
+        yield
+    finally:
+        _listeners.remove(listener)
 
 
 def _handler(signum, frame):
     _state["received"] += 1
     _state["first"] = _state["first"] or signum
-    for listener in listeners:
+    for listener in _listeners:
         listener()
     if _state["stopping"]:
         return

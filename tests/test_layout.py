@@ -127,6 +127,27 @@ def test_no_cycle_inside_a_package(package):
         assert not cycle, " -> ".join(cycle)
 
 
+def test_no_module_changes_another_modules_lists():
+    # Hooks are installed by a context manager of the module that calls them (metrics.hooked,
+    # signals.listening), never appended to a list another module owns.
+    found = []
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).glob("*.py")):
+            imported = {m for p, m in imports_of(path) if p in PACKAGES and m}
+            for node in ast.walk(ast.parse(path.read_text())):
+                call = node.func if isinstance(node, ast.Call) else None
+                owner = getattr(call, "value", None)
+                if (
+                    isinstance(call, ast.Attribute)
+                    and call.attr in ("append", "remove", "extend", "insert", "clear")
+                    and isinstance(owner, ast.Attribute)
+                    and isinstance(owner.value, ast.Name)
+                    and owner.value.id in imported
+                ):
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not found, found
+
+
 def test_the_cli_reference_is_current():
     sys.path.insert(0, str(ROOT / "scripts"))
     try:
