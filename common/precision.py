@@ -59,6 +59,16 @@ class Policy:
         return {"requested": self.requested, "effective": self.effective}
 
 
+def refuse_unless_ran(framework: str, chosen: str, policy: Policy, device: str) -> None:
+    """Ours, for the frameworks that pick the precision themselves (Lightning, Fabric): read
+    back what it chose, and refuse to record a run of another precision than asked."""
+    if chosen != policy.effective:
+        raise Unavailable(
+            f"{framework} chose {chosen} for {policy.effective} on {device}; refusing to "
+            f"record the wrong one"
+        )
+
+
 def resolve(requested: str, device: torch.device) -> tuple[Policy, list[str]]:
     """Policy for `requested` on `device`, plus warnings to show the user."""
     name = canonical(requested)

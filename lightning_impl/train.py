@@ -20,11 +20,11 @@ from pytorch_lightning.callbacks import RichProgressBar
 from pytorch_lightning.plugins import MixedPrecision
 from pytorch_lightning.strategies import DDPStrategy
 
-from common import distributed, model_spec, progress
-from common.errors import Unavailable
+from common import distributed, model_spec, precision as precisions, progress
+from lightning_impl.callback import Measured
+from lightning_impl.module import LitClassifier
 from record.prepare import RunSetup, prepare
 from record.results import RunResult
-from lightning_impl.module import LitClassifier
 
 
 def build(cfg, setup: RunSetup):
@@ -66,17 +66,13 @@ def build(cfg, setup: RunSetup):
         deterministic=cfg.deterministic,
         use_distributed_sampler=False,  # the common sampler already orders by (seed, epoch)
         enable_progress_bar=bar,
-        callbacks=[RichProgressBar()] if bar else [],
+        callbacks=[Measured(setup), *([RichProgressBar()] if bar else [])],
         logger=False,  # result.json is the record, as for every arm
         enable_checkpointing=False,  # module.py saves checkpoint.pt each epoch, as every arm
         enable_model_summary=False,
     )  # a table at start-up that the other arms do not print
-    if trainer.precision_plugin.precision != setup.policy.effective:
-        raise Unavailable(
-            f"Lightning chose {trainer.precision_plugin.precision} for "
-            f"{setup.policy.effective} on {setup.device.type}; refusing to record "
-            f"the wrong one"
-        )
+    chosen = trainer.precision_plugin.precision
+    precisions.refuse_unless_ran("Lightning", chosen, setup.policy, setup.device.type)
     return module, trainer
 
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import datetime
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from torch.utils.data import DataLoader
 
-from common import console, data, distributed, flops, metrics, model_spec, precision
-from record import rundir
+from common import console, data, distributed, flops, model_spec, precision
+from record import epochs, rundir
 from common.device import apply_speed_switches, resolve_device
 from record.environment import environment
 from common.errors import UsageError
@@ -36,9 +36,9 @@ class RunSetup:
     world: distributed.World
     flops: dict  # of a step, and the peak MFU is measured against (common/flops.py)
 
-    def meter(self, epoch: int, steps: metrics.StepCounter) -> metrics.EpochMeter:
-        """The measurements of one epoch, the same in every arm."""
-        return metrics.EpochMeter(self.device, epoch, steps, self.flops)
+    def epochs(self, cfg, optimizer) -> Iterator[epochs.Epoch]:
+        """The run's epochs, each measured, recorded and shown the same in every arm."""
+        return epochs.epochs(self, cfg, optimizer)
 
     @property
     def memory_format(self) -> torch.memory_format:
