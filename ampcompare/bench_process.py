@@ -20,15 +20,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import threading
 import time
-import types
 
 import torch
 
 from accelerate_impl import train as accelerate
-from ampcompare import quiet
-from common import data, metrics
+from ampcompare import quiet, turns
+from common import data
 from record import signals
 from common.config import Config
 from common.device import resolve_device
@@ -51,104 +49,14 @@ FRAMEWORKS = {
 }
 
 
-class Turns:
-    """One arm runs an epoch at a time, in turn: epoch k of every arm before epoch k + 1 of any,
-    in an order that rotates each round. An arm holds its turn from the start of its epoch
-    (EpochMeter) to the start of its next one, or the end of its run."""
-
-    def __init__(self, names):
-        self.names, self.round, self.finished = list(names), 0, set()
-        self.cond, self.holder, self.queue = threading.Condition(), None, []
-        self._new_round()
-
-    def _new_round(self):
-        k = self.round % len(self.names)
-        self.queue = [n for n in self.names[k:] + self.names[:k] if n not in self.finished]
-        self.round += 1
-
-    def _release(self):
-        self.holder = None
-        if not self.queue:
-            self._new_round()
-        self.cond.notify_all()
-
-    def take(self, name):
-        with self.cond:
-            if self.holder == name:
-                self._release()
-            while not (self.holder is None and self.queue and self.queue[0] == name):
-                if STOP.is_set():
-                    raise KeyboardInterrupt
-                self.cond.wait()
-            self.queue.pop(0)
-            self.holder = name
-
-    def done(self, name):
-        with self.cond:
-            self.finished.add(name)
-            self.queue = [n for n in self.queue if n != name]
-            if self.holder == name:
-                self._release()
-            self.cond.notify_all()
-
-
 @dataclasses.dataclass
 class Job:
     impl: str
     cfg: Config
 
 
-STOP = threading.Event()  # set by a signal: every arm stops at its next step
-
-
-def take_turns(jobs: dict, threads: int) -> dict:
-    """Run every job's train(cfg) in a thread of its own, epoch by epoch in turn, each with an
-    OpenMP team of `threads`; their results, by name. (Lightning registers signal handlers only
-    from the main thread.) After a signal each arm stops at its next step, as a run stops on
-    Ctrl-C: its record says interrupted."""
-    turns, out = Turns(jobs), {}
-
-    def stop_here():
-        if STOP.is_set() and threading.current_thread().name in jobs:
-            raise KeyboardInterrupt
-
-    def hook(epoch):
-        name = threading.current_thread().name
-        if name in jobs:
-            stop_here()
-            turns.take(name)
-            stop_here()
-
-    def run(name, job):
-        torch.set_num_threads(threads)
-        try:
-            stop_here()
-            out[name] = ARMS[job.impl].train(job.cfg)
-        except Exception as e:  # a refused option, say: its measures say so, the rest go on
-            out[name] = types.SimpleNamespace(
-                status="failed", error=f"{type(e).__name__}: {e}", epochs=[], summary={}
-            )
-        except KeyboardInterrupt:  # stopped before its run had begun
-            out[name] = types.SimpleNamespace(
-                status="interrupted", error="interrupted", epochs=[], summary={}
-            )
-        finally:
-            turns.done(name)
-
-    with metrics.hooked(epoch_start=hook, batch_start=stop_here):
-        workers = [threading.Thread(target=run, name=n, args=(n, j)) for n, j in jobs.items()]
-        for t in workers:
-            t.start()
-        for t in workers:
-            while t.is_alive():  # in slices, so that a signal's handler runs at once
-                try:
-                    t.join(0.2)
-                except KeyboardInterrupt:
-                    STOP.set()
-                if STOP.is_set():
-                    with turns.cond:
-                        turns.cond.notify_all()  # a waiting arm wakes, and stops
-    return out
+def _trainer(job: Job):
+    return lambda: ARMS[job.impl].train(job.cfg)
 
 
 def rounds(result, key: str = "step_times_s") -> list[list[float]]:
@@ -172,7 +80,7 @@ def side_by_side(base: Config, folder: str, arms: dict, tag: str, threads: int) 
         )
         for n, (impl, p) in arms.items()
     }
-    res = take_turns(jobs, threads)
+    res = turns.take_turns({n: _trainer(j) for n, j in jobs.items()}, threads)
     why = failure(res)
     if why:
         return {"error": why}
@@ -215,9 +123,9 @@ def loaders(base: Config, n: int) -> dict:
         _batch_times(theirs, 0)  # start the workers
         pairs = [(_batch_times(ours, r), _batch_times(theirs, r)) for r in range(4 * n)]
     except RuntimeError:  # its workers stopped by the same signal
-        if not STOP.is_set():
+        if not turns.STOP.is_set():
             raise
-    if STOP.is_set():
+    if turns.STOP.is_set():
         return {"error": "interrupted"}
     return {"ours": [p[0] for p in pairs], "theirs": [p[1] for p in pairs]}
 
@@ -262,7 +170,7 @@ def _batch_times(loader, epoch) -> list:
         loader.batch_sampler.sampler.set_epoch(epoch)
     times, last = [], time.perf_counter()
     for _, y in loader:  # per image, so that a short last batch counts for what it is
-        if STOP.is_set():
+        if turns.STOP.is_set():
             return times
         now = time.perf_counter()
         times.append((now - last) / len(y))
@@ -280,19 +188,19 @@ def run(rounds: int, linear_rounds: int, base: Config) -> int:
     took = {}
 
     def phase(name, measure):
-        if not STOP.is_set():
+        if not turns.STOP.is_set():
             start = time.monotonic()
             try:
                 out[name] = measure()
             except KeyboardInterrupt:
-                STOP.set()
+                turns.STOP.set()
             took[name] = round(time.monotonic() - start, 1)
-        if STOP.is_set() and name not in out:
+        if turns.STOP.is_set() and name not in out:
             out[name] = {"error": "interrupted"}
 
     # Ctrl-C, SIGTERM, SIGHUP: the arms stop at their next step and record it, the measures
     # so far are written, and a second signal is absorbed.
-    with signals.listening(STOP.set):
+    with signals.listening(turns.STOP.set):
         phase("linear", lambda: linear(base, base.out_dir, linear_rounds))
         phase("small", lambda: small(base, base.out_dir, rounds, threads))
         phase("loader", lambda: loaders(base, rounds))
@@ -300,11 +208,11 @@ def run(rounds: int, linear_rounds: int, base: Config) -> int:
     env = environment(device, {})
     out.update(
         seconds=took,
-        interrupted=STOP.is_set(),
+        interrupted=turns.STOP.is_set(),
         env={k: env.get(k) for k in ("device_name", "torch", "lightning", "accelerate")},
     )
     write_json(os.path.join(base.out_dir, ROUNDS), out)
-    return 130 if STOP.is_set() else 0
+    return 130 if turns.STOP.is_set() else 0
 
 
 ROUNDS = "rounds.json"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
 import os
 import sys
 from typing import Optional
@@ -13,21 +12,14 @@ from typing import Optional
 import click
 from click.core import ParameterSource
 
-from ampcompare import plan, quiet
+from ampcompare import plan, quiet, run
+from ampcompare.run import IMPLS
 from common import console, ranks
-from record import rundir, signals, summary
+from record import signals
 from common.config import Config, option_flag
 from common.errors import Unavailable, UsageError, unavailable_exit
 from record.resume import read_stopped
 
-IMPLS = {
-    "plain": "plain_torch.train",
-    "lightning": "lightning_impl.train",
-    "fabric": "fabric_impl.train",
-    "accelerate": "accelerate_impl.train",
-    "apex": "apex_impl.train",
-}
-OWN_PACKAGES = {"ampcompare", "common", "record", *(p.split(".")[0] for p in IMPLS.values())}
 NO_ARGS = click.exceptions.NoArgsIsHelpError  # what a bare `ampcompare` raises
 
 
@@ -146,118 +138,6 @@ def cli():
     memory and accuracy side by side."""
 
 
-def run_one(impl: str, cfg: Config) -> int:
-    """Run one implementation in this process (or, with --devices N, start the N processes of
-    its DDP job); print where its result is. Returns the exit code."""
-    from common import distributed
-
-    if impl == "apex":  # say what apex lacks before its loop module is even imported
-        from apex_impl.opt_levels import check
-
-        check(cfg)
-    if impl == "accelerate" and not ranks.launched():  # what it would really run, said first
-        from accelerate_impl.precision import check as check_accelerate
-
-        check_accelerate(cfg)
-    cfg.validate()
-    if cfg.devices * cfg.num_nodes > 1 and not distributed.launched():
-        return _launch(impl, cfg)
-    try:
-        module = importlib.import_module(IMPLS[impl])
-    except ImportError as e:
-        # A framework missing or broken here: unavailable. This project's own modules failing
-        # to import is a bug, never a reason to call an arm unavailable: it propagates.
-        if not e.name or e.name.split(".")[0] in OWN_PACKAGES:
-            raise
-        raise Unavailable(f"{impl}: cannot import its framework ({e})") from None
-    quiet.frameworks()  # again: Lightning sets its loggers' level as it is imported
-    try:
-        result = module.train(cfg)
-    except SystemExit as end:  # the model's or a framework's sys.exit, inside the loop
-        if signals.received():
-            raise
-        _say(
-            f"ampcompare: error: {impl}: sys.exit({end.code!r}) was called during the run (by "
-            f"the model or a framework); its record says failed"
-        )
-        return 1
-    finally:
-        distributed.shutdown()
-    # One job, one summary: rank 0's, or, under `--devices N`, the launcher's (it knows how
-    # every rank ended).
-    if ranks.is_rank0() and not ranks.under_our_launcher():
-        _summary(impl, result.to_dict(), cfg)
-    return signals.interrupted_exit() if result.status == "interrupted" else result.exit_code
-
-
-def _summary(impl: str, record: dict, cfg: Config) -> None:
-    from ampcompare import stats
-
-    s = record.get("summary") or {}
-    acc = f"{s['final_test_acc']:.4f}" if s.get("final_test_acc") is not None else "-"
-    sample = stats.Sample(
-        [summary.timed_steps(record.get("epochs") or [])[0]], record["run_id"]
-    )
-    est = stats.level(sample) if sample else None
-    step = stats.duration_with_interval(est.value, est.lo, est.hi) if est else "-"
-    console.say(
-        f"{impl} {record['precision']['effective']}: {record['status']}, "
-        f"test acc {acc}, median step {step}"
-    )
-    if record.get("error"):
-        console.say(f"error: {record['error']}", err=True)
-    console.say(f"result: {os.path.join(cfg.out_dir, record['run_id'], 'result.json')}")
-
-
-def _launch(impl: str, cfg: Config) -> int:
-    """The N processes of a DDP job on this node, everything about them fixed first."""
-    from ampcompare import compare, launch
-    from common import data, precision
-    from record import results
-    from common.device import resolve_device
-
-    if cfg.num_nodes > 1:
-        raise UsageError(
-            f"--num-nodes {cfg.num_nodes}: start the job on each node with torchrun "
-            f"--nnodes {cfg.num_nodes} --nproc-per-node {cfg.devices} --rdzv-backend c10d "
-            f"--rdzv-endpoint HOST:PORT -m ampcompare {impl} --devices {cfg.devices} "
-            f"--num-nodes {cfg.num_nodes} ... (docs/devices.md)"
-        )
-    try:
-        ranks.threads()  # each rank would fail on it
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    device = resolve_device(cfg)  # --devices against the GPUs there are
-    data.load(cfg)  # a missing CIFAR-10 is one line here, not one per rank
-    if cfg.resume:
-        if rundir.held(cfg.resume):  # refused here, before any rank could touch the record
-            raise UsageError(f"{cfg.resume}: {rundir.BUSY}")
-        args = [
-            impl,
-            "--resume",
-            cfg.resume,
-            *compare.child_args(cfg, exclude=("resume", "out_dir", "run_id")),
-        ]
-    else:
-        rundir.check_out_dir(cfg.out_dir)
-        named = precision.mixed_default(device) if cfg.precision == "auto" else cfg.precision
-        cfg.run_id = cfg.run_id or results.new_run_id(impl, named)
-        if os.path.exists(os.path.join(cfg.out_dir, cfg.run_id)):
-            raise UsageError(
-                f"{os.path.join(cfg.out_dir, cfg.run_id)} already exists; choose "
-                f"another --run-id"
-            )
-        args = [impl, *compare.child_args(cfg, exclude=("resume",))]
-    code = launch.run(cfg, args)
-    try:  # the job's one summary line, from its record as the launcher settled it
-        record = results.read(os.path.join(cfg.out_dir, cfg.run_id))
-        if not results.why_not_a_record(record) and code not in launch.REFUSED:
-            _summary(impl, record, cfg)
-    except (OSError, ValueError):
-        pass
-    return code
-
-
 def arm_config(impl: str, options: dict) -> Config:
     if not options.get("resume"):
         return config_from(options)
@@ -272,7 +152,7 @@ def _impl_command(impl: str, doc: str):
     @cli.command(impl, help=doc)
     @common_options
     def command(**options):
-        return run_one(impl, arm_config(impl, options))
+        return run.run_one(impl, arm_config(impl, options))
 
     return command
 
@@ -299,7 +179,7 @@ accelerate = _impl_command(
 @common_options
 @option("opt_level")
 def apex(**options):
-    return run_one("apex", arm_config("apex", options))
+    return run.run_one("apex", arm_config("apex", options))
 
 
 @cli.command(
@@ -412,16 +292,16 @@ def _listed_choices(value: str, allowed, what: str) -> list[str]:
     "no measured run.  [default: --warmup]",
 )
 def compare_command(impls, precisions, repeats, seeds, control, warmup, **options):
-    from ampcompare import compare
+    from ampcompare import compare, report
     from common import progress
 
     ctx = click.get_current_context()
     planned = _plan(ctx, impls, precisions, repeats, seeds, control, options)
-    _lock(ctx, planned.folder)
+    compare.lock(ctx, planned.folder)
     code = 0
     try:
         with progress.Bar(progress.enabled(planned.cfg)) as bar:
-            show = _progress(bar, planned)
+            show = compare.progress_lines(bar, planned)
             done = compare.compare(planned, show=show, warmup=warmup)
             bar.update(completed=len(done), description="done")
     except KeyboardInterrupt:
@@ -431,7 +311,7 @@ def compare_command(impls, precisions, repeats, seeds, control, warmup, **option
             err=True,
         )
         code = 130
-    return _report(planned.folder, code)
+    return report.write_for_compare(planned.folder, code)
 
 
 def _plan(ctx, impls, precisions, repeats, seeds, control, options) -> "plan.Plan":
@@ -471,70 +351,6 @@ def _plan(ctx, impls, precisions, repeats, seeds, control, options) -> "plan.Pla
     return planned if resuming else plan.start(planned)
 
 
-def _lock(ctx, folder: str) -> None:
-    """Hold folder until the command ends: one compare per folder, never two."""
-    try:
-        held = rundir.lock(folder, f"--resume {folder}: another compare is running there")
-    except OSError as e:
-        raise UsageError(f"cannot lock {folder}: {e.strerror}") from None
-    ctx.call_on_close(lambda: os.close(held))
-
-
-def _progress(bar, planned):
-    """What compare shows before each arm: a bar on a terminal, else a line per arm."""
-
-    def show(k, n, arm, elapsed):
-        seed = f" seed {arm.seed}" if planned.seeds > 1 else ""
-        name = "plain (control)" if arm.control else arm.impl
-        what = f"{name} {arm.precision}{seed} repeat {arm.repeat + 1}"
-        if not bar.on:
-            console.say(f"[{k + 1}/{n}] {what}  (elapsed {elapsed:.0f}s)", err=True)
-            return
-        if k == 0:
-            bar.task(what, n)
-        bar.update(completed=k, description=f"arm {k + 1}/{n}: {what}")
-
-    return show
-
-
-def _report(folder: str, code: int) -> int:
-    """Write the comparison's report from every record in its folder; the exit code."""
-    from ampcompare import report
-
-    records, _ = _records([folder])
-    try:
-        with signals.deferred():  # a report is written whole; a signal now waits for it
-            paths = report.write(records, folder)
-    except OSError as e:
-        console.say(
-            f"ampcompare: error: could not write the report into {folder}: {e.strerror}",
-            err=True,
-        )
-        return 1
-    except KeyboardInterrupt:
-        console.say(
-            f"ampcompare: interrupted; the report is complete (finish the comparison "
-            f"with ampcompare compare --resume {folder})",
-            err=True,
-        )
-        return 130
-    _echo_report(paths)
-    failed = [r for r in records if r["status"] not in ("ok", "unavailable")]
-    return code or (1 if failed else 0)
-
-
-def _records(folders, quiet: bool = False) -> tuple[list, list]:
-    """Every run record under the folders, and (path, why) of each file skipped, said in a
-    warning line each unless `quiet`."""
-    from ampcompare import report
-
-    skipped = []
-    records = report.load(folders, skipped)
-    for path, why in [] if quiet else skipped:
-        console.say(f"ampcompare: warning: skipped {path}: {why}", err=True)
-    return records, skipped
-
-
 def _given(ctx, name: str) -> bool:
     """Whether the option was on the command line (or in the environment); False for one the
     command does not have."""
@@ -558,13 +374,6 @@ def _precisions(value: Optional[str], cfg: Config) -> list[str]:
     return list(
         dict.fromkeys(mixed if p == "auto" else p for p in map(precision.canonical, names))
     )
-
-
-def _echo_report(paths: dict) -> None:
-    with open(paths["report.md"], encoding="utf-8") as f:
-        console.say(f.read())
-    for name, path in paths.items():
-        console.say(f"{name}: {path}")
 
 
 @cli.command(
@@ -598,9 +407,9 @@ def _echo_report(paths: dict) -> None:
     "given).  [default: all]",
 )
 def calibrate_command(run_dirs, slowdown, splits, steps):
-    from ampcompare import calibrate
+    from ampcompare import calibrate, report
 
-    records, _ = _records(run_dirs)
+    records, _ = report.records_in(run_dirs)
     console.say(calibrate.run(records, slowdown, splits, steps))
     return 0
 
@@ -627,7 +436,7 @@ def report_command(run_dirs, out):
     )
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--out {out} is a file; name a folder")
-    records, skipped = _records(run_dirs, quiet=True)
+    records, skipped = report.records_in(run_dirs, quiet=True)
     if not records:
         first = (
             f" ({len(skipped)} skipped; {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
@@ -639,5 +448,5 @@ def report_command(run_dirs, out):
         paths = report.write(records, out)
     except OSError as e:
         raise UsageError(f"--out {out}: cannot write the report there ({e.strerror})") from None
-    _echo_report(paths)
+    report.echo(paths)
     return 0

@@ -428,3 +428,29 @@ def compare(plan: Plan, show=None, warmup: bool = True) -> list[dict]:
             raise KeyboardInterrupt
     signals.absorb_from_now()
     return records
+
+
+def lock(ctx, folder: str) -> None:
+    """Hold folder until the command ends: one compare per folder, never two."""
+    try:
+        held = rundir.lock(folder, f"--resume {folder}: another compare is running there")
+    except OSError as e:
+        raise UsageError(f"cannot lock {folder}: {e.strerror}") from None
+    ctx.call_on_close(lambda: os.close(held))
+
+
+def progress_lines(bar, planned):
+    """What compare shows before each arm: a bar on a terminal, else a line per arm."""
+
+    def show(k, n, arm, elapsed):
+        seed = f" seed {arm.seed}" if planned.seeds > 1 else ""
+        name = "plain (control)" if arm.control else arm.impl
+        what = f"{name} {arm.precision}{seed} repeat {arm.repeat + 1}"
+        if not bar.on:
+            console.say(f"[{k + 1}/{n}] {what}  (elapsed {elapsed:.0f}s)", err=True)
+            return
+        if k == 0:
+            bar.task(what, n)
+        bar.update(completed=k, description=f"arm {k + 1}/{n}: {what}")
+
+    return show

@@ -27,9 +27,9 @@ import numpy as np
 
 from ampcompare import chart, explain
 from ampcompare.chart import MIB
-from record import files, results, rundir, summary
+from record import files, results, rundir, signals, summary
 from ampcompare import stats
-from common import config
+from common import config, console
 from common.precision import CANONICAL
 
 METRICS = (
@@ -896,3 +896,47 @@ def write(records, out_dir: str) -> dict:
     files.write_file(paths["report.md"], lambda f: f.write(text))
     chart.write(summary, paths["benchmark.png"])
     return paths
+
+
+# --- what the commands print and return -------------------------------------------------
+
+
+def write_for_compare(folder: str, code: int) -> int:
+    """Write the comparison's report from every record in its folder; the exit code."""
+    records, _ = records_in([folder])
+    try:
+        with signals.deferred():  # a report is written whole; a signal now waits for it
+            paths = write(records, folder)
+    except OSError as e:
+        console.say(
+            f"ampcompare: error: could not write the report into {folder}: {e.strerror}",
+            err=True,
+        )
+        return 1
+    except KeyboardInterrupt:
+        console.say(
+            f"ampcompare: interrupted; the report is complete (finish the comparison "
+            f"with ampcompare compare --resume {folder})",
+            err=True,
+        )
+        return 130
+    echo(paths)
+    failed = [r for r in records if r["status"] not in ("ok", "unavailable")]
+    return code or (1 if failed else 0)
+
+
+def records_in(folders, quiet: bool = False) -> tuple[list, list]:
+    """Every run record under the folders, and (path, why) of each file skipped, said in a
+    warning line each unless `quiet`."""
+    skipped = []
+    records = load(folders, skipped)
+    for path, why in [] if quiet else skipped:
+        console.say(f"ampcompare: warning: skipped {path}: {why}", err=True)
+    return records, skipped
+
+
+def echo(paths: dict) -> None:
+    with open(paths["report.md"], encoding="utf-8") as f:
+        console.say(f.read())
+    for name, path in paths.items():
+        console.say(f"{name}: {path}")

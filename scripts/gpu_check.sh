@@ -185,7 +185,7 @@ done
     || echo "no results.csv"
 import collections, csv, os, sys
 from ampcompare import plan
-from ampcompare.cli import IMPLS
+from ampcompare.run import IMPLS
 rows = list(csv.DictReader(open(sys.argv[1], newline="")))
 planned = sum(len(plan.read(os.path.dirname(p), IMPLS).arms()) for p in sys.argv[2:])
 count = collections.Counter(r["status"] for r in rows)

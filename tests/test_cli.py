@@ -305,18 +305,18 @@ def test_only_a_missing_framework_makes_an_arm_unavailable(
 ):
     import importlib
 
-    from ampcompare import cli as cli_module
+    from ampcompare import run as run_module
     from common.errors import COMPARE_CHILD, UNAVAILABLE_EXIT
 
     def broken(name):
         raise ImportError(f"cannot import name 'x' from '{missing}'", name=missing)
 
-    monkeypatch.setattr(cli_module.importlib, "import_module", broken)
+    monkeypatch.setattr(run_module.importlib, "import_module", broken)
     monkeypatch.setenv(COMPARE_CHILD, "1")  # as compare starts an arm
     r = CliRunner().invoke(
         cli, ["lightning", "--dataset", "synthetic", "--out-dir", str(tmp_path)]
     )
-    monkeypatch.setattr(cli_module.importlib, "import_module", importlib.import_module)
+    monkeypatch.setattr(run_module.importlib, "import_module", importlib.import_module)
     if unavailable:  # said in one line, and compare records the arm as unavailable
         assert r.exit_code == UNAVAILABLE_EXIT and "cannot import its framework" in r.stderr
     else:  # this project's own code failing to import is a failure, never "unavailable"
