@@ -160,9 +160,9 @@ def cells_of(records, steps: Optional[int] = None) -> dict[str, list[stats.Sampl
     one-run sample, in the order they ran (repeat, then place in the order); `steps`: only
     each run's first so many timed steps. The plain loop and its control are one arm here.
     Raises UsageError for records of several machines or settings."""
-    from ampcompare import report
+    from ampcompare import analysis
 
-    groups = report.groups_of([r for r in records if r["status"] == "ok"])
+    groups = analysis.groups_of([r for r in records if r["status"] == "ok"])
     if len(groups) > 1:
         raise UsageError(
             f"calibrate takes the runs of one machine and settings; these hold "
@@ -171,11 +171,11 @@ def cells_of(records, steps: Optional[int] = None) -> dict[str, list[stats.Sampl
     out = {}
     for _, _, runs in groups:
         for r in sorted(runs, key=_ran):
-            label = report.label_of(r).replace(report.CONTROL, "plain")
-            times = report.sample_of([r], r["run_id"]).runs
+            label = analysis.label_of(r).replace(analysis.CONTROL, "plain")
+            times = analysis.sample_of([r], r["run_id"]).runs
             if times:
                 run = times[0][:steps] if steps else times[0]
-                name = f"{label} {report.precision_of(r)}"
+                name = f"{label} {analysis.precision_of(r)}"
                 out.setdefault(name, []).append(stats.Sample([run], r["run_id"]))
     return out
 

@@ -10,7 +10,7 @@ import pathlib
 
 import pytest
 
-from ampcompare import calibrate, report
+from ampcompare import analysis, calibrate
 from record import summary
 from ampcompare import stats
 
@@ -107,9 +107,9 @@ def test_fewer_steps_than_the_minimum_give_no_verdict(cells):
 
 def test_the_report_judges_a_pair_as_calibrate_does(cells):
     # The report over the fixture: plain against its control must not claim a difference.
-    group = report.summarize(recorded())["devices"][0]
+    group = analysis.summarize(recorded())["devices"][0]
     for precision in ("32-true", "bf16-mixed"):
-        control = group["overheads"][precision][report.CONTROL]
+        control = group["overheads"][precision][analysis.CONTROL]
         assert not stats.Estimate.from_dict(control).claims(0.0)
         assert control["verdict"].startswith("plain against itself: no difference detectable")
     speedup = group["ratios"]["plain"]["bf16-mixed"]["speedup"]

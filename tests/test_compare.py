@@ -10,7 +10,7 @@ import signal
 import pytest
 from click.testing import CliRunner
 
-from ampcompare import compare, plan, report
+from ampcompare import analysis, compare, plan, report
 from ampcompare.cli import cli, common_options, config_from
 from common.config import Config
 from tests import faults
@@ -79,7 +79,7 @@ def test_compare_writes_every_file(compared):
 
 def test_each_run_came_from_its_own_process(compared):
     _, folder = compared
-    records = [r for r in report.load([folder]) if r["impl"] != "apex"]
+    records = [r for r in analysis.load([folder]) if r["impl"] != "apex"]
     pids = [r["env"]["pid"] for r in records]
     assert len(records) == 12 and len(set(pids)) == 12 and os.getpid() not in pids
 
@@ -236,13 +236,13 @@ def test_report_rebuilds_the_same_files(compared, tmp_path):
 def test_report_groups_several_folders_by_device(compared, tmp_path):
     _, folder = compared
     other = tmp_path / "other-machine"
-    for record in report.load([folder]):
+    for record in analysis.load([folder]):
         record["env"].update(device_name="Other CPU", host="other")  # another machine
         run_dir = other / record["run_id"]
         run_dir.mkdir(parents=True)
         (run_dir / "result.json").write_text(json.dumps(record))
-    records = report.load([folder, other])
-    summary = report.summarize(records)
+    records = analysis.load([folder, other])
+    summary = analysis.summarize(records)
     devices = [d["device"] for d in summary["devices"]]
     assert len(devices) == 2 and devices[1] == "Other CPU (cpu)"
     paths = report.write(records, str(tmp_path / "both"))
@@ -440,4 +440,4 @@ def test_an_arm_killed_outright_is_failed_not_running(tmp_path, monkeypatch):
     record, stop = compare.run_arm(cfg, plan.Arm("plain", "32-true", 0), folder, {}, {})
     assert record["status"] == "failed" and record["error"] == "exit code 137" and not stop
     assert len(record["epochs"]) == 1  # what it measured before it died is kept
-    assert report.load([folder])[0]["status"] == "failed"
+    assert analysis.load([folder])[0]["status"] == "failed"

@@ -8,7 +8,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from ampcompare import report
+from ampcompare import analysis
 from ampcompare.cli import cli
 from record import framework_env
 from tests.conftest import TINY_ARGS
@@ -145,7 +145,7 @@ def test_compare_clears_for_every_arm_and_records_it(tmp_path):
     )
     assert r.exit_code == 0, r.output
     assert r.stderr.count("ampcompare: warning: cleared") == 1
-    records = report.load([str(tmp_path)])
+    records = analysis.load([str(tmp_path)])
     assert len(records) == 3 and {x["status"] for x in records} == {"ok"}
     assert len({x["weights_sha256"] for x in records}) == 1
     for x in records:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from ampcompare import plan, report
+from ampcompare import analysis, plan, report
 from common import activations, flops, models, peaks
 from lightning_impl import train as lightning
 from plain_torch import train as plain
@@ -213,7 +213,7 @@ def record(precision, seed, acc, time_s=1.0):
 )
 def test_the_accuracy_change_is_weighed_against_seed_spread(accuracies, words):
     records = [record(p, s, a) for p, accs in accuracies.items() for s, a in enumerate(accs)]
-    (group,) = report.summarize(records)["devices"]
+    (group,) = analysis.summarize(records)["devices"]
     cell = group["precisions"]["32-true"]["plain"]
     assert cell["seeds"] == len(accuracies["32-true"])
     assert cell["final_test_acc"]["min"] == min(accuracies["32-true"])
@@ -250,6 +250,6 @@ def test_gpu_targets_weigh_the_allocator_peak_beyond_the_data(tmp_path, data_mib
         r["summary"].update(peak_memory_bytes=peak * MIB)
         r["summary"]["peak_beyond_data_bytes"] = (peak - data_mib) * MIB if data_mib else None
         records.append(r)
-    text = "\n".join(gpu_targets.lines(report.summarize(records)))
+    text = "\n".join(gpu_targets.lines(analysis.summarize(records)))
     assert "speed 2.50× faster [2.50–2.50]: meets ≥ 2.0" in text, text
     assert verdict in text, text

@@ -8,7 +8,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from ampcompare import report
+from ampcompare import analysis
 from ampcompare.cli import cli
 from common import model_spec
 from lightning_impl import train as lightning
@@ -266,7 +266,7 @@ def test_the_model_is_a_setting_and_so_is_its_source(tmp_path, user_module):
     (runs / "d").mkdir()
     record.update(run_id="d", model={**record["model"], "source_sha256": "0" * 64})
     (runs / "d" / "result.json").write_text(json.dumps(record))
-    groups = report.summarize(report.load([runs]))["devices"]
+    groups = analysis.summarize(analysis.load([runs]))["devices"]
     assert len(groups) == 4  # never one cell
     assert any("model_source_sha256 " + "0" * 64 in g["device"] for g in groups)
 

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from ampcompare import compare, plan, report
+from ampcompare import analysis, compare, plan
 from common import config
 from record import resume
 from common.config import FREE, SAME
@@ -89,7 +89,7 @@ def test_report_groups_by_a_new_option_only_if_it_is_a_setting(monkeypatch, sett
             "summary": {},
         }
 
-    groups = report.summarize([record("a", 1), record("b", 2)])["devices"]
+    groups = analysis.summarize([record("a", 1), record("b", 2)])["devices"]
     assert len(groups) == (2 if setting else 1)
     if setting:
         assert {g["device"] for g in groups} == {"CPU (cpu) — widget 1", "CPU (cpu) — widget 2"}

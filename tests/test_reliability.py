@@ -14,7 +14,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from ampcompare import compare, plan, report
+from ampcompare import analysis, compare, plan, report
 from ampcompare.cli import cli, config_from
 from common import metrics
 from record import results
@@ -411,7 +411,7 @@ def test_report_skips_a_broken_record_and_names_it(two_runs, tmp_path, content):
 
 
 def test_report_never_averages_runs_with_different_settings(two_runs):
-    summary = report.summarize(report.load([two_runs]))
+    summary = analysis.summarize(analysis.load([two_runs]))
     assert len(summary["devices"]) == 2
     names = [d["device"] for d in summary["devices"]]
     assert any("optimizer adam" in n and "lr 0.0001" in n for n in names)

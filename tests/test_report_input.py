@@ -12,7 +12,7 @@ import warnings
 import pytest
 from click.testing import CliRunner
 
-from ampcompare import chart, report
+from ampcompare import analysis, chart, report
 from ampcompare.cli import cli
 from plain_torch import train as plain
 from tests.conftest import ROOT, TINY_ARGS, tiny
@@ -75,7 +75,7 @@ def test_values_from_records_stay_text_in_the_report(tmp_path, one_run):
 @pytest.mark.parametrize("name", ["Odd $\\notacommand{$ GPU", "显卡 🚀 GPU"])
 def test_the_chart_draws_any_device_name(tmp_path, one_run, name):
     write_runs(tmp_path / "runs", [variant(one_run, "r", device_name=name)])
-    summary = report.summarize(report.load([tmp_path / "runs"]))
+    summary = analysis.summarize(analysis.load([tmp_path / "runs"]))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a missing glyph warns; mathtext raises
         chart.write(summary, str(tmp_path / "benchmark.png"))
@@ -97,7 +97,7 @@ def test_runs_of_other_software_on_the_same_device_are_never_one_cell(
     write_runs(
         tmp_path / "runs", [variant(one_run, "a"), variant(one_run, "b", **{key: value})]
     )
-    summary = report.summarize(report.load([tmp_path / "runs"]))
+    summary = analysis.summarize(analysis.load([tmp_path / "runs"]))
     assert len(summary["devices"]) == 2
     assert any(f"{key} {value}" in g["device"] for g in summary["devices"])
     for group in summary["devices"]:
@@ -108,7 +108,7 @@ def test_a_run_is_counted_once_however_many_paths_reach_it(tmp_path, one_run):
     write_runs(tmp_path / "runs" / "sub", [variant(one_run, "a")])
     folder = tmp_path / "runs"
     for paths in ([folder, folder], [folder, folder / "sub"], [tmp_path, folder]):
-        records = report.load(paths)
+        records = analysis.load(paths)
         assert [r["run_id"] for r in records] == ["a"], paths
     r = CliRunner().invoke(
         cli, ["report", str(folder), str(folder / "sub"), "--out", str(tmp_path / "out")]
@@ -159,16 +159,16 @@ def test_a_copied_compare_folder_counts_each_run_once(tmp_path, one_run):
     write_runs(tmp_path / "a", [variant(one_run, "r0"), variant(one_run, "r1", pid=1)])
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     skipped = []
-    records = report.load([str(tmp_path / "a"), str(tmp_path / "b")], skipped)
+    records = analysis.load([str(tmp_path / "a"), str(tmp_path / "b")], skipped)
     assert sorted(r["run_id"] for r in records) == ["r0", "r1"]
     assert len(skipped) == 2 and all("a copy of" in why for _, why in skipped)
-    (cell,) = report.summarize(records)["devices"][0]["precisions"]["32-true"].values()
+    (cell,) = analysis.summarize(records)["devices"][0]["precisions"]["32-true"].values()
     assert cell["runs"] == 2
 
 
 def test_runs_with_other_thread_counts_are_never_one_cell(one_run):
     records = [variant(one_run, "two", threads=2), variant(one_run, "one", threads=1, pid=2)]
-    devices = report.summarize(records)["devices"]
+    devices = analysis.summarize(records)["devices"]
     assert len(devices) == 2 and all("threads" in d["device"] for d in devices)
 
 
@@ -181,7 +181,7 @@ def test_a_record_with_an_unusable_step_time_is_skipped_and_named(tmp_path, one_
         broken["epochs"][1]["step_times_s"][0] = bad
     write_runs(tmp_path, [variant(one_run, "fine"), broken])
     skipped = []
-    records = report.load([str(tmp_path)], skipped)
+    records = analysis.load([str(tmp_path)], skipped)
     assert [r["run_id"] for r in records] == ["fine"]
     ((path, why),) = skipped
     assert "broken" in path and (
@@ -201,25 +201,25 @@ def test_report_follows_no_link_twice(tmp_path, one_run):
     os.symlink(".", tmp_path / "a")
     os.symlink(".", tmp_path / "b")
     os.symlink(tmp_path / "only", tmp_path / "only-again")
-    found = report.result_files(str(tmp_path))
+    found = analysis.result_files(str(tmp_path))
     assert [os.path.relpath(p, tmp_path) for p in found] == [
         os.path.join("only", "result.json")
     ]
-    assert [r["run_id"] for r in report.load([str(tmp_path)])] == ["only"]
+    assert [r["run_id"] for r in analysis.load([str(tmp_path)])] == ["only"]
 
 
 def test_a_run_left_running_by_a_process_that_is_gone_is_reported_failed(tmp_path, one_run):
     gone = variant(one_run, "gone", pid=4)
     gone["status"] = "running"
     write_runs(tmp_path, [gone])
-    (record,) = report.load([str(tmp_path)])
+    (record,) = analysis.load([str(tmp_path)])
     assert record["status"] == "failed" and "ended without recording" in record["error"]
     # while a live process holds its folder, it is running
     from record.rundir import lock
 
     held = lock(str(tmp_path / "gone"), "held by this test")
     try:
-        (record,) = report.load([str(tmp_path)])
+        (record,) = analysis.load([str(tmp_path)])
         assert record["status"] == "running"
     finally:
         os.close(held)

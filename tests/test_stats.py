@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from ampcompare import report
+from ampcompare import analysis, report
 from common import metrics
 from record import summary
 from ampcompare import stats
@@ -252,7 +252,7 @@ def record(impl, precision, steps_by_run_epoch, run, weights="w", role="arm"):
 
 
 def group_of(records):
-    (group,) = report.summarize(records)["devices"]
+    (group,) = analysis.summarize(records)["devices"]
     return group
 
 
@@ -299,7 +299,7 @@ def test_the_report_finds_a_known_speedup_and_a_known_null():
     assert cost["interval"][0] < 0 < cost["interval"][1]
     assert cost["verdict"].startswith("no difference detectable")
     assert not any("do not overlap" in n for n in group["notes"])
-    md = report.markdown(report.summarize(records), records)
+    md = report.markdown(analysis.summarize(records), records)
     assert speed["verdict"] in md and "no difference detectable [" in md
     assert "One run per cell" not in md
 
@@ -435,7 +435,7 @@ def test_old_records_without_step_times_still_report(tmp_path):
     group = group_of([rec, old])
     assert group["precisions"]["bf16-mixed"]["plain"]["step_time_s"] is None
     assert group["ratios"]["plain"]["bf16-mixed"]["speedup"] is None
-    assert "– (no step times)" in report.markdown(report.summarize([rec, old]), [rec, old])
+    assert "– (no step times)" in report.markdown(analysis.summarize([rec, old]), [rec, old])
 
 
 def comparison(costs, weights=None, runs=3, level=0.1):
@@ -461,7 +461,7 @@ def test_a_control_that_claims_a_difference_withholds_every_verdict():
     records = comparison({"plain (control)": 1.2, "lightning": 1.0})
     group = group_of(records)
     assert group["control_claims"]
-    md = report.markdown(report.summarize(records), records)
+    md = report.markdown(analysis.summarize(records), records)
     assert md.splitlines()[4].startswith("**This machine's noise exceeded the method here**")
     speed = group["ratios"]["plain"]["bf16-mixed"]["speedup"]["verdict"]
     assert speed.startswith("no verdict: plain against itself showed a difference here")
@@ -478,7 +478,7 @@ def test_a_quiet_control_leaves_the_verdicts_standing():
     assert control.startswith("plain against itself: no difference detectable [")
     assert "× faster [" in group["ratios"]["plain"]["bf16-mixed"]["speedup"]["verdict"]
     assert "noise exceeded the method" not in report.markdown(
-        report.summarize(records), records
+        analysis.summarize(records), records
     )
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from ampcompare import report
+from ampcompare import analysis
 from ampcompare.cli import cli
 from record import checkpoints, resume
 from plain_torch import train as plain
@@ -208,5 +208,5 @@ def test_an_old_record_is_still_read_by_report(tmp_path):
     for e in record["epochs"]:
         e.pop("step_times_s"), e.pop("step_waits_s"), e.pop("step_clock")
     path.write_text(json.dumps(record))
-    (group,) = report.summarize(report.load([tmp_path / "runs"]))["devices"]
+    (group,) = analysis.summarize(analysis.load([tmp_path / "runs"]))["devices"]
     assert group["precisions"]["32-true"]["plain"]["step_time_s"] is None
