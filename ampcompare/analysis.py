@@ -34,57 +34,6 @@ METRICS = (
     "loss_scale_last",
     "final_test_acc",
 )
-CSV_COLUMNS = (
-    "device_name",
-    "device",
-    "impl",
-    "precision",
-    "opt_level",
-    "seed",
-    "repeat",
-    "position",
-    "status",
-    "error",
-    *METRICS,
-    "step_time_q1_s",
-    "step_time_q3_s",
-    "step_time_lo_s",
-    "step_time_hi_s",
-    "timed_steps",
-    "epochs_done",
-    "weights_sha256",
-    "run_id",
-    "path",
-)
-IMPL_ORDER = (
-    "plain",
-    "plain (control)",
-    "lightning",
-    "fabric",
-    "accelerate",
-    "apex",
-    "apex (O0)",
-    "apex (O1)",
-    "apex (O2)",
-    "apex (O3)",
-)
-
-
-METRICS = (
-    "median_step_time_s",
-    "median_epoch_time_s",
-    "images_per_s",
-    "achieved_tflops",
-    "mfu",
-    "data_wait_fraction",
-    "activation_bytes",
-    "peak_memory_bytes",
-    "peak_beyond_data_bytes",
-    "skipped_steps",
-    "loss_scale_first",
-    "loss_scale_last",
-    "final_test_acc",
-)
 
 
 IMPL_ORDER = (
