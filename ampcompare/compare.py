@@ -65,30 +65,26 @@ def unavailable_result(cfg: Config, arm: Arm, status: str, reason: str, env: dic
     """The record of an arm that produced no result.json of its own (env: the comparing
     process's view of the machine, so the row lands with its device)."""
     passed = arm.impl == "apex" and applies(cfg.opt_level, arm.precision)
-    return {
-        "schema": results.SCHEMA,
-        "run_id": arm.run_id,
-        "impl": arm.impl,
+    config = {
+        **cfg.to_dict(),
+        "precision": arm.precision,
         "repeat": arm.repeat,
         "seed": arm.seed,
-        "status": status,
-        "error": reason,
-        "precision": {"requested": arm.precision, "effective": None},
-        "opt_level": cfg.opt_level if passed else None,
-        "config": {
-            **cfg.to_dict(),
-            "precision": arm.precision,
-            "repeat": arm.repeat,
-            "seed": arm.seed,
-            "role": "control" if arm.control else "arm",
-            "position": arm.position,
-        },
-        "env": env,
-        "epochs": [],
-        "step_losses": [],
-        "weights_sha256": None,
-        "summary": {},
+        "role": "control" if arm.control else "arm",
+        "position": arm.position,
     }
+    return results.RunResult.stand_in(
+        arm.run_id,
+        arm.impl,
+        arm.repeat,
+        arm.seed,
+        status,
+        reason,
+        arm.precision,
+        cfg.opt_level if passed else None,
+        config,
+        env,
+    ).to_dict()
 
 
 SUPERSEDED = ".superseded"  # where a run that is started over goes (report does not look)

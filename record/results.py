@@ -26,37 +26,48 @@ from record import schema
 SCHEMA = 5
 EXIT_CODES = {"ok": 0, "interrupted": 130}  # diverged, oom, failed: 1
 STATUSES = ("running", "ok", "interrupted", "diverged", "oom", "failed", "unavailable")
+S = schema
+
+
+def shaped(shape, **kw):
+    """A field of the record, with the shape a result.json's entry must have (record/schema.py):
+    the record's type and its check are one declaration."""
+    return field(metadata={"shape": shape}, **kw)
 
 
 @dataclass
 class RunResult:
-    schema: int
-    run_id: str
-    impl: str
-    repeat: int
-    seed: int
-    status: str
-    error: Optional[str]
-    precision: dict
-    opt_level: Optional[str]
-    config: dict
-    env: dict
-    pid: int = 0
-    epochs: list = field(default_factory=list)
-    step_losses: list = field(default_factory=list)
-    flops: Optional[dict] = None  # per step and image, and the peak MFU is measured against
+    schema: int = shaped(S.at_least(1))
+    run_id: str = shaped(S.Required(str))
+    impl: str = shaped(S.Required(str))
+    repeat: int = shaped(S.at_least(0))
+    seed: int = shaped(S.at_least(0))
+    status: str = shaped(S.Required(S.one_of(*STATUSES)))
+    error: Optional[str] = shaped(S.maybe(str))
+    precision: dict = shaped(
+        S.Required({"requested": S.Required(str), "effective": S.Required(S.maybe(str))})
+    )
+    opt_level: Optional[str] = shaped(S.maybe(str))
+    config: dict = shaped(S.Required(dict))
+    env: dict = shaped(S.Required(S.ENV))
+    pid: int = shaped(int, default=0)
+    epochs: list = shaped(S.Required([S.EPOCH]), default_factory=list)
+    step_losses: list = shaped(S.NUMBERS, default_factory=list)
+    # per step and image, and the peak MFU is measured against
+    flops: Optional[dict] = shaped(S.maybe(S.FLOPS), default=None)
     # The model: its spec as given, parameter count and (an import path) its source's SHA-256
-    model: Optional[dict] = None
-    weights_sha256: Optional[str] = None
-    weights_epochs: Optional[int] = None  # how many epochs of training the hashed weights had
-    checkpoint: Optional[dict] = None
+    model: Optional[dict] = shaped(S.maybe(S.MODEL), default=None)
+    weights_sha256: Optional[str] = shaped(S.maybe(S.SHA256), default=None)
+    # how many epochs of training the hashed weights had
+    weights_epochs: Optional[int] = shaped(S.maybe(S.at_least(0)), default=None)
+    checkpoint: Optional[dict] = shaped(S.maybe(S.CHECKPOINT), default=None)
     # Each resume: the epoch it continued from and its process's env (env itself is the first
     # process's; what must match, such as the torch version, was checked at each resume).
-    resumes: list = field(default_factory=list)
+    resumes: list = shaped(S.RESUMES, default_factory=list)
     # An epoch that ended but whose checkpoint was never written (interrupted, disk full): its
     # measurements, in no figure; a resume redoes that epoch.
-    unsaved_epoch: Optional[dict] = None
-    summary: dict = field(default_factory=dict)
+    unsaved_epoch: Optional[dict] = shaped(S.maybe(S.EPOCH), default=None)
+    summary: dict = shaped(S.Required(S.SUMMARY), default_factory=dict)
 
     @property
     def exit_code(self) -> int:
@@ -64,6 +75,32 @@ class RunResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def shape(cls) -> dict:
+        """The shape of a result.json, from the fields above (and the entry a schema-3 record
+        may still hold)."""
+        return {f.name: f.metadata["shape"] for f in dataclasses.fields(cls)} | S.RETIRED
+
+    @classmethod
+    def stand_in(
+        cls, run_id, impl, repeat, seed, status, error, precision, opt_level, config, env
+    ) -> "RunResult":
+        """The record of a run that wrote none of its own: it could not run here, or its
+        process ended before it could (compare writes it, with why)."""
+        return cls(
+            schema=SCHEMA,
+            run_id=run_id,
+            impl=impl,
+            repeat=repeat,
+            seed=seed,
+            status=status,
+            error=error,
+            precision={"requested": precision, "effective": None},
+            opt_level=opt_level,
+            config=config,
+            env=env,
+        )
 
 
 def read(run_dir: str) -> dict:
@@ -77,7 +114,7 @@ def why_not_a_record(record: Any, complete: bool = False) -> Optional[str]:
     as a resume needs them to continue the run as it was."""
     if not isinstance(record, dict):
         return f"a JSON {type(record).__name__}, not an object"
-    wrong = schema.why(record, schema.record_shape(STATUSES), "")
+    wrong = schema.why(record, RunResult.shape(), "")
     if wrong:
         return wrong
     fields = {f.name: f for f in dataclasses.fields(config.Config)}

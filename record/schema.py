@@ -140,49 +140,24 @@ def _summary(value, where):
     return None
 
 
-def record_shape(statuses, impls=None) -> dict:
-    """The shape of a run record whose status is one of `statuses`."""
-    return {
-        "schema": at_least(1),
-        "run_id": Required(str),
-        "impl": Required(one_of(*impls) if impls else str),
-        "repeat": at_least(0),
-        "seed": at_least(0),
-        "status": Required(one_of(*statuses)),
-        "error": maybe(str),
-        "precision": Required({"requested": Required(str), "effective": Required(maybe(str))}),
-        "opt_level": maybe(str),
-        "config": Required(dict),
-        "env": Required(ENV),
-        "pid": int,
-        "epochs": Required([EPOCH]),
-        "step_losses": NUMBERS,
-        "flops": maybe(
-            {
-                "per_step": maybe(NUMBER),
-                "per_image": maybe(NUMBER),
-                "batch_size": int,
-                "counted": maybe(str),
-                "peak_tflops": maybe(NUMBER),
-                "peak": maybe(str),
-            }
-        ),
-        "model": maybe(
-            {
-                "spec": Required(str),
-                "parameters": at_least(0),
-                "source": maybe(str),
-                "source_sha256": maybe(matching(HEX64, "a SHA-256")),
-            }
-        ),
-        "weights_sha256": maybe(matching(HEX64, "a SHA-256")),
-        "weights_epochs": maybe(at_least(0)),
-        "checkpoint": maybe(CHECKPOINT),
-        "resumes": [{"epoch": Required(at_least(0)), "env": Required(dict)}],
-        "unsaved_epoch": maybe(EPOCH),
-        "nonfinite": [str],
-        "summary": Required(_summary),
-    }
+FLOPS = {
+    "per_step": maybe(NUMBER),
+    "per_image": maybe(NUMBER),
+    "batch_size": int,
+    "counted": maybe(str),
+    "peak_tflops": maybe(NUMBER),
+    "peak": maybe(str),
+}
+SHA256 = matching(HEX64, "a SHA-256")
+MODEL = {
+    "spec": Required(str),
+    "parameters": at_least(0),
+    "source": maybe(str),
+    "source_sha256": maybe(SHA256),
+}
+RESUMES = [{"epoch": Required(at_least(0)), "env": Required(dict)}]
+SUMMARY = _summary
+RETIRED = {"nonfinite": [str]}  # entries an older record may hold, which no field writes now
 
 
 def why(value: Any, shape, where: str = "the record") -> Optional[str]:
