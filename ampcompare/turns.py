@@ -10,6 +10,7 @@ import types
 import torch
 
 from common import metrics
+from record import signals
 
 
 class Turns:
@@ -90,17 +91,26 @@ def take_turns(jobs: dict, threads: int) -> dict:
         finally:
             turns.done(name)
 
+    # While the arms run, a signal is held back from this thread: raised here at any point of
+    # the wait, it would leave the wait with arms still running and no hooks to stop them, and
+    # their records would say "running". It stops them through STOP instead, and is raised
+    # (and caught) once every arm has recorded its end.
     with metrics.hooked(epoch_start=hook, batch_start=stop_here):
-        workers = [threading.Thread(target=run, name=n, args=(n, j)) for n, j in jobs.items()]
-        for t in workers:
-            t.start()
-        for t in workers:
-            while t.is_alive():  # in slices, so that a signal's handler runs at once
-                try:
-                    t.join(0.2)
-                except KeyboardInterrupt:
-                    STOP.set()
-                if STOP.is_set():
-                    with turns.cond:
-                        turns.cond.notify_all()  # a waiting arm wakes, and stops
+        try:
+            with signals.deferred():
+                workers = [
+                    threading.Thread(target=run, name=n, args=(n, j)) for n, j in jobs.items()
+                ]
+                for t in workers:
+                    t.start()
+                for t in workers:
+                    while t.is_alive():  # in slices, so that a signal is seen at once
+                        t.join(0.2)
+                        if signals.received():
+                            STOP.set()
+                        if STOP.is_set():
+                            with turns.cond:
+                                turns.cond.notify_all()  # a waiting arm wakes, and stops
+        except KeyboardInterrupt:
+            STOP.set()
     return out
