@@ -74,16 +74,16 @@ def unavailable_result(cfg: Config, arm: Arm, status: str, reason: str, env: dic
         "position": arm.position,
     }
     return results.RunResult.stand_in(
-        arm.run_id,
-        arm.impl,
-        arm.repeat,
-        arm.seed,
-        status,
-        reason,
         arm.precision,
-        cfg.opt_level if passed else None,
-        config,
-        env,
+        run_id=arm.run_id,
+        impl=arm.impl,
+        repeat=arm.repeat,
+        seed=arm.seed,
+        status=status,
+        error=reason,
+        opt_level=cfg.opt_level if passed else None,
+        config=config,
+        env=env,
     ).to_dict()
 
 

@@ -83,24 +83,11 @@ class RunResult:
         return {f.name: f.metadata["shape"] for f in dataclasses.fields(cls)} | S.RETIRED
 
     @classmethod
-    def stand_in(
-        cls, run_id, impl, repeat, seed, status, error, precision, opt_level, config, env
-    ) -> "RunResult":
+    def stand_in(cls, precision: str, **fields) -> "RunResult":
         """The record of a run that wrote none of its own: it could not run here, or its
-        process ended before it could (compare writes it, with why)."""
-        return cls(
-            schema=SCHEMA,
-            run_id=run_id,
-            impl=impl,
-            repeat=repeat,
-            seed=seed,
-            status=status,
-            error=error,
-            precision={"requested": precision, "effective": None},
-            opt_level=opt_level,
-            config=config,
-            env=env,
-        )
+        process ended before it could (compare writes it, with why). It ran no precision."""
+        ran = {"requested": precision, "effective": None}
+        return cls(schema=SCHEMA, precision=ran, **fields)
 
 
 def read(run_dir: str) -> dict:

@@ -109,18 +109,23 @@ def torch_functions() -> dict:
     return held
 
 
+def torch_changed(before: dict) -> list[str]:
+    """The functions of torch_functions() that are no longer what `before` held."""
+    now = torch_functions()
+    return sorted(
+        f"{space}.{name}"
+        for (space, name), v in before.items()
+        if now.get((space, name)) is not v
+    )
+
+
 @pytest.fixture(autouse=True)
 def torch_left_as_found():
     """A test that leaves torch patched (apex O1 does, for the rest of a process) fails, instead
     of every later test in its process failing for a reason far from it."""
     before = torch_functions()
     yield
-    after = torch_functions()
-    changed = sorted(
-        f"{space}.{name}"
-        for (space, name), v in before.items()
-        if after.get((space, name)) is not v
-    )
+    changed = torch_changed(before)
     assert not changed, f"torch left patched after the test: {', '.join(changed[:5])}"
 
 

@@ -206,7 +206,7 @@ def test_o1_leaves_torch_as_it_found_it(tmp_path, monkeypatch):
 
     from apex_impl import train as apex
     from plain_torch import train as plain
-    from tests.conftest import torch_functions
+    from tests.conftest import torch_changed, torch_functions
 
     monkeypatch.setattr(_initialize, "check_models", lambda models: None)
     monkeypatch.setattr(_initialize, "check_params_fp32", lambda models: None)
@@ -221,15 +221,13 @@ def test_o1_leaves_torch_as_it_found_it(tmp_path, monkeypatch):
 
     def amp_init(*args, **kwargs):  # what O1 changed, seen from inside the run
         handle = real_init(*args, **kwargs)
-        now = torch_functions()
-        patched.extend(k for k, v in before.items() if now.get(k) is not v)
+        patched.extend(torch_changed(before))
         return handle
 
     monkeypatch.setattr(apex_amp, "init", amp_init)  # _initialize imports it when it runs
     apex.train(tiny(tmp_path, run_id="apex", precision="16-mixed", batch_size=32))
     assert len(patched) > 100  # O1 did patch torch, or this test would prove nothing
-    after = torch_functions()
-    assert [k for k, v in before.items() if after.get(k) is not v] == []
+    assert torch_changed(before) == []
     assert plain.train(tiny(tmp_path, run_id="plain")).status == "ok"
 
 
