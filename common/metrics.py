@@ -92,7 +92,7 @@ def clock(device: torch.device):
     return CudaClock() if device.type == "cuda" else HostClock()
 
 
-_hooks = {"epoch_start": [], "batch_start": []}  # installed by hooked() alone
+_hooks = None  # (epoch_start, batch_start), set by hooked() alone
 
 
 @contextmanager
@@ -100,14 +100,13 @@ def hooked(epoch_start: Callable[[int], None], batch_start: Callable[[], None]):
     """Within it, epoch_start(epoch) is called as each EpochMeter starts, before its clock does,
     and batch_start() before each step's batch_start. Nothing in a run uses it; the bench makes
     arms that run side by side in one process take turns at the first and stops them at
-    either."""
-    _hooks["epoch_start"].append(epoch_start)
-    _hooks["batch_start"].append(batch_start)
+    either. Nested, the inner pair is called for its time."""
+    global _hooks
+    outer, _hooks = _hooks, (epoch_start, batch_start)
     try:
         yield
     finally:
-        _hooks["epoch_start"].remove(epoch_start)
-        _hooks["batch_start"].remove(batch_start)
+        _hooks = outer
 
 
 class EpochMeter:
@@ -121,8 +120,8 @@ class EpochMeter:
         self, device: torch.device, epoch: int, steps: StepCounter, flops: Optional[dict] = None
     ):
         self.device, self.epoch, self.steps, self.flops = device, epoch, steps, flops or {}
-        for hook in _hooks["epoch_start"]:
-            hook(epoch)
+        if _hooks:
+            _hooks[0](epoch)
         synchronize(device)
         reset_peak_memory(device)  # each epoch's CUDA peak is its own: the summary leaves out
         self.start = self.last = time.perf_counter()  # the warm-up's (cuDNN's autotuning)
@@ -141,8 +140,8 @@ class EpochMeter:
         return self.saved
 
     def batch_start(self) -> None:
-        for hook in _hooks["batch_start"]:
-            hook()
+        if _hooks:
+            _hooks[1]()
         self.waits.append(time.perf_counter() - self.last)
         if len(self.waits) == 1:  # the epoch's first step starts here, later ones where the
             self.clock.mark()  # step before them ended

@@ -30,26 +30,27 @@ _state = {
 }
 
 
-_listeners = []  # installed by listening() alone
+_listener = None  # set by listening() alone
 
 
 @contextmanager
 def listening(listener):
     """Within it, listener() is called on every signal, before anything else: the bench, whose
     arms run in threads, stops them all with it (a KeyboardInterrupt reaches only the main
-    thread, or is held back)."""
-    _listeners.append(listener)
+    thread, or is held back). Nested, the inner listener is called for its time."""
+    global _listener
+    outer, _listener = _listener, listener
     try:
         yield
     finally:
-        _listeners.remove(listener)
+        _listener = outer
 
 
 def _handler(signum, frame):
     _state["received"] += 1
     _state["first"] = _state["first"] or signum
-    for listener in _listeners:
-        listener()
+    if _listener is not None:
+        _listener()
     if _state["stopping"]:
         return
     if _state["depth"]:

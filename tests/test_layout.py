@@ -141,6 +141,38 @@ def test_no_module_changes_another_modules_lists():
     assert not found, found
 
 
+def test_no_module_keeps_a_list_that_its_functions_grow():
+    # No registry of hooks or listeners at module level: a context manager sets the one that
+    # is called for its time (metrics.hooked, signals.listening) and puts back what it found.
+    found = []
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).glob("*.py")):
+            tree = ast.parse(path.read_text())
+            module_names = {
+                t.id
+                for node in tree.body
+                if isinstance(node, (ast.Assign, ast.AnnAssign))
+                for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+                if isinstance(t, ast.Name)
+            }
+            for fn in ast.walk(tree):
+                if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    continue
+                for node in ast.walk(fn):
+                    call = node.func if isinstance(node, ast.Call) else None
+                    owner = getattr(call, "value", None)
+                    while isinstance(owner, ast.Subscript):
+                        owner = owner.value
+                    if (
+                        isinstance(call, ast.Attribute)
+                        and call.attr in ("append", "extend", "insert", "add")
+                        and isinstance(owner, ast.Name)
+                        and owner.id in module_names
+                    ):
+                        found.append(f"{path.relative_to(ROOT)}:{node.lineno} {owner.id}")
+    assert not found, found
+
+
 def test_the_cli_reference_is_current():
     sys.path.insert(0, str(ROOT / "scripts"))
     try:
