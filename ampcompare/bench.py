@@ -164,16 +164,15 @@ def _threads(parts) -> Optional[int]:
 
 def pooled(parts: list) -> dict:
     """Every figure of the bench, pooled over the processes that measured it."""
-    report = {}
     linear = [p["linear"] for p in parts if "error" not in p.get("linear", {"error": 1})]
     small = [p["small"] for p in parts if "error" not in p.get("small", {"error": 1})]
     loader = [p["loader"] for p in parts if "error" not in p.get("loader", {"error": 1})]
-    _framework_costs(linear, _error(parts, "linear"), report)
-    _precisions(small, _error(parts, "small"), report)
-    if linear and small and len(linear) == len(small):
-        _cost_shares(linear, small, report)
-    _loaders(loader, _error(parts, "loader"), report)
-    return report
+    return {
+        **_framework_costs(linear, _error(parts, "linear")),
+        **_precisions(small, _error(parts, "small")),
+        **(_cost_shares(linear, small) if linear and len(linear) == len(small) else {}),
+        **_loaders(loader, _error(parts, "loader")),
+    }
 
 
 def _error(parts, name) -> str:
@@ -237,11 +236,11 @@ def _costs(linear: list, arm: str) -> tuple[list, list, list]:
     return costs, variances, plains
 
 
-def _framework_costs(linear: list, why: str, report: dict) -> None:
+def _framework_costs(linear: list, why: str) -> dict:
     names = [f"{arm}_cost_per_step" for arm in FRAMEWORKS] + ["control_ratio"]
     if not linear:
-        report.update({k: {"error": why} for k in names})
-        return
+        return {k: {"error": why} for k in names}
+    report = {}
     for arm in FRAMEWORKS:
         costs, variances, plains = _costs(linear, arm)
         base = math.exp(sum(math.log(p) for p in plains) / len(plains))
@@ -267,11 +266,13 @@ def _framework_costs(linear: list, why: str, report: dict) -> None:
         else f"not resolved: interval [{lo:.0f}, {hi:.0f}] µs, half-width "
         f"{'–' if half is None else f'{half:.0%}'} of the estimate (target: excludes 0, ≤ 25%)"
     )
+    return report
 
 
-def _cost_shares(linear: list, small: list, report: dict) -> None:
+def _cost_shares(linear: list, small: list) -> dict:
     """The linear model's cost per step as a share of the small CNN's 32-true step, process by
     process: what a framework costs where a step does real work."""
+    report = {}
     steps = [_sample(p["32-true"]).value for p in small]
     for arm in ("lightning", "fabric", "accelerate"):
         costs, variances, _ = _costs(linear, arm)
@@ -287,13 +288,14 @@ def _cost_shares(linear: list, small: list, report: dict) -> None:
             ),
             "share",
         )
+    return report
 
 
-def _precisions(small: list, why: str, report: dict) -> None:
+def _precisions(small: list, why: str) -> dict:
     names = ("bf16_over_fp32", "control_over_fp32", "data_wait_fraction")
     if not small:
-        report.update({k: {"error": why} for k in names})
-        return
+        return {k: {"error": why} for k in names}
+    report = {}
     for name, arm in (("bf16_over_fp32", "bf16-mixed"), ("control_over_fp32", "control")):
         logs = [stats.paired_logs(_sample(p[arm]), _sample(p["32-true"])) for p in small]
         report[name] = _log_figure(
@@ -322,15 +324,16 @@ def _precisions(small: list, why: str, report: dict) -> None:
         ),
         target=(0.02, True),
     )
+    return report
 
 
-def _loaders(loader: list, why: str, report: dict) -> None:
+def _loaders(loader: list, why: str) -> dict:
     names = ("loader_over_torchvision", "loader_images_per_s", "torchvision_images_per_s")
     if not loader:
-        report.update({k: {"error": why} for k in names})
-        return
+        return {k: {"error": why} for k in names}
     # their time per image over ours: our speed over theirs
     logs = [stats.paired_logs(_sample(p["theirs"]), _sample(p["ours"])) for p in loader]
+    report = {}
     report["loader_over_torchvision"] = _log_figure(
         [d for d, _ in logs], [v for _, v in logs], stats.speed_words, target=(20, False)
     )
@@ -339,6 +342,7 @@ def _loaders(loader: list, why: str, report: dict) -> None:
         logs = [-s.log_value for s in samples]  # images a second: 1 / seconds an image
         variances = [s.within() for s in samples]
         report[name] = _log_figure(logs, variances, lambda e: "measured", unit="images/s")
+    return report
 
 
 def table(report: dict) -> str:
