@@ -35,8 +35,7 @@ $(BIN)/.apex: $(BIN)/.installed
 	touch $@
 
 # Two pytest workers, one thread each (tests/conftest.py), on the 2-core machines the suite was
-# written on. WORKERS=0 runs it serially. Most commands a test starts are forked from a server
-# of imported modules (tests/forkserver.py); AMPCOMPARE_TEST_FORK=0 starts each one afresh.
+# written on. WORKERS=0 runs it serially.
 WORKERS ?= 2
 
 # The linter and the formatter first (ruff.toml): a second or two, before minutes of tests.

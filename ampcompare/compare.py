@@ -40,7 +40,7 @@ GRACE_S = 60  # how long an interrupted child may take to record its result
 RESUMABLE = ("interrupted", "failed", "oom", "running")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # How each arm is started: a fresh interpreter running this package, so that no arm inherits
-# another's imports, allocator or threads (the suite starts its arms from a fork server).
+# another's imports, allocator or threads.
 ARM_COMMAND = [sys.executable, "-m", "ampcompare"]
 
 

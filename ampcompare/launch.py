@@ -27,7 +27,7 @@ from common.errors import UNAVAILABLE_EXIT, UsageError
 
 
 # How each rank is started: a fresh interpreter running this package, as torchrun would start
-# it (the suite starts its ranks from a fork server).
+# it.
 RANK_COMMAND = [sys.executable, "-m", "ampcompare"]
 
 

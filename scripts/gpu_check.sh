@@ -118,7 +118,6 @@ else
   IMPLS=plain  # every step of the script at the least cost (apex: its O2 row, unavailable)
   TESTS_LIMIT=120 LIMIT=120 O2_LIMIT=60
   TEST_WORKERS=()
-  export AMPCOMPARE_TEST_FORK=0  # the gpu tests skip here: no fork server to start for them
 fi
 "$PY" -c 'import xdist' 2> /dev/null || TEST_WORKERS=()
 

@@ -4,6 +4,7 @@ import os
 import pathlib
 import pickle
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -11,7 +12,6 @@ import pytest
 
 from ampcompare import quiet
 from common.config import Config
-from tests import forkserver
 
 quiet.frameworks()  # as the command line does: the frameworks' banners are not the tests'
 import pytorch_lightning  # noqa: E402,F401  (it sets its loggers' level as it is imported)
@@ -63,37 +63,9 @@ SMALL_RUN = (
 ).split()
 
 
-def ampcompare(env=None) -> list[str]:
-    """The command that runs `ampcompare` in a process of its own (append its arguments):
-    forked from this worker's server of imported modules (tests/forkserver.py), or a fresh
-    `python -m ampcompare` where `env` changes what an interpreter reads as it starts, or with
-    AMPCOMPARE_TEST_FORK=0. A test of start-up itself uses FRESH."""
-    return forkserver.command(env)
-
-
-FRESH = forkserver.FRESH
-
-
-def pytest_sessionstart(session):
-    controller = session.config.getoption("numprocesses", None) and not hasattr(
-        session.config, "workerinput"
-    )
-    if not controller and os.environ.get("AMPCOMPARE_TEST_FORK", "1") != "0":
-        forkserver.start()
-
-
-def pytest_sessionfinish(session):
-    forkserver.stop()
-
-
-@pytest.fixture(scope="session", autouse=True)
-def forked_arms():
-    """A compare run in a test's own process starts its arms as ampcompare() does."""
-    from ampcompare import compare
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(compare, "ARM_COMMAND", ampcompare())
-        yield
+# `ampcompare` as a user starts it: a fresh interpreter running the package, as the console
+# script does (append its arguments).
+AMPCOMPARE = [sys.executable, "-m", "ampcompare"]
 
 
 def torch_functions() -> dict:
@@ -140,11 +112,10 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(True)
 
 
-def run_cli(args, cwd=ROOT, timeout=180, fresh=False) -> subprocess.CompletedProcess:
-    """`ampcompare ARGS` as its own process, through the console entry's own code path
-    (fresh: started as FRESH, interpreter and all)."""
+def run_cli(args, cwd=ROOT, timeout=180) -> subprocess.CompletedProcess:
+    """`ampcompare ARGS` as its own process, through the console entry's own code path."""
     return subprocess.run(
-        [*(FRESH if fresh else ampcompare()), *args],
+        [*AMPCOMPARE, *args],
         cwd=cwd,
         text=True,
         capture_output=True,
@@ -156,7 +127,7 @@ def start_until_first_epoch(args, out_dir, pattern):
     """Start `ampcompare ARGS` as its own process; return it and the result.json matching
     `pattern` under out_dir once that run has finished an epoch."""
     proc = subprocess.Popen(
-        [*ampcompare(), *args],
+        [*AMPCOMPARE, *args],
         cwd=ROOT,
         text=True,
         stdout=subprocess.PIPE,

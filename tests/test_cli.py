@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from ampcompare.cli import cli
-from tests.conftest import ampcompare, tiny
+from tests.conftest import AMPCOMPARE, tiny
 
 
 def commands():
@@ -101,7 +101,7 @@ def test_the_bench_runs_and_writes_every_ratio(tmp_path):
     root = os.path.dirname(os.path.dirname(__file__))
     proc = subprocess.run(
         [
-            *ampcompare(),
+            *AMPCOMPARE,
             "bench",
             "--processes",
             "3",
@@ -211,7 +211,7 @@ def test_the_gpu_check_runs_every_step_in_its_cpu_mode_and_packs_what_comes_back
     env = {
         **os.environ,
         "PYTHON": sys.executable,
-        "AMPCOMPARE": " ".join(ampcompare()),
+        "AMPCOMPARE": " ".join(AMPCOMPARE),
         "APEX_WHEEL": apex_wheel(tmp_path, amp),
         "WORK": str(work),
         "OUT": str(out),

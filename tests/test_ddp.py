@@ -3,8 +3,7 @@ bitwise-identical per-step losses and weights (docs/equivalence.md), a job resum
 job that loses a rank or gets Ctrl-C ends with a true record and no process left. Every job runs
 through the command line (`--devices 2` starts the processes with torch's elastic launcher),
 under a time limit, so that a hung process group fails a test instead of blocking the suite.
-Most jobs and their ranks are forked from the suite's server (tests/forkserver.py); the killed
-rank, Ctrl-C and OMP_NUM_THREADS jobs start every process for real, interpreter and all."""
+Every job and each of its ranks is a process of its own, started as a user starts it."""
 
 import json
 import os
@@ -18,7 +17,7 @@ import pytest
 
 from ampcompare import launch
 from tests import faults
-from tests.conftest import FRESH, ROOT, ampcompare, run_cli
+from tests.conftest import AMPCOMPARE, ROOT, run_cli
 
 JOB = (
     "--devices 2 --dataset synthetic --model small --synthetic-size 256 --batch-size 16 "
@@ -27,9 +26,9 @@ JOB = (
 LIMIT = 240  # seconds for any one job
 
 
-def job(arm, out, run_id, *args, expect=0, fresh=False):
+def job(arm, out, run_id, *args, expect=0):
     command = [arm, *JOB, "--out-dir", str(out), "--run-id", run_id, *args]
-    proc = run_cli(command, timeout=LIMIT, fresh=fresh)
+    proc = run_cli(command, timeout=LIMIT)
     assert proc.returncode == expect, proc.stderr[-3000:]
     with open(out / run_id / "result.json") as f:
         return json.load(f)
@@ -105,9 +104,7 @@ def test_a_ddp_job_stopped_mid_epoch_resumes_bitwise(tmp_path, monkeypatch):
 def test_a_killed_rank_fails_the_job_at_once_and_leaves_no_process(tmp_path, monkeypatch):
     faults.inject_children(monkeypatch, epoch=1, action="exit", step=1, rank=1)
     start = time.monotonic()
-    record = job(
-        "lightning", tmp_path, "k", "--precision", "32", "--epochs", "5", expect=1, fresh=True
-    )
+    record = job("lightning", tmp_path, "k", "--precision", "32", "--epochs", "5", expect=1)
     assert time.monotonic() - start < 90
     assert record["status"] == "failed"
     assert record["error"].startswith("rank 1 ended first (exit code 137)")
@@ -116,7 +113,7 @@ def test_a_killed_rank_fails_the_job_at_once_and_leaves_no_process(tmp_path, mon
 
 def test_ctrl_c_to_a_ddp_job_is_interrupted_and_resumable(tmp_path):
     args = [
-        *FRESH,
+        *AMPCOMPARE,
         "fabric",
         *JOB,
         "--precision",
@@ -150,7 +147,7 @@ def test_ctrl_c_to_a_ddp_job_is_interrupted_and_resumable(tmp_path):
 def start_job(arm, tmp_path, run_id="live"):
     """A long DDP job, running: (its process, its result.json, the ranks' pids)."""
     args = [
-        *ampcompare(),
+        *AMPCOMPARE,
         arm,
         *JOB,
         "--precision",
@@ -296,7 +293,7 @@ def test_a_rendezvous_port_in_use_is_one_line(tmp_path):
             "TORCHELASTIC_USE_AGENT_STORE": "0",
         }
         proc = subprocess.run(
-            [*ampcompare(env), "plain", *JOB, "--out-dir", str(tmp_path)],
+            [*AMPCOMPARE, "plain", *JOB, "--out-dir", str(tmp_path)],
             cwd=ROOT,
             env=env,
             text=True,

@@ -22,9 +22,8 @@ from lightning_impl import train as lightning
 from plain_torch import train as plain
 from tests import faults
 from tests.conftest import (
-    FRESH,
+    AMPCOMPARE,
     SMALL_RUN,
-    ampcompare,
     checkpoint_of,
     run_cli,
     start_plain_compare,
@@ -102,7 +101,7 @@ def test_signals_after_the_last_epoch_is_recorded_change_nothing(tmp_path, monke
 
 def test_ctrl_c_during_start_up_is_one_line(tmp_path):
     proc = subprocess.Popen(
-        [*FRESH, "plain", *TINY_CLI, "--out-dir", str(tmp_path)],
+        [*AMPCOMPARE, "plain", *TINY_CLI, "--out-dir", str(tmp_path)],
         text=True,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -135,7 +134,7 @@ def test_a_hung_arm_and_ctrl_c_is_interrupted_not_running(tmp_path, monkeypatch)
     out = tmp_path / "runs"
     proc = subprocess.Popen(
         [
-            *ampcompare(),
+            *AMPCOMPARE,
             "compare",
             *SMALL_RUN,
             "--epochs",

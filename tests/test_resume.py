@@ -19,7 +19,7 @@ from fabric_impl import train as fabric
 from lightning_impl import train as lightning
 from plain_torch import train as plain
 from tests import faults
-from tests.conftest import ROOT, ampcompare, checkpoint_of, run_cli, tiny
+from tests.conftest import AMPCOMPARE, ROOT, checkpoint_of, run_cli, tiny
 
 ARMS = {"plain": plain, "lightning": lightning, "fabric": fabric, "accelerate": accelerate}
 # Every arm at every precision it runs on a CPU (Accelerate refuses 16-mixed there).
@@ -309,7 +309,7 @@ def stopped_comparison(tmp_path, monkeypatch, epochs=3):
 def test_compare_resume_never_touches_a_run_another_process_writes(tmp_path, monkeypatch):
     folder, arm = stopped_comparison(tmp_path, monkeypatch, epochs=2000)
     hand = subprocess.Popen(
-        [*ampcompare(), "plain", "--resume", str(arm)],
+        [*AMPCOMPARE, "plain", "--resume", str(arm)],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

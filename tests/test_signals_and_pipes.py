@@ -14,8 +14,7 @@ import pytest
 
 from tests import faults
 from tests.conftest import (
-    FRESH,
-    ampcompare,
+    AMPCOMPARE,
     ROOT,
     TINY_ARGS,
     run_cli,
@@ -64,7 +63,7 @@ def test_a_closed_terminal_stops_compare_with_its_report(tmp_path):
 
 def piped(args, cwd=ROOT):
     """`ampcompare ARGS 2>&1 | head -1`: the reader takes one line and goes away."""
-    cmd = shlex.join([*ampcompare(), *args]) + ' 2>&1 | head -1; echo "rc=${PIPESTATUS[0]}"'
+    cmd = shlex.join([*AMPCOMPARE, *args]) + ' 2>&1 | head -1; echo "rc=${PIPESTATUS[0]}"'
     proc = subprocess.run(
         ["bash", "-c", cmd], cwd=cwd, capture_output=True, text=True, timeout=300
     )
@@ -105,7 +104,7 @@ def test_a_signal_after_the_run_printed_its_end_is_absorbed(tmp_path):
     for attempt in range(3):
         proc = subprocess.Popen(
             [
-                *FRESH,  # the interpreter's own teardown is under test
+                *AMPCOMPARE,  # the interpreter's own teardown is under test
                 "plain",
                 *TINY_ARGS,
                 "--epochs",
@@ -165,7 +164,7 @@ def test_ctrl_c_to_compare_after_its_last_arm_ended_ok_is_absorbed(tmp_path, mon
 def test_a_bench_stopped_half_way_keeps_what_it_measured(tmp_path, sig):
     proc = subprocess.Popen(
         [
-            *FRESH,  # threads stopped by a signal, then the interpreter's teardown
+            *AMPCOMPARE,  # threads stopped by a signal, then the interpreter's teardown
             "bench",
             "--rounds",
             "50",
@@ -205,7 +204,7 @@ def test_a_bench_stopped_half_way_keeps_what_it_measured(tmp_path, sig):
 
 def test_bench_refuses_an_empty_out_dir_in_one_line():
     proc = subprocess.run(
-        [*ampcompare(), "bench", "--out-dir", ""],
+        [*AMPCOMPARE, "bench", "--out-dir", ""],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -224,7 +223,7 @@ def run_with_env(args, **env):
     full = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK")}
     full = {**full, **env}
     return subprocess.run(
-        [*ampcompare(full), *args],
+        [*AMPCOMPARE, *args],
         cwd=ROOT,
         env=full,
         text=True,
