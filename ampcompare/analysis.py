@@ -14,6 +14,7 @@ import os
 import numpy as np
 
 from ampcompare import explain
+from ampcompare.findings import Cell, Group, Judged, OrderEffect, Overhead, Ratio, Summary
 from record import results, rundir, summary
 from ampcompare import stats
 from common import config
@@ -50,7 +51,7 @@ IMPL_ORDER = (
 )
 
 
-def load(folders, skipped: list | None = None) -> list[dict]:
+def load(folders, skipped: list | None = None) -> list[results.RunResult]:
     """Every run record under the folders, each run once. A result.json that cannot be read,
     is not a run record, holds a step time that is not a finite number above zero, or is a
     copy of a run already read (the same run_id, host, process and start) is left out, and
@@ -63,11 +64,12 @@ def load(folders, skipped: list | None = None) -> list[dict]:
                 continue
             seen.add(real)
             try:
-                with open(path, encoding="utf-8") as f:
-                    record = json.load(f)
-                why = results.why_not_a_record(record) or unusable_steps(record)
-            except (OSError, ValueError) as e:
+                record = results.RunResult.read(os.path.dirname(path))
+                why = unusable_steps(record)
+            except OSError as e:
                 why = f"unreadable ({e})"
+            except results.NotARecord as e:
+                why = str(e)
             if not why:
                 first = runs.setdefault(identity(record), path)
                 if first != path:
@@ -76,23 +78,23 @@ def load(folders, skipped: list | None = None) -> list[dict]:
                 if skipped is not None:
                     skipped.append((path, why))
                 continue
-            record["_path"] = os.path.relpath(path, folder)
+            record.found_at = os.path.relpath(path, folder)
             records.append(ended(record, os.path.dirname(path)))
     return records
 
 
-def ended(record: dict, run_dir: str) -> dict:
+def ended(record: results.RunResult, run_dir: str) -> results.RunResult:
     """The record as the report tells it: one left at "running" whose process is gone (its
     folder's lock is free: killed, or the machine went down) ended without recording how,
     and is reported as failed, with what it measured."""
-    if record["status"] != "running" or rundir.held(run_dir):
+    if record.status != "running" or rundir.held(run_dir):
         return record
-    return {
-        **record,
-        "status": "failed",
-        "error": "its process ended without recording how (killed, or the machine stopped); "
+    return dataclasses.replace(
+        record,
+        status="failed",
+        error="its process ended without recording how (killed, or the machine stopped); "
         "what it measured is kept",
-    }
+    )
 
 
 DEPTH = 32  # how deep below a folder a result.json is looked for
@@ -127,11 +129,11 @@ def result_files(folder: str) -> list[str]:
     return sorted(found)
 
 
-def unusable_steps(record) -> str | None:
+def unusable_steps(record: results.RunResult) -> str | None:
     """Why a record's step times cannot be averaged (one that is null, NaN, infinite, zero or
     negative), or None."""
-    for e in record.get("epochs") or []:
-        times = e.get("step_times_s") if isinstance(e, dict) else None
+    for e in record.epochs:
+        times = e.get("step_times_s")
         if times is None:
             continue
         if not isinstance(times, list) or not stats.usable(times):
@@ -147,29 +149,25 @@ def unusable_steps(record) -> str | None:
     return None
 
 
-def identity(record) -> tuple:
+def identity(record: results.RunResult) -> tuple:
     """What makes a run the same run wherever its folder was copied: its run_id, host,
     process, start and (for records older than the start time) its first epoch's steps."""
-    env = record.get("env") or {}
-    epochs = record.get("epochs") or [{}]
-    first = (epochs[0] or {}).get("step_times_s") if isinstance(epochs[0], dict) else None
+    env, first = record.env, (record.epochs or [{}])[0].get("step_times_s")
     return (
-        record["run_id"],
+        record.run_id,
         env.get("host"),
-        env.get("pid", record.get("pid")),
+        env.get("pid", record.pid),
         env.get("started"),
         json.dumps(first),
     )
 
 
-def device_of(record) -> str:
-    env = record.get("env") or {}
-    return f"{env.get('device_name', '?')} ({env.get('device', '?')})"
+def device_of(record: results.RunResult) -> str:
+    return f"{record.env.get('device_name', '?')} ({record.env.get('device', '?')})"
 
 
-def precision_of(record) -> str:
-    p = record["precision"]
-    return p.get("effective") or p.get("requested")
+def precision_of(record: results.RunResult) -> str:
+    return record.precision.ran
 
 
 # What a run was measured with, beside its device: runs whose software, code, host or thread
@@ -195,10 +193,9 @@ CONTROL = "plain (control)"
 def software_of(record) -> dict:
     """Its software, code, host and threads, and the source of its model where it is the
     user's own."""
-    env = record.get("env") or {}
     return {
-        **{k: env.get(k) for k in (*SOFTWARE, *MACHINE)},
-        "model_source_sha256": (record.get("model") or {}).get("source_sha256"),
+        **{k: record.env.get(k) for k in (*SOFTWARE, *MACHINE)},
+        "model_source_sha256": (record.model or {}).get("source_sha256"),
     }
 
 
@@ -206,30 +203,30 @@ def settings_of(record) -> dict:
     """What the run computed with: the options config.py declares settings (the others name a
     run, or are the tables' own axes, precision and opt level). An option the record predates
     ran at today's default."""
-    options = {**config.Config().to_dict(), **record["config"]}
+    options = {**config.Config().to_dict(), **record.config}
     return {k: options[k] for k in sorted(config.names(setting=True))}
 
 
 def arm_of(record) -> str:
     """Its impl, or "plain (control)" for the plain loop run again as a comparison's noise
     floor."""
-    control = (record.get("config") or {}).get("role") == "control"
-    return CONTROL if control else record["impl"]
+    return CONTROL if record.config.get("role") == "control" else record.impl
 
 
 def label_of(record) -> str:
     """The row a run belongs to: its arm, and apex's opt level (O1 and O2 are not averaged)."""
-    level = record.get("opt_level")
+    level = record.opt_level
     return f"{arm_of(record)} ({level})" if level else arm_of(record)
 
 
-def seed_of(record):
-    return record.get("seed", (record.get("config") or {}).get("seed"))
+def seed_of(record: results.RunResult):
+    """Its seed (a record older than the field: its config's)."""
+    return record.seed if record.seed is not None else record.config.get("seed")
 
 
 def sample_of(runs, name: str) -> stats.Sample:
     """The timed step times of each run (summary.timed_steps)."""
-    return stats.Sample([summary.timed_steps(r.get("epochs") or [])[0] for r in runs], name)
+    return stats.Sample([summary.timed_steps(r.epochs)[0] for r in runs], name)
 
 
 def _order(names, canonical=()):
@@ -260,42 +257,40 @@ def _differences(groups) -> dict:
     return out
 
 
-def ok_runs(runs) -> list[dict]:
-    return [r for r in runs if r["status"] == "ok"]
+def ok_runs(runs) -> list[results.RunResult]:
+    return [r for r in runs if r.status == "ok"]
 
 
-def _cell(runs, sample: stats.Sample, noise: stats.Noise) -> dict:
+def _cell(runs, sample: stats.Sample, noise: stats.Noise) -> Cell:
     """One table cell: every run of one arm at one precision and settings. Step time is the
     geometric mean of the ok runs' medians, its interval from the noise pooled over the whole
     comparison; other timings spread over repeats and seeds; accuracy over seeds (each seed's
     median over its repeats: a repeat with the same seed trains the same weights)."""
     good = ok_runs(runs)
-    cell = {
-        "impl": arm_of(runs[0]),
-        "runs": len(runs),
-        "ok": len(good),
-        "opt_level": runs[0].get("opt_level"),
-        **{m: stats.spread([r["summary"].get(m) for r in good]) for m in METRICS},
-    }
+    metrics = {m: stats.spread([r.summary.get(m) for r in good]) for m in METRICS}
     per_seed = {}
     for r in good:
-        per_seed.setdefault(seed_of(r), []).append(r["summary"].get("final_test_acc"))
-    cell["final_test_acc"] = stats.spread(
-        [stats.spread(v)["median"] for v in per_seed.values() if stats.spread(v)]
+        per_seed.setdefault(seed_of(r), []).append(r.summary.get("final_test_acc"))
+    seeds = [stats.spread(v) for v in per_seed.values()]
+    metrics["final_test_acc"] = stats.spread([s.median for s in seeds if s])
+    return Cell(
+        impl=arm_of(runs[0]),
+        runs=len(runs),
+        ok=len(good),
+        opt_level=runs[0].opt_level,
+        metrics=metrics,
+        seeds=len(per_seed),
+        step_time_s=stats.level(sample, noise) if sample else None,
+        weights=sorted({r.weights_sha256 or "" for r in good}),
     )
-    cell["seeds"] = len(per_seed)
-    cell["step_time_s"] = stats.level(sample, noise).to_dict() if sample else None
-    cell["weights"] = sorted({r.get("weights_sha256") or "" for r in good})
-    return cell
 
 
-def summarize(records) -> dict:
+def summarize(records) -> Summary:
     groups = groups_of(records)
     differences = _differences(groups)
     out = []
     for i, (device, settings, recs) in enumerate(groups):
-        ok = [r for r in recs if r["status"] == "ok"]
-        env = (ok or recs)[0].get("env") or {}
+        ok = ok_runs(recs)
         cells = {}
         for r in recs:
             cells.setdefault(precision_of(r), {}).setdefault(label_of(r), []).append(r)
@@ -305,52 +300,49 @@ def summarize(records) -> dict:
             for label, runs in per.items()
         }
         noise = stats.Noise.pooled(samples.values())
-        table = {}
-        for precision in _order(cells, CANONICAL):
-            table[precision] = {}
-            for label in _order(cells[precision], IMPL_ORDER):
-                table[precision][label] = _cell(
-                    cells[precision][label], samples[precision, label], noise
-                )
+        table = {
+            precision: {
+                label: _cell(cells[precision][label], samples[precision, label], noise)
+                for label in _order(cells[precision], IMPL_ORDER)
+            }
+            for precision in _order(cells, CANONICAL)
+        }
         diff = differences[i]
         name = device + (" — " + ", ".join(f"{k} {v}" for k, v in diff.items()) if diff else "")
-        group = {
-            "device": name,
-            "env": env,
-            "config": (ok or recs)[0].get("config", {}),
-            "settings": {
-                k: v
-                for k, v in settings.items()
-                if k not in (*SOFTWARE, *MACHINE, "model_source_sha256")
-            },
-            "software": {k: settings[k] for k in (*SOFTWARE, *MACHINE, "model_source_sha256")},
-            "noise": {"variance": noise.variance, "df": noise.df, "cells": noise.cells},
-            "precisions": table,
-        }
+        own = (*SOFTWARE, *MACHINE, "model_source_sha256")
+        group = Group(
+            device=name,
+            env=(ok or recs)[0].env,
+            config=(ok or recs)[0].config,
+            settings={k: v for k, v in settings.items() if k not in own},
+            software={k: settings[k] for k in own},
+            noise=noise,
+            precisions=table,
+        )
         _verdicts(group, samples, noise)
-        group["order"] = order_effect([r for r in ok if r["epochs"]], samples, noise)
-        group["notes"] = notes(group)
-        group["explanations"] = explain.lines(group)
+        group.order = order_effect([r for r in ok if r.epochs], samples, noise)
+        group.notes = notes(group)
+        group.explanations = explain.lines(group)
         out.append(group)
-    return {"schema": results.SCHEMA, "devices": out}
+    return Summary(results.SCHEMA, out)
 
 
-def _verdicts(group, samples, noise) -> None:
+def _verdicts(group: Group, samples, noise) -> None:
     """The group's speed-ups and framework costs. When plain against itself (the control)
     claims a difference, this machine's noise exceeded the method: every figure is then given
     with its interval and no verdict."""
-    table = group["precisions"]
-    group["overheads"] = _overheads(table, samples, noise)
+    table = group.precisions
+    group.overheads = _overheads(table, samples, noise)
     claimed = [
         (precision, per[CONTROL])
-        for precision, per in group["overheads"].items()
-        if CONTROL in per and stats.Estimate.from_dict(per[CONTROL]).claims(0.0)
+        for precision, per in group.overheads.items()
+        if CONTROL in per and per[CONTROL].estimate.claims(0.0)
     ]
-    group["control_claims"] = [f"{p}: {o['verdict']}" for p, o in claimed]
+    group.control_claims = [f"{p}: {o.verdict}" for p, o in claimed]
     hold = NOISE_EXCEEDED if claimed else None
     if hold:
-        group["overheads"] = _overheads(table, samples, noise, hold)
-    group["ratios"] = _ratios(table, samples, noise, hold)
+        group.overheads = _overheads(table, samples, noise, hold)
+    group.ratios = _ratios(table, samples, noise, hold)
 
 
 NOISE_EXCEEDED = "no verdict: plain against itself showed a difference here"
@@ -360,18 +352,18 @@ def _held(est: stats.Estimate, hold) -> stats.Estimate:
     return dataclasses.replace(est, short=est.short or hold) if hold else est
 
 
-def _ratios(table, samples, noise, hold=None) -> dict:
+def _ratios(table, samples, noise, hold=None) -> dict[str, dict[str, Ratio]]:
     """Mixed precision against 32-true per row: the speed-up (32-true's step time over the
     mixed one's, with its interval and verdict), memory ratios, and the accuracy change beside
     the seed-to-seed spread. The 32-true run of the same arm is the reference (apex: O0,
     whatever the mixed opt level)."""
-    base = {c["impl"]: label for label, c in table.get("32-true", {}).items()}
+    base = {c.impl: label for label, c in table.get("32-true", {}).items()}
     rows = [
-        (precision, label, base[cell["impl"]])
+        (precision, label, base[cell.impl])
         for precision, impls in table.items()
         if precision != "32-true"
         for label, cell in impls.items()
-        if cell["impl"] in base and cell["ok"] and table["32-true"][base[cell["impl"]]]["ok"]
+        if cell.impl in base and cell.ok and table["32-true"][base[cell.impl]].ok
     ]
     confidence = stats.family(len(rows))  # the table's verdicts, judged together
     ratios = {}
@@ -379,31 +371,32 @@ def _ratios(table, samples, noise, hold=None) -> dict:
         cell, ref = table[precision][label], table["32-true"][ref_label]
         a, b = samples["32-true", ref_label], samples[precision, label]
         speedup = _held(stats.ratio(a, b, noise, confidence), hold) if a and b else None
-        ratio = {
-            "speedup": {
-                **speedup.to_dict(),
-                "confidence": confidence,
-                "verdict": stats.speed_words(speedup),
-            }
+        x, y = cell.metrics["final_test_acc"], ref.metrics["final_test_acc"]
+        seeds = min(cell.seeds, ref.seeds)
+        ratios.setdefault(label, {})[precision] = Ratio(
+            speedup=Judged(speedup, confidence, stats.speed_words(speedup))
             if speedup
-            else None
-        }
-        for metric in ("activation_bytes", "peak_memory_bytes", "peak_beyond_data_bytes"):
-            x, y = stats.median_of(cell, metric), stats.median_of(ref, metric)
-            ratio[metric] = x / y if x is not None and y else None
-        x, y = cell["final_test_acc"], ref["final_test_acc"]
-        ratio["accuracy_change"] = x["median"] - y["median"] if x and y else None
-        ratio["seeds"] = min(cell["seeds"], ref["seeds"])
-        ratio["seed_spread"] = (
-            max(x["max"] - x["min"], y["max"] - y["min"])
-            if x and y and ratio["seeds"] > 1
-            else None
+            else None,
+            **{
+                metric: _over(cell.median(metric), ref.median(metric))
+                for metric in (
+                    "activation_bytes",
+                    "peak_memory_bytes",
+                    "peak_beyond_data_bytes",
+                )
+            },
+            accuracy_change=x.median - y.median if x and y else None,
+            seeds=seeds,
+            seed_spread=max(x.max - x.min, y.max - y.min) if x and y and seeds > 1 else None,
         )
-        ratios.setdefault(label, {})[precision] = ratio
     return ratios
 
 
-def _overheads(table, samples, noise, hold=None) -> dict:
+def _over(x, y):
+    return x / y if x is not None and y else None
+
+
+def _overheads(table, samples, noise, hold=None) -> dict[str, dict[str, Overhead]]:
     """Per precision, what each arm adds to a step over the plain loop at the same precision:
     the difference of step times, with its interval, as time and as a share. The control
     (plain again) comes first: its row is the report's own noise floor."""
@@ -424,23 +417,19 @@ def _overheads(table, samples, noise, hold=None) -> dict:
         words = stats.overhead_words(est, plain.value)
         if label == CONTROL:
             words = f"plain against itself: {words}"
-        out.setdefault(precision, {})[label] = {
-            **est.to_dict(),
-            "share": est.value / plain.value,
-            "plain_step_s": plain.value,
-            "confidence": confidence,
-            "verdict": words,
-        }
+        out.setdefault(precision, {})[label] = Overhead(
+            est, confidence, words, share=est.value / plain.value, plain_step_s=plain.value
+        )
     return out
 
 
-def order_effect(records, samples, noise) -> dict | None:
+def order_effect(records, samples, noise) -> OrderEffect | None:
     """Whether a run's place in its repeat's order changed its speed: the slope of the runs'
     log medians (less their cell's mean) over their position, as a share a position, with its
     interval. None without positions, or with fewer than 3 of them."""
     points = []
     for r in records:
-        position = (r.get("config") or {}).get("position")
+        position = r.config.get("position")
         sample = samples.get((precision_of(r), label_of(r)))
         own = sample_of([r], "")
         if position is None or not sample or not own or len(sample.runs) < 2:
@@ -467,68 +456,57 @@ def order_effect(records, samples, noise) -> dict | None:
         )
     else:
         verdict = f"no effect of run order detectable ({words})"
-    return {
-        "estimate": math.expm1(slope),
-        "interval": [lo, hi],
-        "runs": len(points),
-        "verdict": verdict,
-    }
+    return OrderEffect(math.expm1(slope), [lo, hi], len(points), verdict)
 
 
-def notes(group, quote=str) -> list[str]:
+def notes(group: Group, quote=str) -> list[str]:
     """What the reader must know to weigh the intervals: that one run per arm cannot measure
     the noise between processes; that arms which did the same arithmetic got speed-ups that
     do not overlap, or a framework cost that the control does not show; whether order
     mattered."""
     notes = []
-    cells = [
-        c
-        for impls in group["precisions"].values()
-        for c in impls.values()
-        if c.get("step_time_s")
-    ]
-    if cells and all(c["step_time_s"]["runs"] == [1] for c in cells):
+    cells = [c for impls in group.precisions.values() for c in impls.values() if c.step_time_s]
+    if cells and all(c.step_time_s.runs == (1,) for c in cells):
         notes.append(
             "One run per cell: nothing here measures the noise between processes, which on "
             "a busy machine is several percent, so no verdict is drawn; --repeats 3 measures "
             "it."
         )
-    if group.get("order"):
-        notes.append(f"Run order: {group['order']['verdict']}.")
-    for precision in group["precisions"]:
+    if group.order:
+        notes.append(f"Run order: {group.order.verdict}.")
+    for precision in group.precisions:
         same = _same_arithmetic(group, precision)
         for a, b in same:
-            x = group["ratios"][a][precision]["speedup"]
-            y = group["ratios"][b][precision]["speedup"]
-            if not stats.Estimate.from_dict(x).overlaps(stats.Estimate.from_dict(y)):
+            x = group.ratios[a][precision].speedup
+            y = group.ratios[b][precision].speedup
+            if not x.estimate.overlaps(y.estimate):
                 notes.append(
                     f"{quote(a)} and {quote(b)} trained bitwise-identical weights at 32-true "
                     f"and {quote(precision)}, yet their {quote(precision)} speed-ups do not "
-                    f"overlap ({x['verdict']}; "
-                    f"{y['verdict']}): the machine's noise exceeded these intervals. Measure "
+                    f"overlap ({x.verdict}; "
+                    f"{y.verdict}): the machine's noise exceeded these intervals. Measure "
                     f"on an idle machine, with more --repeats."
                 )
     notes += _same_weights_costs(group, quote)
     return notes
 
 
-def _same_weights_costs(group, quote=str) -> list[str]:
+def _same_weights_costs(group: Group, quote=str) -> list[str]:
     """A note for each arm that trained the same weights as plain at a precision and whose
     step time still differs from plain's there."""
     notes = []
-    for precision, per in group["overheads"].items():
-        cells = group["precisions"][precision]
-        plain = cells["plain"]["weights"]
+    for precision, per in group.overheads.items():
+        cells = group.precisions[precision]
+        plain = cells["plain"].weights
         for label, o in per.items():
-            est = stats.Estimate.from_dict(o)
-            if label == CONTROL or not est.claims(0.0):
+            if label == CONTROL or not o.estimate.claims(0.0):
                 continue
-            if not all(plain) or cells[label]["weights"] != plain:
+            if not all(plain) or cells[label].weights != plain:
                 continue
-            if est.hi < 0:
+            if o.estimate.hi < 0:
                 notes.append(
                     f"{quote(label)} trained bitwise-identical weights to plain's at "
-                    f"{quote(precision)}, yet its steps came out faster ({o['verdict']}): the "
+                    f"{quote(precision)}, yet its steps came out faster ({o.verdict}): the "
                     f"same arithmetic plus a framework's own work cannot take less time, so "
                     f"the machine's noise exceeded this interval."
                 )
@@ -545,21 +523,21 @@ def _same_weights_costs(group, quote=str) -> list[str]:
 def _same_arithmetic(group, precision) -> list[tuple[str, str]]:
     """Pairs of rows whose ok runs trained the same weights (the same weights_sha256 sets) at
     32-true and at this precision, and which both have a speed-up."""
-    table, ratios = group["precisions"], group["ratios"]
+    table, ratios = group.precisions, group.ratios
     labels = [
         label
         for label in table.get(precision, {})
-        if (ratios.get(label, {}).get(precision) or {}).get("speedup")
+        if label in ratios and precision in ratios[label] and ratios[label][precision].speedup
     ]
 
     def weights(label, p):
-        impl = table[precision][label]["impl"]
+        impl = table[precision][label].impl
         cell = (
-            next((c for c in table.get(p, {}).values() if c["impl"] == impl), None)
+            next((c for c in table.get(p, {}).values() if c.impl == impl), None)
             if p == "32-true"
             else table[p][label]
         )
-        return tuple(cell["weights"]) if cell and all(cell["weights"]) else None
+        return tuple(cell.weights) if cell and all(cell.weights) else None
 
     pairs = []
     for i, a in enumerate(labels):

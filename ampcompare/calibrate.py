@@ -162,7 +162,7 @@ def cells_of(records, steps: Optional[int] = None) -> dict[str, list[stats.Sampl
     Raises UsageError for records of several machines or settings."""
     from ampcompare import analysis
 
-    groups = analysis.groups_of([r for r in records if r["status"] == "ok"])
+    groups = analysis.groups_of([r for r in records if r.status == "ok"])
     if len(groups) > 1:
         raise UsageError(
             f"calibrate takes the runs of one machine and settings; these hold "
@@ -172,17 +172,17 @@ def cells_of(records, steps: Optional[int] = None) -> dict[str, list[stats.Sampl
     for _, _, runs in groups:
         for r in sorted(runs, key=_ran):
             label = analysis.label_of(r).replace(analysis.CONTROL, "plain")
-            times = analysis.sample_of([r], r["run_id"]).runs
+            times = analysis.sample_of([r], r.run_id).runs
             if times:
                 run = times[0][:steps] if steps else times[0]
                 name = f"{label} {analysis.precision_of(r)}"
-                out.setdefault(name, []).append(stats.Sample([run], r["run_id"]))
+                out.setdefault(name, []).append(stats.Sample([run], r.run_id))
     return out
 
 
 def _ran(record) -> tuple:
     """When a run ran within its comparison: its repeat, then its place in that repeat."""
-    return (record.get("repeat") or 0, (record.get("config") or {}).get("position") or 0)
+    return (record.repeat or 0, record.config.get("position") or 0)
 
 
 def run(records, slowdown: float, most: int, steps: Optional[int]) -> str:

@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import functools
 
+from ampcompare import stats
+from ampcompare.findings import Cell, Summary
 from record import files
 
 MIB = 2**20
 
 
-def figure(summary):
+def figure(summary: Summary):
     """The chart as a matplotlib Figure (no pyplot: nothing global is touched)."""
     from matplotlib.figure import Figure
 
-    cuda = any(dev["env"].get("device") == "cuda" for dev in summary["devices"])
+    cuda = any(dev.env.get("device") == "cuda" for dev in summary.devices)
     panels = (
         ("activation_bytes", "activation memory (MiB)", MIB),
         *((("peak_memory_bytes", "CUDA allocator peak (MiB)", MIB),) if cuda else ()),
@@ -35,10 +37,9 @@ def figure(summary):
         for j, precision in enumerate(precisions):
             xs, heights, errs = [], [], [[], []]
             for i, (dev, impl, _) in enumerate(groups):
-                figure_ = dev["precisions"].get(precision, {}).get(impl, {}).get(metric)
-                if not figure_ or (
-                    metric == "peak_memory_bytes" and dev["env"].get("device") != "cuda"
-                ):
+                cell = dev.precisions.get(precision, {}).get(impl)
+                figure_ = _figure(cell, metric) if cell else None
+                if not figure_ or (metric == "peak_memory_bytes" and dev.on_cpu):
                     continue
                 mid, lo, hi = _bar(figure_)
                 xs.append(i + (j - (len(precisions) - 1) / 2) * width)
@@ -47,7 +48,7 @@ def figure(summary):
                 errs[1].append((hi - mid) / scale)
             ax.bar(xs, heights, width, yerr=errs, capsize=3, label=_text(precision))
         for i, (dev, impl, _) in enumerate(groups):
-            if not any((cell.get(impl) or {}).get("ok") for cell in dev["precisions"].values()):
+            if not any(impl in per and per[impl].ok for per in dev.precisions.values()):
                 ax.text(
                     i,
                     0,
@@ -63,7 +64,7 @@ def figure(summary):
         ax.grid(axis="y", alpha=0.3)
     if axes[0].get_legend_handles_labels()[0]:  # no bar at all: no legend either
         axes[0].legend(loc="lower left", fontsize=8, framealpha=0.9)
-    devices = _text(", ".join(dev["device"] for dev in summary["devices"]))
+    devices = _text(", ".join(dev.device for dev in summary.devices))
     fig.suptitle(
         f"ampcompare on {devices}: step time with its 95% interval; memory and "
         f"accuracy median [min–max]"
@@ -72,18 +73,16 @@ def figure(summary):
     return fig
 
 
-def _groups(summary) -> tuple[list, list]:
+def _groups(summary: Summary) -> tuple[list, list]:
     """The bar groups, (device, impl, label) each, and the precisions, in the report's order."""
     groups, precisions = [], []
-    for dev in summary["devices"]:
-        for precision, impls in dev["precisions"].items():
+    for dev in summary.devices:
+        for precision, impls in dev.precisions.items():
             if precision not in precisions:
                 precisions.append(precision)
             for impl in impls:
-                label = _text(
-                    impl if len(summary["devices"]) == 1 else f"{impl}\n{dev['device']}"
-                )
-                if (dev, impl, label) not in groups:
+                label = _text(impl if len(summary.devices) == 1 else f"{impl}\n{dev.device}")
+                if not any(d is dev and i == impl for d, i, _ in groups):
                     groups.append((dev, impl, label))
     return groups, precisions
 
@@ -107,14 +106,18 @@ def _glyphs() -> frozenset:
     )
 
 
-def _bar(figure_: dict) -> tuple[float, float, float]:
+def _figure(cell: Cell, metric: str):
+    return cell.step_time_s if metric == "step_time_s" else cell.metrics.get(metric)
+
+
+def _bar(figure_) -> tuple[float, float, float]:
     """(height, low, high): an estimate and its interval, or a median and its min and max."""
-    if "interval" in figure_:
-        return figure_["estimate"], *figure_["interval"]
-    return figure_["median"], figure_["min"], figure_["max"]
+    if isinstance(figure_, stats.Estimate):
+        return figure_.value, figure_.lo, figure_.hi
+    return figure_.median, figure_.min, figure_.max
 
 
-def write(summary, path: str) -> None:
+def write(summary: Summary, path: str) -> None:
     """benchmark.png, written atomically."""
     fig = figure(summary)
     files.write_file(path, lambda f: fig.savefig(f, format="png"), binary=True)

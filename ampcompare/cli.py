@@ -141,7 +141,7 @@ def cli():
 def arm_config(impl: str, options: dict) -> Config:
     if not options.get("resume"):
         return config_from(options)
-    stored = read_stopped(options["resume"], impl)["config"]
+    stored = read_stopped(options["resume"], impl)[0].config
     cfg = config_from(options, stored, click.get_current_context())
     resume = os.path.abspath(cfg.resume)  # the run lives where it is now, wherever it began
     cfg.out_dir, cfg.run_id = os.path.dirname(resume), os.path.basename(resume)

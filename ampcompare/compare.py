@@ -61,7 +61,9 @@ def child_args(cfg: Config, exclude=None) -> list[str]:
     return args
 
 
-def unavailable_result(cfg: Config, arm: Arm, status: str, reason: str, env: dict) -> dict:
+def unavailable_result(
+    cfg: Config, arm: Arm, status: str, reason: str, env: dict
+) -> results.RunResult:
     """The record of an arm that produced no result.json of its own (env: the comparing
     process's view of the machine, so the row lands with its device)."""
     passed = arm.impl == "apex" and applies(cfg.opt_level, arm.precision)
@@ -84,7 +86,7 @@ def unavailable_result(cfg: Config, arm: Arm, status: str, reason: str, env: dic
         opt_level=cfg.opt_level if passed else None,
         config=config,
         env=env,
-    ).to_dict()
+    )
 
 
 SUPERSEDED = ".superseded"  # where a run that is started over goes (report does not look)
@@ -96,7 +98,7 @@ class Folder:
     """What an arm's folder holds before compare touches it."""
 
     exists: bool
-    record: Optional[dict] = None  # a readable run record
+    record: Optional[results.RunResult] = None  # a readable run record
     bad: Optional[str] = None  # why its result.json is not one
     busy: bool = False  # another process holds its lock
 
@@ -110,17 +112,13 @@ def inspect_folder(run_dir: str) -> Folder:
     if rundir.held(run_dir):
         return Folder(True, busy=True)
     try:
-        record = results.read(run_dir)
+        return Folder(True, results.RunResult.read(run_dir))
     except FileNotFoundError:
         return Folder(True)
-    except (OSError, ValueError) as e:
+    except results.NotARecord as e:
+        return Folder(True, bad=f"its result.json is not a run record ({e})")
+    except OSError as e:
         return Folder(True, bad=f"its result.json cannot be read ({type(e).__name__})")
-    why = results.why_not_a_record(record)
-    return (
-        Folder(True, bad=f"its result.json is not a run record ({why})")
-        if why
-        else Folder(True, record)
-    )
 
 
 class Action(str, enum.Enum):
@@ -143,8 +141,8 @@ class Outcome:
 
 
 def outcome(
-    before: Optional[dict],
-    after: Optional[dict],
+    before: Optional[results.RunResult],
+    after: Optional[results.RunResult],
     code: int,
     last: Optional[str],
     interrupted: bool,
@@ -169,7 +167,7 @@ def outcome(
             ended,
             f"{why}, before it wrote anything; what an earlier attempt measured is kept",
         )
-    if after["status"] != "running":
+    if after.status != "running":
         return Outcome(Action.KEEP)
     # Gone before it could record how it ended (OOM killer, SIGKILL, a hang we ended).
     return Outcome(Action.UPDATE, ended, f"{last}; {how}" if last else how)
@@ -190,7 +188,7 @@ def run_arm(cfg: Config, arm: Arm, folder: str, unavailable: dict, env: dict, wa
         )
         return found.record, False
     before = found.record
-    if before is not None and before["status"] == "ok":
+    if before is not None and before.status == "ok":
         return before, False  # finished in an earlier attempt: kept
     if key not in unavailable and (why := known_unavailable(cfg, arm)):
         unavailable[key] = why
@@ -200,9 +198,7 @@ def run_arm(cfg: Config, arm: Arm, folder: str, unavailable: dict, env: dict, wa
         return _save(
             run_dir, unavailable_result(cfg, arm, "unavailable", unavailable[key], env)
         ), False
-    resuming = bool(
-        before is not None and before.get("checkpoint") and before["status"] in RESUMABLE
-    )
+    resuming = bool(before is not None and before.checkpoint and before.status in RESUMABLE)
     if found.exists and not resuming:
         _supersede(folder, run_dir, "it left nothing to continue from")
     if warm is not None and warm(arm):  # the warm-up, before the first timed run: interrupted
@@ -210,7 +206,7 @@ def run_arm(cfg: Config, arm: Arm, folder: str, unavailable: dict, env: dict, wa
     code, last, interrupted = _attempt(cfg, arm, folder, run_dir, resuming)
     after = inspect_folder(run_dir).record
     if os.path.isdir(run_dir) and not rundir.held(run_dir):  # a killed child's leftovers go
-        checkpoints.clean(run_dir, after)
+        checkpoints.clean(run_dir, after.to_dict() if after else None)
     result = outcome(before if resuming else None, after, code, last, interrupted, resuming)
     stop = interrupted or code == 130  # also a child interrupted on its own
     if result.action is Action.LEAVE:
@@ -225,7 +221,7 @@ def run_arm(cfg: Config, arm: Arm, folder: str, unavailable: dict, env: dict, wa
     if result.action is Action.KEEP:
         return after, stop
     if result.action is Action.UPDATE:
-        after.update(status=result.status, error=result.error)
+        after.status, after.error = result.status, result.error
         return _save(run_dir, after), stop
     if result.status == "unavailable":
         unavailable[key] = result.error
@@ -354,12 +350,12 @@ def _signal(proc: subprocess.Popen, sig: int, group: bool = False) -> None:
         pass
 
 
-def _save(run_dir: str, record: dict) -> dict:
+def _save(run_dir: str, record: results.RunResult) -> results.RunResult:
     """Leave the record on disk; a full disk or a read-only folder costs this file, not the
     comparison: the record still reaches the report's in-memory list."""
     try:
         os.makedirs(run_dir, exist_ok=True)
-        files.write_json(os.path.join(run_dir, "result.json"), record)
+        files.write_json(os.path.join(run_dir, "result.json"), record.to_dict())
     except OSError as e:
         console.say(
             f"ampcompare: warning: could not write {run_dir}/result.json ({e.strerror})",
@@ -416,7 +412,7 @@ def compare(plan: Plan, show=None, warmup: bool = True) -> list[dict]:
                     records.append(record)
         except KeyboardInterrupt:  # held back while the arm ran: it has recorded its end
             stop = True
-        ended = record is not None and record["status"] != "interrupted"
+        ended = record is not None and record.status != "interrupted"
         if k == len(arms) - 1 and (ended or (record is None and not stop)):
             signals.absorb_from_now()  # every arm has ended: a signal now interrupts nothing
             stop = False

@@ -5,9 +5,10 @@ skipped fp16 steps and the loss scale), and the reference benchmark's figures to
 
 from __future__ import annotations
 
+from typing import Optional
+
+from ampcompare.findings import Cell, Group, Judged
 from common import peaks
-from ampcompare import stats
-from ampcompare.stats import median_of
 
 REFERENCE = (
     "the benchmark this tool grew from — Lightning precision 16 against 32, CIFAR-10, "
@@ -17,29 +18,29 @@ REFERENCE = (
 )
 
 
-def lines(group: dict, quote=str) -> list[str]:
+def lines(group: Group, quote=str) -> list[str]:
     """One sentence per mixed precision in the group, about its first impl that has a 32-true
     run to compare with. `quote` is applied to every value that comes from a record (the
     report's Markdown escapes them)."""
-    table, ratios, env = group["precisions"], group["ratios"], group["env"]
-    base = {c["impl"]: c for c in table.get("32-true", {}).values()}
+    table, ratios, env = group.precisions, group.ratios, group.env
+    base = {c.impl: c for c in table.get("32-true", {}).values()}
     out = []
     for precision, cells in table.items():
         label = next((k for k in cells if precision in ratios.get(k, {})), None)
         if precision == "32-true" or label is None:
             continue
-        mixed, ref, ratio = cells[label], base[cells[label]["impl"]], ratios[label][precision]
-        speed = ratio["speedup"]["verdict"] if ratio["speedup"] else "no step times recorded"
+        mixed, ref, ratio = cells[label], base[cells[label].impl], ratios[label][precision]
+        speed = ratio.speedup.verdict if ratio.speedup else "no step times recorded"
         parts = [
             f"{quote(precision)} against 32-true ({quote(label)}): {speed}",
-            hardware(env, precision, quote, ratio["speedup"]),
+            hardware(env, precision, quote, ratio.speedup),
         ]
-        mfu = [median_of(c, "mfu") for c in (ref, mixed)]
+        mfu = [c.median("mfu") for c in (ref, mixed)]
         if None not in mfu:
             parts.append(f"MFU {mfu[0]:.1%} at 32-true, {mfu[1]:.1%} at {quote(precision)}")
         else:
             parts.append(quote(peaks.peak(env, precision)[1]))
-        wait = [median_of(c, "data_wait_fraction") for c in (ref, mixed)]
+        wait = [c.median("data_wait_fraction") for c in (ref, mixed)]
         if None not in wait:
             parts.append(
                 f"waiting for data took {wait[0]:.0%} and {wait[1]:.0%} of training "
@@ -52,14 +53,13 @@ def lines(group: dict, quote=str) -> list[str]:
     return out
 
 
-def hardware(env: dict, precision: str, quote=str, speedup=None) -> str:
+def hardware(env: dict, precision: str, quote=str, speedup: Optional[Judged] = None) -> str:
     """What the device does differently at this precision. A direction (faster, slower) is
     said only where the measured speed-up (`speedup`, the report's) shows it too: the
     explanation never contradicts the figure beside it."""
     if env.get("device") != "cuda":
         if precision == "16-mixed":
-            slower = speedup and stats.Estimate.from_dict(speedup).claims(1.0)
-            slower = slower and speedup["interval"][1] < 1
+            slower = speedup and speedup.estimate.claims(1.0) and speedup.estimate.hi < 1
             return "this CPU has no fast fp16 kernels" + (
                 ", which is why fp16 ran slower than fp32 here" if slower else ""
             )
@@ -92,9 +92,9 @@ def hardware(env: dict, precision: str, quote=str, speedup=None) -> str:
     )
 
 
-def scaler(cell: dict) -> str:
-    skipped = median_of(cell, "skipped_steps")
-    first, last = median_of(cell, "loss_scale_first"), median_of(cell, "loss_scale_last")
+def scaler(cell: Cell) -> str:
+    skipped = cell.median("skipped_steps")
+    first, last = cell.median("loss_scale_first"), cell.median("loss_scale_last")
     scale = (
         f", loss scale {first:g} at the first epoch's end, {last:g} at the last"
         if first is not None and last is not None

@@ -106,7 +106,9 @@ class Verdict:
     warning: Optional[str] = None
 
 
-def judge(record: Optional[dict], failures: dict, endings: dict, stopped: bool) -> Verdict:
+def judge(
+    record: Optional[results.RunResult], failures: dict, endings: dict, stopped: bool
+) -> Verdict:
     """How a job ended, from its record, the ranks that exited other than 0 ({rank: (exit
     code, timestamp)}), how each rank said it ended ({rank: ending}) and whether the launcher
     itself was stopped by a signal. The rank that ended first is the cause: one killed outright
@@ -128,12 +130,12 @@ def judge(record: Optional[dict], failures: dict, endings: dict, stopped: bool) 
     }
     said = {rank: e for rank, e in endings.items() if e.get("status") != "ok"}
     cause = _cause(silent, said)
-    if record["status"] == "ok":  # rank 0 recorded the whole run: its numbers stand
+    if record.status == "ok":  # rank 0 recorded the whole run: its numbers stand
         return Verdict(0, warning=f"{cause[2]} after the run was recorded" if cause else None)
     if stopped:
         return Verdict(130, "interrupted", None)
     if cause is None:  # nothing failed: the run's own record says how it ended
-        return Verdict(results.EXIT_CODES.get(record["status"], 1))
+        return Verdict(record.exit_code)
     status, _, how = cause
     return Verdict(results.EXIT_CODES.get(status, 1), status, how)
 
@@ -155,22 +157,21 @@ def _cause(silent: dict, said: dict):
 def conclude(run_dir: str, failures: dict, endings: dict, stopped: bool) -> int:
     """Make the job's record say how it ended (judge); return the exit code."""
     try:
-        record = results.read(run_dir)
-        record = None if results.why_not_a_record(record) else record
-    except (OSError, ValueError):
+        record = results.RunResult.read(run_dir)
+    except (OSError, results.NotARecord):
         record = None
     verdict = judge(record, failures, endings, stopped)
     if record is not None and os.path.isdir(run_dir):  # no rank writes it now
-        checkpoints.clean(run_dir, record)
+        checkpoints.clean(run_dir, record.to_dict())
     if verdict.warning:
         console.say(f"ampcompare: warning: {verdict.warning}", err=True)
     if (
         record is not None
         and verdict.status is not None
-        and (verdict.status, verdict.error) != (record["status"], record.get("error"))
+        and (verdict.status, verdict.error) != (record.status, record.error)
     ):
-        record.update(status=verdict.status, error=verdict.error)
-        files.write_json(os.path.join(run_dir, "result.json"), record)
+        record.status, record.error = verdict.status, verdict.error
+        files.write_json(os.path.join(run_dir, "result.json"), record.to_dict())
     return verdict.code
 
 

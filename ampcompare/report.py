@@ -23,6 +23,7 @@ import re
 
 from ampcompare import analysis, chart, explain
 from ampcompare.chart import MIB
+from ampcompare.findings import Group, Ratio, Summary
 from record import files, signals
 from ampcompare import stats
 from common import console
@@ -56,8 +57,8 @@ def rows(records) -> list[dict]:
     (from its steps alone)."""
     out = []
     for r in records:
-        s, env = r.get("summary") or {}, r.get("env") or {}
-        own = analysis.sample_of([r], r["run_id"])
+        s, env = r.summary, r.env
+        own = analysis.sample_of([r], r.run_id)
         interval = stats.level(own) if own else None
         out.append(
             {
@@ -65,12 +66,12 @@ def rows(records) -> list[dict]:
                 "device": env.get("device"),
                 "impl": analysis.arm_of(r),
                 "precision": analysis.precision_of(r),
-                "opt_level": r.get("opt_level"),
+                "opt_level": r.opt_level,
                 "seed": analysis.seed_of(r),
-                "repeat": r.get("repeat"),
-                "position": (r.get("config") or {}).get("position"),
-                "status": r["status"],
-                "error": r.get("error"),
+                "repeat": r.repeat,
+                "position": r.config.get("position"),
+                "status": r.status,
+                "error": r.error,
                 **{m: s.get(m) for m in analysis.METRICS},
                 "step_time_q1_s": s.get("step_time_q1_s"),
                 "step_time_q3_s": s.get("step_time_q3_s"),
@@ -78,19 +79,19 @@ def rows(records) -> list[dict]:
                 "step_time_hi_s": interval.hi if interval else None,
                 "timed_steps": s.get("timed_steps"),
                 "epochs_done": s.get("epochs_done", 0),
-                "weights_sha256": r.get("weights_sha256"),
-                "run_id": r["run_id"],
-                "path": r.get("_path"),
+                "weights_sha256": r.weights_sha256,
+                "run_id": r.run_id,
+                "path": r.found_at,
             }
         )
     return out
 
 
-def _fmt(spread_, scale=1.0, fmt="{:.2f}"):
+def _fmt(spread_: stats.Spread | None, scale=1.0, fmt="{:.2f}"):
     if not spread_:
         return "–"
-    med, lo, hi = (spread_[k] / scale for k in ("median", "min", "max"))
-    if spread_["n"] == 1 or lo == hi:
+    med, lo, hi = (v / scale for v in (spread_.median, spread_.min, spread_.max))
+    if spread_.n == 1 or lo == hi:
         return fmt.format(med)
     return f"{fmt.format(med)} [{fmt.format(lo)}–{fmt.format(hi)}]"
 
@@ -99,16 +100,16 @@ def _ratio(value):
     return f"{value:.2f}×" if value is not None else "–"
 
 
-def accuracy_words(r) -> str:
-    change = r["accuracy_change"]
+def accuracy_words(r: Ratio) -> str:
+    change = r.accuracy_change
     if change is None:
         return "–"
-    if r["seed_spread"] is None:
+    if r.seed_spread is None:
         return f"{change:+.4f} (one seed: no seed spread to weigh it against; --seeds N)"
-    within = abs(change) <= r["seed_spread"]
+    within = abs(change) <= r.seed_spread
     return (
         f"{change:+.4f}, {'within' if within else 'beyond'} seed noise (accuracy spans "
-        f"{r['seed_spread']:.4f} across {r['seeds']} seeds)"
+        f"{r.seed_spread:.4f} across {r.seeds} seeds)"
     )
 
 
@@ -140,12 +141,12 @@ def md(value) -> str:
 MARKUP = re.compile(r"([\\`*_\[\]|#~$])")
 
 
-def markdown(summary, records) -> str:
+def markdown(summary: Summary, records) -> str:
     lines = ["# ampcompare report", ""]
-    for dev in summary["devices"]:
-        lines += [f"## {md(dev['device'])}", "", *_noise_exceeded(dev)]
+    for dev in summary.devices:
+        lines += [f"## {md(dev.device)}", "", *_noise_exceeded(dev)]
         lines += [*_environment(dev), *_method(dev)]
-        for precision, impls in dev["precisions"].items():
+        for precision, impls in dev.precisions.items():
             lines += _precision_table(dev, precision, impls)
         lines += _overhead_table(dev)
         lines += _ratio_table(dev)
@@ -153,28 +154,28 @@ def markdown(summary, records) -> str:
     return "\n".join(lines)
 
 
-def _noise_exceeded(dev) -> list[str]:
-    if not dev.get("control_claims"):
+def _noise_exceeded(dev: Group) -> list[str]:
+    if not dev.control_claims:
         return []
     return [
         f"**This machine's noise exceeded the method here**: plain against itself claimed a "
-        f"difference ({md('; '.join(dev['control_claims']))}). No verdict below is stated as "
+        f"difference ({md('; '.join(dev.control_claims))}). No verdict below is stated as "
         f"fact; the figures and their intervals stand as measured.",
         "",
     ]
 
 
-def _environment(dev) -> list[str]:
+def _environment(dev: Group) -> list[str]:
     return [
         "| environment | |",
         "|---|---|",
-        *[f"| {key} | {md(dev['env'].get(key, '–'))} |" for key in ENV_KEYS],
+        *[f"| {key} | {md(dev.env.get(key, '–'))} |" for key in ENV_KEYS],
         "",
     ]
 
 
-def _method(dev) -> list[str]:
-    cfg, cpu = dev["config"], dev["env"].get("device") == "cpu"
+def _method(dev: Group) -> list[str]:
+    cfg, cpu = dev.config, dev.on_cpu
     clock = "perf_counter" if cpu else "CUDA events read once per epoch"
     lines = [
         f"Model {md(cfg.get('model'))} on {md(cfg.get('dataset'))}, batch "
@@ -207,16 +208,15 @@ def _method(dev) -> list[str]:
     return lines
 
 
-def _pooled(dev) -> str:
-    noise = dev.get("noise") or {}
-    if not noise.get("df"):
+def _pooled(dev: Group) -> str:
+    if not dev.noise.df:
         return "no cell has two runs: nothing to pool"
-    sd = math.expm1(math.sqrt(noise["variance"]))
-    return f"a run's own noise {sd:.1%}, {noise['df']} degrees of freedom"
+    sd = math.expm1(math.sqrt(dev.noise.variance))
+    return f"a run's own noise {sd:.1%}, {dev.noise.df} degrees of freedom"
 
 
-def _precision_table(dev, precision, impls) -> list[str]:
-    cpu = dev["env"].get("device") == "cpu"
+def _precision_table(dev: Group, precision, impls) -> list[str]:
+    cpu = dev.on_cpu
     columns = [
         "impl",
         "runs ok",
@@ -240,27 +240,28 @@ def _precision_table(dev, precision, impls) -> list[str]:
         "|" + "---|" * len(columns),
     ]
     for name, c in impls.items():
+        m = c.metrics
         lines.append(
-            f"| {md(name)} | {c['ok']}/{c['runs']} | {_step(c.get('step_time_s'))} "
-            f"| {_fmt(c['median_epoch_time_s'])} "
-            f"| {_fmt(c['images_per_s'], fmt='{:.0f}')} "
-            f"| {_fmt(c['achieved_tflops'], fmt='{:.3f}')} "
-            f"| {_fmt(c['mfu'], 0.01, '{:.1f}%')} "
-            f"| {_fmt(c['activation_bytes'], MIB, '{:.1f}')} "
-            f"| {_fmt(c['peak_memory_bytes'], MIB, '{:.0f}')} "
-            + ("" if cpu else f"| {_fmt(c['peak_beyond_data_bytes'], MIB, '{:.0f}')} ")
-            + f"| {_fmt(c['final_test_acc'], fmt='{:.4f}')} |"
+            f"| {md(name)} | {c.ok}/{c.runs} | {_step(c.step_time_s)} "
+            f"| {_fmt(m['median_epoch_time_s'])} "
+            f"| {_fmt(m['images_per_s'], fmt='{:.0f}')} "
+            f"| {_fmt(m['achieved_tflops'], fmt='{:.3f}')} "
+            f"| {_fmt(m['mfu'], 0.01, '{:.1f}%')} "
+            f"| {_fmt(m['activation_bytes'], MIB, '{:.1f}')} "
+            f"| {_fmt(m['peak_memory_bytes'], MIB, '{:.0f}')} "
+            + ("" if cpu else f"| {_fmt(m['peak_beyond_data_bytes'], MIB, '{:.0f}')} ")
+            + f"| {_fmt(m['final_test_acc'], fmt='{:.4f}')} |"
         )
     return [*lines, ""]
 
 
-def _step(est) -> str:
+def _step(est: stats.Estimate | None) -> str:
     """A step time and its interval in one unit: "246 ms [241–252]"."""
-    return stats.duration_with_interval(est["estimate"], *est["interval"]) if est else "–"
+    return stats.duration_with_interval(est.value, est.lo, est.hi) if est else "–"
 
 
-def _overhead_table(dev) -> list[str]:
-    if not dev["overheads"]:
+def _overhead_table(dev: Group) -> list[str]:
+    if not dev.overheads:
         return []
     lines = [
         "### What each framework adds to a step, against plain at the same precision",
@@ -268,18 +269,18 @@ def _overhead_table(dev) -> list[str]:
         "| impl | precision | time added per step |",
         "|---|---|---|",
     ]
-    for precision, per in dev["overheads"].items():
+    for precision, per in dev.overheads.items():
         for label, o in per.items():
-            lines.append(f"| {md(label)} | {md(precision)} | {o['verdict']} |")
+            lines.append(f"| {md(label)} | {md(precision)} | {o.verdict} |")
     return [*lines, ""]
 
 
-def _ratio_table(dev) -> list[str]:
-    if not dev["ratios"] and not dev["notes"]:
+def _ratio_table(dev: Group) -> list[str]:
+    if not dev.ratios and not dev.notes:
         return []
-    cpu = dev["env"].get("device") == "cpu"
+    cpu = dev.on_cpu
     lines = []
-    if dev["ratios"]:
+    if dev.ratios:
         lines += [
             "### Mixed precision against 32-true",
             "",
@@ -290,12 +291,12 @@ def _ratio_table(dev) -> list[str]:
             "|---|---|---|---|---|---|",
         ]
         peak = "peak_memory_bytes" if cpu else "peak_beyond_data_bytes"
-        for impl, per in dev["ratios"].items():
+        for impl, per in dev.ratios.items():
             for precision, r in per.items():
-                speed = r["speedup"]["verdict"] if r["speedup"] else "– (no step times)"
+                speed = r.speedup.verdict if r.speedup else "– (no step times)"
                 lines.append(
                     f"| {md(impl)} | {md(precision)} | {speed} "
-                    f"| {_ratio(r['activation_bytes'])} | {_ratio(r[peak])} "
+                    f"| {_ratio(r.activation_bytes)} | {_ratio(getattr(r, peak))} "
                     f"| {accuracy_words(r)} |"
                 )
         lines.append("")
@@ -303,7 +304,7 @@ def _ratio_table(dev) -> list[str]:
         *[f"- {line}" for line in (*analysis.notes(dev, md), *explain.lines(dev, md))],
         "",
     ]
-    if dev["ratios"]:
+    if dev.ratios:
         lines += [f"Reference: {explain.REFERENCE}", ""]
     return lines
 
@@ -311,16 +312,16 @@ def _ratio_table(dev) -> list[str]:
 def _unfinished(records) -> list[str]:
     failed = {}
     for r in records:
-        if r["status"] != "ok":
-            why = " ".join((r.get("error") or "").split())  # one table row, whatever it says
+        if r.status != "ok":
+            why = " ".join((r.error or "").split())  # one table row, whatever it says
             key = (
                 analysis.device_of(r),
                 analysis.label_of(r),
                 analysis.precision_of(r),
-                r["status"],
+                r.status,
                 why,
             )
-            failed.setdefault(key, []).append(r["run_id"])
+            failed.setdefault(key, []).append(r.run_id)
     if not failed:
         return []
     lines = [
@@ -350,7 +351,7 @@ def write(records, out_dir: str) -> dict:
     writer.writeheader()
     writer.writerows(rows(records))
     files.write_file(paths["results.csv"], lambda f: f.write(buf.getvalue()))
-    files.write_json(paths["summary.json"], summary)
+    files.write_json(paths["summary.json"], summary.to_dict())
     text = markdown(summary, records)
     files.write_file(paths["report.md"], lambda f: f.write(text))
     chart.write(summary, paths["benchmark.png"])
@@ -380,7 +381,7 @@ def write_for_compare(folder: str, code: int) -> int:
         )
         return 130
     echo(paths)
-    failed = [r for r in records if r["status"] not in ("ok", "unavailable")]
+    failed = [r for r in records if r.status not in ("ok", "unavailable")]
     return code or (1 if failed else 0)
 
 

@@ -11,6 +11,7 @@ from common import console, ranks
 from common.config import Config
 from common.errors import Unavailable, UsageError
 from record import rundir, signals, summary
+from record.results import RunResult
 
 IMPLS = {
     "plain": "plain_torch.train",
@@ -64,27 +65,25 @@ def run_one(impl: str, cfg: Config) -> int:
     # One job, one summary: rank 0's, or, under `--devices N`, the launcher's (it knows how
     # every rank ended).
     if ranks.is_rank0() and not ranks.under_our_launcher():
-        summary_line(impl, result.to_dict(), cfg)
+        summary_line(impl, result, cfg)
     return signals.interrupted_exit() if result.status == "interrupted" else result.exit_code
 
 
-def summary_line(impl: str, record: dict, cfg: Config) -> None:
+def summary_line(impl: str, record: RunResult, cfg: Config) -> None:
     from ampcompare import stats
 
-    s = record.get("summary") or {}
-    acc = f"{s['final_test_acc']:.4f}" if s.get("final_test_acc") is not None else "-"
-    sample = stats.Sample(
-        [summary.timed_steps(record.get("epochs") or [])[0]], record["run_id"]
-    )
+    acc = record.summary.get("final_test_acc")
+    acc = f"{acc:.4f}" if acc is not None else "-"
+    sample = stats.Sample([summary.timed_steps(record.epochs)[0]], record.run_id)
     est = stats.level(sample) if sample else None
     step = stats.duration_with_interval(est.value, est.lo, est.hi) if est else "-"
     console.say(
-        f"{impl} {record['precision']['effective']}: {record['status']}, "
+        f"{impl} {record.precision.effective}: {record.status}, "
         f"test acc {acc}, median step {step}"
     )
-    if record.get("error"):
-        console.say(f"error: {record['error']}", err=True)
-    console.say(f"result: {os.path.join(cfg.out_dir, record['run_id'], 'result.json')}")
+    if record.error:
+        console.say(f"error: {record.error}", err=True)
+    console.say(f"result: {os.path.join(cfg.out_dir, record.run_id, 'result.json')}")
 
 
 def launch_job(impl: str, cfg: Config) -> int:
@@ -128,9 +127,9 @@ def launch_job(impl: str, cfg: Config) -> int:
         args = [impl, *compare.child_args(cfg, exclude=("resume",))]
     code = launch.run(cfg, args)
     try:  # the job's one summary line, from its record as the launcher settled it
-        record = results.read(os.path.join(cfg.out_dir, cfg.run_id))
-        if not results.why_not_a_record(record) and code not in launch.REFUSED:
+        record = results.RunResult.read(os.path.join(cfg.out_dir, cfg.run_id))
+        if code not in launch.REFUSED:
             summary_line(impl, record, cfg)
-    except (OSError, ValueError):
+    except (OSError, results.NotARecord):
         pass
     return code

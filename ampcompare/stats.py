@@ -93,18 +93,22 @@ class Estimate:
         return self.short is None and not self.contains(null)
 
 
-def spread(values) -> Optional[dict]:
-    """The median, least, greatest and count of the values that are not None (None when none
-    are): how a report gives a figure over several runs."""
+@dataclass
+class Spread:
+    """How a report gives a figure over several runs: median, least, greatest and count."""
+
+    median: float
+    min: float
+    max: float
+    n: int
+
+
+def spread(values) -> Optional[Spread]:
+    """The Spread of the values that are not None (None when none are)."""
     values = [v for v in values if v is not None]
     if not values:
         return None
-    return {"median": median(values), "min": min(values), "max": max(values), "n": len(values)}
-
-
-def median_of(cell: dict, metric: str) -> Optional[float]:
-    """The median of a report cell's spread of metric (None where the cell has none)."""
-    return (cell.get(metric) or {}).get("median")
+    return Spread(median(values), min(values), max(values), len(values))
 
 
 LONGEST_STEP = 1e6  # seconds: eleven days; a step time beyond it is no measurement

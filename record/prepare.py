@@ -93,7 +93,7 @@ def prepare(cfg, impl: str, opt_level: Optional[str] = None, policy=None) -> Run
         "data_on_device_bytes": data.device_bytes(train_loader, test_loader),
     }
     recorder = Recorder(cfg, impl, policy, device, env, opt_level, world, checked.to_dict())
-    run_flops = flops.of_run(cfg, recorder.result.precision["effective"], recorder.result.env)
+    run_flops = flops.of_run(cfg, recorder.result.precision.effective, recorder.result.env)
     recorder.result.flops = run_flops
     # Where a framework builds its loader iterator before it calls set_epoch (Lightning, on
     # resume), the order must already be the resumed epoch's.

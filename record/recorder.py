@@ -25,7 +25,7 @@ from common import distributed, metrics
 from record import checkpoints, endings, resume, rundir, signals
 from common.errors import UsageError
 from record.files import write_json, write_temp
-from record.results import SCHEMA, RunResult, new_run_id, weights_sha256
+from record.results import SCHEMA, Precision, RunResult, new_run_id, weights_sha256
 from record.summary import summarize
 
 
@@ -76,7 +76,7 @@ class Recorder:
                 seed=cfg.seed,
                 status="running",
                 error=None,
-                precision=policy.to_dict(),
+                precision=Precision(policy.requested, policy.effective),
                 opt_level=opt_level,
                 config=cfg.to_dict(),
                 env=env,

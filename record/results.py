@@ -35,6 +35,21 @@ def shaped(shape, **kw):
     return field(metadata={"shape": shape}, **kw)
 
 
+class NotARecord(ValueError):
+    """A result.json this tool cannot read as a run record; the message says why, in a line."""
+
+
+@dataclass
+class Precision:
+    requested: str  # as given (canonical form)
+    effective: Optional[str]  # what ran; None for a run that never started
+
+    @property
+    def ran(self) -> str:
+        """What the run trained at, or for a run that never started what it was to run."""
+        return self.effective or self.requested
+
+
 @dataclass
 class RunResult:
     schema: int = shaped(S.at_least(1))
@@ -44,7 +59,7 @@ class RunResult:
     seed: int = shaped(S.at_least(0))
     status: str = shaped(S.Required(S.one_of(*STATUSES)))
     error: Optional[str] = shaped(S.maybe(str))
-    precision: dict = shaped(
+    precision: Precision = shaped(
         S.Required({"requested": S.Required(str), "effective": S.Required(S.maybe(str))})
     )
     opt_level: Optional[str] = shaped(S.maybe(str))
@@ -68,31 +83,75 @@ class RunResult:
     # measurements, in no figure; a resume redoes that epoch.
     unsaved_epoch: Optional[dict] = shaped(S.maybe(S.EPOCH), default=None)
     summary: dict = shaped(S.Required(S.SUMMARY), default_factory=dict)
+    # Where a report found the record, relative to the folder it was given: never written.
+    found_at: Optional[str] = field(default=None, compare=False, metadata={"shape": None})
 
     @property
     def exit_code(self) -> int:
         return EXIT_CODES.get(self.status, 1)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k in _SAVED}
 
     @classmethod
     def shape(cls) -> dict:
         """The shape of a result.json, from the fields above (and the entry a schema-3 record
         may still hold)."""
-        return {f.name: f.metadata["shape"] for f in dataclasses.fields(cls)} | S.RETIRED
+        return {f.name: f.metadata["shape"] for f in _fields(cls)} | S.RETIRED
 
     @classmethod
     def stand_in(cls, precision: str, **fields) -> "RunResult":
         """The record of a run that wrote none of its own: it could not run here, or its
         process ended before it could (compare writes it, with why). It ran no precision."""
-        ran = {"requested": precision, "effective": None}
-        return cls(schema=SCHEMA, precision=ran, **fields)
+        return cls(schema=SCHEMA, precision=Precision(precision, None), **fields)
+
+    @classmethod
+    def from_dict(cls, record: dict) -> "RunResult":
+        """A parsed result.json that why_not_a_record() passed, as the type. An entry an older
+        record lacks takes its field's default (None where the field has none); one that no
+        field holds now (S.RETIRED) is left out."""
+        values = {}
+        for f in _fields(cls):
+            if f.name in record:
+                values[f.name] = record[f.name]
+            elif f.default is not dataclasses.MISSING:
+                values[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                values[f.name] = f.default_factory()
+            else:
+                values[f.name] = None
+        p = record["precision"]
+        values["precision"] = Precision(p["requested"], p["effective"])
+        return cls(**values)
+
+    @classmethod
+    def read(cls, run_dir: str, complete: bool = False) -> "RunResult":
+        """The record in run_dir/result.json, read and checked once (why_not_a_record; complete:
+        every option too). OSError where the file cannot be read; NotARecord, saying why in a
+        line, where what it holds is not a record this tool reads."""
+        record = read_json(run_dir)
+        why = why_not_a_record(record, complete)
+        if why:
+            raise NotARecord(why)
+        return cls.from_dict(record)
 
 
-def read(run_dir: str) -> dict:
+def read_json(run_dir: str) -> Any:
+    """What run_dir/result.json holds, parsed as it is: OSError where it cannot be read,
+    NotARecord where it is not JSON."""
     with open(os.path.join(run_dir, "result.json"), encoding="utf-8") as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except ValueError:
+            raise NotARecord("not valid JSON") from None
+
+
+def _fields(cls) -> list:
+    """The fields a result.json holds (found_at is the reader's, never written)."""
+    return [f for f in dataclasses.fields(cls) if f.metadata.get("shape") is not None]
+
+
+_SAVED = {f.name for f in _fields(RunResult)}
 
 
 def why_not_a_record(record: Any, complete: bool = False) -> Optional[str]:
@@ -101,6 +160,9 @@ def why_not_a_record(record: Any, complete: bool = False) -> Optional[str]:
     as a resume needs them to continue the run as it was."""
     if not isinstance(record, dict):
         return f"a JSON {type(record).__name__}, not an object"
+    number = record.get("schema")
+    if isinstance(number, int) and not isinstance(number, bool) and number > SCHEMA:
+        return f"written by a newer ampcompare (schema {number}; this one reads 1 to {SCHEMA})"
     wrong = schema.why(record, RunResult.shape(), "")
     if wrong:
         return wrong

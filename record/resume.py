@@ -8,7 +8,8 @@ of the file changed) is refused rather than continued under a name that is not t
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+import dataclasses
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -60,31 +61,33 @@ class Checkpoint:
     unreadable: Optional[str] = None  # why it could not be read as one of ours
 
 
-def read_stopped(run_dir: str, impl: str) -> dict:
-    """The record in run_dir, checked to be one that `ampcompare <impl> --resume` continues."""
+def read_stopped(run_dir: str, impl: str) -> tuple[results.RunResult, dict]:
+    """The record in run_dir, checked to be one that `ampcompare <impl> --resume` continues,
+    and the JSON as it is on disk (put back where a resume is refused)."""
     where = f"--resume {run_dir}"
     if not os.path.isdir(run_dir):
         raise UsageError(f"{where}: no such folder")
     try:
-        stored = results.read(run_dir)
+        on_disk = results.read_json(run_dir)
     except OSError as e:
         raise UsageError(f"{where}: cannot read its result.json ({e.strerror})") from None
-    except ValueError:
+    except results.NotARecord:
         raise UsageError(f"{where}: its result.json is not valid JSON") from None
-    why = results.why_not_a_record(stored, complete=True)
+    why = results.why_not_a_record(on_disk, complete=True)
     if why:
         raise UsageError(f"{where}: result.json is not a run record ({why})")
-    if stored["impl"] != impl:
+    stored = results.RunResult.from_dict(on_disk)
+    if stored.impl != impl:
         raise UsageError(
-            f"{where} is a {stored['impl']} run; continue it with ampcompare "
-            f"{stored['impl']} --resume"
+            f"{where} is a {stored.impl} run; continue it with ampcompare "
+            f"{stored.impl} --resume"
         )
-    return stored
+    return stored, on_disk
 
 
 def check(
     where: str,
-    stored: dict,
+    stored: results.RunResult,
     given: dict,
     impl: str,
     env: dict,
@@ -101,10 +104,10 @@ def check(
 
 def _check_run(where, stored, given, impl, env, model) -> None:
     """The run itself: not diverged, the same options, machine and model source."""
-    status, config = stored["status"], stored["config"]
+    status, config = stored.status, stored.config
     if status == "diverged":
         raise UsageError(
-            f"{where}: that run diverged ({stored.get('error')}); resuming it "
+            f"{where}: that run diverged ({stored.error}); resuming it "
             f"would replay the same steps"
         )
     free = may_change()
@@ -115,13 +118,13 @@ def _check_run(where, stored, given, impl, env, model) -> None:
                 f"run's {config[name]}; drop it to continue that run as it was"
             )
     for key in SAME_ENV.get(impl, _SAME):
-        if key in stored["env"] and stored["env"][key] != env.get(key):
+        if key in stored.env and stored.env[key] != env.get(key):
             raise UsageError(
-                f"{where}: that run ran with {key} {stored['env'].get(key)}, this "
+                f"{where}: that run ran with {key} {stored.env.get(key)}, this "
                 f"machine has {env.get(key)}; one record cannot mix the two"
             )
     was, now = (
-        (stored.get("model") or {}).get("source_sha256"),
+        (stored.model or {}).get("source_sha256"),
         (model or {}).get("source_sha256"),
     )
     if was and was != now:
@@ -134,7 +137,7 @@ def _check_run(where, stored, given, impl, env, model) -> None:
 
 def _check_epochs(where, stored, given) -> None:
     """A checkpoint to continue from, and --epochs a resume may give."""
-    status, config, info = stored["status"], stored["config"], stored.get("checkpoint")
+    status, config, info = stored.status, stored.config, stored.checkpoint
     if not info:
         raise UsageError(
             f"{where}: that run has no checkpoint (it ran with --no-checkpoint "
@@ -160,7 +163,7 @@ def _check_epochs(where, stored, given) -> None:
 
 def _check_checkpoint(where, stored, ckpt) -> None:
     """The checkpoint file against the record: its hash, epochs, config and weights."""
-    config, info, free = stored["config"], stored["checkpoint"], may_change()
+    config, info, free = stored.config, stored.checkpoint, may_change()
     done, file = info["epochs"], info["file"]
     if ckpt is None:
         raise UsageError(f"{where}: {file}, which result.json names, is not there")
@@ -200,13 +203,12 @@ def open_stopped(run_dir: str, cfg, impl: str, env: dict, model: Optional[dict] 
     """(the run's record to go on with, the checkpoint's state, the record as it was on disk):
     the stopped run in run_dir, read and checked (check()), or UsageError."""
     where = f"--resume {run_dir}"
-    stored = read_stopped(run_dir, impl)
+    stored, on_disk = read_stopped(run_dir, impl)
     given = cfg.to_dict()
-    info = stored.get("checkpoint")
+    info = stored.checkpoint
     ckpt, state = read_checkpoint(run_dir, info["file"], impl, where) if info else (None, {})
     check(where, stored, given, impl, env, ckpt, model)
-    known = {f.name for f in fields(results.RunResult)}
-    result = results.RunResult(**{k: v for k, v in stored.items() if k in known})
+    result = dataclasses.replace(stored)
     result.status, result.error, result.config = "running", None, given
     result.run_id = os.path.basename(run_dir)  # where the run is now, if it was moved
     result.epochs = list(state["ampcompare"]["epochs"])
@@ -215,8 +217,8 @@ def open_stopped(run_dir: str, cfg, impl: str, env: dict, model: Optional[dict] 
     # Summarised with the env the record keeps, as every later epoch is (end_epoch).
     result.summary = summarize(result.epochs, result.env)
     result.weights_sha256, result.weights_epochs = info["weights_sha256"], info["epochs"]
-    result.resumes = [*stored.get("resumes", []), {"epoch": info["epochs"], "env": env}]
-    return result, state, stored
+    result.resumes = [*stored.resumes, {"epoch": info["epochs"], "env": env}]
+    return result, state, on_disk
 
 
 def read_checkpoint(

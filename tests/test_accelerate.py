@@ -15,6 +15,7 @@ from common.errors import Unavailable
 from plain_torch import train as plain
 from tests.conftest import on_gpu, tiny
 from tests.test_parity import assert_identical
+from record.results import Precision
 
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
@@ -32,7 +33,7 @@ def both(tmp_path, make=tiny, **overrides):
 def test_accelerate_and_plain_are_bitwise_identical(tmp_path, precision, clip_grad):
     a, b = both(tmp_path, precision=precision, clip_grad=clip_grad, epochs=3)
     assert_identical(a, b)
-    assert b.precision == {"requested": precision, "effective": precision}
+    assert b.precision == Precision(precision, precision)
     assert len(b.epochs) == 3 and b.impl == "accelerate" and b.env["accelerate"]
     assert len(b.epochs[1]["step_times_s"]) == b.epochs[1]["steps"]
 

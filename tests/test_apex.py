@@ -16,6 +16,7 @@ from ampcompare.cli import cli
 from common.errors import UsageError
 from tests import faults
 from tests.conftest import checkpoint_of, on_gpu, run_cli, tiny
+from record.results import Precision
 
 
 @pytest.mark.parametrize(
@@ -273,7 +274,7 @@ def test_apex_loop_matches_plain_at_o0_with_a_stand_in_amp(tmp_path, monkeypatch
     a = plain.train(tiny(tmp_path, run_id="plain", clip_grad=clip_grad))
     b = apex.train(tiny(tmp_path, run_id="apex", clip_grad=clip_grad))
     assert b.status == "ok" and b.impl == "apex" and b.opt_level == "O0"
-    assert b.precision == {"requested": "32-true", "effective": "32-true"}
+    assert b.precision == Precision("32-true", "32-true")
     assert a.step_losses == b.step_losses and a.weights_sha256 == b.weights_sha256
     assert [r["loss_scale"] for r in b.epochs] == [None, None]
     ckpt = torch.load(checkpoint_of(tmp_path / "runs" / "apex"), weights_only=True)

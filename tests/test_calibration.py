@@ -12,6 +12,7 @@ import pytest
 
 from ampcompare import analysis, calibrate
 from record import summary
+from record.results import RunResult
 from ampcompare import stats
 
 FIXTURE = pathlib.Path(__file__).parent / "data" / "calibration-runs.json"
@@ -31,19 +32,21 @@ def recorded():
         ]
         control = run["role"] == "control"
         records.append(
-            {
-                "run_id": f"plain{'-control' if control else ''}-{run['precision']}-r{i}",
-                "impl": "plain",
-                "repeat": run["repeat"],
-                "seed": 0,
-                "status": "ok",
-                "precision": {"requested": run["precision"], "effective": run["precision"]},
-                "opt_level": None,
-                "config": {"role": run["role"], "position": run["position"]},
-                "env": {"device": "cpu", "device_name": "CPU", "threads": 2},
-                "epochs": epochs,
-                "summary": summary.summarize(epochs),
-            }
+            RunResult.from_dict(
+                {
+                    "run_id": f"plain{'-control' if control else ''}-{run['precision']}-r{i}",
+                    "impl": "plain",
+                    "repeat": run["repeat"],
+                    "seed": 0,
+                    "status": "ok",
+                    "precision": {"requested": run["precision"], "effective": run["precision"]},
+                    "opt_level": None,
+                    "config": {"role": run["role"], "position": run["position"]},
+                    "env": {"device": "cpu", "device_name": "CPU", "threads": 2},
+                    "epochs": epochs,
+                    "summary": summary.summarize(epochs),
+                }
+            )
         )
     return records
 
@@ -107,13 +110,13 @@ def test_fewer_steps_than_the_minimum_give_no_verdict(cells):
 
 def test_the_report_judges_a_pair_as_calibrate_does(cells):
     # The report over the fixture: plain against its control must not claim a difference.
-    group = analysis.summarize(recorded())["devices"][0]
+    group = analysis.summarize(recorded()).devices[0]
     for precision in ("32-true", "bf16-mixed"):
-        control = group["overheads"][precision][analysis.CONTROL]
-        assert not stats.Estimate.from_dict(control).claims(0.0)
-        assert control["verdict"].startswith("plain against itself: no difference detectable")
-    speedup = group["ratios"]["plain"]["bf16-mixed"]["speedup"]
-    assert speedup["verdict"].endswith("]") and "faster" in speedup["verdict"]
+        control = group.overheads[precision][analysis.CONTROL]
+        assert not control.estimate.claims(0.0)
+        assert control.verdict.startswith("plain against itself: no difference detectable")
+    speedup = group.ratios["plain"]["bf16-mixed"].speedup
+    assert speedup.verdict.endswith("]") and "faster" in speedup.verdict
 
 
 def test_a_table_of_verdicts_claims_falsely_at_most_at_the_stated_level(cells):

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from ampcompare import analysis, compare, plan, report
 from ampcompare.cli import cli, common_options, config_from
+from record.results import RunResult
 from common.config import Config
 from tests import faults
 from tests.conftest import SMALL_RUN, start_plain_compare
@@ -79,8 +80,8 @@ def test_compare_writes_every_file(compared):
 
 def test_each_run_came_from_its_own_process(compared):
     _, folder = compared
-    records = [r for r in analysis.load([folder]) if r["impl"] != "apex"]
-    pids = [r["env"]["pid"] for r in records]
+    records = [r for r in analysis.load([folder]) if r.impl != "apex"]
+    pids = [r.env["pid"] for r in records]
     assert len(records) == 12 and len(set(pids)) == 12 and os.getpid() not in pids
 
 
@@ -237,13 +238,13 @@ def test_report_groups_several_folders_by_device(compared, tmp_path):
     _, folder = compared
     other = tmp_path / "other-machine"
     for record in analysis.load([folder]):
-        record["env"].update(device_name="Other CPU", host="other")  # another machine
-        run_dir = other / record["run_id"]
+        record.env.update(device_name="Other CPU", host="other")  # another machine
+        run_dir = other / record.run_id
         run_dir.mkdir(parents=True)
-        (run_dir / "result.json").write_text(json.dumps(record))
+        (run_dir / "result.json").write_text(json.dumps(record.to_dict()))
     records = analysis.load([folder, other])
     summary = analysis.summarize(records)
-    devices = [d["device"] for d in summary["devices"]]
+    devices = [d.device for d in summary.devices]
     assert len(devices) == 2 and devices[1] == "Other CPU (cpu)"
     paths = report.write(records, str(tmp_path / "both"))
     md = pathlib.Path(paths["report.md"]).read_text()
@@ -259,13 +260,19 @@ def test_chart_is_an_image_with_the_three_panels(compared):
         image.load()  # decodes every pixel: a truncated or garbled file fails here
         pixels = image.convert("L")
         assert pixels.getextrema()[0] < 128 < pixels.getextrema()[1]  # something is drawn
-    summary = json.loads((folder / "summary.json").read_text())
+    summary = analysis.summarize(analysis.load([folder]))
     titles = [ax.get_title() for ax in chart.figure(summary).axes]
     assert titles == [
         "activation memory (MiB)",
         "step time (ms), 95% interval",
         "final test accuracy",
     ]
+
+
+def as_record(entries):
+    """A record holding these entries (the rest as an older record lacking them reads)."""
+    ran = {"requested": "32-true", "effective": "32-true"}
+    return entries and RunResult.from_dict({"precision": ran, **entries})
 
 
 RUNNING = {"status": "running", "pid": 2, "epochs": [1]}
@@ -336,7 +343,9 @@ BEFORE = {"status": "interrupted", "pid": 1, "epochs": [1], "checkpoint": {"epoc
 def test_what_an_arms_attempt_ended_as(
     before, after, code, last, interrupted, resuming, expected
 ):
-    got = compare.outcome(before, after, code, last, interrupted, resuming)
+    got = compare.outcome(
+        as_record(before), as_record(after), code, last, interrupted, resuming
+    )
     assert (got.action, got.status, got.error) == expected
 
 
@@ -438,6 +447,6 @@ def test_an_arm_killed_outright_is_failed_not_running(tmp_path, monkeypatch):
     )
     folder = str(tmp_path / "cmp")
     record, stop = compare.run_arm(cfg, plan.Arm("plain", "32-true", 0), folder, {}, {})
-    assert record["status"] == "failed" and record["error"] == "exit code 137" and not stop
-    assert len(record["epochs"]) == 1  # what it measured before it died is kept
-    assert analysis.load([folder])[0]["status"] == "failed"
+    assert record.status == "failed" and record.error == "exit code 137" and not stop
+    assert len(record.epochs) == 1  # what it measured before it died is kept
+    assert analysis.load([folder])[0].status == "failed"

@@ -16,6 +16,7 @@ import time
 import pytest
 
 from ampcompare import launch
+from record.results import RunResult
 from tests import faults
 from tests.conftest import AMPCOMPARE, ROOT, run_cli
 
@@ -274,6 +275,8 @@ RUNNING = {"status": "running", "error": None}
     ],
 )
 def test_how_a_job_ended(record, failures, endings, stopped, expected):
+    ran = {"requested": "32-true", "effective": "32-true"}
+    record = record and RunResult.from_dict({"precision": ran, **record})
     verdict = launch.judge(record, failures, endings, stopped)
     assert (verdict.code, verdict.status, verdict.error) == expected
 

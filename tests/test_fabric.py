@@ -10,6 +10,7 @@ from fabric_impl import train as fabric
 from plain_torch import train as plain
 from tests.conftest import on_gpu, tiny
 from tests.test_parity import assert_identical
+from record.results import Precision
 
 
 def both(tmp_path, make=tiny, **overrides):
@@ -24,7 +25,7 @@ def both(tmp_path, make=tiny, **overrides):
 def test_fabric_and_plain_are_bitwise_identical(tmp_path, precision, clip_grad):
     a, b = both(tmp_path, precision=precision, clip_grad=clip_grad)
     assert_identical(a, b)
-    assert b.precision == {"requested": precision, "effective": precision}
+    assert b.precision == Precision(precision, precision)
     assert len(b.epochs) == 2 and b.impl == "fabric"
 
 

@@ -146,10 +146,10 @@ def test_compare_clears_for_every_arm_and_records_it(tmp_path):
     assert r.exit_code == 0, r.output
     assert r.stderr.count("ampcompare: warning: cleared") == 1
     records = analysis.load([str(tmp_path)])
-    assert len(records) == 3 and {x["status"] for x in records} == {"ok"}
-    assert len({x["weights_sha256"] for x in records}) == 1
+    assert len(records) == 3 and {x.status for x in records} == {"ok"}
+    assert len({x.weights_sha256 for x in records}) == 1
     for x in records:
-        assert sorted(x["env"]["cleared_environment"]) == [
+        assert sorted(x.env["cleared_environment"]) == [
             "ACCELERATE_GRADIENT_ACCUMULATION_STEPS",
             "PL_TRAINER_ACCUMULATE_GRAD_BATCHES",
         ]

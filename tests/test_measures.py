@@ -11,6 +11,7 @@ from ampcompare import analysis, plan, report
 from common import activations, flops, models, peaks
 from lightning_impl import train as lightning
 from plain_torch import train as plain
+from record.results import Precision, RunResult
 from tests.conftest import tiny
 
 MIB = 2**20
@@ -182,19 +183,21 @@ def test_seeds_multiply_the_arms_and_name_them():
 
 
 def record(precision, seed, acc, time_s=1.0):
-    return {
-        "run_id": f"{precision}-{seed}",
-        "impl": "plain",
-        "seed": seed,
-        "repeat": 0,
-        "status": "ok",
-        "precision": {"requested": precision, "effective": precision},
-        "opt_level": None,
-        "config": {"model": "small", "seed": seed},
-        "env": {"device": "cpu", "device_name": "CPU"},
-        "epochs": [],
-        "summary": {"final_test_acc": acc, "median_epoch_time_s": time_s},
-    }
+    return RunResult.from_dict(
+        {
+            "run_id": f"{precision}-{seed}",
+            "impl": "plain",
+            "seed": seed,
+            "repeat": 0,
+            "status": "ok",
+            "precision": {"requested": precision, "effective": precision},
+            "opt_level": None,
+            "config": {"model": "small", "seed": seed},
+            "env": {"device": "cpu", "device_name": "CPU"},
+            "epochs": [],
+            "summary": {"final_test_acc": acc, "median_epoch_time_s": time_s},
+        }
+    )
 
 
 @pytest.mark.parametrize(
@@ -213,11 +216,11 @@ def record(precision, seed, acc, time_s=1.0):
 )
 def test_the_accuracy_change_is_weighed_against_seed_spread(accuracies, words):
     records = [record(p, s, a) for p, accs in accuracies.items() for s, a in enumerate(accs)]
-    (group,) = analysis.summarize(records)["devices"]
-    cell = group["precisions"]["32-true"]["plain"]
-    assert cell["seeds"] == len(accuracies["32-true"])
-    assert cell["final_test_acc"]["min"] == min(accuracies["32-true"])
-    assert words in report.accuracy_words(group["ratios"]["plain"]["bf16-mixed"])
+    (group,) = analysis.summarize(records).devices
+    cell = group.precisions["32-true"]["plain"]
+    assert cell.seeds == len(accuracies["32-true"])
+    assert cell.metrics["final_test_acc"].min == min(accuracies["32-true"])
+    assert words in report.accuracy_words(group.ratios["plain"]["bf16-mixed"])
 
 
 @pytest.mark.parametrize(
@@ -236,20 +239,20 @@ def test_gpu_targets_weigh_the_allocator_peak_beyond_the_data(tmp_path, data_mib
     )
     gpu_targets = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_targets)
-    base = plain.train(tiny(tmp_path, epochs=1)).to_dict()
+    base = plain.train(tiny(tmp_path, epochs=1))
     records = []
     for (precision, step, peak), repeat in itertools.product(
         (("32-true", 0.25, 1000), ("16-mixed", 0.1, 800)), (0, 1)
     ):  # two repeats each: a verdict rests on the noise between runs
         r = copy.deepcopy(base)
-        r.update(run_id=f"{precision}-r{repeat}", repeat=repeat)
-        r["epochs"][0]["step_times_s"] = [step] * 20  # 2.5x the speed, no noise
-        r["precision"] = {"requested": precision, "effective": precision}
-        r["config"]["precision"] = precision
-        r["env"].update(device="cuda", device_name="a GPU", data_on_device_bytes=data_mib * MIB)
-        r["summary"].update(peak_memory_bytes=peak * MIB)
-        r["summary"]["peak_beyond_data_bytes"] = (peak - data_mib) * MIB if data_mib else None
+        r.run_id, r.repeat = f"{precision}-r{repeat}", repeat
+        r.epochs[0]["step_times_s"] = [step] * 20  # 2.5x the speed, no noise
+        r.precision = Precision(precision, precision)
+        r.config["precision"] = precision
+        r.env.update(device="cuda", device_name="a GPU", data_on_device_bytes=data_mib * MIB)
+        r.summary.update(peak_memory_bytes=peak * MIB)
+        r.summary["peak_beyond_data_bytes"] = (peak - data_mib) * MIB if data_mib else None
         records.append(r)
-    text = "\n".join(gpu_targets.lines(analysis.summarize(records)))
+    text = "\n".join(gpu_targets.lines(analysis.summarize(records).to_dict()))
     assert "speed 2.50× faster [2.50–2.50]: meets ≥ 2.0" in text, text
     assert verdict in text, text

@@ -266,9 +266,9 @@ def test_the_model_is_a_setting_and_so_is_its_source(tmp_path, user_module):
     (runs / "d").mkdir()
     record.update(run_id="d", model={**record["model"], "source_sha256": "0" * 64})
     (runs / "d" / "result.json").write_text(json.dumps(record))
-    groups = analysis.summarize(analysis.load([runs]))["devices"]
+    groups = analysis.summarize(analysis.load([runs])).devices
     assert len(groups) == 4  # never one cell
-    assert any("model_source_sha256 " + "0" * 64 in g["device"] for g in groups)
+    assert any("model_source_sha256 " + "0" * 64 in g.device for g in groups)
 
 
 def test_a_resume_with_the_models_source_changed_is_refused(tmp_path, user_module, monkeypatch):

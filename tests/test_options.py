@@ -9,6 +9,7 @@ import pytest
 from ampcompare import analysis, compare, plan
 from common import config
 from record import resume
+from record.results import RunResult
 from common.config import FREE, SAME
 from common.errors import UsageError
 
@@ -25,13 +26,16 @@ def extended(monkeypatch, **flags):
 
 
 def stored_record(**config_values):
-    return {
-        "status": "interrupted",
-        "error": None,
-        "env": {},
-        "config": {"epochs": 2, "schedule": "constant", **config_values},
-        "checkpoint": None,
-    }
+    return RunResult.from_dict(
+        {
+            "status": "interrupted",
+            "error": None,
+            "precision": {"requested": "32-true", "effective": "32-true"},
+            "env": {},
+            "config": {"epochs": 2, "schedule": "constant", **config_values},
+            "checkpoint": None,
+        }
+    )
 
 
 @pytest.mark.parametrize("how,refused", [(SAME, True), (FREE, False)])
@@ -75,21 +79,23 @@ def test_report_groups_by_a_new_option_only_if_it_is_a_setting(monkeypatch, sett
     extended(monkeypatch, setting=setting)
 
     def record(run_id, widget):
-        return {
-            "run_id": run_id,
-            "impl": "plain",
-            "seed": 0,
-            "repeat": 0,
-            "status": "ok",
-            "precision": {"requested": "32-true", "effective": "32-true"},
-            "opt_level": None,
-            "config": {"widget": widget},
-            "env": {"device": "cpu", "device_name": "CPU"},
-            "epochs": [],
-            "summary": {},
-        }
+        return RunResult.from_dict(
+            {
+                "run_id": run_id,
+                "impl": "plain",
+                "seed": 0,
+                "repeat": 0,
+                "status": "ok",
+                "precision": {"requested": "32-true", "effective": "32-true"},
+                "opt_level": None,
+                "config": {"widget": widget},
+                "env": {"device": "cpu", "device_name": "CPU"},
+                "epochs": [],
+                "summary": {},
+            }
+        )
 
-    groups = analysis.summarize([record("a", 1), record("b", 2)])["devices"]
+    groups = analysis.summarize([record("a", 1), record("b", 2)]).devices
     assert len(groups) == (2 if setting else 1)
     if setting:
-        assert {g["device"] for g in groups} == {"CPU (cpu) — widget 1", "CPU (cpu) — widget 2"}
+        assert {g.device for g in groups} == {"CPU (cpu) — widget 1", "CPU (cpu) — widget 2"}

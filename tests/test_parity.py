@@ -10,6 +10,7 @@ from lightning_impl import train as lightning
 from plain_torch import train as plain
 from tests import faults
 from tests.conftest import on_gpu, tiny
+from record.results import Precision
 
 
 def both(tmp_path, make=tiny, **overrides):
@@ -40,7 +41,7 @@ def assert_identical(a, b):
 def test_plain_and_lightning_are_bitwise_identical(tmp_path, precision):
     a, b = both(tmp_path, precision=precision)
     assert_identical(a, b)
-    assert a.precision == b.precision == {"requested": precision, "effective": precision}
+    assert a.precision == b.precision == Precision(precision, precision)
     assert len(a.epochs) == 2  # the data order of epoch 2 is covered too
 
 
@@ -84,7 +85,7 @@ def test_identical_when_the_scaler_skips_steps(tmp_path, monkeypatch):
 def test_fp16_really_ran_in_lightning_on_cpu(tmp_path):
     fp16 = lightning.train(tiny(tmp_path, run_id="fp16", precision="16-mixed"))
     bf16 = lightning.train(tiny(tmp_path, run_id="bf16", precision="bf16-mixed"))
-    assert fp16.precision["effective"] == "16-mixed"
+    assert fp16.precision.effective == "16-mixed"
     assert all(row["loss_scale"] == 65536.0 for row in fp16.epochs)  # a GradScaler ran
     assert all(row["loss_scale"] is None for row in bf16.epochs)
     assert fp16.step_losses != bf16.step_losses

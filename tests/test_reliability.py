@@ -224,7 +224,16 @@ def test_a_full_disk_when_compare_writes_its_report_is_one_line(tmp_path, monkey
     monkeypatch.setattr(report, "write", full)
     r = CliRunner().invoke(
         cli,
-        ["compare", *TINY_CMP, "--epochs", "1", "--impls", "apex", "--out-dir", str(tmp_path)],
+        [
+            "compare",
+            *TINY_CMP,
+            "--epochs",
+            "1",
+            "--impls",
+            "apex",
+            "--out-dir",
+            str(tmp_path),
+        ],
     )
     assert r.exit_code == 1 and r.stderr.strip().endswith("No space left on device"), r.stderr
 
@@ -411,12 +420,12 @@ def test_report_skips_a_broken_record_and_names_it(two_runs, tmp_path, content):
 
 def test_report_never_averages_runs_with_different_settings(two_runs):
     summary = analysis.summarize(analysis.load([two_runs]))
-    assert len(summary["devices"]) == 2
-    names = [d["device"] for d in summary["devices"]]
+    assert len(summary.devices) == 2
+    names = [d.device for d in summary.devices]
     assert any("optimizer adam" in n and "lr 0.0001" in n for n in names)
     assert any("optimizer sgd" in n and "lr 0.01" in n for n in names)
-    for group in summary["devices"]:
-        assert group["precisions"]["32-true"]["plain"]["runs"] == 1
+    for group in summary.devices:
+        assert group.precisions["32-true"]["plain"].runs == 1
 
 
 @pytest.mark.parametrize("where", ["a file", "under /proc"])

@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from ampcompare import analysis, chart, report
 from ampcompare.cli import cli
 from plain_torch import train as plain
+from record.results import RunResult
 from tests.conftest import ROOT, TINY_ARGS, tiny
 
 
@@ -98,10 +99,10 @@ def test_runs_of_other_software_on_the_same_device_are_never_one_cell(
         tmp_path / "runs", [variant(one_run, "a"), variant(one_run, "b", **{key: value})]
     )
     summary = analysis.summarize(analysis.load([tmp_path / "runs"]))
-    assert len(summary["devices"]) == 2
-    assert any(f"{key} {value}" in g["device"] for g in summary["devices"])
-    for group in summary["devices"]:
-        assert group["precisions"]["32-true"]["plain"]["runs"] == 1
+    assert len(summary.devices) == 2
+    assert any(f"{key} {value}" in g.device for g in summary.devices)
+    for group in summary.devices:
+        assert group.precisions["32-true"]["plain"].runs == 1
 
 
 def test_a_run_is_counted_once_however_many_paths_reach_it(tmp_path, one_run):
@@ -109,7 +110,7 @@ def test_a_run_is_counted_once_however_many_paths_reach_it(tmp_path, one_run):
     folder = tmp_path / "runs"
     for paths in ([folder, folder], [folder, folder / "sub"], [tmp_path, folder]):
         records = analysis.load(paths)
-        assert [r["run_id"] for r in records] == ["a"], paths
+        assert [r.run_id for r in records] == ["a"], paths
     r = CliRunner().invoke(
         cli, ["report", str(folder), str(folder / "sub"), "--out", str(tmp_path / "out")]
     )
@@ -160,16 +161,16 @@ def test_a_copied_compare_folder_counts_each_run_once(tmp_path, one_run):
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     skipped = []
     records = analysis.load([str(tmp_path / "a"), str(tmp_path / "b")], skipped)
-    assert sorted(r["run_id"] for r in records) == ["r0", "r1"]
+    assert sorted(r.run_id for r in records) == ["r0", "r1"]
     assert len(skipped) == 2 and all("a copy of" in why for _, why in skipped)
-    (cell,) = analysis.summarize(records)["devices"][0]["precisions"]["32-true"].values()
-    assert cell["runs"] == 2
+    (cell,) = analysis.summarize(records).devices[0].precisions["32-true"].values()
+    assert cell.runs == 2
 
 
 def test_runs_with_other_thread_counts_are_never_one_cell(one_run):
     records = [variant(one_run, "two", threads=2), variant(one_run, "one", threads=1, pid=2)]
-    devices = analysis.summarize(records)["devices"]
-    assert len(devices) == 2 and all("threads" in d["device"] for d in devices)
+    devices = analysis.summarize([RunResult.from_dict(r) for r in records]).devices
+    assert len(devices) == 2 and all("threads" in d.device for d in devices)
 
 
 @pytest.mark.parametrize("bad", [None, float("nan"), float("inf"), 0.0, -0.01, "1", 1e300, []])
@@ -182,7 +183,7 @@ def test_a_record_with_an_unusable_step_time_is_skipped_and_named(tmp_path, one_
     write_runs(tmp_path, [variant(one_run, "fine"), broken])
     skipped = []
     records = analysis.load([str(tmp_path)], skipped)
-    assert [r["run_id"] for r in records] == ["fine"]
+    assert [r.run_id for r in records] == ["fine"]
     ((path, why),) = skipped
     assert "broken" in path and (
         "not a finite number above zero" in why
@@ -205,7 +206,7 @@ def test_report_follows_no_link_twice(tmp_path, one_run):
     assert [os.path.relpath(p, tmp_path) for p in found] == [
         os.path.join("only", "result.json")
     ]
-    assert [r["run_id"] for r in analysis.load([str(tmp_path)])] == ["only"]
+    assert [r.run_id for r in analysis.load([str(tmp_path)])] == ["only"]
 
 
 def test_a_run_left_running_by_a_process_that_is_gone_is_reported_failed(tmp_path, one_run):
@@ -213,13 +214,13 @@ def test_a_run_left_running_by_a_process_that_is_gone_is_reported_failed(tmp_pat
     gone["status"] = "running"
     write_runs(tmp_path, [gone])
     (record,) = analysis.load([str(tmp_path)])
-    assert record["status"] == "failed" and "ended without recording" in record["error"]
+    assert record.status == "failed" and "ended without recording" in record.error
     # while a live process holds its folder, it is running
     from record.rundir import lock
 
     held = lock(str(tmp_path / "gone"), "held by this test")
     try:
         (record,) = analysis.load([str(tmp_path)])
-        assert record["status"] == "running"
+        assert record.status == "running"
     finally:
         os.close(held)

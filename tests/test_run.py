@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from plain_torch import train as plain
 from tests import faults
 from tests.conftest import SMALL_RUN, checkpoint_of, start_until_first_epoch, tiny
+from record.results import Precision
 
 RESULT_FIELDS = {
     "schema",
@@ -129,7 +130,7 @@ def test_precision_alias_is_recorded_canonically(tmp_path):
 
 def test_auto_precision_on_cpu_is_bf16(tmp_path):
     result = plain.train(tiny(tmp_path, precision="auto", epochs=1))
-    assert result.precision == {"requested": "auto", "effective": "bf16-mixed"}
+    assert result.precision == Precision("auto", "bf16-mixed")
 
 
 def test_interrupted_run_keeps_what_it_measured(tmp_path, monkeypatch):

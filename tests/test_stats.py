@@ -11,6 +11,7 @@ import torch
 from ampcompare import analysis, report
 from common import metrics
 from record import summary
+from record.results import Precision, RunResult
 from ampcompare import stats
 from fabric_impl import train as fabric
 from lightning_impl import train as lightning
@@ -235,24 +236,26 @@ def record(impl, precision, steps_by_run_epoch, run, weights="w", role="arm"):
         }
         for i, times in enumerate(steps_by_run_epoch)
     ]
-    return {
-        "run_id": f"{impl}-{precision}-r{run}",
-        "impl": impl,
-        "seed": 0,
-        "repeat": run,
-        "status": "ok",
-        "precision": {"requested": precision, "effective": precision},
-        "opt_level": None,
-        "config": {"model": "small", "role": role},
-        "weights_sha256": weights,
-        "env": {"device": "cpu", "device_name": "CPU"},
-        "epochs": epochs,
-        "summary": summary.summarize(epochs),
-    }
+    return RunResult.from_dict(
+        {
+            "run_id": f"{impl}-{precision}-r{run}",
+            "impl": impl,
+            "seed": 0,
+            "repeat": run,
+            "status": "ok",
+            "precision": {"requested": precision, "effective": precision},
+            "opt_level": None,
+            "config": {"model": "small", "role": role},
+            "weights_sha256": weights,
+            "env": {"device": "cpu", "device_name": "CPU"},
+            "epochs": epochs,
+            "summary": summary.summarize(epochs),
+        }
+    )
 
 
 def group_of(records):
-    (group,) = analysis.summarize(records)["devices"]
+    (group,) = analysis.summarize(records).devices
     return group
 
 
@@ -279,28 +282,28 @@ def test_the_report_finds_a_known_speedup_and_a_known_null():
                 )
             )
     group = group_of(records)
-    speed = group["ratios"]["plain"]["bf16-mixed"]["speedup"]
+    speed = group.ratios["plain"]["bf16-mixed"].speedup
     # independently: the mean over runs of each run's median timed step
     medians = {
         p: np.mean(
             [
-                np.median(r["epochs"][1]["step_times_s"])
+                np.median(r.epochs[1]["step_times_s"])
                 for r in records
-                if (r["impl"], r["precision"]["effective"]) == ("plain", p)
+                if (r.impl, r.precision.effective) == ("plain", p)
             ]
         )
         for p in ("32-true", "bf16-mixed")
     }
     expected = medians["32-true"] / medians["bf16-mixed"]
-    lo, hi = speed["interval"]
-    assert speed["estimate"] == pytest.approx(expected) and 1.9 < lo < expected < hi < 2.1
-    assert speed["verdict"].startswith(f"{expected:.2f}× faster [")
-    cost = group["overheads"]["32-true"]["lightning"]
-    assert cost["interval"][0] < 0 < cost["interval"][1]
-    assert cost["verdict"].startswith("no difference detectable")
-    assert not any("do not overlap" in n for n in group["notes"])
+    lo, hi = speed.estimate.lo, speed.estimate.hi
+    assert speed.estimate.value == pytest.approx(expected) and 1.9 < lo < expected < hi < 2.1
+    assert speed.verdict.startswith(f"{expected:.2f}× faster [")
+    cost = group.overheads["32-true"]["lightning"]
+    assert cost.estimate.lo < 0 < cost.estimate.hi
+    assert cost.verdict.startswith("no difference detectable")
+    assert not any("do not overlap" in n for n in group.notes)
     md = report.markdown(analysis.summarize(records), records)
-    assert speed["verdict"] in md and "no difference detectable [" in md
+    assert speed.verdict in md and "no difference detectable [" in md
     assert "One run per cell" not in md
 
 
@@ -309,7 +312,7 @@ def test_one_run_per_cell_says_what_its_interval_covers():
         record("plain", p, [noisy(0.3, 20), noisy(t, 50)], 0)
         for p, t in (("32-true", 0.2), ("bf16-mixed", 0.1))
     ]
-    notes = group_of(records)["notes"]
+    notes = group_of(records).notes
     assert any("One run per cell" in n and "--repeats" in n for n in notes)
 
 
@@ -335,14 +338,14 @@ def test_identical_arithmetic_with_speedups_that_do_not_overlap_is_called_noise(
                 weights="same-16",
             )
         )
-    notes = group_of(records)["notes"]
+    notes = group_of(records).notes
     assert any(
         "plain and lightning trained bitwise-identical weights" in n and "noise exceeded" in n
         for n in notes
     ), notes
     # Different weights: not the same arithmetic, nothing to say.
-    records[-1]["weights_sha256"] = "other"
-    assert not any("noise exceeded" in n for n in group_of(records)["notes"])
+    records[-1].weights_sha256 = "other"
+    assert not any("noise exceeded" in n for n in group_of(records).notes)
 
 
 def test_a_one_epoch_run_leaves_out_its_first_steps():
@@ -428,13 +431,13 @@ def test_the_cuda_clock_stamps_each_step_without_a_sync(monkeypatch):
 def test_old_records_without_step_times_still_report(tmp_path):
     rec = record("plain", "32-true", [[0.3] * 5, [0.2] * 5], 0)
     old = copy.deepcopy(rec)
-    for e in old["epochs"]:
+    for e in old.epochs:
         del e["step_times_s"]
-    old["summary"] = summary.summarize(old["epochs"])
-    old["precision"] = {"requested": "bf16-mixed", "effective": "bf16-mixed"}
+    old.summary = summary.summarize(old.epochs)
+    old.precision = Precision("bf16-mixed", "bf16-mixed")
     group = group_of([rec, old])
-    assert group["precisions"]["bf16-mixed"]["plain"]["step_time_s"] is None
-    assert group["ratios"]["plain"]["bf16-mixed"]["speedup"] is None
+    assert group.precisions["bf16-mixed"]["plain"].step_time_s is None
+    assert group.ratios["plain"]["bf16-mixed"].speedup is None
     assert "– (no step times)" in report.markdown(analysis.summarize([rec, old]), [rec, old])
 
 
@@ -460,23 +463,23 @@ def comparison(costs, weights=None, runs=3, level=0.1):
 def test_a_control_that_claims_a_difference_withholds_every_verdict():
     records = comparison({"plain (control)": 1.2, "lightning": 1.0})
     group = group_of(records)
-    assert group["control_claims"]
+    assert group.control_claims
     md = report.markdown(analysis.summarize(records), records)
     assert md.splitlines()[4].startswith("**This machine's noise exceeded the method here**")
-    speed = group["ratios"]["plain"]["bf16-mixed"]["speedup"]["verdict"]
+    speed = group.ratios["plain"]["bf16-mixed"].speedup.verdict
     assert speed.startswith("no verdict: plain against itself showed a difference here")
     assert "faster" not in speed and "; measured 1.9" in speed or "; measured 2.0" in speed
-    cost = group["overheads"]["32-true"]["lightning"]["verdict"]
+    cost = group.overheads["32-true"]["lightning"].verdict
     assert cost.startswith("no verdict") and "measured" in cost
 
 
 def test_a_quiet_control_leaves_the_verdicts_standing():
     records = comparison({"plain (control)": 1.0, "lightning": 1.0})
     group = group_of(records)
-    assert not group["control_claims"]
-    control = group["overheads"]["32-true"]["plain (control)"]["verdict"]
+    assert not group.control_claims
+    control = group.overheads["32-true"]["plain (control)"].verdict
     assert control.startswith("plain against itself: no difference detectable [")
-    assert "× faster [" in group["ratios"]["plain"]["bf16-mixed"]["speedup"]["verdict"]
+    assert "× faster [" in group.ratios["plain"]["bf16-mixed"].speedup.verdict
     assert "noise exceeded the method" not in report.markdown(
         analysis.summarize(records), records
     )
@@ -488,13 +491,13 @@ def test_a_quiet_control_leaves_the_verdicts_standing():
 def test_the_same_weights_with_a_claimed_cost_get_a_note(factor, says):
     same = {"lightning": "plain"}  # lightning trained plain's weights, bit for bit
     records = comparison({"plain (control)": 1.0, "lightning": factor}, weights=same)
-    notes = group_of(records)["notes"]
+    notes = group_of(records).notes
     assert any(
         "lightning trained bitwise-identical weights to plain's" in n and says in n
         for n in notes
     ), notes
     other = comparison({"plain (control)": 1.0, "lightning": factor})  # other weights
-    assert not any("identical weights to plain's" in n for n in group_of(other)["notes"])
+    assert not any("identical weights to plain's" in n for n in group_of(other).notes)
 
 
 def test_the_explanation_never_contradicts_the_speedup():
@@ -502,15 +505,15 @@ def test_the_explanation_never_contradicts_the_speedup():
     # not say "slower".
     records = [r for r in comparison({}) if True]
     for r in records:
-        if r["precision"]["effective"] == "bf16-mixed":
-            r["precision"] = {"requested": "16-mixed", "effective": "16-mixed"}
+        if r.precision.effective == "bf16-mixed":
+            r.precision = Precision("16-mixed", "16-mixed")
     group = group_of(records)
-    (line,) = group["explanations"]
+    (line,) = group.explanations
     assert "faster" in line and "slower" not in line and "no fast fp16 kernels" in line
     for r in records:  # and where it measured slower, it says why
-        if r["precision"]["effective"] == "16-mixed":
-            for e in r["epochs"]:
+        if r.precision.effective == "16-mixed":
+            for e in r.epochs:
                 e["step_times_s"] = [t * 8 for t in e["step_times_s"]]
-            r["summary"] = summary.summarize(r["epochs"])
-    (line,) = group_of(records)["explanations"]
+            r.summary = summary.summarize(r.epochs)
+    (line,) = group_of(records).explanations
     assert "which is why fp16 ran slower than fp32 here" in line

@@ -4,6 +4,7 @@ a key missing or of the wrong type. Each is resumed bitwise or refused in one li
 names a bad record and reports the rest."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -11,7 +12,9 @@ from click.testing import CliRunner
 
 from ampcompare import analysis
 from ampcompare.cli import cli
-from record import checkpoints, resume
+from common.errors import UsageError
+from record import checkpoints, results, resume
+from record.results import RunResult
 from plain_torch import train as plain
 from tests import faults
 from tests.conftest import TINY_ARGS, checkpoint_of, run_cli, tiny
@@ -146,18 +149,21 @@ def test_report_names_a_bad_record_and_reports_the_rest(tmp_path, change, fragme
 
 def test_the_resume_check_is_a_function_of_values():
     # No file is read: the stored record, what the checkpoint holds, the options, the machine.
-    stored = {
-        "status": "interrupted",
-        "error": None,
-        "env": {"device": "cpu", "torch": "2"},
-        "config": {"epochs": 2, "lr": 1e-4, "schedule": "constant"},
-        "checkpoint": {
-            "file": "checkpoint-1.pt",
-            "epochs": 1,
-            "sha256": "a" * 64,
-            "weights_sha256": "b" * 64,
-        },
-    }
+    stored = RunResult.from_dict(
+        {
+            "status": "interrupted",
+            "error": None,
+            "precision": {"requested": "32-true", "effective": "32-true"},
+            "env": {"device": "cpu", "torch": "2"},
+            "config": {"epochs": 2, "lr": 1e-4, "schedule": "constant"},
+            "checkpoint": {
+                "file": "checkpoint-1.pt",
+                "epochs": 1,
+                "sha256": "a" * 64,
+                "weights_sha256": "b" * 64,
+            },
+        }
+    )
     given = {"epochs": 2, "lr": 1e-4, "schedule": "constant"}
     env = {"device": "cpu", "torch": "2"}
     good = resume.Checkpoint("a" * 64, 1, dict(given), "b" * 64, "b" * 64)
@@ -208,5 +214,25 @@ def test_an_old_record_is_still_read_by_report(tmp_path):
     for e in record["epochs"]:
         e.pop("step_times_s"), e.pop("step_waits_s"), e.pop("step_clock")
     path.write_text(json.dumps(record))
-    (group,) = analysis.summarize(analysis.load([tmp_path / "runs"]))["devices"]
-    assert group["precisions"]["32-true"]["plain"]["step_time_s"] is None
+    (group,) = analysis.summarize(analysis.load([tmp_path / "runs"])).devices
+    assert group.precisions["32-true"]["plain"].step_time_s is None
+
+
+def test_a_record_reads_back_as_the_type_it_was_written_from(tmp_path):
+    result = plain.train(tiny(tmp_path, run_id="r", epochs=1))
+    read = RunResult.read(str(tmp_path / "runs" / "r"))
+    assert read == result and read.precision.effective == "32-true"
+
+
+def test_a_record_of_a_newer_schema_is_refused_in_one_line_naming_it(tmp_path):
+    plain.train(tiny(tmp_path, run_id="new", epochs=1))
+    path = tmp_path / "runs" / "new" / "result.json"
+    record = json.loads(path.read_text())
+    record["schema"] = results.SCHEMA + 1
+    path.write_text(json.dumps(record))
+    said = f"written by a newer ampcompare (schema {results.SCHEMA + 1}; this one reads 1 to"
+    skipped = []
+    assert analysis.load([tmp_path / "runs"], skipped) == []
+    assert said in skipped[0][1]
+    with pytest.raises(UsageError, match=re.escape(said)):
+        resume.read_stopped(str(tmp_path / "runs" / "new"), "plain")
