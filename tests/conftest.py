@@ -63,6 +63,11 @@ SMALL_RUN = (
 ).split()
 
 
+# A comparison's arms alone, for a test about neither the control arm nor the warm-up run: each
+# of those is one process more.
+ARMS_ONLY = ["--no-control", "--no-warmup"]
+
+
 # `ampcompare` as a user starts it: a fresh interpreter running the package, as the console
 # script does (append its arguments).
 AMPCOMPARE = [sys.executable, "-m", "ampcompare"]
@@ -156,8 +161,7 @@ def start_plain_compare(out_dir, epochs: int, args=SMALL_RUN):
             "plain",
             "--precisions",
             "32",
-            "--no-control",  # what these tests are about: one arm, stopped and resumed
-            "--no-warmup",
+            *ARMS_ONLY,  # what these tests are about: one arm, stopped and resumed
             "--out-dir",
             str(out_dir),
         ],

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from ampcompare import analysis
 from ampcompare.cli import cli
 from record import framework_env
-from tests.conftest import TINY_ARGS
+from tests.conftest import ARMS_ONLY, TINY_ARGS
 
 
 @pytest.mark.parametrize(
@@ -133,8 +133,7 @@ def test_compare_clears_for_every_arm_and_records_it(tmp_path):
             "plain,lightning,accelerate",
             "--precisions",
             "32",
-            "--no-control",
-            "--no-warmup",
+            *ARMS_ONLY,
             "--out-dir",
             str(tmp_path),
         ],

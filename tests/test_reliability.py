@@ -23,6 +23,7 @@ from plain_torch import train as plain
 from tests import faults
 from tests.conftest import (
     AMPCOMPARE,
+    ARMS_ONLY,
     SMALL_RUN,
     checkpoint_of,
     run_cli,
@@ -143,6 +144,7 @@ def test_a_hung_arm_and_ctrl_c_is_interrupted_not_running(tmp_path, monkeypatch)
             "plain",
             "--precisions",
             "32",
+            *ARMS_ONLY,
             "--out-dir",
             str(out),
         ],
@@ -231,6 +233,7 @@ def test_a_full_disk_when_compare_writes_its_report_is_one_line(tmp_path, monkey
             "1",
             "--impls",
             "apex",
+            *ARMS_ONLY,
             "--out-dir",
             str(tmp_path),
         ],
@@ -273,6 +276,7 @@ def test_compare_with_relative_paths_from_another_folder(tmp_path):
             "plain",
             "--precisions",
             "32",
+            *ARMS_ONLY,
             "--out-dir",
             "rel",
             "--data-dir",

@@ -16,7 +16,7 @@ from ampcompare import analysis, chart, report
 from ampcompare.cli import cli
 from plain_torch import train as plain
 from record.results import RunResult
-from tests.conftest import ROOT, TINY_ARGS, tiny
+from tests.conftest import ARMS_ONLY, ROOT, TINY_ARGS, tiny
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +134,7 @@ def test_an_ascii_terminal_gets_every_file_and_what_it_can_show(tmp_path):
             "plain",
             "--precisions",
             "32,bf16",
+            *ARMS_ONLY,
             "--quiet",
             "--out-dir",
             str(tmp_path),

@@ -209,6 +209,7 @@ def test_compare_resume_keeps_finished_arms_and_continues_the_rest(tmp_path):
         "--precisions",
         "32,bf16",
         "--no-control",
+        "--no-warmup",
         "--out-dir",
         str(out),
     ]

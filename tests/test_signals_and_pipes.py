@@ -15,6 +15,7 @@ import pytest
 from tests import faults
 from tests.conftest import (
     AMPCOMPARE,
+    ARMS_ONLY,
     ROOT,
     TINY_ARGS,
     run_cli,
@@ -83,7 +84,7 @@ def test_output_that_goes_away_does_not_stop_a_comparison(tmp_path):
             "plain,lightning",
             "--precisions",
             "32",
-            "--no-control",
+            *ARMS_ONLY,
             "--out-dir",
             str(out),
         ]
