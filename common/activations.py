@@ -11,9 +11,7 @@ The bytes are split by kind:
     weight_copies  low-precision copies of the weights that autocast (or apex O1) makes
     (parameters saved as they are cost nothing extra and are not counted)
 
-Measured for reference (batch 256, CPU, torch 2.14): ResNet-18 activations 1147.6 MiB at 32-true
-and 573.8 MiB at bf16-mixed (0.500); the small CNN 127.1 + 28.0 integer MiB at 32-true and
-63.6 + 28.0 at bf16-mixed (0.59 together: its max-pool indices do not shrink).
+What it measured for our models is in docs/benchmark.md ("Activation memory").
 """
 
 from __future__ import annotations

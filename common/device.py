@@ -59,10 +59,9 @@ def steady_malloc() -> bool:
     """Keep freed memory in the process instead of handing it back to the system (glibc: no
     mmap'd chunks, no trimming). Otherwise glibc's mmap threshold moves with whatever the
     process allocated and freed before (importing Lightning, say), and a step's large CPU
-    tensors are mmap'd and page-faulted in afresh each step in one arm and not in another:
-    measured here, the plain loop's processes took 2.2x the page faults and were 20% slower per
-    small-CNN step than Fabric's; with this, 8x fewer faults and no difference detectable.
-    Whether it took effect is recorded (False off glibc)."""
+    tensors are mmap'd and page-faulted in afresh each step in one arm and not in another
+    (what that cost, measured: docs/benchmark.md, "The same allocator for every arm"). Whether
+    it took effect is recorded (False off glibc)."""
     try:
         libc = ctypes.CDLL(None)
         return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(

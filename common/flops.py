@@ -1,12 +1,12 @@
 """FLOPs of one training step (forward and backward), counted once per run.
 
 torch.utils.flop_counter.FlopCounterMode counts the matmuls and convolutions a step runs; on
-the meta device it does so without computing anything (about a second for ResNet-18). A model
-that cannot be built or run there (its own code asks a tensor for a value, say) is counted on
-a real 2-image batch on the CPU, scaled to the batch (matmul and convolution FLOPs grow with it
-linearly); one that runs on neither gets no count, and the record says why, never a failed run.
-BatchNorm, activations and the optimizer are left out, as MFU conventions do. Measured for
-reference: ResNet-18 (CIFAR) at batch 256 is 852.2 GFLOP a step, 3.33 GFLOP an image.
+the meta device it does so without computing anything. A model that cannot be built or run
+there (its own code asks a tensor for a value, say) is counted on a real 2-image batch on the
+CPU, scaled to the batch (matmul and convolution FLOPs grow with it linearly); one that runs on
+neither gets no count, and the record says why, never a failed run.
+BatchNorm, activations and the optimizer are left out, as MFU conventions do. What it counts
+for our models is in docs/benchmark.md.
 """
 
 from __future__ import annotations

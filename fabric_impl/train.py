@@ -37,15 +37,13 @@ def build(cfg, setup: RunSetup):
         # Fabric turns "16-mixed" into bf16 on CPU unless it gets the plugin with a scaler.
         scaler = torch.amp.GradScaler("cpu")
         precision, plugins = None, [MixedPrecision("16-mixed", "cpu", scaler=scaler)]
-    strategy = (
-        DDPStrategy(
+    strategy = "auto"
+    if setup.world.size > 1:
+        strategy = DDPStrategy(
             process_group_backend=setup.world.backend,
             timeout=distributed.TIMEOUT,
             **distributed.DDP_KWARGS,
         )
-        if setup.world.size > 1
-        else "auto"
-    )
     fabric = Fabric(
         accelerator=setup.device.type,
         devices=cfg.devices,
@@ -62,35 +60,24 @@ def build(cfg, setup: RunSetup):
     if cfg.compile:  # the same in every arm: the common model, before any wrapper
         model = torch.compile(model)
     model, optimizer = fabric.setup(model, optimizer)
+    scaler = fabric.strategy.precision.scaler if setup.policy.scaler else None
+    # What a checkpoint holds, saved and loaded as one state; Fabric leaves the scaler out
+    # unless it is named.
+    state = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
+    state |= {"scaler": scaler} if scaler else {}
     if setup.resumed:
-        state = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
-        scaler = fabric.strategy.precision.scaler if setup.policy.scaler else None
-        fabric.load(
-            setup.recorder.checkpoint_path,
-            {**state, **({"scaler": scaler} if scaler else {})},
-            strict=False,
-            weights_only=True,
-        )
-    return fabric, model, optimizer, scheduler
+        fabric.load(setup.recorder.checkpoint_path, state, strict=False, weights_only=True)
+    return fabric, model, optimizer, state
 
 
-def fit(cfg, setup: RunSetup, fabric, model, optimizer, scheduler) -> None:
+def fit(cfg, setup: RunSetup, fabric, model, optimizer, state) -> None:
     train_loader, test_loader = fabric.setup_dataloaders(
         setup.train_loader, setup.test_loader, use_distributed_sampler=False
     )
-    scaler = fabric.strategy.precision.scaler if setup.policy.scaler else None
+    scheduler, scaler = state["scheduler"], state.get("scaler")
 
-    def save(path):  # fabric.save leaves out the scaler: named here
-        fabric.save(
-            path,
-            {
-                "model": model,
-                "optimizer": optimizer,
-                "scheduler": scheduler,
-                **({"scaler": scaler} if scaler else {}),
-                **setup.recorder.state(),
-            },
-        )
+    def save(path):
+        fabric.save(path, {**state, **setup.recorder.state()})
 
     for epoch in setup.epochs(cfg, optimizer.optimizer):  # measured, recorded, shown
         train_loader._num_iter_calls = epoch.number  # ours: Fabric's count, a resume's epoch
@@ -119,6 +106,6 @@ def train(cfg) -> RunResult:
     setup = prepare(cfg, impl="fabric")
     # Any exception ends here, as the run's status (failed, oom, ...); a usage error, exit 2.
     with setup.recorder:
-        fabric, model, optimizer, scheduler = build(cfg, setup)
-        fit(cfg, setup, fabric, model, optimizer, scheduler)
+        fabric, model, optimizer, state = build(cfg, setup)
+        fit(cfg, setup, fabric, model, optimizer, state)
     return setup.recorder.result
