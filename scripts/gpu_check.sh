@@ -111,6 +111,7 @@ if [ "$MODE" = gpu ]; then
   IMPLS=plain,lightning,fabric,accelerate,apex
   TESTS_LIMIT=120 LIMIT=230 O2_LIMIT=45
   TEST_WORKERS=(-n "${GPU_TEST_WORKERS:-4}")
+  WARMUP=()
 else
   RUN=(--dataset synthetic --model small --synthetic-size 256 --batch-size 32 --epochs 2
        --limit-train-batches 2 --limit-test-batches 1 --accelerator cpu --no-checkpoint)
@@ -118,6 +119,7 @@ else
   IMPLS=plain  # every step of the script at the least cost (apex: its O2 row, unavailable)
   TESTS_LIMIT=120 LIMIT=120 O2_LIMIT=60
   TEST_WORKERS=()
+  WARMUP=(--no-warmup)  # it checks that every step runs, not how fast: no untimed run first
 fi
 "$PY" -c 'import xdist' 2> /dev/null || TEST_WORKERS=()
 
@@ -132,7 +134,8 @@ keep "$WORK/gpu-tests.log"
 # the words "not enough runs to tell" (a verdict needs repeats: docs/benchmark.md).
 echo "gpu_check: compare (limit ${LIMIT}s)"
 timeout -k 30 "$LIMIT" "${AMP[@]}" compare "${RUN[@]}" --precisions "$PRECISIONS" \
-  --impls "$IMPLS" --no-control --out-dir "$WORK" --quiet > "$WORK/log-compare.txt" 2>&1
+  --impls "$IMPLS" --no-control "${WARMUP[@]}" --out-dir "$WORK" --quiet \
+  > "$WORK/log-compare.txt" 2>&1
 compare_rc=$?
 keep "$WORK/log-compare.txt"
 echo "gpu_check: apex O2 (limit ${O2_LIMIT}s)"

@@ -87,6 +87,12 @@ def weights(tmp_path, impl, env, *extra):
     return record, r.stderr
 
 
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory):
+    """The plain loop's record with nothing in the environment: what every arm must match."""
+    return weights(tmp_path_factory.mktemp("plain"), "plain", {})[0]
+
+
 @pytest.mark.parametrize(
     "impl,variable,value",
     [
@@ -99,9 +105,9 @@ def weights(tmp_path, impl, env, *extra):
     ],
 )
 def test_an_arm_trains_what_its_record_says_whatever_the_environment(
-    tmp_path, impl, variable, value
+    tmp_path, plain_run, impl, variable, value
 ):
-    plain, _ = weights(tmp_path / "plain", "plain", {})
+    plain = plain_run
     arm, stderr = weights(tmp_path / "arm", impl, {variable: value})
     assert arm["status"] == "ok" and arm["weights_sha256"] == plain["weights_sha256"]
     assert arm["step_losses"] == plain["step_losses"]

@@ -228,7 +228,7 @@ def test_compare_resume_keeps_finished_arms_and_continues_the_rest(tmp_path):
     assert first["status"] == "ok" and not list((folder / ran_first).glob("checkpoint*.pt"))
     assert stopped["status"] == "interrupted" and stopped["checkpoint"]
     one_line_exit_2(cli("compare", "--resume", str(folder), "--lr", "0.1"), "--lr differs")
-    proc = run_cli(["compare", "--resume", str(folder)])
+    proc = run_cli(["compare", "--resume", str(folder), "--no-warmup"])
     assert proc.returncode == 0, proc.stderr
     kept = json.loads((folder / ran_first / "result.json").read_text())
     assert kept == first  # untouched
@@ -274,7 +274,7 @@ def test_compare_resume_starts_over_an_arm_whose_resume_is_refused_and_keeps_the
         one_line_exit_2(cli("compare", "--resume", str(folder)), "another compare is running")
     finally:
         os.close(held)
-    r = cli("compare", "--resume", str(folder))
+    r = cli("compare", "--resume", str(folder), "--no-warmup")
     assert r.exit_code == 0, r.output
     assert "its resume was refused" in r.stderr and "does not match the SHA-256" in r.stderr
     aside = folder / ".superseded" / "plain-32-true-r0-1"
@@ -322,7 +322,7 @@ def test_compare_resume_never_touches_a_run_another_process_writes(tmp_path, mon
             assert time.monotonic() < deadline and hand.poll() is None, hand.communicate()
             time.sleep(0.1)
         for _ in range(2):  # twice: the second once deleted the live run's folder
-            r = run_cli(["compare", "--resume", str(folder)])
+            r = run_cli(["compare", "--resume", str(folder), "--no-warmup"])
             assert r.returncode == 1, r.stderr
             assert "skipped" in r.stderr and "another process is writing that run" in r.stderr
             assert json.loads((arm / "result.json").read_text())["status"] == "running"
@@ -347,7 +347,7 @@ def test_compare_resume_leaves_a_folder_with_a_bad_record_as_it_is(
         path.write_text(path.read_text()[:200])
     (arm / "NOTES.txt").write_text("mine")
     before = {p.name: p.read_bytes() for p in arm.iterdir()}
-    r = cli("compare", "--resume", str(folder))
+    r = cli("compare", "--resume", str(folder), "--no-warmup")
     assert r.exit_code == 0, r.output  # nothing failed: the arm was not run
     assert f"skipped {arm}" in r.stderr and "left as it is" in r.stderr
     assert {p.name: p.read_bytes() for p in arm.iterdir()} == before
@@ -357,13 +357,13 @@ def test_an_arm_killed_before_it_wrote_says_so_and_resumes_later(tmp_path, monke
     folder, arm = stopped_comparison(tmp_path, monkeypatch)
     with monkeypatch.context() as m:
         faults.inject_children(m, epoch=0, action="kill", step="start")
-        r = cli("compare", "--resume", str(folder))
+        r = cli("compare", "--resume", str(folder), "--no-warmup")
     assert r.exit_code == 1, r.output
     record = json.loads((arm / "result.json").read_text())
     assert record["status"] == "failed", record["status"]  # not the stale "interrupted"
     assert record["error"].startswith("killed by SIGKILL, before it wrote anything")
     assert record["checkpoint"] and len(record["epochs"]) == 1  # still resumable
-    r = cli("compare", "--resume", str(folder))
+    r = cli("compare", "--resume", str(folder), "--no-warmup")
     assert r.exit_code == 0, r.output
     done = json.loads((arm / "result.json").read_text())
     assert done["status"] == "ok" and [x["epoch"] for x in done["resumes"]] == [1]
