@@ -8,8 +8,14 @@ from __future__ import annotations
 
 from common.errors import Unavailable
 
-# Accelerate's names for the precisions
-MIXED = {"32-true": "no", "bf16-mixed": "bf16", "16-mixed": "fp16"}
+# Accelerate's names for the precisions: it has no "true" mode (the arm casts the model itself)
+MIXED = {
+    "32-true": "no",
+    "bf16-mixed": "bf16",
+    "16-mixed": "fp16",
+    "bf16-true": "no",
+    "16-true": "no",
+}
 
 
 def runs(accelerator) -> str:
@@ -21,8 +27,10 @@ def runs(accelerator) -> str:
 
 
 def refuse_unless(accelerator, precision: str, device: str) -> None:
+    """Refuse unless the Accelerator runs what `precision` asks of it: its autocast and scaler
+    at a mixed rung, neither at 32-true or a true rung (the arm casts the model itself)."""
     ran = runs(accelerator)
-    if ran != precision:
+    if ran != (precision if precision.endswith("-mixed") else "32-true"):
         raise Unavailable(
             f"Accelerate would run {ran} for {precision} on {device} "
             f"(native_amp {accelerator.native_amp}, GradScaler "

@@ -3,9 +3,12 @@ scaler handled by Accelerator(mixed_precision=...), accelerator.prepare(...), .b
 
 Run:    ampcompare accelerate --dataset synthetic --model small --epochs 2
 Read:   sdiff -w 200 plain_torch/train.py accelerate_impl/train.py
-Shows:  per-step losses and final weights bitwise identical to the plain loop at 32-true and
-        bf16-mixed (tests/test_accelerate.py); on a CPU, Accelerate asked for fp16 trains
-        fp32 (no autocast, no scaler), so 16-mixed is refused there rather than misrecorded.
+Shows:  per-step losses and final weights bitwise identical to the plain loop at 32-true,
+        bf16-mixed, bf16-true and 16-true (tests/test_accelerate.py, test_ladder.py); on a
+        CPU, Accelerate asked for fp16 trains fp32 (no autocast, no scaler), so 16-mixed is
+        refused there rather than misrecorded. Accelerate has no "true" mode: at bf16-true
+        and 16-true this arm does what its users do, casting the model and the batches itself
+        with mixed_precision="no".
 Where plain's lines live here:
     GradScaler; autocast            Accelerator(mixed_precision=...): it holds both
     .to(device) (the model)         accelerator.prepare; the batches are moved as in plain
@@ -42,7 +45,11 @@ def build(cfg, setup: RunSetup):
         kwargs_handlers=[DistributedDataParallelKwargs(**distributed.DDP_KWARGS)],
     )
     refuse_unless(accelerator, setup.policy.effective, setup.device.type)  # ours
-    model = model_spec.build_model(cfg).to(memory_format=setup.memory_format)
+    # No "true" mode in Accelerate: at bf16-true and 16-true its users cast the model (and the
+    # batches) themselves, with mixed_precision="no"
+    model = model_spec.build_model(cfg).to(
+        dtype=setup.policy.cast, memory_format=setup.memory_format
+    )
     optimizer, scheduler = models.build_optimizer(cfg, model, setup.steps_per_epoch)
     if setup.resumed:
         model.load_state_dict(setup.resumed["model"])
@@ -57,7 +64,7 @@ def build(cfg, setup: RunSetup):
 
 
 def fit(cfg, setup: RunSetup, accelerator, model, optimizer, scheduler) -> None:
-    device = accelerator.device
+    device, cast = accelerator.device, setup.policy.cast
     net = models.unwrapped(accelerator.unwrap_model(model))  # what is saved, as in every arm
 
     def save(path):  # accelerator.save_state would write a folder of files
@@ -77,7 +84,7 @@ def fit(cfg, setup: RunSetup, accelerator, model, optimizer, scheduler) -> None:
         setup.train_loader.batch_sampler.sampler.set_epoch(epoch.number)
         model.train()
         for x, y in epoch.batches(setup.train_loader):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y = x.to(device, cast, non_blocking=True), y.to(device, non_blocking=True)
             with epoch.measured(model):
                 loss = models.cross_entropy(model(x), y)
             optimizer.zero_grad()
@@ -90,7 +97,7 @@ def fit(cfg, setup: RunSetup, accelerator, model, optimizer, scheduler) -> None:
         model.eval()
         with torch.inference_mode():
             for x, y in epoch.test_batches(setup.test_loader):
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                x, y = x.to(device, cast, non_blocking=True), y.to(device, non_blocking=True)
                 epoch.evaluated(model(x), y)
         epoch.end(accelerator.scaler.get_scale() if accelerator.scaler else None, net, save)
 

@@ -260,8 +260,9 @@ def _listed_choices(value: str, allowed, what: str) -> list[str]:
 @click.option(
     "--precisions",
     default=None,
-    help="Precisions, comma-separated.  [default: 32-true and the device's mixed "
-    "precision: 16-mixed on CUDA, bf16-mixed on CPU]",
+    help="Precisions, comma-separated, from the ladder 32-true, 16-mixed, bf16-mixed, "
+    "bf16-true, 16-true.  [default: 32-true and the device's mixed precision: 16-mixed on "
+    "CUDA, bf16-mixed on CPU]",
 )
 @click.option(
     "--repeats",

@@ -99,8 +99,8 @@ class Config:
     )
     precision: str = option(
         "auto",
-        "32-true, 16-mixed, bf16-mixed (aliases 32, 16, bf16), or auto: "
-        "16-mixed on CUDA, bf16-mixed on CPU.",
+        "32-true, 16-mixed, bf16-mixed (aliases 32, 16, bf16), bf16-true, 16-true (the model "
+        "itself in the half type, no fp32 copy), or auto: 16-mixed on CUDA, bf16-mixed on CPU.",
         per_arm=True,
         setting=False,
     )

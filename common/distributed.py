@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from common import ranks
-from common.errors import UsageError
+from common.errors import Unavailable, UsageError
 
 # DDP's gradient buckets decide the order of the all-reduce sums: with 3 ranks, another
 # bucket_cap_mb changed losses by up to 5e-7. Every arm passes these.
@@ -109,6 +109,22 @@ def init(w: World) -> None:
         raise UsageError(
             f"cannot join the process group at {where} ({str(e).splitlines()[0]});"
             f" is the port in use? give the launcher another one"
+        ) from None
+
+
+def check_reduces(w: World, dtype, device: torch.device) -> None:
+    """At a true rung the gradients DDP all-reduces are in the half type, and a backend may
+    lack collectives for it (gloo and bf16: pytorch#111131). Try one first, every rank alike,
+    and refuse in one line where it fails, never a traceback from inside a framework."""
+    if w.size == 1 or dtype is None:
+        return
+    try:
+        dist.all_reduce(torch.zeros(1, dtype=dtype, device=device))
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise Unavailable(
+            f"the {w.backend} backend cannot all-reduce {dtype} tensors here "
+            f"({str(e).splitlines()[0] if str(e) else type(e).__name__}): a true rung's "
+            f"gradients are {dtype}; run it in one process, or at a mixed rung"
         ) from None
 
 

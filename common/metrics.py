@@ -242,7 +242,12 @@ def divergence(row: dict, losses: list[float]) -> str | None:
     scaler skips that step); a non-finite loss at the end of an epoch means it did not
     recover."""
     if losses and not math.isfinite(losses[-1]):
-        return f"loss is {losses[-1]} at the end of epoch {row['epoch']}"
+        finite = [i for i, v in enumerate(losses) if math.isfinite(v)]
+        first = (finite[-1] + 2) if finite else 1  # the step it stopped being finite, from 1
+        return (
+            f"loss is {losses[-1]} from step {first} of epoch {row['epoch']} "
+            f"({len(losses)} steps) to its end"
+        )
     if row["train_loss"] is not None and row["train_loss"] > LOSS_BOUND:
         return (
             f"mean training loss {row['train_loss']:.4g} in epoch {row['epoch']}, above "

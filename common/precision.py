@@ -1,7 +1,12 @@
-"""Precision names and the policy each loop applies as switches (autocast, GradScaler).
+"""Precision names and the policy each loop applies as switches (autocast, GradScaler, the
+dtype the model is cast to).
 
-Lightning's strings are canonical. The policy is resolved once, before anything runs, and the
-effective precision is what gets recorded: nothing ever runs a precision other than that one.
+Lightning's strings are canonical. The rungs, from the top: 32-true (fp32 throughout);
+16-mixed and bf16-mixed (autocast computes in the half type, the weights, gradients and
+optimizer state stay fp32; fp16 adds a loss scaler); bf16-true and 16-true (the model, its
+inputs, gradients and optimizer state are all in the half type: no fp32 copy anywhere). The
+policy is resolved once, before anything runs, and the effective precision is what gets
+recorded: nothing ever runs a precision other than that one.
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ import torch
 
 from common.errors import Unavailable, UsageError
 
-CANONICAL = ("32-true", "16-mixed", "bf16-mixed")
+CANONICAL = ("32-true", "16-mixed", "bf16-mixed", "bf16-true", "16-true")
+HALF = {"16": torch.float16, "bf16": torch.bfloat16}
 ALIASES = {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed"}
 # apex's opt levels and the precision each runs. O0 fp32; O1 patches torch functions to cast
 # per op (like autocast) with dynamic loss scaling; O2 casts the model to fp16, keeps fp32
@@ -44,11 +50,18 @@ class Policy:
 
     @property
     def autocast(self) -> bool:
-        return self.effective != "32-true"
+        return self.effective.endswith("-mixed")
 
     @property
     def dtype(self) -> Optional[torch.dtype]:
-        return {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}.get(self.effective)
+        """The half type this rung computes in (None at 32-true)."""
+        return HALF.get(self.effective.split("-")[0])
+
+    @property
+    def cast(self) -> Optional[torch.dtype]:
+        """The type the model and its inputs are cast to: a true rung's half type, else None
+        (the weights stay fp32)."""
+        return self.dtype if self.effective.endswith("-true") else None
 
     @property
     def scaler(self) -> bool:
@@ -75,17 +88,18 @@ def resolve(requested: str, device: torch.device) -> tuple[Policy, list[str]]:
     effective = mixed_default(device) if name == "auto" else name
     warnings = []
     if (
-        effective == "bf16-mixed"
+        effective.startswith("bf16")
         and device.type == "cuda"
         and not torch.cuda.is_bf16_supported()
     ):
         raise Unavailable(
-            f"bf16-mixed needs a GPU with bfloat16 support (compute capability "
+            f"{effective} needs a GPU with bfloat16 support (compute capability "
             f"8.0+); {torch.cuda.get_device_name(device)} has none: use 16-mixed"
         )
-    if effective == "16-mixed" and device.type == "cpu":
+    if effective.startswith("16-") and device.type == "cpu":
+        what = "with a GradScaler" if effective == "16-mixed" else "throughout"
         warnings.append(
-            "16-mixed on CPU runs real fp16 with a GradScaler, which has no fast CPU "
-            "kernels (about 100x slower than fp32); bf16-mixed is the fast CPU choice"
+            f"{effective} on CPU runs real fp16 {what}, which has no fast CPU "
+            f"kernels (about 100x slower than fp32); bf16-mixed is the fast CPU choice"
         )
     return Policy(requested=name, effective=effective), warnings

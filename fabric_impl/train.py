@@ -4,8 +4,8 @@ scaler handled by Fabric(precision=...) and fabric.setup(...), fabric.backward(.
 Run:    ampcompare fabric --dataset synthetic --model small --epochs 2
 Read:   sdiff -w 200 plain_torch/train.py fabric_impl/train.py
 Shows:  per-step losses and final weights bitwise identical to the plain loop at 32-true,
-        bf16-mixed and 16-mixed (tests/test_fabric.py), and what Fabric costs per step
-        (ampcompare bench).
+        bf16-mixed, 16-mixed, bf16-true and 16-true (tests/test_fabric.py, test_ladder.py),
+        and what Fabric costs per step (ampcompare bench).
 Where plain's lines live here:
     DistributedDataParallel(...)    Fabric(strategy=DDPStrategy(...)), the same DDP settings
     GradScaler; autocast            Fabric(precision=...): its plugin holds both

@@ -1,13 +1,14 @@
-"""PyTorch Lightning: the same CIFAR-10 training with Trainer(precision="16-mixed" |
-"bf16-mixed" | "32-true") running the loop, around a thin LightningModule (module.py).
+"""PyTorch Lightning: the same CIFAR-10 training with Trainer(precision="32-true" |
+"16-mixed" | "bf16-mixed" | "bf16-true" | "16-true") running the loop, around a thin
+LightningModule (module.py).
 
 Run:    ampcompare lightning --dataset synthetic --model small --epochs 2
 Read:   sdiff -W -w 200 plain_torch/train.py lightning_impl/module.py   for the loop, and
         sdiff -w 200 plain_torch/train.py lightning_impl/train.py   for build, where the
         Trainer's arguments stand for plain's DDP wrapper and GradScaler
 Shows:  per-step losses and final weights bitwise identical to the plain loop at 32-true,
-        bf16-mixed and 16-mixed (tests/test_parity.py), and what the Trainer costs per step
-        (ampcompare bench).
+        bf16-mixed, 16-mixed, bf16-true and 16-true (tests/test_parity.py, test_ladder.py),
+        and what the Trainer costs per step (ampcompare bench).
 Measured: figures with their commands and machines are in docs/benchmark.md (every arm)
         and docs/bench.md (what a framework adds to a step), not here, where they would rot.
 """

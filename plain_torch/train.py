@@ -7,7 +7,9 @@ Read:   sdiff -w 200 plain_torch/train.py fabric_impl/train.py   (accelerate_imp
         lightning_impl/module.py. Each of those files' headers says where this loop's lines
         live there.
 Shows:  the reference loop the others are measured against; per-step losses and final
-        weights are bitwise identical to Lightning's at 32-true, bf16-mixed and 16-mixed.
+        weights are bitwise identical to Lightning's at 32-true, bf16-mixed and 16-mixed, and
+        to every arm's at bf16-true and 16-true (the model and its inputs cast to the half
+        type, the optimizer built on the half parameters, no scaler).
 Measured: figures with their commands and machines are in docs/benchmark.md (every arm)
         and docs/bench.md (what a framework adds to a step), not here, where they would rot.
 """
@@ -23,7 +25,9 @@ from record.results import RunResult
 
 
 def build(cfg, setup: RunSetup):
-    model = model_spec.build_model(cfg).to(setup.device, memory_format=setup.memory_format)
+    model = model_spec.build_model(cfg).to(
+        setup.device, dtype=setup.policy.cast, memory_format=setup.memory_format
+    )  # a true rung (bf16-true, 16-true): the model, so its gradients and optimizer state, half
     optimizer, scheduler = models.build_optimizer(cfg, model, setup.steps_per_epoch)
     scaler = torch.amp.GradScaler(setup.device.type, enabled=setup.policy.scaler)
     if setup.resumed:
@@ -41,7 +45,7 @@ def build(cfg, setup: RunSetup):
 
 
 def fit(cfg, setup: RunSetup, model, optimizer, scheduler, scaler) -> None:
-    device = setup.device
+    device, cast = setup.device, setup.policy.cast  # a true rung casts the inputs too
     autocast = torch.autocast(
         device.type, dtype=setup.policy.dtype, enabled=setup.policy.autocast
     )
@@ -63,7 +67,7 @@ def fit(cfg, setup: RunSetup, model, optimizer, scheduler, scaler) -> None:
         setup.train_loader.batch_sampler.sampler.set_epoch(epoch.number)
         model.train()
         for x, y in epoch.batches(setup.train_loader):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y = x.to(device, cast, non_blocking=True), y.to(device, non_blocking=True)
             with autocast, epoch.measured(model):
                 loss = models.cross_entropy(model(x), y)
             optimizer.zero_grad()
@@ -78,7 +82,7 @@ def fit(cfg, setup: RunSetup, model, optimizer, scheduler, scaler) -> None:
         model.eval()
         with torch.inference_mode(), autocast:
             for x, y in epoch.test_batches(setup.test_loader):
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                x, y = x.to(device, cast, non_blocking=True), y.to(device, non_blocking=True)
                 epoch.evaluated(model(x), y)
         epoch.end(scaler.get_scale() if scaler.is_enabled() else None, net, save)
 

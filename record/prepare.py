@@ -74,6 +74,7 @@ def prepare(cfg, impl: str, opt_level: Optional[str] = None, policy=None) -> Run
         policy, notes = precision.resolve(cfg.precision, device)
         for line in notes if world.is_rank0 else ():
             console.say(f"ampcompare: warning: {line}", err=True)
+    distributed.check_reduces(world, policy.cast, device)
     switches = apply_speed_switches(cfg, device)
     try:
         train_loader, test_loader = data.loaders(

@@ -32,7 +32,7 @@ CIFAR_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
 
 def tiny(tmp_path, **overrides) -> Config:
     """A config that trains in well under a second per epoch on a CPU. fp16 has no fast CPU
-    kernels (docs/benchmark.md): 16-mixed runs get 4 images a batch."""
+    kernels (docs/benchmark.md): 16-mixed and 16-true runs get 4 images a batch."""
     values = dict(
         dataset="synthetic",
         model="small",
@@ -47,7 +47,7 @@ def tiny(tmp_path, **overrides) -> Config:
         quiet=True,
     )
     values.update(overrides)
-    if values["precision"] in ("16-mixed", "16") and "batch_size" not in overrides:
+    if values["precision"] in ("16-mixed", "16", "16-true") and "batch_size" not in overrides:
         values["batch_size"] = 4
     return Config(**values)
 

@@ -43,7 +43,7 @@ def _no_cuda_line():
 CASES = {
     # the options every run takes
     "ampcompare plain --precision fp8": "unknown precision 'fp8'",
-    "ampcompare plain --precision 16-true": "unknown precision '16-true'",
+    "ampcompare plain --precision 4-true": "unknown precision '4-true'",
     "ampcompare lightning --precision 64": "unknown precision '64'",
     "ampcompare plain --dataset imagenet": "'imagenet' is not one of 'cifar10', 'synthetic'",
     "ampcompare plain --model vit": "--model 'vit': not one of resnet18, small, linear, and "
