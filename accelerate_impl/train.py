@@ -99,7 +99,7 @@ def fit(cfg, setup: RunSetup, accelerator, model, optimizer, scheduler) -> None:
             for x, y in epoch.test_batches(setup.test_loader):
                 x, y = x.to(device, cast, non_blocking=True), y.to(device, non_blocking=True)
                 epoch.evaluated(model(x), y)
-        epoch.end(accelerator.scaler.get_scale() if accelerator.scaler else None, net, save)
+        epoch.end(accelerator.scaler, net, save)
 
 
 def train(cfg) -> RunResult:

@@ -28,6 +28,8 @@ METRICS = (
     "mfu",
     "data_wait_fraction",
     "activation_bytes",
+    summary.MODEL_STATE,
+    *summary.STATE_BYTES.values(),
     "peak_memory_bytes",
     "peak_beyond_data_bytes",
     "skipped_steps",
@@ -384,6 +386,10 @@ def _ratios(table, samples, noise, hold=None) -> dict[str, dict[str, Ratio]]:
                     "peak_memory_bytes",
                     "peak_beyond_data_bytes",
                 )
+            },
+            state={
+                name: _over(cell.median(name), ref.median(name))
+                for name in (summary.MODEL_STATE, *summary.STATE_BYTES.values())
             },
             accuracy_change=x.median - y.median if x and y else None,
             seeds=seeds,

@@ -81,6 +81,9 @@ class Ratio:
     accuracy_change: Optional[float]
     seeds: int
     seed_spread: Optional[float]  # the wider of the two cells' accuracy spans over seeds
+    # model_state_bytes and each of its parts (record/summary.py), this precision's over
+    # 32-true's (None where 32-true's is 0 or unknown: master weights, the scaler)
+    state: dict[str, Optional[float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}

@@ -24,6 +24,7 @@ import re
 from ampcompare import analysis, chart, explain
 from ampcompare.chart import MIB
 from ampcompare.findings import Group, Ratio, Summary
+from record.summary import MODEL_STATE
 from record import files, signals
 from ampcompare import stats
 from common import console
@@ -150,6 +151,7 @@ def markdown(summary: Summary, records) -> str:
             lines += _precision_table(dev, precision, impls)
         lines += _overhead_table(dev)
         lines += _ratio_table(dev)
+        lines += _state_table(dev)
     lines += _unfinished(records)
     return "\n".join(lines)
 
@@ -226,6 +228,7 @@ def _precision_table(dev: Group, precision, impls) -> list[str]:
         "TFLOP/s",
         "MFU",
         "activation memory (MiB)",
+        "model state (MiB)",
         *(
             ["peak memory (MiB, process RSS)"]
             if cpu
@@ -248,6 +251,7 @@ def _precision_table(dev: Group, precision, impls) -> list[str]:
             f"| {_fmt(m['achieved_tflops'], fmt='{:.3f}')} "
             f"| {_fmt(m['mfu'], 0.01, '{:.1f}%')} "
             f"| {_fmt(m['activation_bytes'], MIB, '{:.1f}')} "
+            f"| {_fmt(m[MODEL_STATE], MIB, '{:.2f}')} "
             f"| {_fmt(m['peak_memory_bytes'], MIB, '{:.0f}')} "
             + ("" if cpu else f"| {_fmt(m['peak_beyond_data_bytes'], MIB, '{:.0f}')} ")
             + f"| {_fmt(m['final_test_acc'], fmt='{:.4f}')} |"
@@ -282,10 +286,10 @@ def _ratio_table(dev: Group) -> list[str]:
     lines = []
     if dev.ratios:
         lines += [
-            "### Mixed precision against 32-true",
+            "### Each precision against 32-true",
             "",
-            "| impl | precision | speed (32-true step time / mixed step time) "
-            "| activation memory (mixed / 32-true) | peak memory (mixed / 32-true"
+            "| impl | precision | speed (32-true step time / its step time) "
+            "| activation memory (its / 32-true) | peak memory (its / 32-true"
             + (", process RSS" if cpu else ", allocator beyond data")
             + ") | accuracy change |",
             "|---|---|---|---|---|---|",
@@ -307,6 +311,47 @@ def _ratio_table(dev: Group) -> list[str]:
     if dev.ratios:
         lines += [f"Reference: {explain.REFERENCE}", ""]
     return lines
+
+
+STATE_COLUMNS = {
+    "parameter_bytes": "parameters",
+    "gradient_bytes": "gradients",
+    "optimizer_state_bytes": "optimizer state",
+    "master_weight_bytes": "master weights",
+    "scaler_bytes": "loss scaler",
+    MODEL_STATE: "all of it",
+}
+
+
+def _state_table(dev: Group) -> list[str]:
+    """What each rung keeps between steps against 32-true: each part's ratio and their sum's
+    (a part 32-true has none of is given in bytes)."""
+    rows = [
+        (impl, precision, r)
+        for impl, per in dev.ratios.items()
+        for precision, r in per.items()
+        if r.state.get(MODEL_STATE) is not None
+    ]
+    if not rows:
+        return []
+    lines = [
+        "### Model state against 32-true (parameters, gradients, optimizer state, master "
+        "weights and loss scaler, counted from the tensors)",
+        "",
+        "| impl | precision | " + " | ".join(STATE_COLUMNS.values()) + " |",
+        "|---|---|" + "---|" * len(STATE_COLUMNS),
+    ]
+    for impl, precision, r in rows:
+        cell = dev.precisions[precision][impl]
+        parts = [_state_part(r.state.get(name), cell.median(name)) for name in STATE_COLUMNS]
+        lines.append(f"| {md(impl)} | {md(precision)} | " + " | ".join(parts) + " |")
+    return [*lines, ""]
+
+
+def _state_part(ratio, size) -> str:
+    if ratio is not None:
+        return f"{ratio:.2f}×"
+    return f"{size:,.0f} B" if size else "–"
 
 
 def _unfinished(records) -> list[str]:

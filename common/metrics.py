@@ -44,7 +44,7 @@ class StepCounter:
     gradients skips optimizer.step(), so attempted - executed = skipped, with no device sync."""
 
     def __init__(self, optimizer: torch.optim.Optimizer):
-        self.executed = 0
+        self.executed, self.optimizer = 0, optimizer
         optimizer.register_step_post_hook(self._hook)
 
     def _hook(self, *_):

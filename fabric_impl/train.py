@@ -99,7 +99,7 @@ def fit(cfg, setup: RunSetup, fabric, model, optimizer, state) -> None:
             for x, y in epoch.test_batches(test_loader):
                 epoch.evaluated(model(x), y)
         # fabric.save is a collective (rank 0 writes): every rank calls it
-        epoch.end(scaler.get_scale() if scaler else None, model, save, save_is_collective=True)
+        epoch.end(scaler, model, save, save_is_collective=True)
 
 
 def train(cfg) -> RunResult:

@@ -40,10 +40,9 @@ class Measured(pl.Callback):
 
     def on_train_epoch_end(self, trainer, module):  # runs after this epoch's validation
         scaler = getattr(trainer.precision_plugin, "scaler", None)
-        scale = scaler.get_scale() if scaler is not None else None
         # Lightning's own checkpoint (model, optimizer, scheduler, scaler, loop state);
         # saving is a collective: every rank calls it
-        self.epoch.end(scale, module.model, trainer.save_checkpoint, save_is_collective=True)
+        self.epoch.end(scaler, module.model, trainer.save_checkpoint, save_is_collective=True)
 
     def on_save_checkpoint(self, trainer, module, checkpoint):  # the measurements so far
         checkpoint.update(self.setup.recorder.state())

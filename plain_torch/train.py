@@ -84,7 +84,7 @@ def fit(cfg, setup: RunSetup, model, optimizer, scheduler, scaler) -> None:
             for x, y in epoch.test_batches(setup.test_loader):
                 x, y = x.to(device, cast, non_blocking=True), y.to(device, non_blocking=True)
                 epoch.evaluated(model(x), y)
-        epoch.end(scaler.get_scale() if scaler.is_enabled() else None, net, save)
+        epoch.end(scaler, net, save)
 
 
 def train(cfg) -> RunResult:

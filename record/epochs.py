@@ -10,7 +10,7 @@ shows its framework's loop and little else.
             epoch.step_done(loss, len(y))          # the step's end: its time and loss
         for x, y in epoch.test_batches(loader):   # training time has ended
             epoch.evaluated(model(x), y)
-        epoch.end(loss_scale, net, save)           # the row, the checkpoint, the bar
+        epoch.end(scaler, net, save)               # the row, the checkpoint, the bar
 
 The timing contract is EpochMeter's: a step's time runs from the end of one step to the end of
 the next (the epoch's first, from when its batch was handed out), and the wait for the batch
@@ -20,11 +20,11 @@ sits beside it. Lightning, whose Trainer runs the loop, makes the same calls fro
 from __future__ import annotations
 
 from itertools import islice
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator
 
 import torch
 
-from common import metrics, progress
+from common import metrics, model_state, progress
 
 
 class Epoch:
@@ -32,6 +32,7 @@ class Epoch:
         """setup: the run's RunSetup (record/prepare.py, which imports this module)."""
         self.setup, self.number, self.bar = setup, number, bar
         self.meter = metrics.EpochMeter(setup.device, number, steps, setup.flops)
+        self.model, self.state = None, None  # the model trained, what it keeps between steps
         bar.task(f"epoch {number}", setup.steps_per_epoch)
 
     def batches(self, loader) -> Iterator:
@@ -50,10 +51,17 @@ class Epoch:
 
     def measured(self, model: torch.nn.Module):
         """Around a step's forward: on the run's first, what it saves for backward."""
+        self.model = model
         return self.meter.saved_tensors(model)
 
     def step_done(self, loss: torch.Tensor, images: int) -> None:
+        """The step has ended: its time and loss. After the epoch's last, the model state the
+        run keeps between steps is counted, its gradients and optimizer state in place (before
+        a framework frees the gradients for its evaluation, as Lightning does); no step's time
+        includes the count."""
         self.meter.step(loss, images)
+        if self.model is not None and len(self.meter.losses) == self.setup.steps_per_epoch:
+            self.state = model_state.bytes_of(self.model, self.meter.steps.optimizer)
         self.bar.advance()
 
     def test_batches(self, loader) -> Iterator:
@@ -64,14 +72,21 @@ class Epoch:
 
     def end(
         self,
-        loss_scale: Optional[float],
+        scaler,
         net: torch.nn.Module,
         save: Callable[[str], None],
         save_is_collective: bool = False,
     ) -> None:
-        """The epoch's row into the record, the checkpoint saved (the recorder also checks for
-        divergence), and the bar told."""
-        row, losses = self.meter.finish(loss_scale)
+        """The epoch's row into the record, with the model state the run keeps (net: the
+        model without any wrapper), the checkpoint saved (the recorder also checks for
+        divergence), and the bar told. scaler: the run's torch.amp.GradScaler, enabled or
+        not, or None, or a loss scale as a number (a framework's own scaler: apex's)."""
+        scale = scaler
+        if isinstance(scaler, torch.amp.GradScaler):
+            scale = scaler.get_scale() if scaler.is_enabled() else None
+        row, losses = self.meter.finish(scale)
+        if self.state is not None:
+            row["model_state"] = {**self.state, "scaler": model_state.scaler_bytes(scaler)}
         self.setup.recorder.end_epoch(row, losses, net, save, save_is_collective)
         self.bar.update(info=progress.epoch_info(row))
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import re
 from typing import Any, Optional
 
+from common import model_state
+
 NUMBER = (int, float)
 HEX64 = re.compile(r"[0-9a-f]{64}")
 CHECKPOINT_NAME = re.compile(r"checkpoint(-[0-9]{1,9})?\.pt")
@@ -95,6 +97,7 @@ EPOCH = {
     "achieved_tflops": maybe(NUMBER),
     "mfu": maybe(NUMBER),
     "saved_tensors": {"activations": NUMBER, "integer": NUMBER, "weight_copies": NUMBER},
+    "model_state": {part: NUMBER for part in model_state.PARTS},
 }
 CHECKPOINT = {
     "file": Required(matching(CHECKPOINT_NAME, "a checkpoint's file name")),

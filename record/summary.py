@@ -9,6 +9,16 @@ import numpy as np
 
 from common import activations
 
+# The summary's name for each part of the model state (common/model_state.py), and their sum
+STATE_BYTES = {
+    "parameters": "parameter_bytes",
+    "gradients": "gradient_bytes",
+    "optimizer": "optimizer_state_bytes",
+    "master": "master_weight_bytes",
+    "scaler": "scaler_bytes",
+}
+MODEL_STATE = "model_state_bytes"
+
 
 # A run of one epoch (or a resumed run's only new one) has no warm-up-free epoch: its first
 # steps, slow while the allocator and the kernels' caches fill, are left out instead.
@@ -60,6 +70,8 @@ def summarize(epochs: list, env: Optional[dict] = None) -> dict:
     timed = [e for e, w in zip(epochs, warm) if not w] or epochs
 
     saved = next((e["saved_tensors"] for e in epochs if e.get("saved_tensors")), None)
+    # what the run keeps between steps, as its last epoch left it
+    state = next((e["model_state"] for e in reversed(epochs) if e.get("model_state")), None)
     peak, env = max((e["peak_memory_bytes"] for e in timed), default=None), env or {}
     scales = [e["loss_scale"] for e in epochs if e.get("loss_scale") is not None]
     steps, rule = timed_steps(epochs)
@@ -78,6 +90,8 @@ def summarize(epochs: list, env: Optional[dict] = None) -> dict:
             e["data_wait_s"] / e["train_time_s"] for e in timed if e.get("train_time_s")
         ),
         "activation_bytes": activations.total(saved) if saved else None,
+        **{name: state.get(part) if state else None for part, name in STATE_BYTES.items()},
+        MODEL_STATE: sum(state.get(p) or 0 for p in STATE_BYTES) if state else None,
         "peak_memory_bytes": peak,
         "peak_beyond_data_bytes": peak - env.get("data_on_device_bytes", 0)
         if peak is not None and env.get("device") == "cuda"

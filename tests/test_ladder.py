@@ -96,3 +96,81 @@ def test_a_backend_without_half_collectives_is_refused_in_one_line(monkeypatch):
     assert str(e.value).startswith("the gloo backend cannot all-reduce torch.bfloat16 tensors")
     assert "\n" not in str(e.value) and "(Invalid scalar type)" in str(e.value)
     distributed.check_reduces(world, None, torch.device("cpu"))  # a mixed rung: nothing to try
+
+
+LINEAR = 3072 * 10 + 10  # the linear model's weights and biases
+
+
+@pytest.mark.parametrize(
+    "precision,width", [("32-true", 4), ("bf16-mixed", 4), ("bf16-true", 2), ("16-true", 2)]
+)
+def test_the_model_state_is_counted_from_its_tensors(tmp_path, precision, width):
+    # Adam's two moments are the parameters' size, plus a 4-byte step count per parameter
+    # tensor; a mixed rung keeps all of it in fp32, a true rung all of it in the half type.
+    options = dict(model="linear", precision=precision, **SETTINGS.get(precision, {}))
+    run = plain.train(tiny(tmp_path, run_id="r", **options))
+    state = run.epochs[-1]["model_state"]
+    sgd = options.get("optimizer") == "sgd"  # momentum: one buffer the parameters' size
+    assert state == {
+        "parameters": width * LINEAR,
+        "gradients": width * LINEAR,
+        "optimizer": width * LINEAR * (1 if sgd else 2) + (0 if sgd else 2 * 4),
+        "master": 0,
+        "scaler": 0,
+    }
+    assert run.summary["parameter_bytes"] == width * LINEAR
+    assert run.summary["model_state_bytes"] == sum(state.values())
+
+
+def test_every_arm_counts_the_same_state_and_the_scaler_at_16_mixed(tmp_path):
+    runs = every_arm(tmp_path, "bf16-true", model="linear")
+    assert len({str(r.epochs[-1]["model_state"]) for r in runs.values()}) == 1
+    fp16 = plain.train(tiny(tmp_path, run_id="fp16", model="linear", precision="16-mixed"))
+    assert fp16.epochs[-1]["model_state"]["scaler"] == 8  # its scale and growth tracker
+
+
+def test_master_weights_are_what_the_optimizer_holds_beside_the_model():
+    from common import model_state
+
+    model = torch.nn.Linear(4, 2).half()  # apex O2's shape: an fp16 model, fp32 masters
+    masters = [p.detach().float().requires_grad_() for p in model.parameters()]
+    optimizer = torch.optim.SGD(masters, lr=0.1)
+    for p in masters:
+        p.grad = torch.zeros_like(p)
+    parts = model_state.bytes_of(model, optimizer)
+    assert parts["parameters"] == 2 * (4 * 2 + 2) and parts["master"] == 2 * 4 * (4 * 2 + 2)
+    assert parts["gradients"] == 0 and parts["optimizer"] == 0
+
+
+def test_compare_reports_each_rungs_model_state_against_32_true(tmp_path):
+    from click.testing import CliRunner
+
+    from ampcompare.cli import cli
+    from tests.conftest import ARMS_ONLY, SMALL_RUN
+
+    result = CliRunner().invoke(
+        cli,
+        [
+            "compare",
+            *SMALL_RUN,
+            "--epochs",
+            "1",
+            "--limit-train-batches",
+            "2",
+            "--impls",
+            "plain",
+            "--precisions",
+            "32-true,bf16-mixed,bf16-true",
+            *ARMS_ONLY,
+            "--out-dir",
+            str(tmp_path),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    (folder,) = tmp_path.iterdir()
+    text = (folder / "report.md").read_text()
+    table = text[text.index("### Model state against 32-true") :].split("\n\n")[1]
+    rows = {line.split(" | ")[1]: line for line in table.splitlines()[2:]}
+    # parameters, gradients, optimizer state, master weights, scaler, all of it
+    assert rows["bf16-mixed"].endswith("| 1.00× | 1.00× | 1.00× | – | – | 1.00× |")
+    assert rows["bf16-true"].endswith("| 0.50× | 0.50× | 0.50× | – | – | 0.50× |")

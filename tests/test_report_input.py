@@ -62,14 +62,14 @@ def test_values_from_records_stay_text_in_the_report(tmp_path, one_run):
     env_rows = rows[
         : rows.index(
             "| impl | runs ok | step time [95% interval] | epoch time (s) "
-            "| images/s | TFLOP/s | MFU | activation memory (MiB) | peak "
-            "memory (MiB, process RSS) | final test acc |"
+            "| images/s | TFLOP/s | MFU | activation memory (MiB) | model state (MiB) "
+            "| peak memory (MiB, process RSS) | final test acc |"
         )
     ]
     assert len(env_rows) == len(report.ENV_KEYS) + 2  # no row was injected
     for line in rows:  # every row has its table's number of cells: no "|" got in raw
         cells = line.replace("\\|", "").count("|")
-        assert cells in (3, 5, 7, 11), line
+        assert cells in (3, 5, 7, 12), line
     assert "\\`x\\`" in md and "&lt;script&gt;" in md
 
 
