@@ -48,9 +48,11 @@ IMPL_ORDER = (
     "apex",
     "apex (O0)",
     "apex (O1)",
-    "apex (O2)",
+    "apex (O2: fp16 model, fp32 master weights)",
     "apex (O3)",
 )
+# O2 is a rung of its own, between 16-mixed and 16-true: its row says so, wherever it is shown
+OPT_LEVEL_NAMES = {"O2": "O2: fp16 model, fp32 master weights"}
 
 
 def load(folders, skipped: list | None = None) -> list[results.RunResult]:
@@ -216,9 +218,12 @@ def arm_of(record) -> str:
 
 
 def label_of(record) -> str:
-    """The row a run belongs to: its arm, and apex's opt level (O1 and O2 are not averaged)."""
+    """The row a run belongs to: its arm, and apex's opt level (O1 and O2 are not averaged; O2
+    is named for what it is)."""
     level = record.opt_level
-    return f"{arm_of(record)} ({level})" if level else arm_of(record)
+    return (
+        f"{arm_of(record)} ({OPT_LEVEL_NAMES.get(level, level)})" if level else arm_of(record)
+    )
 
 
 def seed_of(record: results.RunResult):

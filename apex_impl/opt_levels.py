@@ -23,7 +23,7 @@ INSTALL = (
     f"git clone --branch {RELEASE} https://github.com/NVIDIA/apex && "
     "pip install -v --disable-pip-version-check --no-cache-dir --no-build-isolation ./apex"
 )
-DEFAULT_OPT_LEVEL = {"32-true": "O0", "16-mixed": "O1"}
+DEFAULT_OPT_LEVEL = {"32-true": "O0", "16-mixed": "O1", "16-true": "O3"}
 
 
 def load_amp():
@@ -65,10 +65,10 @@ def resolve(precision: str, opt_level: str | None) -> tuple[str, Policy]:
     """(opt level, policy). --opt-level wins over an --precision of auto; an explicit precision
     that contradicts it, and bf16, are usage errors."""
     requested = canonical(precision)
-    if requested == "bf16-mixed":
+    if requested.startswith("bf16"):
         raise Unavailable(
             "apex.amp has no bf16 mode (its opt levels are fp32 or fp16); use "
-            "--precision 16-mixed or 32-true, or ampcompare plain/lightning/fabric "
+            "--precision 16-mixed, 16-true or 32-true, or ampcompare plain/lightning/fabric "
             "for bf16"
         )
     if opt_level is None:

@@ -5,9 +5,11 @@
 #      stated tolerance, O1 resumed bitwise; an inf gradient skipped by plain and apex; the GPU
 #      crops equal to the CPU's;
 #   2. compare: ResNet-18 at batch 256 on the synthetic set, 32-true against 16-mixed and
-#      bf16-mixed, for plain, Lightning, Fabric, Accelerate and apex (O1; it has no bf16), and
-#      apex O2 at 16-mixed;
-#   3. one report of both, and the targets beside the reference benchmark's figures
+#      bf16-mixed, for plain, Lightning, Fabric, Accelerate and apex (O1; it has no bf16); the
+#      rest of the precision ladder with the plain loop (bf16-true, 16-true, and 32-true with
+#      TF32 on, the first compare's being off); apex O2 (fp16 model, fp32 master weights) and
+#      O3 (16-true);
+#   3. one report of them all, and the targets beside the reference benchmark's figures
 #      (scripts/gpu_targets.py).
 # Each step has a time limit. A compare stopped at its limit is "partial": the runs it finished
 # are kept, the running one records what it measured, and the report covers them.
@@ -109,7 +111,8 @@ if [ "$MODE" = gpu ]; then
        --no-checkpoint)
   PRECISIONS=32-true,16-mixed,bf16-mixed
   IMPLS=plain,lightning,fabric,accelerate,apex
-  TESTS_LIMIT=120 LIMIT=230 O2_LIMIT=45
+  # the limits add up, with each one's grace period, set-up and the report, to about 515 s
+  TESTS_LIMIT=100 LIMIT=180 LADDER_LIMIT=45 TF32_LIMIT=30 APEX_LIMIT=50
   TEST_WORKERS=(-n "${GPU_TEST_WORKERS:-4}")
   WARMUP=()
 else
@@ -117,7 +120,7 @@ else
        --limit-train-batches 2 --limit-test-batches 1 --accelerator cpu --no-checkpoint)
   PRECISIONS=32-true,bf16-mixed
   IMPLS=plain  # every step of the script at the least cost (apex: its O2 row, unavailable)
-  TESTS_LIMIT=120 LIMIT=120 O2_LIMIT=60
+  TESTS_LIMIT=120 LIMIT=120 LADDER_LIMIT=90 TF32_LIMIT=60 APEX_LIMIT=60
   TEST_WORKERS=()
   WARMUP=(--no-warmup)  # it checks that every step runs, not how fast: no untimed run first
 fi
@@ -138,11 +141,35 @@ timeout -k 30 "$LIMIT" "${AMP[@]}" compare "${RUN[@]}" --precisions "$PRECISIONS
   > "$WORK/log-compare.txt" 2>&1
 compare_rc=$?
 keep "$WORK/log-compare.txt"
-echo "gpu_check: apex O2 (limit ${O2_LIMIT}s)"
-timeout -k 15 "$O2_LIMIT" "${AMP[@]}" compare "${RUN[@]}" --precisions 16-mixed --impls apex \
-  --opt-level O2 --no-control --no-warmup --out-dir "$WORK" --quiet \
-  > "$WORK/log-compare-apex-o2.txt" 2>&1
-o2_rc=$?
+# The rest of the ladder with the plain loop (the gpu tests prove the other arms the same there)
+echo "gpu_check: ladder (limit ${LADDER_LIMIT}s)"
+timeout -k 10 "$LADDER_LIMIT" "${AMP[@]}" compare "${RUN[@]}" --precisions bf16-true,16-true \
+  --impls plain --no-control --no-warmup --out-dir "$WORK" --quiet \
+  > "$WORK/log-compare-ladder.txt" 2>&1
+ladder_rc=$?
+# A run that diverged is a measurement of its rung (16-true with Adam: its eps of 1e-8 is 0 in
+# fp16), which the report shows with its step; only another ending fails the check.
+ladder_dir=$(ls -dt "$WORK"/compare-*/ 2> /dev/null | head -n 1)
+ladder_diverged=
+if [ "$ladder_rc" -eq 1 ] && [ -n "$ladder_dir" ] && "$PY" - "$ladder_dir" <<'EOF'
+import json, pathlib, sys
+found = pathlib.Path(sys.argv[1]).glob("*/result.json")
+statuses = {json.loads(p.read_text())["status"] for p in found}
+sys.exit(0 if "diverged" in statuses and statuses <= {"ok", "diverged"} else 1)
+EOF
+then
+  ladder_rc=0 ladder_diverged=1
+fi
+echo "gpu_check: 32-true with TF32 on (limit ${TF32_LIMIT}s)"
+timeout -k 10 "$TF32_LIMIT" "${AMP[@]}" compare "${RUN[@]}" --precisions 32-true --tf32 \
+  --impls plain --no-control --no-warmup --out-dir "$WORK" --quiet \
+  > "$WORK/log-compare-tf32.txt" 2>&1
+tf32_rc=$?
+echo "gpu_check: apex O2 and O3 (limit ${APEX_LIMIT}s)"
+timeout -k 10 "$APEX_LIMIT" "${AMP[@]}" compare "${RUN[@]}" --precisions 16-mixed,16-true \
+  --impls apex --opt-level O2 --no-control --no-warmup --out-dir "$WORK" --quiet \
+  > "$WORK/log-compare-apex.txt" 2>&1
+apex_rc=$?
 
 timeout -k 10 60 "${AMP[@]}" report "$WORK"/compare-*/ --out "$WORK/report" \
   > "$WORK/report.log" 2>&1
@@ -161,7 +188,7 @@ ended() {  # how a compare ended, from its exit code
 }
 passed=1
 [ "$tests_rc" -eq 0 ] || passed=0
-for rc in "$compare_rc" "$o2_rc"; do  # partial is a measurement; a failed arm fails it
+for rc in "$compare_rc" "$ladder_rc" "$tf32_rc" "$apex_rc"; do  # partial is a measurement
   case "$rc" in 0 | 124 | 137) ;; *) passed=0 ;; esac
 done
 [ "$report_rc" -eq 0 ] || passed=0
@@ -182,7 +209,9 @@ done
   [ "$lines" -gt 25 ] && echo "... $((lines - 25)) more lines in gpu-tests.log"
   [ "$lines" -gt 24 ] && tail -n 1 "$WORK/.short" | cut -c1-200
   rm -f "$WORK/.short"
-  echo "-- compare: $(ended "$compare_rc"); apex O2: $(ended "$o2_rc"); report exit $report_rc --"
+  echo "-- compare: $(ended "$compare_rc"); ladder: $(ended "$ladder_rc")${ladder_diverged:+ (a rung diverged: its row says where)};" \
+    "TF32: $(ended "$tf32_rc");" \
+    "apex O2 and O3: $(ended "$apex_rc"); report exit $report_rc --"
   "$PY" - "$WORK/report/results.csv" "$WORK"/compare-*/compare.json <<'EOF' 2>/dev/null \
     || echo "no results.csv"
 import collections, csv, os, sys
@@ -205,9 +234,12 @@ EOF
          "summary.txt report.md targets.txt env.txt gpu-tests.log log-compare.txt"
   fi
   if [ "$passed" -eq 1 ]; then verdict=PASSED; else verdict=FAILED; fi
-  case " $compare_rc $o2_rc " in *" 124 "* | *" 137 "*) verdict="$verdict (partial)" ;; esac
+  case " $compare_rc $ladder_rc $tf32_rc $apex_rc " in
+    *" 124 "* | *" 137 "*) verdict="$verdict (partial)" ;;
+  esac
   echo "gpu_check ($MODE): $verdict: tests exit $tests_rc; compare exit $compare_rc;" \
-       "apex O2 exit $o2_rc; report exit $report_rc; $apex_line"
+       "ladder exit $ladder_rc; TF32 exit $tf32_rc; apex O2 and O3 exit $apex_rc;" \
+       "report exit $report_rc; $apex_line"
 } > "$WORK/summary.txt"
 
 # --- the pack: 7 files, as a lent machine sends back at most 8 -------------------------------

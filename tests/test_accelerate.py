@@ -13,7 +13,7 @@ from accelerate_impl import train as accelerate
 from ampcompare.cli import cli
 from common.errors import Unavailable
 from plain_torch import train as plain
-from tests.conftest import on_gpu, tiny
+from tests.conftest import GPU_RUNG, on_gpu, tiny
 from tests.test_parity import assert_identical
 from record.results import Precision
 
@@ -115,10 +115,18 @@ def test_asked_for_fp16_on_a_cpu_accelerate_trains_fp32(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed"])
+@pytest.mark.parametrize(
+    "precision", ["32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true"]
+)
 def test_accelerate_and_plain_bitwise_identical_on_gpu(tmp_path, precision):
-    if precision == "bf16-mixed" and not torch.cuda.is_bf16_supported():
+    if precision.startswith("bf16") and not torch.cuda.is_bf16_supported():
         pytest.skip("this GPU has no bf16")
-    a, b = both(tmp_path, make=on_gpu, precision=precision, clip_grad=0.05)
+    a, b = both(
+        tmp_path,
+        make=on_gpu,
+        precision=precision,
+        **GPU_RUNG.get(precision, {}),
+        clip_grad=0.05,
+    )
     assert_identical(a, b)
     assert b.env["device"] == "cuda"

@@ -29,6 +29,7 @@ from record.results import Precision
         ("auto", "O2", ("O2", "16-mixed")),
         ("16-mixed", "O2", ("O2", "16-mixed")),
         ("auto", "O3", ("O3", "16-true")),
+        ("16-true", None, ("O3", "16-true")),  # pure fp16: the 16-true rung
         ("32-true", "O0", ("O0", "32-true")),
     ],
 )
@@ -42,6 +43,7 @@ def test_precision_maps_to_opt_level(precision, opt_level, expected):
     [
         ("bf16-mixed", None, "apex.amp has no bf16 mode"),
         ("bf16", "O1", "apex.amp has no bf16 mode"),
+        ("bf16-true", None, "apex.amp has no bf16 mode"),
         ("32-true", "O1", "--opt-level O1 runs 16-mixed, not --precision 32-true"),
         ("16-mixed", "O0", "--opt-level O0 runs 32-true, not --precision 16-mixed"),
     ],

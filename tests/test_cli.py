@@ -51,7 +51,7 @@ def test_console_script_prints_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert (
         proc.stderr == "ampcompare: error: unknown precision 'fp8': use one of 32-true, "
-        "16-mixed, bf16-mixed (or 32, 16, bf16, auto)\n"
+        "16-mixed, bf16-mixed, bf16-true, 16-true (or 32, 16, bf16, auto)\n"
     )
     assert proc.stdout == ""
 
@@ -228,7 +228,10 @@ def test_the_gpu_check_runs_every_step_in_its_cpu_mode_and_packs_what_comes_back
     assert proc.returncode == (0 if amp else 1), proc.stdout[-3000:] + proc.stderr[-3000:]
     # Every step ran, whatever apex did: the report of both compares and the targets.
     assert (work / "report" / "benchmark.png").exists()
-    assert "apex (O2)" in (work / "report" / "report.md").read_text()
+    assert (
+        "apex (O2: fp16 model, fp32 master weights)"
+        in (work / "report" / "report.md").read_text()
+    )
     targets = (work / "targets.txt").read_text()
     assert "plain       bf16-mixed speed " in targets and "activations 0.5" in targets
     assert "Reference: the benchmark this tool grew from" in targets
@@ -238,14 +241,20 @@ def test_the_gpu_check_runs_every_step_in_its_cpu_mode_and_packs_what_comes_back
     with tarfile.open(out / "gpu-check.tar.gz") as archive:
         names = archive.getnames()
     assert any(n.endswith("report/summary.json") for n in names)
-    assert sum(n.endswith("result.json") for n in names) == 3  # plain twice, apex O2's stand-in
+    # plain at 32-true and bf16-mixed, the ladder's bf16-true and 16-true, 32-true with TF32 on,
+    # and the stand-ins of apex O2 and O3
+    assert sum(n.endswith("result.json") for n in names) == 7
     assert not [n for n in names if n.endswith((".pt", ".lock")) or "/site/" in n]
     # The output ends with the summary: tests, compares, targets, verdict.
     summary = tail[tail.index("== gpu_check (cpu) summary ==") :]
     assert summary == (out / "summary.txt").read_text()
     assert "SKIPPED" in summary and " skipped" in summary  # the gpu tests, with their reasons
-    assert "-- compare: ok; apex O2: ok; report exit 0 --" in summary
-    assert "runs: 3 planned, 3 recorded: 2 ok, 1 unavailable" in summary
+    assert (
+        "-- compare: ok; ladder: ok (a rung diverged: its row says where); TF32: ok; "
+        "apex O2 and O3: ok; report exit 0 --"
+    ) in summary
+    assert "runs: 7 planned, 7 recorded: 4 ok, 2 unavailable, 1 diverged" in summary
+    assert "plain 16-true: diverged: loss is nan from step" in summary  # Adam's eps in fp16
     assert targets in summary
     last = summary.strip().splitlines()[-1]
     if amp:

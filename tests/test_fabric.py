@@ -8,7 +8,7 @@ import torch
 
 from fabric_impl import train as fabric
 from plain_torch import train as plain
-from tests.conftest import on_gpu, tiny
+from tests.conftest import GPU_RUNG, on_gpu, tiny
 from tests.test_parity import assert_identical
 from record.results import Precision
 
@@ -42,10 +42,12 @@ def test_identical_when_the_scaler_skips_steps(tmp_path, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed"])
+@pytest.mark.parametrize(
+    "precision", ["32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true"]
+)
 def test_fabric_and_plain_bitwise_identical_on_gpu(tmp_path, precision):
-    if precision == "bf16-mixed" and not torch.cuda.is_bf16_supported():
+    if precision.startswith("bf16") and not torch.cuda.is_bf16_supported():
         pytest.skip("this GPU has no bf16")
-    a, b = both(tmp_path, make=on_gpu, precision=precision)
+    a, b = both(tmp_path, make=on_gpu, precision=precision, **GPU_RUNG.get(precision, {}))
     assert_identical(a, b)
     assert b.env["device"] == "cuda"

@@ -9,7 +9,7 @@ from common.errors import UsageError
 from lightning_impl import train as lightning
 from plain_torch import train as plain
 from tests import faults
-from tests.conftest import on_gpu, tiny
+from tests.conftest import GPU_RUNG, on_gpu, tiny
 from record.results import Precision
 
 
@@ -120,11 +120,13 @@ def test_ctrl_c_leaves_a_complete_result_in_either_loop(tmp_path, monkeypatch, i
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed"])
+@pytest.mark.parametrize(
+    "precision", ["32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true"]
+)
 def test_plain_and_lightning_bitwise_identical_on_gpu(tmp_path, precision):
-    if precision == "bf16-mixed" and not torch.cuda.is_bf16_supported():
+    if precision.startswith("bf16") and not torch.cuda.is_bf16_supported():
         pytest.skip("this GPU has no bf16")
-    a, b = both(tmp_path, make=on_gpu, precision=precision)
+    a, b = both(tmp_path, make=on_gpu, precision=precision, **GPU_RUNG.get(precision, {}))
     assert_identical(a, b)
     assert a.env["device"] == "cuda" and a.env["channels_last"]
 
