@@ -45,11 +45,8 @@ def build(cfg, setup: RunSetup):
         kwargs_handlers=[DistributedDataParallelKwargs(**distributed.DDP_KWARGS)],
     )
     refuse_unless(accelerator, setup.policy.effective, setup.device.type)  # ours
-    # No "true" mode in Accelerate: at bf16-true and 16-true its users cast the model (and the
-    # batches) themselves, with mixed_precision="no"
-    model = model_spec.build_model(cfg).to(
-        dtype=setup.policy.cast, memory_format=setup.memory_format
-    )
+    model = model_spec.build_model(cfg).to(memory_format=setup.memory_format)
+    model.to(dtype=setup.policy.cast)  # no "true" mode in Accelerate: cast by hand, as users do
     optimizer, scheduler = models.build_optimizer(cfg, model, setup.steps_per_epoch)
     if setup.resumed:
         model.load_state_dict(setup.resumed["model"])

@@ -10,6 +10,8 @@ RSS (set by libraries and data) is only in the report's table."""
 from __future__ import annotations
 
 import functools
+import textwrap
+import warnings
 
 from ampcompare import stats
 from ampcompare.findings import Cell, Summary
@@ -65,11 +67,16 @@ def figure(summary: Summary):
     if axes[0].get_legend_handles_labels()[0]:  # no bar at all: no legend either
         axes[0].legend(loc="lower left", fontsize=8, framealpha=0.9)
     devices = _text(", ".join(dev.device for dev in summary.devices))
-    fig.suptitle(
+    title = (
         f"ampcompare on {devices}: step time with its 95% interval; memory and "
         f"accuracy median [min–max]"
     )
-    fig.tight_layout()
+    # wrapped to the figure's width: a long list of devices and settings must not push the
+    # panels off it
+    fig.suptitle(textwrap.fill(title, width=40 * len(panels)))
+    with warnings.catch_warnings():  # labels that still do not fit: drawn as they are
+        warnings.simplefilter("ignore", UserWarning)
+        fig.tight_layout()
     return fig
 
 

@@ -25,9 +25,8 @@ from record.results import RunResult
 
 
 def build(cfg, setup: RunSetup):
-    model = model_spec.build_model(cfg).to(
-        setup.device, dtype=setup.policy.cast, memory_format=setup.memory_format
-    )  # a true rung (bf16-true, 16-true): the model, so its gradients and optimizer state, half
+    model = model_spec.build_model(cfg).to(setup.device, memory_format=setup.memory_format)
+    model.to(dtype=setup.policy.cast)  # bf16-true, 16-true: the model half, so its state too
     optimizer, scheduler = models.build_optimizer(cfg, model, setup.steps_per_epoch)
     scaler = torch.amp.GradScaler(setup.device.type, enabled=setup.policy.scaler)
     if setup.resumed:
