@@ -124,7 +124,7 @@ def fresh(
         if not any(applies(cfg.opt_level, p) for p in precisions):
             raise UsageError(
                 f"--opt-level {cfg.opt_level} runs none of --precisions "
-                f"{','.join(precisions)} (O0: 32-true; O1, O2: 16-mixed)"
+                f"{','.join(precisions)} (O0: 32-true; O1, O2: 16-mixed; O3: 16-true)"
             )
     plan = Plan(cfg, tuple(impls), tuple(precisions), repeats, seeds, None, control)
     return _seeded(plan)

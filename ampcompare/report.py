@@ -345,6 +345,10 @@ def _state_table(dev: Group) -> list[str]:
         cell = dev.precisions[precision][impl]
         parts = [_state_part(r.state.get(name), cell.median(name)) for name in STATE_COLUMNS]
         lines.append(f"| {md(impl)} | {md(precision)} | " + " | ".join(parts) + " |")
+    lines += [
+        "",
+        "A part that 32-true keeps none of (master weights, a loss scaler) is given in bytes.",
+    ]
     return [*lines, ""]
 
 

@@ -57,7 +57,7 @@ def require_cuda(device: torch.device) -> None:
         )
         raise Unavailable(
             f"apex.amp needs a CUDA GPU (its loss scaler allocates CUDA tensors); "
-            f"{why}. ampcompare plain, lightning and fabric run on CPU"
+            f"{why}. ampcompare plain, lightning, fabric and accelerate run on CPU"
         )
 
 
@@ -68,7 +68,8 @@ def resolve(precision: str, opt_level: str | None) -> tuple[str, Policy]:
     if requested.startswith("bf16"):
         raise Unavailable(
             "apex.amp has no bf16 mode (its opt levels are fp32 or fp16); use "
-            "--precision 16-mixed, 16-true or 32-true, or ampcompare plain/lightning/fabric "
+            "--precision 16-mixed, 16-true or 32-true, or ampcompare plain/lightning/fabric/"
+            "accelerate "
             "for bf16"
         )
     if opt_level is None:

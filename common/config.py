@@ -253,7 +253,7 @@ class Config:
         "apex opt level.",
         common=False,
         choices=tuple(OPT_LEVELS),
-        shown="O0 for 32-true, O1 for 16-mixed",
+        shown="O0 for 32-true, O1 for 16-mixed, O3 for 16-true",
         per_arm=True,
         setting=False,
     )

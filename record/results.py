@@ -15,6 +15,7 @@ from typing import Any, Optional
 import torch
 
 from common import config
+from common.precision import CANONICAL
 from common.errors import UsageError
 from common.models import unwrapped
 from record import schema
@@ -22,8 +23,10 @@ from record import schema
 # 2: repeat and seed as fields; 3: checkpoint, nonfinite, warm-up rows, pid, resumes; 4: step
 # times (each epoch's step_times_s and step_waits_s, the summary's step-time figures, the
 # clock);
-# 5: model (spec, parameters, source), flops.counted, unsaved_epoch, per-epoch checkpoints
-SCHEMA = 5
+# 5: model (spec, parameters, source), flops.counted, unsaved_epoch, per-epoch checkpoints;
+# 6: each epoch's model_state and the summary's state bytes, and the true rungs (bf16-true,
+# 16-true) as precisions
+SCHEMA = 6
 EXIT_CODES = {"ok": 0, "interrupted": 130}  # diverged, oom, failed: 1
 STATUSES = ("running", "ok", "interrupted", "diverged", "oom", "failed", "unavailable")
 S = schema
@@ -60,7 +63,12 @@ class RunResult:
     status: str = shaped(S.Required(S.one_of(*STATUSES)))
     error: Optional[str] = shaped(S.maybe(str))
     precision: Precision = shaped(
-        S.Required({"requested": S.Required(str), "effective": S.Required(S.maybe(str))})
+        S.Required(
+            {
+                "requested": S.Required(S.one_of(*CANONICAL, "auto")),
+                "effective": S.Required(S.maybe(S.one_of(*CANONICAL))),
+            }
+        )
     )
     opt_level: Optional[str] = shaped(S.maybe(str))
     config: dict = shaped(S.Required(dict))
@@ -166,6 +174,8 @@ def why_not_a_record(record: Any, complete: bool = False) -> Optional[str]:
     wrong = schema.why(record, RunResult.shape(), "")
     if wrong:
         return wrong
+    if record["status"] == "ok" and record["precision"]["effective"] is None:
+        return "an ok run with no precision it ran (precision.effective is null)"
     fields = {f.name: f for f in dataclasses.fields(config.Config)}
     for name, value in record["config"].items():
         if name in fields:

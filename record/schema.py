@@ -10,6 +10,7 @@ where the shape says so (strict JSON writes a NaN as null).
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Optional
 
@@ -74,6 +75,15 @@ def matching(pattern: re.Pattern, what: str):
     return check
 
 
+def byte_count(value, where):
+    """A size in bytes: a finite number, not below 0 (a report divides by it)."""
+    if not _is(value, NUMBER):
+        return f"{where} is {_what(value)}, not a number"
+    if not math.isfinite(value) or value < 0:
+        return f"{where} is {value!r}, not a count of bytes"
+    return None
+
+
 NUMBERS = [maybe(NUMBER)]
 EPOCH = {
     "epoch": at_least(0),
@@ -97,7 +107,7 @@ EPOCH = {
     "achieved_tflops": maybe(NUMBER),
     "mfu": maybe(NUMBER),
     "saved_tensors": {"activations": NUMBER, "integer": NUMBER, "weight_copies": NUMBER},
-    "model_state": {part: NUMBER for part in model_state.PARTS},
+    "model_state": {part: byte_count for part in model_state.PARTS},
 }
 CHECKPOINT = {
     "file": Required(matching(CHECKPOINT_NAME, "a checkpoint's file name")),
@@ -137,7 +147,14 @@ def _summary(value, where):
     if not isinstance(value, dict):
         return f"{where} is {_what(value)}, not an object"
     for key, v in value.items():
-        wrong = why(v, maybe(str) if key in SUMMARY_TEXT else maybe(NUMBER), f"{where}.{key}")
+        shape = (
+            maybe(str)
+            if key in SUMMARY_TEXT
+            else maybe(byte_count)
+            if key.endswith("_bytes")
+            else maybe(NUMBER)
+        )
+        wrong = why(v, shape, f"{where}.{key}")
         if wrong:
             return wrong
     return None

@@ -134,6 +134,23 @@ def test_a_record_missing_a_key_or_of_the_wrong_type_is_refused_in_one_line(
         ),
         (lambda r: r["summary"].update(median_step_time_s="x"), "summary.median_step_time_s"),
         (lambda r: r["epochs"][0].update(step_times_s=["x"]), "epochs[0].step_times_s[0]"),
+        # a size a report divides by: never negative, infinite or NaN
+        (
+            lambda r: r["summary"].update(model_state_bytes=-100),
+            "summary.model_state_bytes is -100, not a count of bytes",
+        ),
+        (
+            lambda r: r["epochs"][0]["model_state"].update(parameters=float("nan")),
+            "epochs[0].model_state.parameters is nan, not a count of bytes",
+        ),
+        (
+            lambda r: r["precision"].update(effective="17-true"),
+            "precision.effective is '17-true', not one of",
+        ),
+        (
+            lambda r: r["precision"].update(effective=None),
+            "an ok run with no precision it ran",
+        ),
     ],
 )
 def test_report_names_a_bad_record_and_reports_the_rest(tmp_path, change, fragment):
