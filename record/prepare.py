@@ -70,10 +70,9 @@ def prepare(cfg, impl: str, opt_level: Optional[str] = None, policy=None) -> Run
         )
     world = distributed.world(cfg, device)
     distributed.init(world)
+    notes = []
     if policy is None:
         policy, notes = precision.resolve(cfg.precision, device)
-        for line in notes if world.is_rank0 else ():
-            console.say(f"ampcompare: warning: {line}", err=True)
     distributed.check_reduces(world, policy.cast, device)
     switches = apply_speed_switches(cfg, device)
     try:
@@ -94,6 +93,9 @@ def prepare(cfg, impl: str, opt_level: Optional[str] = None, policy=None) -> Run
         "data_on_device_bytes": data.device_bytes(train_loader, test_loader),
     }
     recorder = Recorder(cfg, impl, policy, device, env, opt_level, world, checked.to_dict())
+    # The precision's warnings once nothing here can refuse the run: a refusal is one line
+    for line in notes if world.is_rank0 else ():
+        console.say(f"ampcompare: warning: {line}", err=True)
     run_flops = flops.of_run(cfg, recorder.result.precision.effective, recorder.result.env)
     recorder.result.flops = run_flops
     # Where a framework builds its loader iterator before it calls set_epoch (Lightning, on

@@ -92,6 +92,8 @@ CASES = {
     "ampcompare plain --resume EMPTY": "cannot read its result.json",
     "ampcompare lightning --resume STOPPED": "is a plain run",
     "ampcompare plain --resume STOPPED --lr 0.5": "--lr 0.5 differs from the stopped run's",
+    # a precision's own warning (fp16 on a CPU) does not come before a refusal's one line
+    "ampcompare plain --resume STOPPED --precision 16-true": "--precision 16-true differs",
     "ampcompare plain --resume STOPPED --epochs 2": "--epochs may only be raised",
     "ampcompare plain --resume STOPPED --run-id x": "drop --run-id",
     "ampcompare plain --resume TAMPERED": "checkpoint-1.pt does not match the SHA-256",
