@@ -332,6 +332,15 @@ def _plan(ctx, impls, precisions, repeats, seeds, control, options) -> "plan.Pla
         )
         asked = {k: v for k, v in given.items() if k != "resume" and _given(ctx, k)}
         cfg = config_from(options, stored.cfg.to_dict(), ctx)
+        # the lists as a fresh compare reads them (aliases, repeats, order): the same names
+        # as the comparison's are no change
+        listed = {
+            "impls": lambda v: _listed_choices(v, tuple(IMPLS), "impls"),
+            "precisions": lambda v: _precisions(v, cfg),
+        }
+        for name, read in listed.items():
+            if name in asked and set(read(asked[name])) == set(getattr(stored, name)):
+                del asked[name]
         planned = plan.resumed(stored, asked, cfg)
     else:
         cfg = config_from(options).validate()

@@ -398,3 +398,25 @@ def test_a_damaged_compare_plan_is_refused(tmp_path, damage):
     (tmp_path / "compare.json").write_text(json.dumps(plan))
     one_line_exit_2(cli("compare", "--resume", str(tmp_path)), "its compare.json is damaged")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["compare.json"]
+
+
+def test_compare_resume_reads_the_lists_as_a_fresh_compare_does(tmp_path, monkeypatch):
+    folder, arm = stopped_comparison(tmp_path, monkeypatch)
+    # another set of names is another comparison: refused, naming both
+    one_line_exit_2(
+        cli("compare", "--resume", str(folder), "--precisions", "32,bf16"),
+        "--precisions 32,bf16 differs from the comparison's 32-true",
+    )
+    # the same names, spelled as an alias and twice, are no change: the comparison finishes
+    r = cli(
+        "compare",
+        "--resume",
+        str(folder),
+        "--precisions",
+        "32,32-true",
+        "--impls",
+        "plain,plain",
+        "--no-warmup",
+    )
+    assert r.exit_code == 0, r.output
+    assert json.loads((arm / "result.json").read_text())["status"] == "ok"
