@@ -85,9 +85,6 @@ class Ratio:
     # 32-true's (None where 32-true's is 0 or unknown: master weights, the scaler)
     state: dict[str, Optional[float]] = field(default_factory=dict)
 
-    def to_dict(self) -> dict:
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
-
 
 @dataclass
 class OrderEffect:
@@ -121,9 +118,6 @@ class Group:
     def on_cpu(self) -> bool:
         return self.env.get("device") == "cpu"
 
-    def to_dict(self) -> dict:
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
-
 
 @dataclass
 class Summary:
@@ -131,11 +125,12 @@ class Summary:
     devices: list[Group]
 
     def to_dict(self) -> dict:
-        return {"schema": self.schema, "devices": [g.to_dict() for g in self.devices]}
+        return {"schema": self.schema, "devices": _plain(self.devices)}
 
 
 def _plain(value):
-    """A value as summary.json holds it."""
+    """A value as summary.json holds it: a type's own to_dict where it has one (a Cell
+    flattens its metrics, an estimate names its interval), else its fields."""
     if hasattr(value, "to_dict"):
         return value.to_dict()
     if dataclasses.is_dataclass(value):

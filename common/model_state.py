@@ -24,9 +24,7 @@ PARTS = ("parameters", "gradients", "optimizer", "master", "scaler")
 
 def bytes_of(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
     """{part: bytes} for PARTS but the scaler, with each storage counted once."""
-    seen: set = set()
-    size = _sizer(seen)
-
+    size = _sizer(set())
     params = list(model.parameters())
     held = [p for group in optimizer.param_groups for p in group["params"]]
     parts = {

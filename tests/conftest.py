@@ -176,9 +176,9 @@ def checkpoint_of(run_dir):
     return pathlib.Path(run_dir) / record["checkpoint"]["file"]
 
 
-# What a rung needs beyond on_gpu() to train at all: 16-true with SGD (Adam's eps of 1e-8 is 0
-# in fp16, and a diverged run has no weights to compare: tests/test_ladder.py)
-GPU_RUNG = {"16-true": {"optimizer": "sgd", "lr": 0.05}}
+# What a rung needs to train at all: 16-true with SGD (Adam's eps of 1e-8 is 0 in fp16, and a
+# diverged run has no weights to compare: tests/test_ladder.py)
+RUNG_OPTIONS = {"16-true": {"optimizer": "sgd", "lr": 0.05}}
 
 
 def on_gpu(tmp_path, **overrides) -> Config:

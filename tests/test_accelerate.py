@@ -13,7 +13,7 @@ from accelerate_impl import train as accelerate
 from ampcompare.cli import cli
 from common.errors import Unavailable
 from plain_torch import train as plain
-from tests.conftest import GPU_RUNG, on_gpu, tiny
+from tests.conftest import RUNG_OPTIONS, on_gpu, tiny
 from tests.test_parity import assert_identical
 from record.results import Precision
 
@@ -125,7 +125,7 @@ def test_accelerate_and_plain_bitwise_identical_on_gpu(tmp_path, precision):
         tmp_path,
         make=on_gpu,
         precision=precision,
-        **GPU_RUNG.get(precision, {}),
+        **RUNG_OPTIONS.get(precision, {}),
         clip_grad=0.05,
     )
     assert_identical(a, b)

@@ -8,7 +8,7 @@ import torch
 
 from fabric_impl import train as fabric
 from plain_torch import train as plain
-from tests.conftest import GPU_RUNG, on_gpu, tiny
+from tests.conftest import RUNG_OPTIONS, on_gpu, tiny
 from tests.test_parity import assert_identical
 from record.results import Precision
 
@@ -48,6 +48,6 @@ def test_identical_when_the_scaler_skips_steps(tmp_path, monkeypatch):
 def test_fabric_and_plain_bitwise_identical_on_gpu(tmp_path, precision):
     if precision.startswith("bf16") and not torch.cuda.is_bf16_supported():
         pytest.skip("this GPU has no bf16")
-    a, b = both(tmp_path, make=on_gpu, precision=precision, **GPU_RUNG.get(precision, {}))
+    a, b = both(tmp_path, make=on_gpu, precision=precision, **RUNG_OPTIONS.get(precision, {}))
     assert_identical(a, b)
     assert b.env["device"] == "cuda"

@@ -13,12 +13,11 @@ from lightning_impl import train as lightning
 from plain_torch import train as plain
 from record.results import Precision
 from tests import faults
-from tests.conftest import checkpoint_of, tiny
+from tests.conftest import RUNG_OPTIONS, checkpoint_of, tiny
 
 ARMS = {"plain": plain, "lightning": lightning, "fabric": fabric, "accelerate": accelerate}
-# 16-true trains with SGD here: with Adam it diverges (below), and a diverged run has no
-# weights to compare
-SETTINGS = {"bf16-true": {}, "16-true": {"optimizer": "sgd", "lr": 0.05}}
+# 16-true trains with SGD here: with Adam it diverges (below)
+SETTINGS = {"bf16-true": {}, **RUNG_OPTIONS}
 
 
 def every_arm(tmp_path, precision, **overrides):

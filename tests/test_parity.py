@@ -9,7 +9,7 @@ from common.errors import UsageError
 from lightning_impl import train as lightning
 from plain_torch import train as plain
 from tests import faults
-from tests.conftest import GPU_RUNG, on_gpu, tiny
+from tests.conftest import RUNG_OPTIONS, on_gpu, tiny
 from record.results import Precision
 
 
@@ -126,7 +126,7 @@ def test_ctrl_c_leaves_a_complete_result_in_either_loop(tmp_path, monkeypatch, i
 def test_plain_and_lightning_bitwise_identical_on_gpu(tmp_path, precision):
     if precision.startswith("bf16") and not torch.cuda.is_bf16_supported():
         pytest.skip("this GPU has no bf16")
-    a, b = both(tmp_path, make=on_gpu, precision=precision, **GPU_RUNG.get(precision, {}))
+    a, b = both(tmp_path, make=on_gpu, precision=precision, **RUNG_OPTIONS.get(precision, {}))
     assert_identical(a, b)
     assert a.env["device"] == "cuda" and a.env["channels_last"]
 
