@@ -48,6 +48,11 @@ def check(cfg) -> None:
 
     cfg.validate()
     device = resolve_device(cfg)
+    if cfg.strategy == "fsdp" and device.type == "cpu":
+        raise Unavailable(
+            "accelerate: --strategy fsdp: Accelerate never turns FSDP on for a CPU (its "
+            "plugin needs a GPU); use --strategy ddp, or another arm"
+        )
     policy, _ = resolve(cfg.precision, device)
     accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=MIXED[policy.effective])
     refuse_unless(accelerator, policy.effective, device.type)

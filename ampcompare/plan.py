@@ -22,7 +22,7 @@ from record import files
 from record import results
 from common.config import INT_MAX, Config, option_flag
 from common.errors import UsageError
-from common.precision import CANONICAL, OPT_LEVELS
+from common.precision import CANONICAL, OPT_LEVELS, SHARDED_ONLY
 
 PLAN = "compare.json"
 # The compare options a plan keeps beside its Config, as the command line spells them.
@@ -126,6 +126,12 @@ def fresh(
                 f"--opt-level {cfg.opt_level} runs none of --precisions "
                 f"{','.join(precisions)} (O0: 32-true; O1, O2: 16-mixed; O3: 16-true)"
             )
+    sharded_only = [p for p in precisions if p in SHARDED_ONLY]
+    if sharded_only and cfg.strategy != "fsdp":
+        raise UsageError(
+            f"--precisions {','.join(sharded_only)}: FSDP's own mixed precision needs "
+            f"--strategy fsdp"
+        )
     plan = Plan(cfg, tuple(impls), tuple(precisions), repeats, seeds, None, control)
     return _seeded(plan)
 

@@ -7,7 +7,8 @@ import importlib
 import os
 
 from ampcompare import quiet
-from common import console, ranks
+from common import console, precision, ranks
+from common.device import resolve_device
 from common.config import Config
 from common.errors import Unavailable, UsageError
 from record import rundir, signals, summary
@@ -37,6 +38,8 @@ def run_one(impl: str, cfg: Config) -> int:
 
         check_accelerate(cfg)
     cfg.validate()
+    if impl in ("lightning", "fabric") and cfg.strategy == "fsdp":  # said before it starts
+        precision.refuse_unless_model_parallel_runs(impl, cfg.precision, resolve_device(cfg))
     if cfg.devices * cfg.num_nodes > 1 and not distributed.launched():
         return launch_job(impl, cfg)
     try:

@@ -89,6 +89,11 @@ def check(cfg) -> tuple[str, Policy]:
     CUDA."""
     cfg.validate()
     device = resolve_device(cfg)
+    if cfg.strategy == "fsdp":
+        raise Unavailable(
+            "apex: --strategy fsdp: apex.amp predates sharded data parallel (it wraps the "
+            "whole model and optimizer itself); use --strategy ddp"
+        )
     opt_level, policy = resolve(cfg.precision, cfg.opt_level)
     if cfg.resume and opt_level == "O2":
         # The checkpoint holds the model's fp16 weights; O2's fp32 master weights live only in

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from common import sharding
+
 KINDS = ("activations", "integer", "weight_copies")
 VIEWS = {
     "TBackward0",
@@ -36,8 +38,8 @@ class SavedTensors:
     kind."""
 
     def __init__(self, model: torch.nn.Module):
-        self.params = {id(p) for p in model.parameters()}
-        self.param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.model, self.sharded = model, sharding.is_sharded(model)
+        self.params, self.param_storages = self._parameters()
         self.seen: set[int] = set()
         self.bytes = dict.fromkeys(KINDS, 0)
         self.hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
@@ -49,9 +51,20 @@ class SavedTensors:
     def __exit__(self, *exc):
         return self.hooks.__exit__(*exc)
 
+    def _parameters(self) -> tuple[set, set]:
+        """(ids, storage addresses) of the model's parameters as they are now. Under FSDP a
+        unit's are gathered just before its forward and freed after it, so they are looked up
+        again at each saved tensor."""
+        params = [sharding.local(p) for p in self.model.parameters()]
+        return {id(p) for p in self.model.parameters()}, {
+            p.untyped_storage().data_ptr() for p in params
+        }
+
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
         address = storage.data_ptr()
+        if self.sharded:
+            self.params, self.param_storages = self._parameters()
         if address not in self.seen and address not in self.param_storages:
             self.seen.add(address)
             self.bytes[self._kind(t)] += storage.nbytes()

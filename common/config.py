@@ -15,12 +15,13 @@ from typing import Optional
 
 from common import model_spec
 from common.errors import UsageError
-from common.precision import OPT_LEVELS, canonical
+from common.precision import OPT_LEVELS, SHARDED_ONLY, canonical
 
 DATASETS = ("cifar10", "synthetic")
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "cosine")
 ACCELERATORS = ("auto", "cpu", "cuda")
+STRATEGIES = ("ddp", "fsdp")
 ROLES = ("arm", "control")
 INT_MAX = 2**31 - 1  # the largest value any integer option takes, unless it says less
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,199}")
@@ -100,7 +101,8 @@ class Config:
     precision: str = option(
         "auto",
         "32-true, 16-mixed, bf16-mixed (aliases 32, 16, bf16), bf16-true, 16-true (the model "
-        "itself in the half type, no fp32 copy), or auto: 16-mixed on CUDA, bf16-mixed on CPU.",
+        "itself in the half type, no fp32 copy), bf16-fsdp (with --strategy fsdp: FSDP's own "
+        "MixedPrecisionPolicy), or auto: 16-mixed on CUDA, bf16-mixed on CPU.",
         per_arm=True,
         setting=False,
     )
@@ -163,6 +165,13 @@ class Config:
         "on each (docs/devices.md).",
         min=1,
         max=1024,
+    )
+    strategy: str = option(
+        "ddp",
+        "How several processes share the model: ddp (a whole copy on each, gradients "
+        "all-reduced) or fsdp (torch's fully_shard: parameters, gradients and optimizer "
+        "state sharded over the processes; docs/fsdp.md).",
+        choices=STRATEGIES,
     )
     deterministic: bool = option(
         False,
@@ -264,6 +273,11 @@ class Config:
         for f in dataclasses.fields(self):
             _check(f, getattr(self, f.name))
         self.precision = canonical(self.precision)  # recorded in canonical form
+        if self.precision in SHARDED_ONLY and self.strategy != "fsdp":
+            raise UsageError(
+                f"--precision {self.precision} is FSDP's own mixed precision (its "
+                f"MixedPrecisionPolicy): it needs --strategy fsdp"
+            )
         model_spec.parse(self.model)  # its form only: the model is checked before a run
         for name in ("data_dir", "out_dir", "resume"):
             value = getattr(self, name)

@@ -63,8 +63,8 @@ def launched() -> bool:
 
 def world(cfg, device: torch.device) -> World:
     """This process's place in the job, checked against --devices and --num-nodes."""
-    if not launched():
-        return World()
+    if not launched():  # one process: a group of one only for FSDP, which shards over a mesh
+        return World(backend=backend_for(device) if cfg.strategy == "fsdp" else None)
     env = {}
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
         try:
@@ -88,13 +88,20 @@ def world(cfg, device: torch.device) -> World:
         env["LOCAL_RANK"],
         env["WORLD_SIZE"],
         env["LOCAL_WORLD_SIZE"],
-        "nccl" if device.type == "cuda" else "gloo",
+        backend_for(device),
     )
+
+
+def backend_for(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
 
 
 def init(w: World) -> None:
     """Join the process group (once, before any framework would)."""
-    if w.size == 1 or dist.is_initialized():
+    if w.backend is None or dist.is_initialized():
+        return
+    if w.size == 1:  # FSDP in one process: a group of one, with nothing to meet
+        dist.init_process_group(w.backend, store=dist.HashStore(), rank=0, world_size=1)
         return
     try:
         threads = ranks.threads()

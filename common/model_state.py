@@ -9,8 +9,9 @@ step saves (activations.py). Counted from the tensors themselves, so on any devi
                  fp32 master weights)
     scaler       a GradScaler's scale and growth tracker
 
-Each storage is counted once, at its full size (a view shares its base's; a bucket of
-gradients that DDP lays out as views is one storage), on whichever part finds it first.
+Each storage is counted once, at its full size (a view shares its base's; a bucket of gradients
+that DDP lays out as views is one storage), on whichever part finds it first. Under FSDP a
+rank keeps its shards only, and they are what is counted: the state per rank.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from __future__ import annotations
 from typing import Iterable, Optional
 
 import torch
+
+from common import sharding
 
 PARTS = ("parameters", "gradients", "optimizer", "master", "scaler")
 
@@ -48,6 +51,7 @@ def _sizer(seen: set):
         for t in tensors:
             if not isinstance(t, torch.Tensor):
                 continue
+            t = sharding.local(t)  # a sharded tensor: this rank's shard, all it keeps
             storage = t.untyped_storage()
             key = (t.device, storage.data_ptr(), storage.nbytes())
             if key not in seen:

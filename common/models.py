@@ -61,23 +61,25 @@ class ResNet18(nn.Module):
         return self.fc(global_avg_pool(x))
 
 
+class ConvBlock(nn.Sequential):
+    """conv-BN-ReLU-pool: one stage of the small CNN (a block: FSDP shards it as one unit)."""
+
+    def __init__(self, inp: int, out: int):
+        super().__init__(
+            nn.Conv2d(inp, out, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+        )
+
+
 class SmallCNN(nn.Module):
     """Three conv-BN-ReLU-pool stages and a linear head: seconds per epoch on a CPU."""
 
     def __init__(self, num_classes: int = 10, width: int = 32):
         super().__init__()
         chans = (3, width, 2 * width, 4 * width)
-        self.features = nn.Sequential(
-            *[
-                nn.Sequential(
-                    nn.Conv2d(a, b, 3, padding=1, bias=False),
-                    nn.BatchNorm2d(b),
-                    nn.ReLU(inplace=True),
-                    nn.MaxPool2d(2),
-                )
-                for a, b in zip(chans, chans[1:])
-            ]
-        )
+        self.features = nn.Sequential(*[ConvBlock(a, b) for a, b in zip(chans, chans[1:])])
         self.fc = nn.Linear(chans[-1], num_classes)
 
     def forward(self, x):

@@ -24,21 +24,32 @@ from __future__ import annotations
 import torch
 from lightning_fabric import Fabric
 from lightning_fabric.plugins import MixedPrecision
-from lightning_fabric.strategies import DDPStrategy
+from lightning_fabric.strategies import DDPStrategy, ModelParallelStrategy
 
-from common import distributed, model_spec, models, precision as precisions
+from common import distributed, model_spec, models, precision as precisions, sharding
 from record.prepare import RunSetup, prepare
 from record.results import RunResult
 
 
 def build(cfg, setup: RunSetup):
-    precision, plugins = setup.policy.effective, []
+    precision, plugins = setup.policy.framework, []
     if precision == "16-mixed" and setup.device.type == "cpu":
         # Fabric turns "16-mixed" into bf16 on CPU unless it gets the plugin with a scaler.
         scaler = torch.amp.GradScaler("cpu")
         precision, plugins = None, [MixedPrecision("16-mixed", "cpu", scaler=scaler)]
     strategy = "auto"
-    if setup.world.size > 1:
+    if setup.sharded:  # FSDP2: fully_shard in parallelize_fn; checkpoints gathered, one file
+        strategy = ModelParallelStrategy(
+            lambda model, mesh: sharding.shard(
+                model, mesh["data_parallel"], setup.policy.param_dtype
+            ),
+            data_parallel_size=setup.world.size,
+            tensor_parallel_size=1,
+            save_distributed_checkpoint=False,
+            process_group_backend=setup.world.backend,
+            timeout=distributed.TIMEOUT,
+        )
+    elif setup.world.size > 1:
         strategy = DDPStrategy(
             process_group_backend=setup.world.backend,
             timeout=distributed.TIMEOUT,
@@ -56,10 +67,12 @@ def build(cfg, setup: RunSetup):
     chosen = fabric.strategy.precision.precision
     precisions.refuse_unless_ran("Fabric", chosen, setup.policy, setup.device.type)
     model = model_spec.build_model(cfg).to(memory_format=setup.memory_format)
-    optimizer, scheduler = models.build_optimizer(cfg, model, setup.steps_per_epoch)
     if cfg.compile:  # the same in every arm: the common model, before any wrapper
         model = torch.compile(model)
-    model, optimizer = fabric.setup(model, optimizer)
+    # The model first, then its optimizer: under FSDP the parameters are new shards.
+    model = fabric.setup_module(model)
+    optimizer, scheduler = models.build_optimizer(cfg, model, setup.steps_per_epoch)
+    optimizer = fabric.setup_optimizers(optimizer)
     scaler = fabric.strategy.precision.scaler if setup.policy.scaler else None
     # What a checkpoint holds, saved and loaded as one state; Fabric leaves the scaler out
     # unless it is named.

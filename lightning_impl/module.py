@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import pytorch_lightning as pl
 
-from common import models
+from common import models, sharding
 
 
 class LitClassifier(pl.LightningModule):
@@ -30,6 +30,12 @@ class LitClassifier(pl.LightningModule):
         super().__init__()
         # run_setup, not setup: LightningModule.setup is a hook
         self.cfg, self.model, self.run_setup = cfg, model, setup
+
+    def configure_model(self):  # --strategy fsdp: plain shards the model as it builds it
+        setup = self.run_setup
+        if setup.sharded:
+            mesh = self.device_mesh["data_parallel"]
+            sharding.shard(self.model, mesh, setup.policy.param_dtype)
 
     def forward(self, x):
         return self.model(x)

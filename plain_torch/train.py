@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from common import distributed, model_spec, models
+from common import distributed, model_spec, models, sharding
 from record.prepare import RunSetup, prepare
 from record.results import RunResult
 
@@ -27,16 +27,22 @@ from record.results import RunResult
 def build(cfg, setup: RunSetup):
     model = model_spec.build_model(cfg).to(setup.device, memory_format=setup.memory_format)
     model.to(dtype=setup.policy.cast)  # bf16-true, 16-true: the model half, so its state too
+    if setup.sharded:  # fully_shard each block, then the root: the optimizer gets the shards
+        sharding.shard(model, setup.mesh, setup.policy.param_dtype)
     optimizer, scheduler = models.build_optimizer(cfg, model, setup.steps_per_epoch)
     scaler = torch.amp.GradScaler(setup.device.type, enabled=setup.policy.scaler)
     if setup.resumed:
-        model.load_state_dict(setup.resumed["model"])
-        optimizer.load_state_dict(setup.resumed["optimizer"])
+        weights, moments = setup.resumed["model"], setup.resumed["optimizer"]
+        if setup.sharded:  # each rank takes its shards out of the full state
+            sharding.load_full_state(model, optimizer, weights, moments)
+        else:
+            model.load_state_dict(weights)
+            optimizer.load_state_dict(moments)
         scheduler.load_state_dict(setup.resumed["scheduler"])
         scaler.load_state_dict(setup.resumed["scaler"])
     if cfg.compile:  # the same in every arm: the common model, before any wrapper
         model = torch.compile(model)
-    if setup.world.size > 1:
+    if setup.world.size > 1 and not setup.sharded:
         model = DistributedDataParallel(
             model, device_ids=setup.ddp_device_ids, **distributed.DDP_KWARGS
         )
@@ -50,11 +56,16 @@ def fit(cfg, setup: RunSetup, model, optimizer, scheduler, scaler) -> None:
     )
     net = models.unwrapped(model)  # without DDP's or compile's wrapper: what is saved
 
-    def save(path):
+    def save(path):  # sharded: a collective, the full state gathered on rank 0
+        weights, moments = (
+            sharding.full_state(net, optimizer)
+            if setup.sharded
+            else (net.state_dict(), optimizer.state_dict())
+        )
         torch.save(
             {
-                "model": net.state_dict(),
-                "optimizer": optimizer.state_dict(),
+                "model": weights,
+                "optimizer": moments,
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(),
                 **setup.recorder.state(),
@@ -83,7 +94,7 @@ def fit(cfg, setup: RunSetup, model, optimizer, scheduler, scaler) -> None:
             for x, y in epoch.test_batches(setup.test_loader):
                 x, y = x.to(device, cast, non_blocking=True), y.to(device, non_blocking=True)
                 epoch.evaluated(model(x), y)
-        epoch.end(scaler, net, save)
+        epoch.end(scaler, net, save, save_is_collective=setup.sharded)
 
 
 def train(cfg) -> RunResult:

@@ -35,6 +35,7 @@ class RunSetup:
     recorder: Recorder
     world: distributed.World
     flops: dict  # of a step, and the peak MFU is measured against (common/flops.py)
+    sharded: bool = False  # --strategy fsdp: the model is sharded over the ranks (FSDP2)
 
     def epochs(self, cfg, optimizer) -> Iterator[epochs.Epoch]:
         """The run's epochs, each measured, recorded and shown the same in every arm."""
@@ -50,6 +51,13 @@ class RunSetup:
     def ddp_device_ids(self) -> Optional[list[int]]:
         """DistributedDataParallel's device_ids: this process's GPU, or None on a CPU."""
         return [self.device.index] if self.device.type == "cuda" else None
+
+    @property
+    def mesh(self):
+        """The data-parallel device mesh FSDP2 shards over: every rank of the job."""
+        from torch.distributed.device_mesh import init_device_mesh  # only where it shards
+
+        return init_device_mesh(self.device.type, (self.world.size,))
 
     @property
     def resumed(self) -> Optional[dict]:
@@ -112,6 +120,7 @@ def prepare(cfg, impl: str, opt_level: Optional[str] = None, policy=None) -> Run
         recorder,
         world,
         run_flops,
+        cfg.strategy == "fsdp",
     )
 
 

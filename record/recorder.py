@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 import torch
 
-from common import distributed, metrics
+from common import distributed, metrics, sharding
 from record import checkpoints, endings, resume, rundir, signals
 from common.errors import UsageError
 from record.files import write_json, write_temp
@@ -163,21 +163,23 @@ class Recorder:
             self._add(row, losses)
             if reason:
                 raise metrics.Diverged(reason)
+        # The weights' hash; a sharded model's full weights are gathered by every rank.
+        weights = weights_sha256(model) if self.is_rank0 or sharding.is_sharded(model) else None
         if not self.is_rank0:
             if checkpointing:
                 if save_is_collective:
                     save(os.devnull)  # the framework writes nothing here, and waits for rank 0
                 self._add(row, losses)
         else:
-            self._write_epoch(row, losses, model, save if checkpointing else None)
+            self._write_epoch(row, losses, weights, save if checkpointing else None)
         if len(self.result.epochs) >= self.cfg.epochs:
             signals.absorb_from_now()  # the last epoch is on disk: nothing is left to interrupt
 
-    def _write_epoch(self, row: dict, losses: list, model: torch.nn.Module, save) -> None:
+    def _write_epoch(self, row: dict, losses: list, weights: str, save) -> None:
         """Rank 0: the epoch's checkpoint (with save) and the record that names it, as a
-        pair."""
-        # With several ranks, rank 0's weights: BatchNorm's running statistics are each rank's.
-        weights, info, staged = weights_sha256(model), self.result.checkpoint, None
+        pair. weights: their hash (with several ranks, rank 0's: BatchNorm's running
+        statistics are each rank's)."""
+        info, staged = self.result.checkpoint, None
         old = checkpoints.file_named_in(self.result.to_dict())
         try:
             if save is not None:

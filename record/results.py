@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import torch
 
-from common import config
+from common import config, sharding
 from common.precision import CANONICAL
 from common.errors import UsageError
 from common.models import unwrapped
@@ -190,8 +190,9 @@ def why_not_a_record(record: Any, complete: bool = False) -> Optional[str]:
 
 
 def weights_sha256(model: torch.nn.Module) -> str:
-    """SHA-256 over the common model's state_dict (state_sha256), out of any wrapper."""
-    return state_sha256(unwrapped(model).state_dict())
+    """SHA-256 over the common model's state_dict (state_sha256), out of any wrapper; a
+    sharded model's gathered whole (a collective: every rank calls it)."""
+    return state_sha256(sharding.full_state_dict(unwrapped(model)))
 
 
 def state_sha256(state: dict) -> str:

@@ -51,7 +51,7 @@ def test_console_script_prints_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert (
         proc.stderr == "ampcompare: error: unknown precision 'fp8': use one of 32-true, "
-        "16-mixed, bf16-mixed, bf16-true, 16-true (or 32, 16, bf16, auto)\n"
+        "16-mixed, bf16-mixed, bf16-true, 16-true, bf16-fsdp (or 32, 16, bf16, auto)\n"
     )
     assert proc.stdout == ""
 
