@@ -14,7 +14,17 @@ import os
 import numpy as np
 
 from ampcompare import explain
-from ampcompare.findings import Cell, Group, Judged, OrderEffect, Overhead, Ratio, Summary
+from ampcompare.findings import (
+    Cell,
+    Group,
+    Judged,
+    OrderEffect,
+    Overhead,
+    Ratio,
+    Sharded,
+    ShardedRow,
+    Summary,
+)
 from record import results, rundir, summary
 from ampcompare import stats
 from common import config
@@ -331,7 +341,47 @@ def summarize(records) -> Summary:
         group.notes = notes(group)
         group.explanations = explain.lines(group)
         out.append(group)
-    return Summary(results.SCHEMA, out)
+    raw = [device for device, _, _ in groups]
+    return Summary(results.SCHEMA, out, sharded_against_ddp(out, raw))
+
+
+def sharded_against_ddp(groups: list[Group], devices: list[str]) -> list[Sharded]:
+    """Each group of FSDP runs against the group of DDP runs on the same device with the same
+    settings and software otherwise: every arm's model state per rank over the plain loop's
+    under DDP, part by part, and whether it trained DDP's weights."""
+    out = []
+    for g, device in zip(groups, devices):
+        if g.settings.get("strategy") != "fsdp":
+            continue
+        twin = {**g.settings, "strategy": "ddp"}
+        ddp = next(
+            (
+                h
+                for h, d in zip(groups, devices)
+                if d == device and h.settings == twin and h.software == g.software
+            ),
+            None,
+        )
+        if ddp is None:
+            continue
+        rows = [
+            _sharded_row(label, precision, cell, ddp.precisions[precision]["plain"])
+            for precision, cells in g.precisions.items()
+            if "plain" in ddp.precisions.get(precision, {})
+            for label, cell in cells.items()
+            if label != CONTROL
+        ]
+        out.append(Sharded(g.device, ddp.device, rows))
+    return out
+
+
+def _sharded_row(label: str, precision: str, cell: Cell, ddp: Cell) -> ShardedRow:
+    state = {
+        name: _over(cell.median(name), ddp.median(name))
+        for name in (summary.MODEL_STATE, *summary.STATE_BYTES.values())
+    }
+    weighed = all(cell.weights) and all(ddp.weights) and cell.weights and ddp.weights
+    return ShardedRow(label, precision, state, cell.weights == ddp.weights if weighed else None)
 
 
 def _verdicts(group: Group, samples, noise) -> None:

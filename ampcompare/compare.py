@@ -68,7 +68,7 @@ def unavailable_result(
     process's view of the machine, so the row lands with its device)."""
     passed = arm.impl == "apex" and applies(cfg.opt_level, arm.precision)
     config = {
-        **cfg.to_dict(),
+        **arm.options(cfg).to_dict(),
         "precision": arm.precision,
         "repeat": arm.repeat,
         "seed": arm.seed,
@@ -257,7 +257,7 @@ def _attempt(cfg: Config, arm: Arm, folder: str, run_dir: str, resuming: bool):
     else:
         cmd = [
             arm.impl,
-            *child_args(cfg),
+            *child_args(arm.options(cfg)),
             "--precision",
             arm.precision,
             "--seed",
@@ -436,7 +436,7 @@ def progress_lines(bar, planned):
 
     def show(k, n, arm, elapsed):
         seed = f" seed {arm.seed}" if planned.seeds > 1 else ""
-        name = "plain (control)" if arm.control else arm.impl
+        name = "plain (control)" if arm.control else "plain (DDP)" if arm.ddp else arm.impl
         what = f"{name} {arm.precision}{seed} repeat {arm.repeat + 1}"
         if not bar.on:
             console.say(f"[{k + 1}/{n}] {what}  (elapsed {elapsed:.0f}s)", err=True)

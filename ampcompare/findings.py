@@ -120,12 +120,36 @@ class Group:
 
 
 @dataclass
+class ShardedRow:
+    """An arm at a precision under FSDP, against the plain loop under DDP, same settings."""
+
+    impl: str
+    precision: str
+    state: dict[str, Optional[float]]  # model-state part -> FSDP's bytes per rank over DDP's
+    same_weights: Optional[bool]  # trained DDP's weights bitwise (None: no weights to weigh)
+
+
+@dataclass
+class Sharded:
+    """The FSDP runs of one group against the DDP runs of another that differs only there."""
+
+    device: str  # the FSDP group's name
+    against: str  # the DDP group's
+    rows: list[ShardedRow]
+
+
+@dataclass
 class Summary:
     schema: int
     devices: list[Group]
+    sharded: list[Sharded] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {"schema": self.schema, "devices": _plain(self.devices)}
+        return {
+            "schema": self.schema,
+            "devices": _plain(self.devices),
+            "sharded": _plain(self.sharded),
+        }
 
 
 def _plain(value):

@@ -38,29 +38,44 @@ class Arm:
     seeded: bool = False  # several seeds: the seed is part of the run's name
     control: bool = False  # the plain loop once more: the comparison's noise floor
     position: int = 0  # its place in its repeat's order
+    ddp: bool = False  # the plain loop under DDP beside an FSDP comparison: its baseline
 
     @property
     def run_id(self) -> str:
         seed = f"-s{self.seed}" if self.seeded else ""
-        role = "-control" if self.control else ""
+        role = "-control" if self.control else "-ddp" if self.ddp else ""
         return f"{self.impl}{role}-{self.precision}{seed}-r{self.repeat}"
 
+    def options(self, cfg: Config) -> Config:
+        """The comparison's options as this arm runs them: a DDP baseline's strategy."""
+        return dataclasses.replace(cfg, strategy="ddp") if self.ddp else cfg
 
-def schedule(impls, precisions, repeats, seeds=(0,), control=False, key="") -> list[Arm]:
-    """Every (impl, precision, seed), and with `control` plain once more at each precision and
-    seed, once per repeat, each repeat in the order of one row of a balanced Latin square:
+
+def schedule(
+    impls, precisions, repeats, seeds=(0,), control=False, key="", ddp=False
+) -> list[Arm]:
+    """Every (impl, precision, seed), with `control` plain once more at each precision and
+    seed, and with `ddp` plain under DDP at each (a rung only FSDP has left out), once per
+    repeat, each repeat in the order of one row of a balanced Latin square:
     over the repeats every arm takes every place in the order equally often (exactly, over
     each whole number of rows), and no arm always follows the same one. `key` seeds which
     rows and which arm is which symbol, so that a plan read back runs the same order."""
-    arms = [(i, p, s, False) for s in seeds for p in precisions for i in impls]
+    arms = [(i, p, s, False, False) for s in seeds for p in precisions for i in impls]
     if control:
-        arms += [("plain", p, s, True) for s in seeds for p in precisions]
+        arms += [("plain", p, s, True, False) for s in seeds for p in precisions]
+    if ddp:
+        arms += [
+            ("plain", p, s, False, True)
+            for s in seeds
+            for p in precisions
+            if p not in SHARDED_ONLY
+        ]
     rng = np.random.default_rng(int.from_bytes(hashlib.sha256(key.encode()).digest()[:8]))
     order = []
     for r, row in enumerate(balanced_orders(len(arms), repeats, rng)):
         for position, k in enumerate(row):
-            i, p, s, c = arms[k]
-            order.append(Arm(i, p, r, s, len(seeds) > 1, c, position))
+            i, p, s, c, d = arms[k]
+            order.append(Arm(i, p, r, s, len(seeds) > 1, c, position, d))
     return order
 
 
@@ -95,7 +110,10 @@ class Plan:
     def arms(self) -> list[Arm]:
         seeds = range(self.cfg.seed, self.cfg.seed + self.seeds)
         key = json.dumps([self.spelled(), self.cfg.seed])
-        return schedule(self.impls, self.precisions, self.repeats, seeds, self.control, key)
+        ddp = self.cfg.strategy == "fsdp" and self.cfg.devices > 1
+        return schedule(
+            self.impls, self.precisions, self.repeats, seeds, self.control, key, ddp
+        )
 
     def spelled(self) -> dict:
         """The compare options as the command line gives them."""

@@ -152,6 +152,9 @@ def markdown(summary: Summary, records) -> str:
         lines += _overhead_table(dev)
         lines += _ratio_table(dev)
         lines += _state_table(dev)
+        lines += _weights_table(dev)
+    for sharded in summary.sharded:
+        lines += _sharded_table(sharded)
     lines += _unfinished(records)
     return "\n".join(lines)
 
@@ -207,7 +210,20 @@ def _method(dev: Group) -> list[str]:
     ]
     if cpu:
         lines += ["On CPU the mixed precision is bf16-mixed: fp16 has no fast CPU kernels.", ""]
+    if cfg.get("strategy") == "fsdp":
+        lines += [SHARDED, ""]
     return lines
+
+
+SHARDED = (
+    "Sharded with FSDP2 (torch's fully_shard on each block and on the root; gradients "
+    "reduced in fp32 at every precision). A -mixed precision is autocast over fp32 shards, "
+    "as under DDP; a -true one casts the model before it is sharded, so its shards are in the "
+    "half type; bf16-fsdp is FSDP's own mixed precision, MixedPrecisionPolicy(param_dtype="
+    "bf16): fp32 shards and optimizer state, each block's parameters gathered in bf16 and "
+    "whole modules computing in it, the norm layers kept fp32 (docs/fsdp.md). Model state "
+    "is per rank: each rank's shards."
+)
 
 
 def _pooled(dev: Group) -> str:
@@ -350,6 +366,58 @@ def _state_table(dev: Group) -> list[str]:
         "A part that 32-true keeps none of (master weights, a loss scaler) is given in bytes.",
     ]
     return [*lines, ""]
+
+
+def _weights_table(dev: Group) -> list[str]:
+    """At each precision, which arms trained bitwise-identical weights (every ok run's hash the
+    same set): the equivalence the tables' figures rest on, as measured here."""
+    rows = []
+    for precision, cells in dev.precisions.items():
+        sets = {}
+        for label, cell in cells.items():
+            if cell.weights and all(cell.weights):
+                sets.setdefault(tuple(cell.weights), []).append(label)
+        if sum(len(labels) for labels in sets.values()) > 1:
+            classes = " · ".join(" = ".join(md(x) for x in labels) for labels in sets.values())
+            rows.append(f"| {md(precision)} | {classes} |")
+    if not rows:
+        return []
+    return [
+        "### Trained weights",
+        "",
+        "Arms joined by = trained bitwise-identical weights (SHA-256 of the final state); "
+        "· separates arms whose weights differ.",
+        "",
+        "| precision | arms |",
+        "|---|---|",
+        *rows,
+        "",
+    ]
+
+
+def _sharded_table(sharded) -> list[str]:
+    """Each arm's model state per rank under FSDP over the plain loop's under DDP."""
+    lines = [
+        f"## Model state per rank: {md(sharded.device)} against {md(sharded.against)}",
+        "",
+        "Each part under FSDP over the plain loop's under DDP, same settings otherwise: "
+        "FSDP keeps each rank's shard of the parameters, gradients and optimizer state, DDP "
+        "a whole copy on every rank.",
+        "",
+        "| impl | precision | " + " | ".join(STATE_COLUMNS.values()) + " | DDP's weights |",
+        "|---|---|" + "---|" * (len(STATE_COLUMNS) + 1),
+    ]
+    for row in sharded.rows:
+        parts = [_ratio_or_dash(row.state.get(name)) for name in STATE_COLUMNS]
+        same = {True: "identical", False: "differ", None: "–"}[row.same_weights]
+        lines.append(
+            f"| {md(row.impl)} | {md(row.precision)} | " + " | ".join(parts) + f" | {same} |"
+        )
+    return [*lines, ""]
+
+
+def _ratio_or_dash(ratio) -> str:
+    return f"{ratio:.2f}×" if ratio is not None else "–"
 
 
 def _state_part(ratio, size) -> str:

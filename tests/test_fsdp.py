@@ -14,8 +14,8 @@ from click.testing import CliRunner
 from ampcompare.cli import cli
 from common import models, sharding
 from tests import faults
-from tests.conftest import run_cli
-from tests.test_ddp import LIMIT, gone, job
+from tests.conftest import ARMS_ONLY, run_cli
+from tests.test_ddp import JOB, LIMIT, gone, job
 
 ARMS = ("plain", "lightning", "fabric")
 FSDP = ("--strategy", "fsdp")
@@ -35,28 +35,57 @@ def assert_identical(runs: dict) -> None:
             assert a["model_state"] == b["model_state"], arm
 
 
-@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
-def test_plain_lightning_and_fabric_fsdp_are_bitwise_identical(tmp_path, precision):
+def test_plain_lightning_and_fabric_fsdp_are_bitwise_identical_at_bf16_true(tmp_path):
     runs = {
-        arm: job(arm, tmp_path, arm, *FSDP, "--precision", precision, "--epochs", "2")
+        arm: job(arm, tmp_path, arm, *FSDP, "--precision", "bf16-true", "--epochs", "2")
         for arm in ARMS
     }
     assert_identical(runs)
 
 
-def test_fsdp_is_ddp_at_32_true_with_half_the_state_per_rank(tmp_path):
-    ddp = job("plain", tmp_path, "ddp", "--precision", "32", "--epochs", "2")
-    runs = {
-        arm: job(arm, tmp_path, arm, *FSDP, "--precision", "32", "--epochs", "2")
-        for arm in ARMS
-    }
-    assert_identical(runs)
-    assert runs["plain"]["step_losses"] == ddp["step_losses"]
-    assert runs["plain"]["weights_sha256"] == ddp["weights_sha256"]
-    sharded, whole = runs["plain"]["epochs"][-1], ddp["epochs"][-1]
+def test_an_fsdp_comparison_shows_half_the_state_of_ddp_and_identical_weights(tmp_path):
+    """compare --strategy fsdp runs the plain loop under DDP beside the arms: at 32-true
+    plain FSDP trains DDP's weights bitwise, every arm the same at each precision, and the
+    report shows each arm's model state per rank at half of DDP's."""
+    args = [
+        "compare",
+        *FSDP,
+        *JOB,
+        "--impls",
+        "plain,lightning,fabric",
+        "--precisions",
+        "32-true,bf16-mixed",
+        "--epochs",
+        "2",
+        "--out-dir",
+        str(tmp_path),
+        *ARMS_ONLY,
+    ]
+    proc = run_cli(args, timeout=6 * LIMIT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (folder,) = tmp_path.glob("compare-*")
+    records = {p.parent.name: json.loads(p.read_text()) for p in folder.glob("*/result.json")}
+    for precision in ("32-true", "bf16-mixed"):
+        assert_identical({arm: records[f"{arm}-{precision}-r0"] for arm in ARMS})
+    ddp = records["plain-ddp-32-true-r0"]
+    assert ddp["config"]["strategy"] == "ddp" and ddp["status"] == "ok"
+    sharded = records["plain-32-true-r0"]
+    assert sharded["step_losses"] == ddp["step_losses"]
+    assert sharded["weights_sha256"] == ddp["weights_sha256"]
     for part in ("parameters", "gradients", "optimizer"):
         # Each rank keeps its shard: half, give or take the padding of an odd-sized tensor.
-        assert 0.45 < sharded["model_state"][part] / whole["model_state"][part] <= 0.55, part
+        ratio = (
+            sharded["epochs"][-1]["model_state"][part] / ddp["epochs"][-1]["model_state"][part]
+        )
+        assert 0.45 < ratio <= 0.55, part
+    report = (folder / "report.md").read_text()
+    assert "## Model state per rank:" in report and "strategy fsdp against" in report
+    table = report[report.index("## Model state per rank:") :].splitlines()
+    rows = [line.split(" | ") for line in table if line.startswith(("| plain", "| l", "| f"))]
+    assert len(rows) == 6, table  # three arms at two precisions
+    for row in rows:  # all of it, per rank, against DDP's; and DDP's weights, bitwise
+        assert 0.45 < float(row[-2].rstrip("×")) <= 0.55 and row[-1] == "identical |", row
+    assert "| 32-true | plain = lightning = fabric |" in report
 
 
 def test_fsdps_mixed_precision_is_identical_across_arms_and_resumes_bitwise(
