@@ -35,18 +35,11 @@ def assert_identical(runs: dict) -> None:
             assert a["model_state"] == b["model_state"], arm
 
 
-def test_plain_lightning_and_fabric_fsdp_are_bitwise_identical_at_bf16_true(tmp_path):
-    runs = {
-        arm: job(arm, tmp_path, arm, *FSDP, "--precision", "bf16-true", "--epochs", "2")
-        for arm in ARMS
-    }
-    assert_identical(runs)
-
-
 def test_an_fsdp_comparison_shows_half_the_state_of_ddp_and_identical_weights(tmp_path):
-    """compare --strategy fsdp runs the plain loop under DDP beside the arms: at 32-true
-    plain FSDP trains DDP's weights bitwise, every arm the same at each precision, and the
-    report shows each arm's model state per rank at half of DDP's."""
+    """compare --strategy fsdp runs the plain loop under DDP beside the arms: every arm trains
+    the same at 32-true, at autocast's bf16-mixed and at FSDP's own bf16-fsdp; plain FSDP
+    trains DDP's weights bitwise at 32-true (and at bf16-mixed); the report shows each arm's
+    model state per rank at half of DDP's."""
     args = [
         "compare",
         *FSDP,
@@ -54,7 +47,7 @@ def test_an_fsdp_comparison_shows_half_the_state_of_ddp_and_identical_weights(tm
         "--impls",
         "plain,lightning,fabric",
         "--precisions",
-        "32-true,bf16-mixed",
+        "32-true,bf16-mixed,bf16-fsdp",
         "--epochs",
         "2",
         "--out-dir",
@@ -65,7 +58,7 @@ def test_an_fsdp_comparison_shows_half_the_state_of_ddp_and_identical_weights(tm
     assert proc.returncode == 0, proc.stderr[-3000:]
     (folder,) = tmp_path.glob("compare-*")
     records = {p.parent.name: json.loads(p.read_text()) for p in folder.glob("*/result.json")}
-    for precision in ("32-true", "bf16-mixed"):
+    for precision in ("32-true", "bf16-mixed", "bf16-fsdp"):
         assert_identical({arm: records[f"{arm}-{precision}-r0"] for arm in ARMS})
     ddp = records["plain-ddp-32-true-r0"]
     assert ddp["config"]["strategy"] == "ddp" and ddp["status"] == "ok"
@@ -82,33 +75,29 @@ def test_an_fsdp_comparison_shows_half_the_state_of_ddp_and_identical_weights(tm
     assert "## Model state per rank:" in report and "strategy fsdp against" in report
     table = report[report.index("## Model state per rank:") :].splitlines()
     rows = [line.split(" | ") for line in table if line.startswith(("| plain", "| l", "| f"))]
-    assert len(rows) == 6, table  # three arms at two precisions
+    assert len(rows) == 6, table  # three arms at the two precisions DDP has too
     for row in rows:  # all of it, per rank, against DDP's; and DDP's weights, bitwise
         assert 0.45 < float(row[-2].rstrip("×")) <= 0.55 and row[-1] == "identical |", row
     assert "| 32-true | plain = lightning = fabric |" in report
 
 
-def test_fsdps_mixed_precision_is_identical_across_arms_and_resumes_bitwise(
-    tmp_path, monkeypatch
-):
-    """bf16-fsdp (MixedPrecisionPolicy, the norm layers kept fp32): every arm the same, and
-    each arm's job, stopped mid-epoch, resumes from its gathered checkpoint to the same."""
+def test_an_fsdp_job_stopped_mid_epoch_resumes_bitwise_in_every_arm(tmp_path, monkeypatch):
+    """Each arm's job at bf16-fsdp, stopped mid-epoch, resumes from its gathered checkpoint
+    to the plain loop's straight run (which every arm trains: the test above)."""
     args = (*FSDP, "--precision", "bf16-fsdp", "--epochs", "2")
-    runs = {arm: job(arm, tmp_path, arm, *args) for arm in ARMS}
-    assert_identical(runs)
+    straight = job("plain", tmp_path, "straight", *args)
     faults.inject_children(monkeypatch, epoch=1, action="interrupt", step=2)
     for arm in ARMS:
-        stopped = job(arm, tmp_path, f"{arm}-stopped", *args, expect=130)
+        stopped = job(arm, tmp_path, arm, *args, expect=130)
         assert stopped["status"] == "interrupted" and stopped["checkpoint"]["epochs"] == 1
     monkeypatch.delenv(faults.ENV)
     for arm in ARMS:
-        folder = tmp_path / f"{arm}-stopped"
-        proc = run_cli([arm, "--resume", str(folder), "--quiet"], timeout=LIMIT)
+        proc = run_cli([arm, "--resume", str(tmp_path / arm), "--quiet"], timeout=LIMIT)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        resumed = json.loads((folder / "result.json").read_text())
+        resumed = json.loads((tmp_path / arm / "result.json").read_text())
         assert resumed["status"] == "ok" and resumed["config"]["strategy"] == "fsdp"
-        assert resumed["step_losses"] == runs[arm]["step_losses"], arm
-        assert resumed["weights_sha256"] == runs[arm]["weights_sha256"], arm
+        assert resumed["step_losses"] == straight["step_losses"], arm
+        assert resumed["weights_sha256"] == straight["weights_sha256"], arm
 
 
 REFUSED = [
