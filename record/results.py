@@ -25,8 +25,8 @@ from record import schema
 # clock);
 # 5: model (spec, parameters, source), flops.counted, unsaved_epoch, per-epoch checkpoints;
 # 6: each epoch's model_state and the summary's state bytes, and the true rungs (bf16-true,
-# 16-true) as precisions
-SCHEMA = 6
+# 16-true) as precisions; 7: config.strategy, and bf16-fsdp as a precision
+SCHEMA = 7
 EXIT_CODES = {"ok": 0, "interrupted": 130}  # diverged, oom, failed: 1
 STATUSES = ("running", "ok", "interrupted", "diverged", "oom", "failed", "unavailable")
 S = schema

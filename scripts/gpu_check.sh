@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What a lent GPU should run, in one call of at most 8 minutes including set-up, with no network:
+# What a lent GPU should run, in one call of at most 10 minutes including set-up, with no network:
 #   1. every test marked gpu or apex: plain, Lightning, Fabric and Accelerate (16-mixed with its
 #      GradScaler too) bitwise on CUDA; apex O0 bitwise with plain 32-true, O1/O2 within the
 #      stated tolerance, O1 resumed bitwise; an inf gradient skipped by plain and apex; the GPU
@@ -8,7 +8,7 @@
 #      bf16-mixed, for plain, Lightning, Fabric, Accelerate and apex (O1; it has no bf16); the
 #      rest of the precision ladder with the plain loop (bf16-true, 16-true, and 32-true with
 #      TF32 on, the first compare's being off); apex O2 (fp16 model, fp32 master weights) and
-#      O3 (16-true);
+#      O3 (16-true); FSDP (--strategy fsdp) in one process at the device's mixed precision;
 #   3. one report of them all, and the targets beside the reference benchmark's figures
 #      (scripts/gpu_targets.py).
 # Each step has a time limit. A compare stopped at its limit is "partial": the runs it finished
@@ -111,8 +111,9 @@ if [ "$MODE" = gpu ]; then
        --no-checkpoint)
   PRECISIONS=32-true,16-mixed,bf16-mixed
   IMPLS=plain,lightning,fabric,accelerate,apex
-  # the limits add up, with each one's grace period, set-up and the report, to about 515 s
-  TESTS_LIMIT=100 LIMIT=180 LADDER_LIMIT=45 TF32_LIMIT=30 APEX_LIMIT=50
+  FSDP_PRECISION=16-mixed FSDP_IMPLS=plain,lightning,fabric  # 16-mixed: Lightning's refuses
+  # the limits add up, with each one's grace period, set-up and the report, to about 565 s
+  TESTS_LIMIT=100 LIMIT=180 LADDER_LIMIT=45 TF32_LIMIT=30 APEX_LIMIT=50 FSDP_LIMIT=40
   TEST_WORKERS=(-n "${GPU_TEST_WORKERS:-4}")
   WARMUP=()
 else
@@ -120,7 +121,8 @@ else
        --limit-train-batches 2 --limit-test-batches 1 --accelerator cpu --no-checkpoint)
   PRECISIONS=32-true,bf16-mixed
   IMPLS=plain  # every step of the script at the least cost (apex: its O2 row, unavailable)
-  TESTS_LIMIT=120 LIMIT=120 LADDER_LIMIT=90 TF32_LIMIT=60 APEX_LIMIT=60
+  FSDP_PRECISION=bf16-mixed FSDP_IMPLS=plain
+  TESTS_LIMIT=120 LIMIT=120 LADDER_LIMIT=90 TF32_LIMIT=60 APEX_LIMIT=60 FSDP_LIMIT=60
   TEST_WORKERS=()
   WARMUP=(--no-warmup)  # it checks that every step runs, not how fast: no untimed run first
 fi
@@ -170,6 +172,14 @@ timeout -k 10 "$APEX_LIMIT" "${AMP[@]}" compare "${RUN[@]}" --precisions 16-mixe
   --impls apex --opt-level O2 --no-control --no-warmup --out-dir "$WORK" --quiet \
   > "$WORK/log-compare-apex.txt" 2>&1
 apex_rc=$?
+# FSDP with a world of one (a process group of one): the sharding's code path, policy and
+# checkpoints on the device; on a GPU its mixed precision is 16-mixed, which plain runs and
+# Lightning's and Fabric's ModelParallelStrategy refuse (their rows say so).
+echo "gpu_check: FSDP in one process (limit ${FSDP_LIMIT}s)"
+timeout -k 10 "$FSDP_LIMIT" "${AMP[@]}" compare "${RUN[@]}" --strategy fsdp \
+  --precisions "$FSDP_PRECISION" --impls "$FSDP_IMPLS" --no-control --no-warmup \
+  --out-dir "$WORK" --quiet > "$WORK/log-compare-fsdp.txt" 2>&1
+fsdp_rc=$?
 
 timeout -k 10 60 "${AMP[@]}" report "$WORK"/compare-*/ --out "$WORK/report" \
   > "$WORK/report.log" 2>&1
@@ -188,7 +198,7 @@ ended() {  # how a compare ended, from its exit code
 }
 passed=1
 [ "$tests_rc" -eq 0 ] || passed=0
-for rc in "$compare_rc" "$ladder_rc" "$tf32_rc" "$apex_rc"; do  # partial is a measurement
+for rc in "$compare_rc" "$ladder_rc" "$tf32_rc" "$apex_rc" "$fsdp_rc"; do  # partial is a measurement
   case "$rc" in 0 | 124 | 137) ;; *) passed=0 ;; esac
 done
 [ "$report_rc" -eq 0 ] || passed=0
@@ -211,7 +221,7 @@ done
   rm -f "$WORK/.short"
   echo "-- compare: $(ended "$compare_rc"); ladder: $(ended "$ladder_rc")${ladder_diverged:+ (a rung diverged: its row says where)};" \
     "TF32: $(ended "$tf32_rc");" \
-    "apex O2 and O3: $(ended "$apex_rc"); report exit $report_rc --"
+    "apex O2 and O3: $(ended "$apex_rc"); FSDP: $(ended "$fsdp_rc"); report exit $report_rc --"
   "$PY" - "$WORK/report/results.csv" "$WORK"/compare-*/compare.json <<'EOF' 2>/dev/null \
     || echo "no results.csv"
 import collections, csv, os, sys
@@ -234,11 +244,12 @@ EOF
          "summary.txt report.md targets.txt env.txt gpu-tests.log log-compare.txt"
   fi
   if [ "$passed" -eq 1 ]; then verdict=PASSED; else verdict=FAILED; fi
-  case " $compare_rc $ladder_rc $tf32_rc $apex_rc " in
+  case " $compare_rc $ladder_rc $tf32_rc $apex_rc $fsdp_rc " in
     *" 124 "* | *" 137 "*) verdict="$verdict (partial)" ;;
   esac
   echo "gpu_check ($MODE): $verdict: tests exit $tests_rc; compare exit $compare_rc;" \
        "ladder exit $ladder_rc; TF32 exit $tf32_rc; apex O2 and O3 exit $apex_rc;" \
+       "FSDP exit $fsdp_rc;" \
        "report exit $report_rc; $apex_line"
 } > "$WORK/summary.txt"
 

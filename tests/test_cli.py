@@ -242,8 +242,8 @@ def test_the_gpu_check_runs_every_step_in_its_cpu_mode_and_packs_what_comes_back
         names = archive.getnames()
     assert any(n.endswith("report/summary.json") for n in names)
     # plain at 32-true and bf16-mixed, the ladder's bf16-true and 16-true, 32-true with TF32 on,
-    # and the stand-ins of apex O2 and O3
-    assert sum(n.endswith("result.json") for n in names) == 7
+    # the stand-ins of apex O2 and O3, and plain under FSDP in one process
+    assert sum(n.endswith("result.json") for n in names) == 8
     assert not [n for n in names if n.endswith((".pt", ".lock")) or "/site/" in n]
     # The output ends with the summary: tests, compares, targets, verdict.
     summary = tail[tail.index("== gpu_check (cpu) summary ==") :]
@@ -251,9 +251,9 @@ def test_the_gpu_check_runs_every_step_in_its_cpu_mode_and_packs_what_comes_back
     assert "SKIPPED" in summary and " skipped" in summary  # the gpu tests, with their reasons
     assert (
         "-- compare: ok; ladder: ok (a rung diverged: its row says where); TF32: ok; "
-        "apex O2 and O3: ok; report exit 0 --"
+        "apex O2 and O3: ok; FSDP: ok; report exit 0 --"
     ) in summary
-    assert "runs: 7 planned, 7 recorded: 4 ok, 2 unavailable, 1 diverged" in summary
+    assert "runs: 8 planned, 8 recorded: 5 ok, 2 unavailable, 1 diverged" in summary
     assert "plain 16-true: diverged: loss is nan from step" in summary  # Adam's eps in fp16
     assert targets in summary
     last = summary.strip().splitlines()[-1]

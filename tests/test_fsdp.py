@@ -100,13 +100,9 @@ def test_an_fsdp_job_stopped_mid_epoch_resumes_bitwise_in_every_arm(tmp_path, mo
         assert resumed["weights_sha256"] == straight["weights_sha256"], arm
 
 
+# apex, Lightning at 16-mixed and bf16-fsdp without fsdp: the catalogue (test_catalogue.py)
 REFUSED = [
-    (["apex"], "apex: --strategy fsdp: apex.amp predates sharded data parallel"),
     (["accelerate"], "accelerate: --strategy fsdp: Accelerate never turns FSDP on for a CPU"),
-    (
-        ["lightning", "--precision", "16-mixed"],
-        "lightning: --strategy fsdp at 16-mixed: its ModelParallelStrategy allows",
-    ),
     (
         ["fabric", "--precision", "16-mixed"],
         "fabric: --strategy fsdp at 16-mixed: its ModelParallelStrategy allows",
@@ -114,9 +110,7 @@ REFUSED = [
 ]
 
 
-@pytest.mark.parametrize(
-    "args, line", REFUSED, ids=["apex", "accelerate", "lightning", "fabric"]
-)
+@pytest.mark.parametrize("args, line", REFUSED, ids=["accelerate", "fabric"])
 def test_what_a_framework_cannot_shard_is_refused_in_one_line(tmp_path, args, line):
     out = tmp_path / "out"
     r = CliRunner().invoke(
@@ -126,22 +120,6 @@ def test_what_a_framework_cannot_shard_is_refused_in_one_line(tmp_path, args, li
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"ampcompare: error: {line}"), lines
     assert not out.exists()
-
-
-def test_fsdps_own_mixed_precision_needs_fsdp(tmp_path):
-    r = CliRunner().invoke(
-        cli, ["plain", "--precision", "bf16-fsdp", "--out-dir", str(tmp_path / "out")]
-    )
-    assert r.exit_code == 2
-    assert r.stderr.strip().splitlines() == [
-        "ampcompare: error: --precision bf16-fsdp is FSDP's own mixed precision (its "
-        "MixedPrecisionPolicy): it needs --strategy fsdp"
-    ]
-    r = CliRunner().invoke(
-        cli,
-        ["compare", "--precisions", "32,bf16-fsdp", "--out-dir", str(tmp_path / "out")],
-    )
-    assert r.exit_code == 2 and "needs --strategy fsdp" in r.stderr
 
 
 def test_the_sharding_units_are_the_blocks_innermost_first():
