@@ -39,6 +39,21 @@ def refuse_unless(accelerator, precision: str, device: str) -> None:
         )
 
 
+def refuse_sharding(cfg, device) -> None:
+    """--strategy fsdp, refused in every process (torchrun's ranks too): never a DDP or
+    single-process run recorded as sharded."""
+    if cfg.strategy == "fsdp":
+        where = (
+            "Accelerate never turns FSDP on for a CPU"
+            if device.type == "cpu"
+            else "its FSDP plugin is not proven against the other arms here, so not run"
+        )
+        raise Unavailable(
+            f"accelerate: --strategy fsdp: {where}; use --strategy ddp, or plain, lightning "
+            f"or fabric"
+        )
+
+
 def check(cfg) -> None:
     """Before anything runs: build the Accelerator this run would build and refuse now."""
     from accelerate import Accelerator
@@ -48,11 +63,7 @@ def check(cfg) -> None:
 
     cfg.validate()
     device = resolve_device(cfg)
-    if cfg.strategy == "fsdp" and device.type == "cpu":
-        raise Unavailable(
-            "accelerate: --strategy fsdp: Accelerate never turns FSDP on for a CPU (its "
-            "plugin needs a GPU); use --strategy ddp, or another arm"
-        )
+    refuse_sharding(cfg, device)
     policy, _ = resolve(cfg.precision, device)
     accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=MIXED[policy.effective])
     refuse_unless(accelerator, policy.effective, device.type)

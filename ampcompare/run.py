@@ -33,10 +33,12 @@ def run_one(impl: str, cfg: Config) -> int:
         from apex_impl.opt_levels import check
 
         check(cfg)
-    if impl == "accelerate" and not ranks.launched():  # what it would really run, said first
-        from accelerate_impl.precision import check as check_accelerate
+    if impl == "accelerate":  # what it would really run, said first
+        from accelerate_impl import precision as accelerate_precision
 
-        check_accelerate(cfg)
+        accelerate_precision.refuse_sharding(cfg, resolve_device(cfg))
+        if not ranks.launched():
+            accelerate_precision.check(cfg)
     cfg.validate()
     if impl in ("lightning", "fabric") and cfg.strategy == "fsdp":  # said before it starts
         precision.refuse_unless_model_parallel_runs(impl, cfg.precision, resolve_device(cfg))
