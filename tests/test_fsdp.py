@@ -37,9 +37,9 @@ def assert_identical(runs: dict) -> None:
 
 def test_an_fsdp_comparison_shows_half_the_state_of_ddp_and_identical_weights(tmp_path):
     """compare --strategy fsdp runs the plain loop under DDP beside the arms: every arm trains
-    the same at 32-true, at autocast's bf16-mixed and at FSDP's own bf16-fsdp; plain FSDP
-    trains DDP's weights bitwise at 32-true (and at bf16-mixed); the report shows each arm's
-    model state per rank at half of DDP's."""
+    the same at 32-true and at FSDP's own bf16-fsdp (autocast's bf16-mixed: the next test);
+    plain FSDP trains DDP's weights bitwise at 32-true; the report shows each arm's model
+    state per rank at half of DDP's."""
     args = [
         "compare",
         *FSDP,
@@ -47,7 +47,7 @@ def test_an_fsdp_comparison_shows_half_the_state_of_ddp_and_identical_weights(tm
         "--impls",
         "plain,lightning,fabric",
         "--precisions",
-        "32-true,bf16-mixed,bf16-fsdp",
+        "32-true,bf16-fsdp",
         "--epochs",
         "2",
         "--out-dir",
@@ -58,7 +58,7 @@ def test_an_fsdp_comparison_shows_half_the_state_of_ddp_and_identical_weights(tm
     assert proc.returncode == 0, proc.stderr[-3000:]
     (folder,) = tmp_path.glob("compare-*")
     records = {p.parent.name: json.loads(p.read_text()) for p in folder.glob("*/result.json")}
-    for precision in ("32-true", "bf16-mixed", "bf16-fsdp"):
+    for precision in ("32-true", "bf16-fsdp"):
         assert_identical({arm: records[f"{arm}-{precision}-r0"] for arm in ARMS})
     ddp = records["plain-ddp-32-true-r0"]
     assert ddp["config"]["strategy"] == "ddp" and ddp["status"] == "ok"
@@ -75,16 +75,17 @@ def test_an_fsdp_comparison_shows_half_the_state_of_ddp_and_identical_weights(tm
     assert "## Model state per rank:" in report and "strategy fsdp against" in report
     table = report[report.index("## Model state per rank:") :].splitlines()
     rows = [line.split(" | ") for line in table if line.startswith(("| plain", "| l", "| f"))]
-    assert len(rows) == 6, table  # three arms at the two precisions DDP has too
+    assert len(rows) == 3, table  # three arms at the precision DDP has too
     for row in rows:  # all of it, per rank, against DDP's; and DDP's weights, bitwise
         assert 0.45 < float(row[-2].rstrip("×")) <= 0.55 and row[-1] == "identical |", row
     assert "| 32-true | plain = lightning = fabric |" in report
 
 
 def test_an_fsdp_job_stopped_mid_epoch_resumes_bitwise_in_every_arm(tmp_path, monkeypatch):
-    """Each arm's job at bf16-fsdp, stopped mid-epoch, resumes from its gathered checkpoint
-    to the plain loop's straight run (which every arm trains: the test above)."""
-    args = (*FSDP, "--precision", "bf16-fsdp", "--epochs", "2")
+    """Each arm's job at bf16-mixed (autocast over fp32 shards), stopped mid-epoch, resumes
+    from its gathered checkpoint to the plain loop's straight run: every arm resumes bitwise,
+    and trains what plain trains."""
+    args = (*FSDP, "--precision", "bf16-mixed", "--epochs", "2")
     straight = job("plain", tmp_path, "straight", *args)
     faults.inject_children(monkeypatch, epoch=1, action="interrupt", step=2)
     for arm in ARMS:
