@@ -186,7 +186,7 @@ class Config:
     channels_last: Optional[bool] = option(
         None,
         "Keep the model and images in channels-last (NHWC) memory format.",
-        shown="on with CUDA, off on CPU",
+        shown="on with CUDA, off on CPU and under --strategy fsdp",
         flag="--channels-last/--no-channels-last",
     )
     compile: bool = option(
@@ -273,6 +273,11 @@ class Config:
         for f in dataclasses.fields(self):
             _check(f, getattr(self, f.name))
         self.precision = canonical(self.precision)  # recorded in canonical form
+        if self.strategy == "fsdp" and self.channels_last:
+            raise UsageError(
+                "--channels-last with --strategy fsdp: FSDP2 shards only contiguous "
+                "parameters, and channels-last convolution weights are not; drop one"
+            )
         if self.precision in SHARDED_ONLY and self.strategy != "fsdp":
             raise UsageError(
                 f"--precision {self.precision} is FSDP's own mixed precision (its "

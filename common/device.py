@@ -38,7 +38,10 @@ def apply_speed_switches(cfg, device: torch.device) -> dict:
         # TF32 exists from Ampere (8.0) on; earlier GPUs would record a switch that did nothing.
         "tf32": bool(cfg.tf32 and cuda and torch.cuda.get_device_capability(device) >= (8, 0)),
         # NHWC lets cuDNN use tensor-core kernels without transposes; on CPU it bought nothing.
-        "channels_last": cuda if cfg.channels_last is None else cfg.channels_last,
+        # FSDP2 shards contiguous parameters only: channels-last is off by default there
+        "channels_last": (
+            cuda and cfg.strategy != "fsdp" if cfg.channels_last is None else cfg.channels_last
+        ),
         "deterministic": cfg.deterministic,
         "compile": cfg.compile,
     }

@@ -110,8 +110,11 @@ class _NoShard:
 
 
 def is_sharded(model: nn.Module) -> bool:
-    """Whether any of the model's parameters is a DTensor shard."""
-    return any(isinstance(p, _dtensor()) for p in model.parameters())
+    """Whether fully_shard has been applied to the model or a module in it. Not read from the
+    parameters: after a forward without backward (an evaluation) the root's stay gathered,
+    plain tensors, until FSDP reshards them; every rank must still gather alike."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # not imported: nothing is sharded
+    return fsdp is not None and any(isinstance(m, fsdp.FSDPModule) for m in model.modules())
 
 
 def full_state_dict(model: nn.Module) -> dict:

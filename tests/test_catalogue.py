@@ -75,6 +75,7 @@ CASES = {
     "ampcompare apex --devices 2": _apex_line,
     "ampcompare plain --strategy zero3": "'zero3' is not one of 'ddp', 'fsdp'",
     "ampcompare plain --precision bf16-fsdp": "--precision bf16-fsdp is FSDP's own mixed precision (its MixedPrecisionPolicy): it needs --strategy fsdp",
+    "ampcompare plain --strategy fsdp --channels-last": "--channels-last with --strategy fsdp: FSDP2 shards only contiguous parameters",
     "ampcompare apex --strategy fsdp": "apex: --strategy fsdp: apex.amp predates sharded data parallel",
     "ampcompare lightning --devices 2 --strategy fsdp --precision 16-mixed": "lightning: --strategy fsdp at 16-mixed: its ModelParallelStrategy allows 32-true, bf16-mixed, bf16-true, 16-true",
     "ampcompare compare --precisions 32,bf16-fsdp": "--precisions bf16-fsdp: FSDP's own mixed precision needs --strategy fsdp",

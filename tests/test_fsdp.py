@@ -139,3 +139,28 @@ def test_the_sharding_units_are_the_blocks_innermost_first():
 
     nested = NestedBlock()
     assert sharding.units(torch.nn.Sequential(nested)) == [nested.inner, nested]
+
+
+def test_a_model_is_sharded_after_an_evaluation_left_its_root_gathered():
+    """After a forward without backward FSDP leaves the root's parameters gathered, plain
+    tensors: a model whose root holds them all (the linear probe) looked unsharded then, and
+    one rank gathered its weights for their hash while the other did not."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = sharding.shard(models.LinearProbe(), init_device_mesh("cpu", (1,)))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        model(torch.randn(2, 3, 32, 32)).sum().backward()
+        optimizer.step()
+        assert sharding.is_sharded(model)
+        with torch.inference_mode():
+            model.eval()
+            model(torch.randn(2, 3, 32, 32))
+        assert not any(isinstance(p, DTensor) for p in model.parameters())
+        assert sharding.is_sharded(model)
+        assert not sharding.is_sharded(models.LinearProbe())
+    finally:
+        dist.destroy_process_group()
