@@ -261,8 +261,8 @@ def _listed_choices(value: str, allowed, what: str) -> list[str]:
     "--precisions",
     default=None,
     help="Precisions, comma-separated, from the ladder 32-true, 16-mixed, bf16-mixed, "
-    "bf16-true, 16-true.  [default: 32-true and the device's mixed precision: 16-mixed on "
-    "CUDA, bf16-mixed on CPU]",
+    "bf16-true, 16-true, and with --strategy fsdp bf16-fsdp.  [default: 32-true and the "
+    "device's mixed precision: 16-mixed on CUDA, bf16-mixed on CPU]",
 )
 @click.option(
     "--repeats",

@@ -30,6 +30,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
+from common.errors import UsageError
+
 # torch.distributed's FSDP and DTensor are imported inside the functions that use them: at the
 # top they would lengthen every process's start-up, sharded or not.
 BLOCKS = ("Block", "Bottleneck")  # the class-name endings of a sharding unit
@@ -59,13 +61,33 @@ def shard(model: nn.Module, mesh, param_dtype=None) -> nn.Module:
     new (DTensor shards)."""
     from torch.distributed.fsdp import fully_shard
 
-    if param_dtype is not None:
-        for norm in [m for m in model.modules() if isinstance(m, _NormBase)][::-1]:
-            fully_shard(norm, mesh=mesh, mp_policy=_fp32_norm(param_dtype))
-    for unit in units(model):
+    norms = [m for m in model.modules() if isinstance(m, _NormBase)] if param_dtype else []
+    refuse_shared_parameters(model)
+    for norm in norms[::-1]:
+        fully_shard(norm, mesh=mesh, mp_policy=_fp32_norm(param_dtype))
+    for unit in [*units(model), model]:
         fully_shard(unit, mesh=mesh, mp_policy=policy(param_dtype))
-    fully_shard(model, mesh=mesh, mp_policy=policy(param_dtype))
     return model
+
+
+def refuse_shared_parameters(model: nn.Module) -> None:
+    """A parameter that two blocks share (tied weights), neither inside the other, cannot be
+    sharded with both: FSDP would fail at the first forward. Said in one line, before."""
+    blocks = units(model)
+    for name, p in model.named_parameters():
+        holders = [b for b in blocks if any(q is p for q in b.parameters())]
+        for i, a in enumerate(holders):
+            for b in holders[i + 1 :]:
+                if not (_inside(a, b) or _inside(b, a)):
+                    raise UsageError(
+                        f"--strategy fsdp: parameter {name} is shared by two blocks "
+                        f"({type(a).__name__} and {type(b).__name__}), which FSDP shards "
+                        f"apart; untie it, or use --strategy ddp"
+                    )
+
+
+def _inside(inner: nn.Module, outer: nn.Module) -> bool:
+    return any(m is inner for m in outer.modules())
 
 
 def _fp32_norm(param_dtype):

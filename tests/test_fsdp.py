@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from ampcompare.cli import cli
 from common import models, sharding
+from common.errors import UsageError
 from tests import faults
 from tests.conftest import ARMS_ONLY, run_cli
 from tests.test_ddp import JOB, LIMIT, gone, job
@@ -123,6 +124,12 @@ def test_what_a_framework_cannot_shard_is_refused_in_one_line(tmp_path, args, li
     assert not out.exists()
 
 
+class NestedBlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = models.BasicBlock(3, 3, 1)
+
+
 def test_the_sharding_units_are_the_blocks_innermost_first():
     resnet = models.ResNet18()
     units = sharding.units(resnet)
@@ -132,16 +139,11 @@ def test_the_sharding_units_are_the_blocks_innermost_first():
     assert sharding.units(small) == list(small.features)[::-1]
     assert sharding.units(models.LinearProbe()) == []  # the root alone
 
-    class NestedBlock(torch.nn.Module):  # a block inside a block: the inner one first
-        def __init__(self):
-            super().__init__()
-            self.inner = models.BasicBlock(3, 3, 1)
-
-    nested = NestedBlock()
+    nested = NestedBlock()  # a block inside a block: the inner one first
     assert sharding.units(torch.nn.Sequential(nested)) == [nested.inner, nested]
 
 
-def test_a_model_is_sharded_after_an_evaluation_left_its_root_gathered():
+def test_sharded_is_known_after_an_evaluation_and_what_fsdp_refuses_is_one_line():
     """After a forward without backward FSDP leaves the root's parameters gathered, plain
     tensors: a model whose root holds them all (the linear probe) looked unsharded then, and
     one rank gathered its weights for their hash while the other did not."""
@@ -162,5 +164,11 @@ def test_a_model_is_sharded_after_an_evaluation_left_its_root_gathered():
         assert not any(isinstance(p, DTensor) for p in model.parameters())
         assert sharding.is_sharded(model)
         assert not sharding.is_sharded(models.LinearProbe())
+        # What FSDP cannot shard is the model's to change: one line, not a traceback.
+        tied = torch.nn.Sequential(models.BasicBlock(3, 3, 1), models.BasicBlock(3, 3, 1))
+        tied[1].conv1.weight = tied[0].conv1.weight
+        with pytest.raises(UsageError, match=r"^--strategy fsdp: parameter 0.conv1.weight is"):
+            sharding.shard(tied, init_device_mesh("cpu", (1,)))
+        sharding.refuse_shared_parameters(NestedBlock())  # held by a block and its block
     finally:
         dist.destroy_process_group()
