@@ -8,6 +8,7 @@ Shows:  per-step losses and final weights bitwise identical to the plain loop at
         and what Fabric costs per step (ampcompare bench).
 Where plain's lines live here:
     DistributedDataParallel(...)    Fabric(strategy=DDPStrategy(...)), the same DDP settings
+    sharding.shard (--strategy fsdp) ModelParallelStrategy(parallelize_fn), one gathered file
     GradScaler; autocast            Fabric(precision=...): its plugin holds both
     .to(device) (model, batches)    fabric.setup, fabric.setup_dataloaders
     sampler.set_epoch(epoch)        Fabric's loader, as it is iterated, with its own count

@@ -4,6 +4,7 @@ callback.py measures and records it, as record/epochs.py does for the hand-writt
 
 Read it against the plain loop: sdiff -W -w 200 plain_torch/train.py lightning_impl/module.py
 (-W: the loop's lines sit deeper in plain). Where plain's lines live in Lightning:
+    sharding.shard (--strategy fsdp) configure_model, under Trainer's ModelParallelStrategy
     sampler.set_epoch(epoch)         the fit loop, at each epoch start (it finds the sampler)
     model.train() / model.eval()     the fit loop, around training and validation
     with autocast: loss = ...        training_step, under the precision plugin's autocast

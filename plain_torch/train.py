@@ -9,7 +9,8 @@ Read:   sdiff -w 200 plain_torch/train.py fabric_impl/train.py   (accelerate_imp
 Shows:  the reference loop the others are measured against; per-step losses and final
         weights are bitwise identical to Lightning's at 32-true, bf16-mixed and 16-mixed, and
         to every arm's at bf16-true and 16-true (the model and its inputs cast to the half
-        type, the optimizer built on the half parameters, no scaler).
+        type, the optimizer built on the half parameters, no scaler); under --strategy fsdp,
+        to Lightning's and Fabric's ModelParallelStrategy (docs/fsdp.md).
 Measured: figures with their commands and machines are in docs/benchmark.md (every arm)
         and docs/bench.md (what a framework adds to a step), not here, where they would rot.
 """
