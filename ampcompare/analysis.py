@@ -376,12 +376,17 @@ def sharded_against_ddp(groups: list[Group], devices: list[str]) -> list[Sharded
 
 
 def _sharded_row(label: str, precision: str, cell: Cell, ddp: Cell) -> ShardedRow:
-    state = {
-        name: _over(cell.median(name), ddp.median(name))
+    weighed = all(cell.weights + ddp.weights) and cell.weights and ddp.weights
+    same = cell.weights == ddp.weights if weighed else None
+    return ShardedRow(label, precision, _state_over(cell, ddp), same)
+
+
+def _state_over(cell: Cell, ref: Cell) -> dict[str, float | None]:
+    """Each part of the model state, and their sum, in `cell` over `ref`."""
+    return {
+        name: _over(cell.median(name), ref.median(name))
         for name in (summary.MODEL_STATE, *summary.STATE_BYTES.values())
     }
-    weighed = all(cell.weights) and all(ddp.weights) and cell.weights and ddp.weights
-    return ShardedRow(label, precision, state, cell.weights == ddp.weights if weighed else None)
 
 
 def _verdicts(group: Group, samples, noise) -> None:
@@ -442,10 +447,7 @@ def _ratios(table, samples, noise, hold=None) -> dict[str, dict[str, Ratio]]:
                     "peak_beyond_data_bytes",
                 )
             },
-            state={
-                name: _over(cell.median(name), ref.median(name))
-                for name in (summary.MODEL_STATE, *summary.STATE_BYTES.values())
-            },
+            state=_state_over(cell, ref),
             accuracy_change=x.median - y.median if x and y else None,
             seeds=seeds,
             seed_spread=max(x.max - x.min, y.max - y.min) if x and y and seeds > 1 else None,
