@@ -410,16 +410,12 @@ def _sharded_table(sharded) -> list[str]:
         "|---|---|" + "---|" * (len(STATE_COLUMNS) + 1),
     ]
     for row in sharded.rows:
-        parts = [_ratio_or_dash(row.state.get(name)) for name in STATE_COLUMNS]
+        parts = [_state_part(row.state.get(name), None) for name in STATE_COLUMNS]
         same = {True: "identical", False: "differ", None: "–"}[row.same_weights]
         lines.append(
             f"| {md(row.impl)} | {md(row.precision)} | " + " | ".join(parts) + f" | {same} |"
         )
     return [*lines, ""]
-
-
-def _ratio_or_dash(ratio) -> str:
-    return f"{ratio:.2f}×" if ratio is not None else "–"
 
 
 def _state_part(ratio, size) -> str:

@@ -55,10 +55,9 @@ class SavedTensors:
         """(ids, storage addresses) of the model's parameters as they are now. Under FSDP a
         unit's are gathered just before its forward and freed after it, so they are looked up
         again at each saved tensor."""
-        params = [sharding.local(p) for p in self.model.parameters()]
-        return {id(p) for p in self.model.parameters()}, {
-            p.untyped_storage().data_ptr() for p in params
-        }
+        params = list(self.model.parameters())
+        storages = {sharding.local(p).untyped_storage().data_ptr() for p in params}
+        return {id(p) for p in params}, storages
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()

@@ -73,11 +73,14 @@ def shard(model: nn.Module, mesh, param_dtype=None) -> nn.Module:
 def refuse_shared_parameters(model: nn.Module) -> None:
     """A parameter that two blocks share (tied weights), neither inside the other, cannot be
     sharded with both: FSDP would fail at the first forward. Said in one line, before."""
-    blocks = units(model)
+    holders = {}  # a parameter's id -> the blocks that hold it
+    for block in units(model):
+        for p in block.parameters():
+            holders.setdefault(id(p), []).append(block)
     for name, p in model.named_parameters():
-        holders = [b for b in blocks if any(q is p for q in b.parameters())]
-        for i, a in enumerate(holders):
-            for b in holders[i + 1 :]:
+        blocks = holders.get(id(p), [])
+        for i, a in enumerate(blocks):
+            for b in blocks[i + 1 :]:
                 if not (_inside(a, b) or _inside(b, a)):
                     raise UsageError(
                         f"--strategy fsdp: parameter {name} is shared by two blocks "
