@@ -73,8 +73,8 @@ def config_from(options: dict, stored: Optional[dict] = None, ctx=None) -> Confi
 
 
 def _say(line: str) -> None:
-    """One line on stderr; in a job of several processes, rank 0's only."""
-    if ranks.is_rank0():
+    """One line on stderr; in a job of several processes, one per node (ranks.speaks)."""
+    if ranks.speaks():
         console.say(line, err=True)
 
 
@@ -99,10 +99,10 @@ class OneLineErrors(click.Group):
             console.say(e.ctx.get_help())
             code = 0
         except click.ClickException as e:
-            _say(f"ampcompare: error: {one_line(e.format_message())}")
+            _say(f"ampcompare: error{ranks.who()}: {one_line(e.format_message())}")
             code = 2
         except UsageError as e:
-            _say(f"ampcompare: error: {one_line(str(e))}")
+            _say(f"ampcompare: error{ranks.who()}: {one_line(str(e))}")
             code = unavailable_exit() if isinstance(e, Unavailable) else 2
         except (KeyboardInterrupt, click.exceptions.Abort):
             _say("ampcompare: interrupted")

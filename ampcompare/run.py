@@ -58,10 +58,10 @@ def run_one(impl: str, cfg: Config) -> int:
     except SystemExit as end:  # the model's or a framework's sys.exit, inside the loop
         if signals.received():
             raise
-        if ranks.is_rank0():  # one line, rank 0's
+        if ranks.speaks():  # one line a node
             console.say(
-                f"ampcompare: error: {impl}: sys.exit({end.code!r}) was called during the run "
-                f"(by the model or a framework); its record says failed",
+                f"ampcompare: error{ranks.who()}: {impl}: sys.exit({end.code!r}) was called "
+                f"during the run (by the model or a framework); its record says failed",
                 err=True,
             )
         return 1

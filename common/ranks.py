@@ -21,6 +21,8 @@ VARIABLES = (
 )
 # Set by `ampcompare <arm> --devices N` for the processes it starts: it prints their summary.
 OURS = "AMPCOMPARE_LAUNCHER"
+# Set by torchrun for every process it starts.
+TORCHRUN = "TORCHELASTIC_RUN_ID"
 
 
 def launched() -> bool:
@@ -46,6 +48,25 @@ def rank() -> int:
 def is_rank0() -> bool:
     """Rank 0 (or a process on its own): the one that prints and writes."""
     return rank() == 0
+
+
+def speaks() -> bool:
+    """Whether this process prints an error: one line per terminal. torchrun and our launcher
+    start a node's processes together, so local rank 0 speaks for its node; under a launcher
+    neither names (or with a launcher's variables left in a shell) no process can know that
+    another will, so each speaks."""
+    if not launched():
+        return True
+    if os.environ.get(TORCHRUN) or os.environ.get(OURS):
+        return os.environ.get("LOCAL_RANK") == "0"
+    return True
+
+
+def who() -> str:
+    """ " (rank N of M)" where the process is not a job's first, to begin its error lines."""
+    if not launched() or rank() == 0:
+        return ""
+    return f" (rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']})"
 
 
 def under_our_launcher() -> bool:

@@ -158,3 +158,28 @@ def test_compare_clears_for_every_arm_and_records_it(tmp_path):
             "ACCELERATE_GRADIENT_ACCUMULATION_STEPS",
             "PL_TRAINER_ACCUMULATE_GRAD_BATCHES",
         ]
+
+
+LAUNCH = {
+    "RANK": "1",
+    "LOCAL_RANK": "1",
+    "WORLD_SIZE": "2",
+    "LOCAL_WORLD_SIZE": "2",
+    "MASTER_ADDR": "127.0.0.1",
+    "MASTER_PORT": "29555",
+}
+
+
+@pytest.mark.parametrize(
+    "launcher,says",
+    [({}, True), ({"TORCHELASTIC_RUN_ID": "x"}, False), ({"AMPCOMPARE_LAUNCHER": "1"}, False)],
+)
+def test_a_process_no_launcher_we_know_started_says_its_error(launcher, says):
+    # Rank 1 of a launch whose first process no one can vouch for (a launcher's variables
+    # left in a shell, an unknown launcher) speaks; under torchrun or ours, local rank 0 does.
+    r = CliRunner().invoke(cli, ["plain", "--epochs", "0"], env={**LAUNCH, **launcher})
+    lines = r.stderr.strip().splitlines()
+    assert r.exit_code == 2
+    assert lines == (
+        ["ampcompare: error (rank 1 of 2): --epochs must be >= 1, not 0"] if says else []
+    )
