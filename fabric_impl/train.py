@@ -27,35 +27,26 @@ from lightning_fabric import Fabric
 from lightning_fabric.plugins import MixedPrecision
 from lightning_fabric.strategies import DDPStrategy, ModelParallelStrategy
 
-from common import distributed, model_spec, models, precision as precisions, sharding
+from common import lightning_args, model_spec, models, precision as precisions, sharding
 from record.prepare import RunSetup, prepare
 from record.results import RunResult
 
 
 def build(cfg, setup: RunSetup):
-    precision, plugins = setup.policy.framework, []
-    if precision == "16-mixed" and setup.device.type == "cpu":
-        # Fabric turns "16-mixed" into bf16 on CPU unless it gets the plugin with a scaler.
-        scaler = torch.amp.GradScaler("cpu")
-        precision, plugins = None, [MixedPrecision("16-mixed", "cpu", scaler=scaler)]
-    strategy = "auto"
-    if setup.sharded:  # FSDP2: fully_shard in parallelize_fn; checkpoints gathered, one file
-        strategy = ModelParallelStrategy(
-            lambda model, mesh: sharding.shard(
-                model, mesh["data_parallel"], setup.policy.param_dtype
-            ),
-            data_parallel_size=setup.world.size,
-            tensor_parallel_size=1,
-            save_distributed_checkpoint=False,
-            process_group_backend=setup.world.backend,
-            timeout=distributed.TIMEOUT,
-        )
-    elif setup.world.size > 1:
-        strategy = DDPStrategy(
-            process_group_backend=setup.world.backend,
-            timeout=distributed.TIMEOUT,
-            **distributed.DDP_KWARGS,
-        )
+    # ours, the same for the Trainer: the CPU's fp16 plugin, DDP's pinned settings, FSDP2's
+    # units (common/lightning_args.py)
+    precision, plugins = lightning_args.precision(
+        setup.policy, setup.device.type, MixedPrecision
+    )
+    strategy = lightning_args.strategy(
+        setup.world,
+        setup.sharded,
+        DDPStrategy,
+        ModelParallelStrategy,
+        parallelize_fn=lambda model, mesh: sharding.shard(
+            model, mesh["data_parallel"], setup.policy.param_dtype
+        ),
+    )
     fabric = Fabric(
         accelerator=setup.device.type,
         devices=cfg.devices,

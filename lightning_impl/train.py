@@ -21,7 +21,7 @@ from pytorch_lightning.callbacks import RichProgressBar
 from pytorch_lightning.plugins import MixedPrecision
 from pytorch_lightning.strategies import DDPStrategy, ModelParallelStrategy
 
-from common import distributed, model_spec, precision as precisions, progress
+from common import lightning_args, model_spec, precision as precisions, progress
 from lightning_impl.callback import Measured
 from lightning_impl.module import LitClassifier
 from record.prepare import RunSetup, prepare
@@ -35,28 +35,15 @@ def build(cfg, setup: RunSetup):
         model = torch.compile(model)
     # plain: models.build_optimizer(...) inline; here in configure_optimizers
     module = LitClassifier(cfg, model, setup)
-    precision, plugins = setup.policy.framework, []
-    if precision == "16-mixed" and setup.device.type == "cpu":
-        # Lightning turns "16-mixed" into bf16 on CPU unless it gets the plugin with a scaler.
-        scaler = torch.amp.GradScaler("cpu")
-        precision, plugins = None, [MixedPrecision("16-mixed", "cpu", scaler=scaler)]
+    # ours, the same for Fabric: the CPU's fp16 plugin, DDP's pinned settings (plain passes
+    # them to DistributedDataParallel), FSDP2 through module.py's configure_model
+    precision, plugins = lightning_args.precision(
+        setup.policy, setup.device.type, MixedPrecision
+    )
+    strategy = lightning_args.strategy(
+        setup.world, setup.sharded, DDPStrategy, ModelParallelStrategy
+    )
     bar = progress.enabled(cfg)
-    # plain: DistributedDataParallel(model, ...) itself; the same DDP settings
-    strategy = "auto"
-    if setup.sharded:  # FSDP2: fully_shard in module.py's configure_model
-        strategy = ModelParallelStrategy(
-            data_parallel_size=setup.world.size,
-            tensor_parallel_size=1,
-            save_distributed_checkpoint=False,  # gathered into one file, as every arm's
-            process_group_backend=setup.world.backend,
-            timeout=distributed.TIMEOUT,
-        )
-    elif setup.world.size > 1:
-        strategy = DDPStrategy(
-            process_group_backend=setup.world.backend,
-            timeout=distributed.TIMEOUT,
-            **distributed.DDP_KWARGS,
-        )
     trainer = pl.Trainer(
         accelerator=setup.device.type,
         devices=cfg.devices,
