@@ -151,7 +151,7 @@ def _read(out_dir: str) -> Optional[dict]:
     try:
         with open(os.path.join(out_dir, ROUNDS), encoding="utf-8") as f:
             return json.load(f)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
 
 

@@ -227,10 +227,13 @@ def read(folder: str, impls) -> Plan:
     try:
         with open(path, encoding="utf-8") as f:
             stored = json.load(f)
+        newer = results.newer_schema(stored.get("schema"))
+        if newer:
+            raise UsageError(f"--resume {folder}: its {PLAN} was {newer}")
         stored.setdefault("seeds", 1)
         stored.setdefault("control", False)  # a comparison from before the control arm
         why = _damage(stored, impls)
-    except (OSError, ValueError, AttributeError) as e:
+    except (OSError, ValueError, AttributeError, RecursionError) as e:
         why = type(e).__name__
     if why:
         raise UsageError(f"--resume {folder}: its {PLAN} is damaged ({why})")

@@ -173,7 +173,7 @@ def read_endings(run_dir: str, run: str) -> dict:
                 ending = json.load(f)
             if ending.get("run") == run:
                 out[int(ending["rank"])] = ending
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):
             continue
     shutil.rmtree(folder, ignore_errors=True)
     return out

@@ -115,7 +115,7 @@ def inherited(environ=None) -> dict:
     environ = os.environ if environ is None else environ
     try:
         value = json.loads(environ.get(INHERITED) or "{}")
-    except ValueError:
+    except (ValueError, RecursionError):
         return {}
     return value if isinstance(value, dict) else {}
 

@@ -150,7 +150,7 @@ def read_json(run_dir: str) -> Any:
     with open(os.path.join(run_dir, "result.json"), encoding="utf-8") as f:
         try:
             return json.load(f)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested past the parser
             raise NotARecord("not valid JSON") from None
 
 
@@ -162,18 +162,29 @@ def _fields(cls) -> list:
 _SAVED = {f.name for f in _fields(RunResult)}
 
 
+def newer_schema(number: Any) -> Optional[str]:
+    """Why a file of schema `number` is not this code's to read (a newer one), or None."""
+    if isinstance(number, int) and not isinstance(number, bool) and number > SCHEMA:
+        return f"written by a newer ampcompare (schema {number}; this one reads 1 to {SCHEMA})"
+    return None
+
+
 def why_not_a_record(record: Any, complete: bool = False) -> Optional[str]:
     """Why a parsed result.json is not a run record this tool can read, or None (every reader
     of a record checks it here: record/schema.py). complete: also every option in its config,
     as a resume needs them to continue the run as it was."""
     if not isinstance(record, dict):
         return f"a JSON {type(record).__name__}, not an object"
-    number = record.get("schema")
-    if isinstance(number, int) and not isinstance(number, bool) and number > SCHEMA:
-        return f"written by a newer ampcompare (schema {number}; this one reads 1 to {SCHEMA})"
+    newer = newer_schema(record.get("schema"))
+    if newer:
+        return newer
     wrong = schema.why(record, RunResult.shape(), "")
     if wrong:
         return wrong
+    for name in ("seed", "repeat"):  # written twice: a hand edit of one would go unseen
+        value, configured = record.get(name), record["config"].get(name)
+        if value is not None and configured is not None and value != configured:
+            return f"{name} {value} disagrees with config.{name} {configured}"
     if record["status"] == "ok" and record["precision"]["effective"] is None:
         return "an ok run with no precision it ran (precision.effective is null)"
     fields = {f.name: f for f in dataclasses.fields(config.Config)}

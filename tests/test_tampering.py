@@ -114,6 +114,9 @@ def test_a_checkpoint_the_record_names_that_is_not_there_is_refused(stopped):
         (lambda r: r.update(status="paused"), "status is 'paused', not one of"),
         (lambda r: r["config"].update(lr="fast"), "config.lr: --lr must be a float"),
         (lambda r: r.update(epochs=[None]), "epochs[0] is null, not an object"),
+        # written twice, once at the top and once in config: the two must agree
+        (lambda r: r.update(seed=7), "seed 7 disagrees with config.seed 0"),
+        (lambda r: r.update(repeat=3), "repeat 3 disagrees with config.repeat 0"),
     ],
 )
 def test_a_record_missing_a_key_or_of_the_wrong_type_is_refused_in_one_line(
@@ -253,3 +256,13 @@ def test_a_record_of_a_newer_schema_is_refused_in_one_line_naming_it(tmp_path):
     assert said in skipped[0][1]
     with pytest.raises(UsageError, match=re.escape(said)):
         resume.read_stopped(str(tmp_path / "runs" / "new"), "plain")
+
+
+def test_json_nested_past_the_parser_is_not_valid_json_in_one_line(tmp_path):
+    run_dir = tmp_path / "deep"
+    run_dir.mkdir()
+    (run_dir / "result.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(results.NotARecord, match="not valid JSON"):
+        results.read_json(str(run_dir))
+    r = CliRunner().invoke(cli, ["plain", "--resume", str(run_dir)])
+    assert r.exit_code == 2 and "not valid JSON" in r.stderr and "Traceback" not in r.output
