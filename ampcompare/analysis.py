@@ -490,7 +490,7 @@ def order_effect(records, samples, noise) -> OrderEffect | None:
     """Whether a run's place in its repeat's order changed its speed: the slope of the runs'
     log medians (less their cell's mean) over their position, as a share a position, with its
     interval. None without positions, or with fewer than 3 of them."""
-    points = []
+    points, steps = [], []
     for r in records:
         position = r.config.get("position")
         sample = samples.get((precision_of(r), label_of(r)))
@@ -498,6 +498,7 @@ def order_effect(records, samples, noise) -> OrderEffect | None:
         if position is None or not sample or not own or len(sample.runs) < 2:
             continue
         points.append((position, own.log_value - sample.log_value))
+        steps.append(own.fewest_steps)
     x = np.array([p for p, _ in points], dtype=float)
     if len(points) < 3 or np.ptp(x) == 0:
         return None
@@ -510,7 +511,12 @@ def order_effect(records, samples, noise) -> OrderEffect | None:
     half = stats.t_quantile((1 + stats.LEVEL) / 2, df) * se if se is not None else math.inf
     lo, hi = math.expm1(slope - half), math.expm1(slope + half)
     words = f"{math.expm1(slope):+.2%} a position [{lo:+.2%}, {hi:+.2%}]".replace("-", "−")
-    if df < stats.MIN_DF:
+    if min(steps) < stats.MIN_STEPS:
+        verdict = (
+            f"{stats.FEW_STEPS} to tell whether order mattered: "
+            f"{stats.too_few_steps(min(steps))}"
+        )
+    elif df < stats.MIN_DF:
         verdict = f"not enough runs to tell whether order mattered ({words})"
     elif lo > 0 or hi < 0:
         verdict = (

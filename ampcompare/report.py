@@ -279,7 +279,7 @@ def _precision_table(dev: Group, precision, impls) -> list[str]:
 
 def _step(est: stats.Estimate | None) -> str:
     """A step time and its interval in one unit: "246 ms [241–252]"."""
-    return stats.duration_with_interval(est.value, est.lo, est.hi) if est else "–"
+    return stats.duration_with_interval(est) if est else "–"
 
 
 def _overhead_table(dev: Group) -> list[str]:

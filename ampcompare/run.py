@@ -81,7 +81,7 @@ def summary_line(impl: str, record: RunResult, cfg: Config) -> None:
     acc = f"{acc:.4f}" if acc is not None else "-"
     sample = stats.Sample([summary.timed_steps(record.epochs)[0]], record.run_id)
     est = stats.level(sample) if sample else None
-    step = stats.duration_with_interval(est.value, est.lo, est.hi) if est else "-"
+    step = stats.duration_with_interval(est) if est else "-"
     console.say(
         f"{impl} {record.precision.effective}: {record.status}, "
         f"test acc {acc}, median step {step}"

@@ -280,16 +280,23 @@ def _noise_for(samples: Sequence[Sample], noise: Noise) -> Noise:
     return Noise(variance, own.df, noise.cells)
 
 
+FEW_STEPS = "not enough steps"
+
+
+def too_few_steps(fewest: int) -> str:
+    return (
+        f"a run has {fewest} timed step{'s' if fewest != 1 else ''}, need ≥ {MIN_STEPS} "
+        f"(more --epochs, or more steps an epoch)"
+    )
+
+
 def _short(samples: Sequence[Sample]) -> Optional[str]:
     """Why these samples cannot carry a verdict, or None: too few timed steps in a run, or
     too few runs of their own to set their noise against (the comparison's other cells
     widen their interval, but were never shown to make a verdict on single runs sound)."""
     fewest = min(s.fewest_steps for s in samples)
     if fewest < MIN_STEPS:
-        return (
-            f"not enough steps to tell: a run has {fewest} timed steps, need ≥ {MIN_STEPS} "
-            f"(more --epochs, or more images an epoch)"
-        )
+        return f"{FEW_STEPS} to tell: {too_few_steps(fewest)}"
     if sum(len(s.runs) - 1 for s in samples) < MIN_DF:  # the calibration's least
         runs = min(len(s.runs) for s in samples)
         need = 1 + math.ceil(MIN_DF / len(samples))
@@ -519,11 +526,16 @@ def signed_span(lo: float, hi: float, digits: int) -> str:
     return f"[{lo:+.{digits}f}, {hi:+.{digits}f}]".replace("-", "−")
 
 
-def duration_with_interval(value: float, lo: float, hi: float) -> str:
-    """A time and its interval in one unit: "246 ms [241–252]"."""
+def duration_with_interval(est: Estimate) -> str:
+    """A time and its interval in one unit: "246 ms [241–252]"; with fewer than MIN_STEPS
+    timed steps in a run, "246 ms [too few steps]": the interval of a handful of steps (of
+    one, zero wide) is no 95% interval."""
+    value = est.value
     scale, unit = (1, "s") if value >= 1 else (1e3, "ms") if value >= 1e-3 else (1e6, "µs")
     digits = 0 if value * scale >= 100 else 1 if value * scale >= 10 else 2
-    return f"{value * scale:.{digits}f} {unit} {span(lo * scale, hi * scale, digits)}"
+    if est.short and est.short.startswith(FEW_STEPS):
+        return f"{value * scale:.{digits}f} {unit} [too few steps]"
+    return f"{value * scale:.{digits}f} {unit} {span(est.lo * scale, est.hi * scale, digits)}"
 
 
 def duration(seconds: float) -> str:

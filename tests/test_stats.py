@@ -3,6 +3,7 @@ built by hand (a known difference, a known null, bursts, runs that differ), the 
 ratios and notes on hand-made records, and the meters' step times in every arm."""
 
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -114,7 +115,10 @@ def test_a_cells_interval_holds_its_own_estimate(seed):
     sample = stats.Sample(runs, str(seed))
     for est in (stats.level(sample), stats.level(sample, stats.Noise.pooled([sample]))):
         assert est.lo <= est.value <= est.hi
-        text = stats.duration_with_interval(est.value, est.lo, est.hi)
+        text = stats.duration_with_interval(est)
+        if min(len(run) for run in runs) < stats.MIN_STEPS:
+            assert text.endswith(" [too few steps]"), text
+            continue
         value, lo, hi = (
             float(x)
             for x in text.replace("[", "").replace("]", "").replace("–", " ").split()[::2][:1]
@@ -517,3 +521,56 @@ def test_the_explanation_never_contradicts_the_speedup():
             r.summary = summary.summarize(r.epochs)
     (line,) = group_of(records).explanations
     assert "which is why fp16 ran slower than fp32 here" in line
+
+
+def _placed_runs(steps: int, slope: float, repeats: int = 6):
+    """Stand-in records of two arms over `repeats` repeats, each run `steps` timed steps long,
+    each later place in a repeat's order `slope` slower; and their cells' samples."""
+    rng = np.random.default_rng(0)
+    records = []
+    for repeat in range(repeats):
+        for position, impl in enumerate(
+            ("plain", "fabric") if repeat % 2 else ("fabric", "plain")
+        ):
+            times = list(0.1 * (1 + slope) ** position * rng.lognormal(0, 0.001, steps))
+            records.append(
+                RunResult.stand_in(
+                    "32-true",
+                    run_id=f"{impl}-{repeat}",
+                    impl=impl,
+                    repeat=repeat,
+                    seed=0,
+                    status="ok",
+                    error=None,
+                    opt_level=None,
+                    env={},
+                    config={"position": position},
+                    epochs=[{"warmup": False, "step_times_s": times}],
+                )
+            )
+    samples = {
+        ("32-true", impl): analysis.sample_of([r for r in records if r.impl == impl], impl)
+        for impl in ("plain", "fabric")
+    }
+    return records, samples
+
+
+def test_run_order_is_found_where_it_is_and_not_claimed_from_too_few_steps():
+    records, samples = _placed_runs(stats.MIN_STEPS, 0.05)
+    found = analysis.order_effect(records, samples, stats.NO_NOISE)
+    assert found.verdict.startswith("order mattered") and 0.04 < found.estimate < 0.06
+    records, samples = _placed_runs(stats.MIN_STEPS, 0.0)
+    assert (
+        "no effect of run order detectable"
+        in analysis.order_effect(records, samples, stats.NO_NOISE).verdict
+    )
+    records, samples = _placed_runs(stats.MIN_STEPS - 1, 0.05)
+    few = analysis.order_effect(records, samples, stats.NO_NOISE).verdict
+    assert few.startswith("not enough steps to tell whether order mattered: a run has 5 timed")
+
+
+def test_a_time_from_too_few_steps_shows_no_interval():
+    one = stats.level(stats.Sample([[0.0335]]))
+    assert stats.duration_with_interval(one) == "33.5 ms [too few steps]"
+    many = stats.level(stats.Sample([noisy(0.0335, stats.MIN_STEPS, 1)]))
+    assert re.fullmatch(r"33\.\d ms \[\d\d\.\d–\d\d\.\d\]", stats.duration_with_interval(many))
