@@ -217,6 +217,7 @@ def estimate_entry(
         "df": est.df,
         "unit": unit,
         "verdict": words,
+        "no_verdict": est.short,
     }
     if target is not None:
         out.update(target=target[0], target_verdict=stats.target_words(est, *target))
@@ -249,24 +250,37 @@ def _framework_costs(linear: list, why: str) -> dict:
         )
     logs = [stats.paired_logs(_sample(p["control"]), _sample(p["plain"])) for p in linear]
     control = _log_figure([d for d, _ in logs], [v for _, v in logs], stats.time_ratio_words)
-    contains = control["interval"][0] <= 1 <= control["interval"][1]
-    control["target_verdict"] = (
-        "holds: its interval contains 1"
-        if contains
-        else "FAILS: plain against plain should show no difference; the method is biased here"
-    )
+    control["target_verdict"] = _control_verdict(control, "the method is biased here")
     report["control_ratio"] = control
     cost = report["lightning_cost_per_step"]
     lo, hi = cost["interval"]
     half = (hi - lo) / 2 / abs(cost["estimate"]) if cost["estimate"] else None
     cost["half_width_share"] = half
     cost["target_verdict"] = (
-        f"resolved: excludes 0, half-width {half:.0%} of the estimate (target ≤ 25%)"
-        if lo > 0 and half is not None and half <= 0.25
-        else f"not resolved: interval [{lo:.0f}, {hi:.0f}] µs, half-width "
-        f"{'–' if half is None else f'{half:.0%}'} of the estimate (target: excludes 0, ≤ 25%)"
+        TOO_FEW
+        if cost["no_verdict"]
+        else (
+            f"resolved: excludes 0, half-width {half:.0%} of the estimate (target ≤ 25%)"
+            if lo > 0 and half is not None and half <= 0.25
+            else f"not resolved: interval [{lo:.0f}, {hi:.0f}] µs, half-width "
+            f"{'–' if half is None else f'{half:.0%}'} of the estimate (target: excludes 0, ≤ 25%)"
+        )
     )
     return report
+
+
+TOO_FEW = "cannot tell: too few processes"
+
+
+def _control_verdict(control: dict, otherwise: str) -> str:
+    """Whether plain against plain showed no difference, as it should; on too few processes,
+    why that cannot be told (an interval over one process holds none of the noise between
+    processes, so its 'FAILS' or 'holds' would be a guess)."""
+    if control["no_verdict"]:
+        return TOO_FEW
+    if control["interval"][0] <= 1 <= control["interval"][1]:
+        return "holds: its interval contains 1"
+    return f"FAILS: plain against plain should show no difference; {otherwise}"
 
 
 def _cost_shares(linear: list, small: list) -> dict:
@@ -302,11 +316,8 @@ def _precisions(small: list, why: str) -> dict:
             [d for d, _ in logs], [v for _, v in logs], stats.time_ratio_words
         )
     control = report["control_over_fp32"]
-    control["target_verdict"] = (
-        "holds: its interval contains 1"
-        if control["interval"][0] <= 1 <= control["interval"][1]
-        else "FAILS: plain against plain should show no difference; the ratios above it are "
-        "narrower than this machine's noise"
+    control["target_verdict"] = _control_verdict(
+        control, "the ratios above it are narrower than this machine's noise"
     )
     report["bf16_over_fp32_activation_memory"] = small[0]["activation_ratio"]
     fractions, variances = [], []

@@ -199,14 +199,15 @@ def apex(**options):
 @click.option(
     "--rounds",
     default=2,
-    type=click.IntRange(min=1, max=1000),
+    type=click.IntRange(min=2, max=1000),
     help="Timed rounds (epochs) of the small-CNN and loader measurements, in each "
-    "process.  [default: 2]",
+    "process; 2 at least, the fewest whose spread gives a process its interval.  "
+    "[default: 2]",
 )
 @click.option(
     "--linear-rounds",
     default=70,
-    type=click.IntRange(min=1, max=100_000),
+    type=click.IntRange(min=2, max=100_000),
     help="Timed rounds of each framework's cost per step, with the linear model, in each "
     "process.  [default: 70]",
 )
@@ -225,6 +226,9 @@ def bench_command(processes, rounds, linear_rounds, one_process, **options):
     base = Config(
         dataset="synthetic", precision="32-true", quiet=True, checkpoint=False, **options
     ).validate()
+    from common.device import resolve_device
+
+    resolve_device(base)  # no GPU for --accelerator cuda: one line, before any process
     if one_process:  # one of the bench's processes: the arms take turns in it
         from ampcompare import bench_process
 

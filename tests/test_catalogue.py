@@ -130,6 +130,8 @@ CASES = {
     "ampcompare calibrate EMPTY --slowdown -1": "-1.0 is not in the range 0.0<=x<=10.0",
     "ampcompare plain --role judge": "'judge' is not one of 'arm', 'control'",
     "ampcompare bench --processes 0": "0 is not in the range 1<=x<=100",
+    "ampcompare bench --rounds 1": "1 is not in the range 2<=x<=1000",
+    "ampcompare bench --accelerator cuda": _no_cuda_line,
     "ACCELERATE_USE_DEEPSPEED=true ampcompare accelerate": "asks for DeepSpeed, which "
     "ampcompare does not run; unset it",
     "LT_STRATEGY=fsdp ampcompare fabric": "asks for a sharded strategy",

@@ -172,9 +172,14 @@ def test_the_bench_pools_its_processes_figures():
     cost = report["lightning_cost_per_step"]
     assert cost["estimate"] == pytest.approx(600, rel=1e-6) and cost["df"] == 2
     assert cost["interval"][0] < 300 and cost["interval"][1] > 900
-    # One process alone: figures, and no verdict.
-    one = bench.pooled([part(600e-6)])["lightning_cost_per_step"]
+    # One process alone: figures, and no verdict, on the targets neither: a control whose
+    # interval misses 1 there says nothing of the method (its interval has no process noise).
+    alone = bench.pooled([part(600e-6)])
+    one = alone["lightning_cost_per_step"]
     assert one["verdict"].startswith("not enough processes to tell")
+    assert one["target_verdict"] == "cannot tell: too few processes"
+    assert alone["control_ratio"]["target_verdict"] == "cannot tell: too few processes"
+    assert alone["control_over_fp32"]["target_verdict"] == "cannot tell: too few processes"
     assert report["bf16_over_fp32"]["estimate"] == pytest.approx(0.6)
     assert report["data_wait_fraction"]["estimate"] == pytest.approx(0.01)
     assert report["loader_over_torchvision"]["estimate"] == pytest.approx(20)
