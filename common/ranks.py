@@ -79,10 +79,11 @@ def threads() -> Optional[int]:
     value = os.environ.get("OMP_NUM_THREADS")
     if value is None or not value.strip():
         return None
-    first = value.split(",")[0].strip()
-    if not first.isdigit() or int(first) < 1:
+    levels = [level.strip() for level in value.split(",")]
+    # ASCII digits only: str.isdigit takes "２", which OpenMP refuses (and so do later levels)
+    if not all(level.isascii() and level.isdigit() and int(level) >= 1 for level in levels):
         raise ValueError(
             f"OMP_NUM_THREADS={value!r} is not a number of threads (a positive "
             f"integer, or OpenMP's list such as 2,1); set it to one, or unset it"
         )
-    return int(first)
+    return int(levels[0])

@@ -183,3 +183,18 @@ def test_a_process_no_launcher_we_know_started_says_its_error(launcher, says):
     assert lines == (
         ["ampcompare: error (rank 1 of 2): --epochs must be >= 1, not 0"] if says else []
     )
+
+
+@pytest.mark.parametrize(
+    "value,threads",
+    [("2,1", 2), (" 3 ", 3), ("2,abc", None), ("２", None), ("2,0", None), ("0", None)],
+)
+def test_omp_num_threads_is_read_whole_as_openmp_reads_it(monkeypatch, value, threads):
+    from common import ranks
+
+    monkeypatch.setenv("OMP_NUM_THREADS", value)
+    if threads is None:
+        with pytest.raises(ValueError, match="is not a number of threads"):
+            ranks.threads()
+    else:
+        assert ranks.threads() == threads
