@@ -256,20 +256,26 @@ def _framework_costs(linear: list, why: str) -> dict:
     lo, hi = cost["interval"]
     half = (hi - lo) / 2 / abs(cost["estimate"]) if cost["estimate"] else None
     cost["half_width_share"] = half
-    cost["target_verdict"] = (
-        TOO_FEW
-        if cost["no_verdict"]
-        else (
-            f"resolved: excludes 0, half-width {half:.0%} of the estimate (target ≤ 25%)"
-            if lo > 0 and half is not None and half <= 0.25
-            else f"not resolved: interval [{lo:.0f}, {hi:.0f}] µs, half-width "
-            f"{'–' if half is None else f'{half:.0%}'} of the estimate (target: excludes 0, ≤ 25%)"
-        )
-    )
+    cost["target_verdict"] = _resolved(cost, half)
     return report
 
 
 TOO_FEW = "cannot tell: too few processes"
+
+
+def _resolved(cost: dict, half) -> str:
+    """Whether Lightning's cost a step is resolved: its interval excludes 0 and is at most a
+    quarter of the estimate either side."""
+    if cost["no_verdict"]:
+        return TOO_FEW
+    lo, hi = cost["interval"]
+    if lo > 0 and half is not None and half <= 0.25:
+        return f"resolved: excludes 0, half-width {half:.0%} of the estimate (target ≤ 25%)"
+    width = "–" if half is None else f"{half:.0%}"
+    return (
+        f"not resolved: interval [{lo:.0f}, {hi:.0f}] µs, half-width {width} of the "
+        f"estimate (target: excludes 0, ≤ 25%)"
+    )
 
 
 def _control_verdict(control: dict, otherwise: str) -> str:

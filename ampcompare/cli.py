@@ -88,7 +88,8 @@ class OneLineErrors(click.Group):
         if stray:
             _say(
                 f"ampcompare: warning: {', '.join(f'{v}={os.environ[v]}' for v in stray)} "
-                f"set without the rest of a launcher's variables; running as one process"
+                f"set without the rest of a launcher's variables: no launcher started this "
+                f"process, so they are ignored"
             )
         try:
             _clear_framework_env()
