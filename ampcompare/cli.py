@@ -89,7 +89,7 @@ class OneLineErrors(click.Group):
             _say(
                 f"ampcompare: warning: {', '.join(f'{v}={os.environ[v]}' for v in stray)} "
                 f"set without the rest of a launcher's variables: no launcher started this "
-                f"process, so they are ignored"
+                f"process, so {'it is' if len(stray) == 1 else 'they are'} ignored"
             )
         try:
             _clear_framework_env()

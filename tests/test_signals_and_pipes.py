@@ -239,7 +239,7 @@ def test_a_launcher_variable_left_in_the_shell_is_ignored_and_said(tmp_path, str
         ["plain", *TINY_ARGS, "--epochs", "1", "--out-dir", str(tmp_path)], **stray
     )
     assert proc.returncode == 0, proc.stderr
-    assert "no launcher started this process, so they are ignored" in proc.stderr
+    assert "no launcher started this process, so it is ignored" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert proc.stdout.startswith("plain 32-true: ok")  # it says what it did
     bad = run_with_env(["plain", "--epochs", "0"], **stray)
