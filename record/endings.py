@@ -24,11 +24,12 @@ def out_of_memory(kind, exc) -> bool:
 
 
 def ending(
-    kind, exc, signalled: bool, batch_size: int, memory: str = ""
+    kind, exc, signalled: bool, batch_size: int, memory: str = "", saved: bool = True
 ) -> tuple[str, Optional[str]]:
     """(status, error) of a run whose loop ended with exception `kind` (None: it finished).
     A signal makes it interrupted whatever surfaced first: with several ranks, a peer that
-    stopped on the same signal can surface here as a failed collective."""
+    stopped on the same signal can surface here as a failed collective. saved: whether the
+    record names a checkpoint (one whole epoch is saved)."""
     if kind is None:
         return "ok", None
     if issubclass(kind, KeyboardInterrupt) or signalled:
@@ -38,9 +39,13 @@ def ending(
     if issubclass(kind, Diverged):
         return "diverged", str(exc)
     if issubclass(kind, OSError) and exc.errno in DISK_FULL:
+        kept = (
+            "the last complete checkpoint and record are kept"
+            if saved
+            else "no checkpoint had been written yet; the record is kept"
+        )
         return "failed", (
-            f"disk full ({exc.strerror}) while writing {exc.filename or 'a file'}; "
-            f"the last complete checkpoint and record are kept"
+            f"disk full ({exc.strerror}) while writing {exc.filename or 'a file'}; {kept}"
         )
     return "failed", f"{kind.__name__}: {exc}"
 

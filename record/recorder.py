@@ -251,7 +251,12 @@ class Recorder:
             else ""
         )
         self.result.status, self.result.error = endings.ending(
-            kind, exc, signals.received() > 0, self.cfg.batch_size, memory
+            kind,
+            exc,
+            signals.received() > 0,
+            self.cfg.batch_size,
+            memory,
+            saved=self.result.checkpoint is not None,
         )
         if self.world.size > 1:
             distributed.mark_ending(

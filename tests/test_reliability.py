@@ -180,6 +180,7 @@ def test_a_full_disk_fails_the_run_keeps_what_was_measured_and_it_resumes(
     run_dir = tmp_path / "runs" / "full"
     assert full.status == "failed" and full.exit_code == 1
     assert full.error.startswith("disk full (No space left on device) while writing")
+    assert full.error.endswith("; the last complete checkpoint and record are kept")
     record = saved(run_dir)
     assert record["status"] == "failed" and len(record["epochs"]) == 1
     assert record["unsaved_epoch"]["epoch"] == 1  # epoch 1 was measured, and is kept aside
@@ -188,6 +189,14 @@ def test_a_full_disk_fails_the_run_keeps_what_was_measured_and_it_resumes(
     again = plain.train(tiny(tmp_path, run_id="full", epochs=3, resume=str(run_dir)))
     assert again.status == "ok" and again.step_losses == straight.step_losses
     assert again.weights_sha256 == straight.weights_sha256
+
+
+def test_a_full_disk_before_any_checkpoint_says_there_is_none(tmp_path, monkeypatch):
+    with monkeypatch.context() as m:
+        faults.inject(m, epoch=0, action="enospc", step="save")
+        full = plain.train(tiny(tmp_path, run_id="full", epochs=2))
+    assert full.status == "failed" and full.checkpoint is None and full.epochs == []
+    assert full.error.endswith("; no checkpoint had been written yet; the record is kept")
 
 
 def test_a_really_full_tmpfs(tmp_path):
