@@ -29,7 +29,7 @@ from typing import Optional
 from ampcompare.launch import exit_description
 from ampcompare.plan import Arm, Plan, applies
 from record import files, results, signals
-from common.config import Config, option_flag
+from common.config import Config, as_args
 from common.device import resolve_device
 from record.environment import environment
 from common import console
@@ -53,11 +53,7 @@ def child_args(cfg: Config, exclude=None) -> list[str]:
         skip = fld.metadata.get("per_arm") if exclude is None else fld.name in exclude
         if skip or value is None:
             continue
-        if isinstance(value, bool):  # the same "--on/--off" spelling the CLI declares
-            on, off = fld.metadata["click"]["flag"].split("/")
-            args.append(on if value else off)
-        else:
-            args += [option_flag(fld.name), str(value)]
+        args += as_args(fld.name, value)
     return args
 
 

@@ -251,7 +251,7 @@ class Config:
         None,
         "Continue the stopped run in this folder (compare: the "
         "stopped comparison); the other options must be the stopped "
-        "run's, but --epochs may be raised.",
+        "run's, but a run's --epochs may be raised (a comparison's may not).",
         shown="none: a new run",
         resume=FOLDER,
         per_arm=True,
@@ -312,6 +312,21 @@ class Config:
 def option_flag(name: str) -> str:
     """The command-line spelling of a Config field: --data-dir for data_dir."""
     return "--" + name.replace("_", "-")
+
+
+def as_args(name: str, value) -> list[str]:
+    """An option and its value as command-line arguments: ["--lr", "0.5"], or for a flag its
+    "--on/--off" spelling as the CLI declares it: ["--no-channels-last"]."""
+    if isinstance(value, bool):
+        field = next(f for f in dataclasses.fields(Config) if f.name == name)
+        on, off = field.metadata["click"]["flag"].split("/")
+        return [on if value else off]
+    return [option_flag(name), str(value)]
+
+
+def spelled(name: str, value) -> str:
+    """as_args in words; "default" for an option that was not given."""
+    return "default" if value is None else " ".join(as_args(name, value))
 
 
 def _kind(f: dataclasses.Field) -> type:

@@ -16,7 +16,7 @@ import torch
 
 from common import config as config_module
 from record import checkpoints, results
-from common.config import option_flag
+from common.config import option_flag, spelled
 from common.errors import UsageError
 from record.summary import summarize
 
@@ -114,8 +114,8 @@ def _check_run(where, stored, given, impl, env, model) -> None:
     for name, value in given.items():
         if name not in free and config.get(name, value) != value:
             raise UsageError(
-                f"{where}: {option_flag(name)} {value} differs from the stopped "
-                f"run's {config[name]}; drop it to continue that run as it was"
+                f"{where}: {spelled(name, value)} differs from the stopped run's "
+                f"{spelled(name, config[name])}; drop it to continue that run as it was"
             )
     for key in SAME_ENV.get(impl, _SAME):
         if key in stored.env and stored.env[key] != env.get(key):

@@ -45,7 +45,7 @@ def test_a_new_option_is_checked_on_resume_as_declared(monkeypatch, how, refused
     given = {"epochs": 2, "schedule": "constant", "widget": 4}
     with pytest.raises(Exception) as e:  # refused for its value, or later for no checkpoint
         resume.check("here", stored, given, "plain", {}, None)
-    assert ("--widget 4 differs from the stopped run's 3" in str(e.value)) == refused
+    assert ("--widget 4 differs from the stopped run's --widget 3" in str(e.value)) == refused
 
 
 @pytest.mark.parametrize("per_arm", [False, True])
