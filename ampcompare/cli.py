@@ -18,7 +18,7 @@ from common import console, ranks
 from record import signals
 from common.config import Config, option_flag
 from common.errors import Unavailable, UsageError, unavailable_exit
-from record.resume import read_stopped
+from record.resume import check_options, read_stopped
 
 NO_ARGS = click.exceptions.NoArgsIsHelpError  # what a bare `ampcompare` raises
 
@@ -144,6 +144,9 @@ def arm_config(impl: str, options: dict) -> Config:
         return config_from(options)
     stored = read_stopped(options["resume"], impl)[0].config
     cfg = config_from(options, stored, click.get_current_context())
+    # A changed option is named as such, before validate() would name the clash it makes
+    # with one unchanged; compared in the form the record keeps (bf16: bf16-mixed).
+    check_options(f"--resume {options['resume']}", stored, cfg.each_checked().to_dict())
     resume = os.path.abspath(cfg.resume)  # the run lives where it is now, wherever it began
     cfg.out_dir, cfg.run_id = os.path.dirname(resume), os.path.basename(resume)
     return cfg

@@ -268,11 +268,10 @@ class Config:
     )
 
     def validate(self) -> "Config":
-        """Check every option; make paths absolute (a child process started elsewhere, or a
-        later --resume, must find the same folders). Raises UsageError naming the option."""
-        for f in dataclasses.fields(self):
-            _check(f, getattr(self, f.name))
-        self.precision = canonical(self.precision)  # recorded in canonical form
+        """Check every option, alone and together; make paths absolute (a child process started
+        elsewhere, or a later --resume, must find the same folders). Raises UsageError naming
+        the option."""
+        self.each_checked()
         if self.strategy == "fsdp" and self.channels_last:
             raise UsageError(
                 "--channels-last with --strategy fsdp: FSDP2 shards only contiguous "
@@ -283,6 +282,22 @@ class Config:
                 f"--precision {self.precision} is FSDP's own mixed precision (its "
                 f"MixedPrecisionPolicy): it needs --strategy fsdp"
             )
+        if self.resume is not None and not os.path.isdir(self.resume):
+            raise UsageError(f"--resume {self.resume}: no such folder")
+        world = self.devices * self.num_nodes
+        if self.batch_size % world:
+            raise UsageError(
+                f"--batch-size {self.batch_size} does not split evenly over "
+                f"{world} processes; use a multiple of {world}"
+            )
+        return self
+
+    def each_checked(self) -> "Config":
+        """Check each option on its own, in the form it is recorded in: the precision's
+        canonical name, absolute paths (validate() then checks them together)."""
+        for f in dataclasses.fields(self):
+            _check(f, getattr(self, f.name))
+        self.precision = canonical(self.precision)
         model_spec.parse(self.model)  # its form only: the model is checked before a run
         for name in ("data_dir", "out_dir", "resume"):
             value = getattr(self, name)
@@ -294,14 +309,6 @@ class Config:
             raise UsageError(
                 f"--run-id {self.run_id!r}: use a plain folder name (letters, "
                 f"digits and . _ + -, starting with a letter or digit, at most 200)"
-            )
-        if self.resume is not None and not os.path.isdir(self.resume):
-            raise UsageError(f"--resume {self.resume}: no such folder")
-        world = self.devices * self.num_nodes
-        if self.batch_size % world:
-            raise UsageError(
-                f"--batch-size {self.batch_size} does not split evenly over "
-                f"{world} processes; use a multiple of {world}"
             )
         return self
 

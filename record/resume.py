@@ -102,6 +102,18 @@ def check(
     _check_checkpoint(where, stored, ckpt)
 
 
+def check_options(where: str, config: dict, given: dict) -> None:
+    """UsageError where an option that may not change (may_change) has in `given` another
+    value than in the stopped run's `config`."""
+    free = may_change()
+    for name, value in given.items():
+        if name not in free and config.get(name, value) != value:
+            raise UsageError(
+                f"{where}: {spelled(name, value)} differs from the stopped run's "
+                f"{spelled(name, config[name])}; drop it to continue that run as it was"
+            )
+
+
 def _check_run(where, stored, given, impl, env, model) -> None:
     """The run itself: not diverged, the same options, machine and model source."""
     status, config = stored.status, stored.config
@@ -110,13 +122,7 @@ def _check_run(where, stored, given, impl, env, model) -> None:
             f"{where}: that run diverged ({stored.error}); resuming it "
             f"would replay the same steps"
         )
-    free = may_change()
-    for name, value in given.items():
-        if name not in free and config.get(name, value) != value:
-            raise UsageError(
-                f"{where}: {spelled(name, value)} differs from the stopped run's "
-                f"{spelled(name, config[name])}; drop it to continue that run as it was"
-            )
+    check_options(where, config, given)
     for key in SAME_ENV.get(impl, _SAME):
         if key in stored.env and stored.env[key] != env.get(key):
             raise UsageError(

@@ -147,10 +147,12 @@ def test_a_damaged_checkpoint_is_refused_and_nothing_is_overwritten(stopped, tmp
         (["--lr", "0.5"], "--lr 0.5 differs from the stopped run's --lr 0.0001"),
         (["--no-channels-last"], "--no-channels-last differs from the stopped run's default"),
         (["--precision", "bf16"], "--precision bf16-mixed differs"),
+        # named before the rung's own check: bf16-fsdp wants --strategy fsdp
+        (["--precision", "bf16-fsdp"], "--precision bf16-fsdp differs"),
         (["--out-dir", "elsewhere"], "drop --out-dir"),
         (["--epochs", "2"], "was started with --epochs 3; --epochs may only be raised"),
     ],
-    ids=["lr", "a flag", "precision", "out-dir", "fewer epochs"],
+    ids=["lr", "a flag", "precision", "a sharded rung", "out-dir", "fewer epochs"],
 )
 def test_a_resume_that_would_change_the_run_is_refused(stopped, args, fragment):
     run_dir, before = stopped
