@@ -6,6 +6,7 @@ once a later Accelerate does run fp16 there."""
 
 from __future__ import annotations
 
+from common import ranks
 from common.errors import Unavailable
 
 # Accelerate's names for the precisions: it has no "true" mode (the arm casts the model itself)
@@ -40,17 +41,36 @@ def refuse_unless(accelerator, precision: str, device: str) -> None:
 
 
 def refuse_sharding(cfg, device) -> None:
-    """--strategy fsdp, refused in every process (torchrun's ranks too): never a DDP or
-    single-process run recorded as sharded."""
-    if cfg.strategy == "fsdp":
-        where = (
-            "Accelerate never turns FSDP on for a CPU"
-            if device.type == "cpu"
-            else "its FSDP plugin is not proven against the other arms here, so not run"
+    """--strategy fsdp where Accelerate cannot give it, refused in every process (torchrun's
+    ranks too): never a DDP or single-process run recorded as sharded."""
+    if cfg.strategy != "fsdp":
+        return
+    if device.type == "cpu":
+        why = "Accelerate never turns FSDP on for a CPU; use --strategy ddp"
+    elif cfg.devices * cfg.num_nodes == 1 and not ranks.launched():
+        why = (
+            "Accelerate turns FSDP on only in a job of several processes; on one device "
+            "start it with torchrun --nproc-per-node 1"
         )
+    elif cfg.precision == "bf16-fsdp":
+        why = (
+            "at bf16-fsdp: its plugin gives every module one MixedPrecisionPolicy, "
+            "BatchNorm included, where this rung keeps norm layers fp32; use bf16-mixed"
+        )
+    else:
+        return
+    raise Unavailable(f"accelerate: --strategy fsdp: {why}, or plain, lightning or fabric")
+
+
+def refuse_unless_sharding(accelerator) -> None:
+    """Read back that the Accelerator turned FSDP2 on: it does only in a job it sees as
+    several processes on an accelerator (one GPU: torchrun --nproc-per-node 1), and a run
+    recorded as sharded must be one."""
+    if not accelerator.is_fsdp2:
         raise Unavailable(
-            f"accelerate: --strategy fsdp: {where}; use --strategy ddp, or plain, lightning "
-            f"or fabric"
+            f"accelerate: --strategy fsdp: Accelerate did not turn FSDP2 on (it runs "
+            f"{accelerator.distributed_type.value}); on one device start it with torchrun "
+            f"--nproc-per-node 1"
         )
 
 

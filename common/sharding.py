@@ -39,11 +39,18 @@ BLOCKS = ("Block", "Bottleneck")  # the class-name endings of a sharding unit
 
 def units(model: nn.Module) -> list[nn.Module]:
     """The model's blocks, innermost first (a block inside another is sharded before it)."""
-    blocks = [m for m in model.modules() if m is not model and _is_block(m)]
+    blocks = [m for m in model.modules() if m is not model and is_unit(m)]
     return blocks[::-1]
 
 
-def _is_block(module: nn.Module) -> bool:
+def unit_classes(model: nn.Module) -> list[str]:
+    """The class names of the model's blocks: what a framework that picks its units by class
+    name (Accelerate's transformer_cls_names_to_wrap) is given."""
+    return sorted({type(m).__name__ for m in units(model)})
+
+
+def is_unit(module: nn.Module) -> bool:
+    """Whether a module is a block (its own sharding unit)."""
     return type(module).__name__.endswith(BLOCKS)
 
 

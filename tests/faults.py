@@ -188,3 +188,44 @@ def inject_children(monkeypatch, epoch: int, action: str, step=None, argv=(), ra
 def install_from_env() -> None:
     spec = json.loads(os.environ[ENV])
     install(setattr, spec["epoch"], spec["action"], spec["step"], spec["argv"], spec["rank"])
+
+
+SHARDS_ON_CPU = "AMPCOMPARE_TEST_ACCELERATE_FSDP_ON_CPU"
+
+
+def accelerate_shards_on_cpu() -> None:
+    """Accelerate as if it turned FSDP on for a job of CPU processes, as it does for GPUs:
+    only that decision changes (its state's distributed type made FSDP where a plugin was
+    given, and the arm's refusal of a CPU lifted, its other refusals kept); what Accelerate
+    then does with FSDP2 (its wrapping, its prepare, its scaler) is its own. So that the
+    accelerate arm's FSDP code, GPU-only in use, is proven here against the plain loop."""
+    import torch
+    from accelerate import state
+    from accelerate.utils import DistributedType
+
+    from accelerate_impl import precision
+
+    real_init = state.AcceleratorState.__init__
+
+    def init(self, *args, fsdp_plugin=None, **kwargs):
+        real_init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+            if self._mixed_precision != "no":  # what Accelerate does on a GPU, as it is
+                fsdp_plugin.set_mixed_precision(self._mixed_precision)
+
+    state.AcceleratorState.__init__ = init
+    real_refuse = precision.refuse_sharding
+
+    def refuse_sharding(cfg, device):
+        real_refuse(cfg, torch.device("meta") if device.type == "cpu" else device)
+
+    precision.refuse_sharding = refuse_sharding
+
+
+def shard_accelerate_on_cpu(monkeypatch) -> None:
+    """accelerate_shards_on_cpu in every child process started from now on."""
+    monkeypatch.setenv(SHARDS_ON_CPU, "1")
+    path = [HOOK, ROOT, os.environ.get("PYTHONPATH", "")]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in path if p))

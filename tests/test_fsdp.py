@@ -6,6 +6,8 @@ what a framework cannot do is refused in one line. Jobs run as test_ddp.py's do:
 command line, each rank a process of its own, under a time limit."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,9 +15,10 @@ from click.testing import CliRunner
 
 from ampcompare.cli import cli
 from common import models, sharding
-from common.errors import UsageError
+from common.config import Config
+from common.errors import Unavailable, UsageError
 from tests import faults
-from tests.conftest import ARMS_ONLY, run_cli
+from tests.conftest import ARMS_ONLY, ROOT, run_cli
 from tests.test_ddp import JOB, LIMIT, gone, job
 
 ARMS = ("plain", "lightning", "fabric")
@@ -85,21 +88,24 @@ def test_an_fsdp_comparison_shows_half_the_state_of_ddp_and_identical_weights(tm
 def test_an_fsdp_job_stopped_mid_epoch_resumes_bitwise_in_every_arm(tmp_path, monkeypatch):
     """Each arm's job at bf16-mixed (autocast over fp32 shards), stopped mid-epoch, resumes
     from its gathered checkpoint to the plain loop's straight run: every arm resumes bitwise,
-    and trains what plain trains."""
+    and trains what plain trains. Accelerate, which turns FSDP on only for GPUs, with that one
+    decision changed (tests/faults.py): its FSDP2 plugin, autocast and checkpoints, proven."""
     args = (*FSDP, "--precision", "bf16-mixed", "--epochs", "2")
     straight = job("plain", tmp_path, "straight", *args)
+    faults.shard_accelerate_on_cpu(monkeypatch)
     faults.inject_children(monkeypatch, epoch=1, action="interrupt", step=2)
-    for arm in ARMS:
+    for arm in (*ARMS, "accelerate"):
         stopped = job(arm, tmp_path, arm, *args, expect=130)
         assert stopped["status"] == "interrupted" and stopped["checkpoint"]["epochs"] == 1
     monkeypatch.delenv(faults.ENV)
-    for arm in ARMS:
+    for arm in (*ARMS, "accelerate"):
         proc = run_cli([arm, "--resume", str(tmp_path / arm), "--quiet"], timeout=LIMIT)
         assert proc.returncode == 0, proc.stderr[-3000:]
         resumed = json.loads((tmp_path / arm / "result.json").read_text())
         assert resumed["status"] == "ok" and resumed["config"]["strategy"] == "fsdp"
         assert resumed["step_losses"] == straight["step_losses"], arm
         assert resumed["weights_sha256"] == straight["weights_sha256"], arm
+        assert resumed["epochs"][-1]["model_state"] == straight["epochs"][-1]["model_state"]
 
 
 # apex, Lightning at 16-mixed and bf16-fsdp without fsdp: the catalogue (test_catalogue.py)
@@ -122,6 +128,45 @@ def test_what_a_framework_cannot_shard_is_refused_in_one_line(tmp_path, args, li
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"ampcompare: error: {line}"), lines
     assert not out.exists()
+
+
+def test_accelerate_shards_only_where_it_turns_fsdp_on_and_never_at_bf16_fsdp():
+    """On a GPU the arm runs Accelerate's FSDP2 in a job of processes (one device: torchrun
+    --nproc-per-node 1); it refuses bf16-fsdp, whose norm layers Accelerate's one policy would
+    cast; and an Accelerator that did not turn FSDP2 on is never recorded as sharded."""
+    from accelerate import Accelerator
+
+    from accelerate_impl.precision import refuse_sharding, refuse_unless_sharding
+
+    gpu = torch.device("cuda")
+    refuse_sharding(Config(strategy="fsdp", devices=2), gpu)
+    refuse_sharding(Config(devices=1), gpu)  # DDP or one process: nothing to refuse
+    for cfg, words in [
+        (Config(strategy="fsdp", devices=2, precision="bf16-fsdp"), "BatchNorm included"),
+        (Config(strategy="fsdp", devices=1), "torchrun --nproc-per-node 1"),
+    ]:
+        with pytest.raises(Unavailable, match=words):
+            refuse_sharding(cfg, gpu)
+    with pytest.raises(Unavailable, match=r"did not turn FSDP2 on \(it runs NO\)"):
+        refuse_unless_sharding(Accelerator(cpu=True))
+
+
+def test_accelerate_is_given_the_blocks_as_its_units():
+    """Accelerate picks FSDP2's units by class name: the names the arm gives it select
+    exactly the blocks every other arm shards, through Accelerate's own policy function."""
+    from accelerate import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+
+    for model in (models.ResNet18(), models.SmallCNN(), models.LinearProbe()):
+        plugin = FullyShardedDataParallelPlugin(
+            fsdp_version=2,
+            auto_wrap_policy="transformer_based_wrap",
+            transformer_cls_names_to_wrap=sharding.unit_classes(model),
+        )
+        plugin.set_auto_wrap_policy(model)
+        chosen = fsdp2_prepare_auto_wrap_policy(plugin, model)
+        picked = [m for m in model.modules() if m is not model and chosen(m)]
+        assert picked == sharding.units(model)[::-1], type(model).__name__
 
 
 class NestedBlock(torch.nn.Module):
@@ -172,3 +217,35 @@ def test_sharded_is_known_after_an_evaluation_and_what_fsdp_refuses_is_one_line(
         sharding.refuse_shared_parameters(NestedBlock())  # held by a block and its block
     finally:
         dist.destroy_process_group()
+
+
+def torchrun_job(arm, out, precision, accelerator="cuda"):
+    """One arm's FSDP job as torchrun starts it on one device: Accelerate turns FSDP on only
+    in a job it sees launched."""
+    command = [
+        sys.executable,
+        *("-m", "torch.distributed.run", "--nproc-per-node", "1", "-m", "ampcompare", arm),
+        *FSDP,
+        *("--devices", "1", "--dataset", "synthetic", "--model", "small"),
+        *("--synthetic-size", "512", "--batch-size", "128", "--epochs", "2"),
+        *("--deterministic", "--accelerator", accelerator, "--quiet"),
+        *("--precision", precision, "--out-dir", str(out), "--run-id", arm),
+    ]
+    proc = subprocess.run(command, cwd=ROOT, text=True, capture_output=True, timeout=LIMIT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((out / arm / "result.json").read_text())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed"])
+def test_accelerate_fsdp_on_a_gpu_trains_the_plain_loops_weights(tmp_path, precision):
+    """Accelerate's FSDP2 on a GPU, with no change: the plain loop's losses, weights and
+    model state, bitwise, in a job of one process (16-mixed: both with torch's GradScaler)."""
+    if precision.startswith("bf16") and not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bf16")
+    plain = torchrun_job("plain", tmp_path, precision)
+    accelerate = torchrun_job("accelerate", tmp_path, precision)
+    assert accelerate["env"]["device"] == "cuda" and accelerate["config"]["strategy"] == "fsdp"
+    assert accelerate["step_losses"] == plain["step_losses"]
+    assert accelerate["weights_sha256"] == plain["weights_sha256"]
+    assert accelerate["epochs"][-1]["model_state"] == plain["epochs"][-1]["model_state"]
