@@ -138,7 +138,8 @@ def start_until_first_epoch(args, out_dir, pattern):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 180  # it returns once the epoch is there: only a loaded
+    # machine waits long (its first arm took over a minute under other jobs)
     while time.monotonic() < deadline:
         for path in out_dir.glob(pattern):
             if json.loads(path.read_text())["epochs"]:
