@@ -25,7 +25,7 @@ from ampcompare.findings import (
     ShardedRow,
     Summary,
 )
-from record import results, rundir, summary
+from record import results, rundir, schema, summary
 from ampcompare import stats
 from common import config
 from common.precision import CANONICAL
@@ -144,8 +144,8 @@ def result_files(folder: str) -> list[str]:
 
 
 def unusable_steps(record: results.RunResult) -> str | None:
-    """Why a record's step times cannot be averaged (one that is null, NaN, infinite, zero or
-    negative), or None."""
+    """Why a record's step times cannot be averaged (one that is null, NaN, infinite, zero,
+    negative or below a nanosecond), or None."""
     for e in record.epochs:
         times = e.get("step_times_s")
         if times is None:
@@ -153,8 +153,9 @@ def unusable_steps(record: results.RunResult) -> str | None:
         if not isinstance(times, list) or not stats.usable(times):
             bad = next((t for t in times if not stats.usable([t])), times)
             return (
-                f"epoch {e.get('epoch')} holds a step time that is not a finite number "
-                f"above zero and under {stats.LONGEST_STEP:g} s ({json.dumps(bad)})"
+                f"epoch {e.get('epoch')} holds a step time that is not a number from "
+                f"{stats.SHORTEST_STEP:g} s to under {stats.LONGEST_STEP:g} s "
+                f"({schema.shown(json.dumps(bad))})"
             )
         if isinstance(e.get("steps"), int) and len(times) != e["steps"]:
             return (

@@ -112,13 +112,16 @@ def spread(values) -> Optional[Spread]:
 
 
 LONGEST_STEP = 1e6  # seconds: eleven days; a step time beyond it is no measurement
+SHORTEST_STEP = 1e-9  # seconds: a nanosecond; no training step is shorter
 
 
 def usable(steps) -> bool:
-    """Whether every step time is a number above zero and under LONGEST_STEP (a record that
-    holds any other is not evidence: report skips it, and names it)."""
+    """Whether every step time is a number from SHORTEST_STEP to under LONGEST_STEP (a record
+    that holds any other is not evidence: report skips it, and names it)."""
     return all(
-        isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t < LONGEST_STEP
+        isinstance(t, (int, float))
+        and not isinstance(t, bool)
+        and SHORTEST_STEP <= t < LONGEST_STEP
         for t in steps
     )
 

@@ -149,9 +149,19 @@ def read_json(run_dir: str) -> Any:
     NotARecord where it is not JSON."""
     with open(os.path.join(run_dir, "result.json"), encoding="utf-8") as f:
         try:
-            return json.load(f)
+            return json.load(f, parse_constant=_not_strict)
+        except _NotStrict as e:  # a record is written strict: NaN as null
+            raise NotARecord(f"not strict JSON (it holds {e})") from None
         except (ValueError, RecursionError):  # RecursionError: nested past the parser
             raise NotARecord("not valid JSON") from None
+
+
+class _NotStrict(Exception):
+    pass
+
+
+def _not_strict(name: str):
+    raise _NotStrict(name)
 
 
 def _fields(cls) -> list:

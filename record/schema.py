@@ -10,7 +10,6 @@ where the shape says so (strict JSON writes a NaN as null).
 
 from __future__ import annotations
 
-import math
 import re
 from typing import Any, Optional
 
@@ -75,13 +74,21 @@ def matching(pattern: re.Pattern, what: str):
     return check
 
 
+MOST_BYTES = 2**64  # more than any machine addresses
+
+
 def byte_count(value, where):
-    """A size in bytes: a finite number, not below 0 (a report divides by it)."""
+    """A size in bytes: a number from 0 to MOST_BYTES (a report divides by it, as floats)."""
     if not _is(value, NUMBER):
         return f"{where} is {_what(value)}, not a number"
-    if not math.isfinite(value) or value < 0:
-        return f"{where} is {value!r}, not a count of bytes"
+    if not 0 <= value <= MOST_BYTES:  # NaN too: it compares false
+        return f"{where} is {shown(repr(value))}, not a count of bytes"
     return None
+
+
+def shown(text: str, most: int = 40) -> str:
+    """A value as a message quotes it: its first characters, where it is long."""
+    return text if len(text) <= most else f"{text[: most - 1]}…"
 
 
 NUMBERS = [maybe(NUMBER)]

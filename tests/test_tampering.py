@@ -142,9 +142,13 @@ def test_a_record_missing_a_key_or_of_the_wrong_type_is_refused_in_one_line(
             lambda r: r["summary"].update(model_state_bytes=-100),
             "summary.model_state_bytes is -100, not a count of bytes",
         ),
-        (
+        (  # written as NaN: no record of ours holds one (strict JSON writes null)
             lambda r: r["epochs"][0]["model_state"].update(parameters=float("nan")),
-            "epochs[0].model_state.parameters is nan, not a count of bytes",
+            "not strict JSON (it holds NaN)",
+        ),
+        (  # a size no float holds, quoted short
+            lambda r: r["summary"].update(activation_bytes=10**400),
+            f"summary.activation_bytes is 1{'0' * 38}…, not a count of bytes",
         ),
         (
             lambda r: r["precision"].update(effective="17-true"),
