@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import sys
 from typing import Optional
@@ -320,7 +321,7 @@ def compare_command(impls, precisions, repeats, seeds, control, warmup, **option
             err=True,
         )
         code = 130
-    return report.write_for_compare(planned.folder, code)
+    return report.write_for_compare(planned.folder, code, planned.arms())
 
 
 def _plan(ctx, impls, precisions, repeats, seeds, control, options) -> "plan.Plan":
@@ -394,6 +395,16 @@ def _precisions(value: Optional[str], cfg: Config) -> list[str]:
     )
 
 
+class FiniteRange(click.FloatRange):
+    """click's FloatRange, which lets nan through (it compares false with both bounds)."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{number} is not a finite number", param, ctx)
+        return number
+
+
 @cli.command(
     "calibrate",
     help="How often a verdict claims a difference that is not there, on this machine: the "
@@ -407,7 +418,7 @@ def _precisions(value: Optional[str], cfg: Config) -> list[str]:
 @click.option(
     "--slowdown",
     default=0.05,
-    type=click.FloatRange(min=0.0, max=10.0),
+    type=FiniteRange(min=0.0, max=10.0),
     help="Make one group's steps this much slower (0.05: 5%) to measure how often it is "
     "found; 0 measures false differences only.  [default: 0.05]",
 )

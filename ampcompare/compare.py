@@ -189,14 +189,15 @@ def run_arm(cfg: Config, arm: Arm, folder: str, unavailable: dict, env: dict, wa
     if key not in unavailable and (why := known_unavailable(cfg, arm)):
         unavailable[key] = why
     if key in unavailable:
-        if found.exists:
-            _supersede(folder, run_dir, "this machine cannot run it")
+        if found.exists and not _supersede(folder, run_dir, "this machine cannot run it"):
+            return before, False
         return _save(
             run_dir, unavailable_result(cfg, arm, "unavailable", unavailable[key], env)
         ), False
     resuming = bool(before is not None and before.checkpoint and before.status in RESUMABLE)
     if found.exists and not resuming:
-        _supersede(folder, run_dir, "it left nothing to continue from")
+        if not _supersede(folder, run_dir, "it left nothing to continue from"):
+            return before, False
     if warm is not None and warm(arm):  # the warm-up, before the first timed run: interrupted
         return None, True
     code, last, interrupted = _attempt(cfg, arm, folder, run_dir, resuming)
@@ -212,7 +213,8 @@ def run_arm(cfg: Config, arm: Arm, folder: str, unavailable: dict, env: dict, wa
         _warn(f"{run_dir}: its resume was refused ({result.error}); starting it over")
         if stop:
             return after, stop
-        _supersede(folder, run_dir, "its resume was refused")
+        if not _supersede(folder, run_dir, "its resume was refused"):
+            return after, stop
         return run_arm(cfg, arm, folder, unavailable, env, warm)
     if result.action is Action.KEEP:
         return after, stop
@@ -291,17 +293,25 @@ def _attempt(cfg: Config, arm: Arm, folder: str, run_dir: str, resuming: bool):
     return proc.returncode, last, interrupted
 
 
-def _supersede(folder: str, run_dir: str, why: str) -> None:
-    """Move a run that is started over out of the way, whole, into .superseded/."""
+def _supersede(folder: str, run_dir: str, why: str) -> bool:
+    """Move a run that is started over out of the way, whole, into .superseded/. False, and
+    said, where it cannot be moved (.superseded a file, the folder read-only): then it is
+    left as it is and not run again."""
     aside = os.path.join(folder, SUPERSEDED)
-    os.makedirs(aside, exist_ok=True)
     name = os.path.basename(run_dir)
-    for n in range(1, 10000):
-        target = os.path.join(aside, f"{name}-{n}")
-        if not os.path.exists(target):
-            break
-    os.rename(run_dir, target)
+    try:
+        os.makedirs(aside, exist_ok=True)
+        for n in range(1, 10000):
+            target = os.path.join(aside, f"{name}-{n}")
+            if not os.path.exists(target):
+                break
+        os.rename(run_dir, target)
+    except OSError as e:
+        where = f"{aside} is not a folder" if os.path.isfile(aside) else e.strerror
+        _warn(f"skipped {run_dir}: {why}, but it cannot be moved aside ({where}); it is left")
+        return False
     _warn(f"{run_dir}: {why}; moved to {target} and run again")
+    return True
 
 
 def _warn(line: str) -> None:

@@ -19,8 +19,8 @@ import numpy as np
 
 from common import config as config_module
 from record import files
-from record import results
-from common.config import INT_MAX, Config, option_flag
+from record import results, schema
+from common.config import INT_MAX, Config
 from common.errors import UsageError
 from common.precision import CANONICAL, OPT_LEVELS, SHARDED_ONLY
 
@@ -160,18 +160,30 @@ def resumed(stored: Plan, asked: dict, cfg: Config) -> Plan:
     with those applied. An option that may not change and differs is refused."""
     for name, value in asked.items():
         if name in KEYS and value != stored.spelled()[name]:
-            raise UsageError(
-                f"--resume {stored.folder}: --{name} {value} differs from the "
-                f"comparison's {stored.spelled()[name]}; drop it to finish that one"
+            was = stored.spelled()[name]
+            given, was = (
+                (_switch(name, value), _switch(name, was))
+                if isinstance(value, bool)
+                else (f"--{name} {value}", was)
             )
-    for name in asked.keys() - set(KEYS) - set(may_change()):
-        if getattr(cfg, name) != getattr(stored.cfg, name):
             raise UsageError(
-                f"--resume {stored.folder}: {option_flag(name)} differs from the "
-                f"comparison's; drop it to finish that one"
+                f"--resume {stored.folder}: {given} differs from the comparison's {was}; "
+                f"drop it to finish that one"
+            )
+    for name in sorted(asked.keys() - set(KEYS) - set(may_change())):
+        value, was = getattr(cfg, name), getattr(stored.cfg, name)
+        if value != was:
+            raise UsageError(
+                f"--resume {stored.folder}: {config_module.spelled(name, value)} differs "
+                f"from the comparison's {config_module.spelled(name, was)}; drop it to "
+                f"finish that one"
             )
     cfg = dataclasses.replace(cfg, out_dir=stored.cfg.out_dir, resume=None).validate()
     return _seeded(dataclasses.replace(stored, cfg=cfg))
+
+
+def _switch(name: str, on: bool) -> str:
+    return f"--{name}" if on else f"--no-{name}"
 
 
 def may_change() -> tuple:
@@ -251,6 +263,9 @@ def read(folder: str, impls) -> Plan:
 def _damage(stored, impls) -> Optional[str]:
     if not isinstance(stored, dict) or not isinstance(stored.get("config"), dict):
         return "no config"
+    number = stored.get("schema", 1)  # a whole number: 99.0 or "99" is no schema of ours
+    if type(number) is not int or number < 1:
+        return f"schema: {schema.shown(repr(number))}"
     for key, allowed in (("impls", impls), ("precisions", CANONICAL)):
         names = stored.get(key)
         if not isinstance(names, list) or not names or not set(names) <= set(allowed):
@@ -264,9 +279,14 @@ def _damage(stored, impls) -> Optional[str]:
     if not set(stored["config"]) <= known:
         return f"unknown options {sorted(set(stored['config']) - known)}"
     try:
-        Config(**stored["config"]).validate()
+        cfg = Config(**stored["config"])
+        cfg.validate()
     except (UsageError, TypeError, AttributeError) as e:
         return f"config: {e}"
+    try:  # together, as a new comparison's are checked (bf16-fsdp without fsdp, say)
+        fresh(cfg, *(stored[k] for k in ("impls", "precisions", "repeats", "seeds", "control")))
+    except UsageError as e:
+        return str(e)
     return None
 
 

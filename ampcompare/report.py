@@ -144,8 +144,10 @@ def md(value) -> str:
 MARKUP = re.compile(r"([\\`*_\[\]|#~$])")
 
 
-def markdown(summary: Summary, records) -> str:
+def markdown(summary: Summary, records, missing=()) -> str:
     lines = ["# ampcompare report", ""]
+    if not records and not missing:  # a comparison stopped before its first arm recorded
+        lines += ["No run has left a record here yet: nothing was measured.", ""]
     for dev in summary.devices:
         lines += [f"## {md(dev.device)}", "", *_noise_exceeded(dev)]
         lines += [*_environment(dev), *_method(dev)]
@@ -157,7 +159,7 @@ def markdown(summary: Summary, records) -> str:
         lines += _weights_table(dev)
     for sharded in summary.sharded:
         lines += _sharded_table(sharded)
-    lines += _unfinished(records)
+    lines += _unfinished(records, missing)
     return "\n".join(lines)
 
 
@@ -424,8 +426,11 @@ def _state_part(ratio, size) -> str:
     return f"{size:,.0f} B" if size else "–"
 
 
-def _unfinished(records) -> list[str]:
+def _unfinished(records, missing=()) -> list[str]:
     failed = {}
+    for arm, why in missing:  # planned, and no record to read
+        key = ("", arm.impl, arm.precision, "no record", why)
+        failed.setdefault(key, []).append(arm.run_id)
     for r in records:
         if r.status != "ok":
             why = " ".join((r.error or "").split())  # one table row, whatever it says
@@ -453,8 +458,9 @@ def _unfinished(records) -> list[str]:
     return [*lines, ""]
 
 
-def write(records, out_dir: str) -> dict:
-    """Write the four report files into out_dir, each atomically; return their paths."""
+def write(records, out_dir: str, missing=()) -> dict:
+    """Write the four report files into out_dir, each atomically; return their paths.
+    missing: (arm, why) of a comparison's planned runs that left no record."""
     os.makedirs(out_dir, exist_ok=True)
     summary = analysis.summarize(records)
     paths = {
@@ -467,7 +473,7 @@ def write(records, out_dir: str) -> dict:
     writer.writerows(rows(records))
     files.write_file(paths["results.csv"], lambda f: f.write(buf.getvalue()))
     files.write_json(paths["summary.json"], summary.to_dict())
-    text = markdown(summary, records)
+    text = markdown(summary, records, missing)
     files.write_file(paths["report.md"], lambda f: f.write(text))
     chart.write(summary, paths["benchmark.png"])
     return paths
@@ -476,12 +482,15 @@ def write(records, out_dir: str) -> dict:
 # --- what the commands print and return -------------------------------------------------
 
 
-def write_for_compare(folder: str, code: int) -> int:
-    """Write the comparison's report from every record in its folder; the exit code."""
-    records, _ = records_in([folder])
+def write_for_compare(folder: str, code: int, planned=()) -> int:
+    """Write the comparison's report from every record in its folder; the exit code.
+    planned: the plan's arms; one that ran but left no readable record (its folder made a
+    file, its record cut short) is a row of the report and fails the comparison."""
+    records, skipped = records_in([folder])
+    missing = [] if code else _missing(folder, planned, records, skipped)
     try:
         with signals.deferred():  # a report is written whole; a signal now waits for it
-            paths = write(records, folder)
+            paths = write(records, folder, missing)
     except OSError as e:
         console.say(
             f"ampcompare: error: could not write the report into {folder}: {e.strerror}",
@@ -497,7 +506,24 @@ def write_for_compare(folder: str, code: int) -> int:
         return 130
     echo(paths)
     failed = [r for r in records if r.status not in ("ok", "unavailable")]
-    return code or (1 if failed else 0)
+    if missing:
+        console.say(
+            f"ampcompare: error: {len(missing)} planned run(s) left no readable record "
+            f"({', '.join(arm.run_id for arm, _ in missing)}): see the report",
+            err=True,
+        )
+    return code or (1 if failed or missing else 0)
+
+
+def _missing(folder: str, planned, records, skipped) -> list:
+    """(arm, why) for each planned arm without a record among `records`."""
+    found = {os.path.dirname(r.found_at) for r in records}  # a run's folder is its run_id
+    why_skipped = {os.path.basename(os.path.dirname(path)): why for path, why in skipped}
+    return [
+        (arm, why_skipped.get(arm.run_id, "no result.json in its folder"))
+        for arm in planned
+        if arm.run_id not in found
+    ]
 
 
 def records_in(folders, quiet: bool = False) -> tuple[list, list]:

@@ -65,7 +65,8 @@ def test_compare_resume_checks_a_new_option_as_declared(monkeypatch, how, refuse
     stored = plan.Plan(cls(widget=3), ("plain",), ("32-true",), 1, 1, "/stopped")
     asked = {"widget": 4}
     if refused:
-        with pytest.raises(UsageError, match="--widget differs from the comparison's"):
+        said = "--widget 4 differs from the comparison's --widget 3"
+        with pytest.raises(UsageError, match=said):
             plan.resumed(stored, asked, dataclasses.replace(stored.cfg, widget=4))
     else:
         assert (

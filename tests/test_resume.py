@@ -230,7 +230,10 @@ def test_compare_resume_keeps_finished_arms_and_continues_the_rest(tmp_path):
     stopped = json.loads(second.read_text())
     assert first["status"] == "ok" and not list((folder / ran_first).glob("checkpoint*.pt"))
     assert stopped["status"] == "interrupted" and stopped["checkpoint"]
-    one_line_exit_2(cli("compare", "--resume", str(folder), "--lr", "0.1"), "--lr differs")
+    one_line_exit_2(
+        cli("compare", "--resume", str(folder), "--lr", "0.1"),
+        "--lr 0.1 differs from the comparison's --lr 0.0001",
+    )
     proc = run_cli(["compare", "--resume", str(folder), "--no-warmup"])
     assert proc.returncode == 0, proc.stderr
     kept = json.loads((folder / ran_first / "result.json").read_text())
@@ -351,8 +354,9 @@ def test_compare_resume_leaves_a_folder_with_a_bad_record_as_it_is(
     (arm / "NOTES.txt").write_text("mine")
     before = {p.name: p.read_bytes() for p in arm.iterdir()}
     r = cli("compare", "--resume", str(folder), "--no-warmup")
-    assert r.exit_code == 0, r.output  # nothing failed: the arm was not run
+    assert r.exit_code == 1, r.output  # the comparison is not done: a planned run has no record
     assert f"skipped {arm}" in r.stderr and "left as it is" in r.stderr
+    assert "| plain-32-true-r0 | no record |" in (folder / "report.md").read_text()
     assert {p.name: p.read_bytes() for p in arm.iterdir()} == before
 
 
@@ -372,6 +376,35 @@ def test_an_arm_killed_before_it_wrote_says_so_and_resumes_later(tmp_path, monke
     assert done["status"] == "ok" and [x["epoch"] for x in done["resumes"]] == [1]
 
 
+def test_a_run_compare_cannot_move_aside_is_left_and_fails_the_comparison(
+    tmp_path, monkeypatch
+):
+    """A run to start over whose .superseded/ is a file: said, left as it was, reported."""
+    folder, arm = stopped_comparison(tmp_path, monkeypatch)
+    record = json.loads((arm / "result.json").read_text())
+    record["checkpoint"] = None  # stopped before its first checkpoint: started over
+    (arm / "result.json").write_text(json.dumps(record))
+    (folder / ".superseded").write_text("not a folder")
+    r = cli("compare", "--resume", str(folder), "--no-warmup")
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    assert ".superseded is not a folder); it is left" in r.stderr
+    assert json.loads((arm / "result.json").read_text()) == record
+    assert "| plain-32-true-r0 | interrupted |" in (folder / "report.md").read_text()
+
+
+def test_a_planned_run_without_a_readable_record_fails_the_comparison_and_is_a_row(
+    tmp_path, monkeypatch
+):
+    folder, arm = stopped_comparison(tmp_path, monkeypatch)
+    text = (arm / "result.json").read_text()
+    (arm / "result.json").write_text(text[: len(text) // 2])  # cut short
+    r = cli("compare", "--resume", str(folder), "--no-warmup")
+    assert r.exit_code == 1, r.output
+    assert "1 planned run(s) left no readable record (plain-32-true-r0)" in r.stderr
+    report = (folder / "report.md").read_text()
+    assert "| plain | 32-true | plain-32-true-r0 | no record | not valid JSON |" in report
+
+
 @pytest.mark.parametrize(
     "damage",
     [
@@ -386,6 +419,9 @@ def test_an_arm_killed_before_it_wrote_says_so_and_resumes_later(tmp_path, monke
         {"config": {"lr": -1}},
         {"config": {"nonsense": 1}},
         {"schema": 99},  # a newer ampcompare's
+        {"schema": 99.0},  # no schema of ours: a whole number, not damage read as old
+        {"schema": "99"},
+        {"precisions": ["bf16-fsdp"]},  # FSDP's own rung in a comparison under DDP
     ],
     ids=lambda d: str(d),
 )
@@ -402,7 +438,7 @@ def test_a_damaged_compare_plan_is_refused(tmp_path, damage):
     (tmp_path / "compare.json").write_text(json.dumps(plan))
     said = (
         "its compare.json was written by a newer ampcompare (schema 99;"
-        if "schema" in damage
+        if type(damage.get("schema")) is int
         else "its compare.json is damaged"
     )
     one_line_exit_2(cli("compare", "--resume", str(tmp_path)), said)
@@ -415,6 +451,10 @@ def test_compare_resume_reads_the_lists_as_a_fresh_compare_does(tmp_path, monkey
     one_line_exit_2(
         cli("compare", "--resume", str(folder), "--precisions", "32,bf16"),
         "--precisions 32,bf16 differs from the comparison's 32-true",
+    )
+    one_line_exit_2(  # a switch as the command line spells it
+        cli("compare", "--resume", str(folder), "--control"),
+        "--control differs from the comparison's --no-control",
     )
     # the same names, spelled as an alias and twice, are no change: the comparison finishes
     r = cli(
