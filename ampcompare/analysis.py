@@ -224,8 +224,9 @@ def settings_of(record) -> dict:
 
 def arm_of(record) -> str:
     """Its impl, or "plain (control)" for the plain loop run again as a comparison's noise
-    floor."""
-    return CONTROL if record.config.get("role") == "control" else record.impl
+    floor (only the plain loop is one)."""
+    control = record.config.get("role") == "control" and record.impl == "plain"
+    return CONTROL if control else record.impl
 
 
 def label_of(record) -> str:

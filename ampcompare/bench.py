@@ -102,7 +102,8 @@ def run(processes: int, rounds: int, linear_rounds: int, base: Config) -> int:
     console.say(
         f"\n{env.get('device_name')}, {env.get('threads')} threads (1 for the linear model), "
         f"torch {env.get('torch')}, lightning {env.get('lightning')}, accelerate "
-        f"{env.get('accelerate')}; {len(parts)} processes pooled ({COVERS}); "
+        f"{env.get('accelerate')}; {len(parts)} process{'es' * (len(parts) != 1)} pooled "
+        f"({COVERS}); "
         f"{base.out_dir}/bench.json, runs in {folder}"
     )
     if stopped:

@@ -216,13 +216,13 @@ def table(cells: dict, rates: dict, slowdown: float = 0.0) -> str:
     ]
     if slowdown:
         lines.append(
-            f"slowdown found: the share that found one group made {slowdown:.0%} slower."
+            f"slowdown found: the share that found one group made {slowdown * 100:.3g}% slower."
         )
     lines.append("")
     head = f"{'k':>3} {'splits':>7} {'df':>4}  {'false differences [95%]':<32}"
     slowed = next((s for _, s in rates.values() if s), None)
     if slowed:
-        head += f"  {slowdown:.0%} slowdown found [95%]"
+        head += f"  {slowdown * 100:.3g}% slowdown found [95%]"
     lines.append(head)
     for k, (null, slow) in rates.items():
         line = f"{k:>3} {null.splits:>7} {null.df:>4}  {_share(null):<32}"

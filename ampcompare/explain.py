@@ -47,7 +47,7 @@ def lines(group: Group, quote=str) -> list[str]:
                 f"time"
                 + (" — the loader, not the math, limits this" if max(wait) > 0.1 else "")
             )
-        if precision == "16-mixed":
+        if precision.startswith("16-"):  # 16-mixed, 16-true: fp16
             parts.append(scaler(mixed))
         out.append("; ".join(p for p in parts if p) + ".")
     return out
@@ -58,7 +58,7 @@ def hardware(env: dict, precision: str, quote=str, speedup: Optional[Judged] = N
     said only where the measured speed-up (`speedup`, the report's) shows it too: the
     explanation never contradicts the figure beside it."""
     if env.get("device") != "cuda":
-        if precision == "16-mixed":
+        if precision.startswith("16-"):  # 16-mixed, 16-true: fp16
             slower = speedup and speedup.estimate.claims(1.0) and speedup.estimate.hi < 1
             return "this CPU has no fast fp16 kernels" + (
                 ", which is why fp16 ran slower than fp32 here" if slower else ""

@@ -29,6 +29,11 @@ def run_one(impl: str, cfg: Config) -> int:
     its DDP job); print where its result is. Returns the exit code."""
     from common import distributed
 
+    if cfg.role == "control" and impl != "plain":
+        raise UsageError(
+            f"--role control: a comparison's control is the plain loop run once more; "
+            f"{impl} runs as an arm (--role arm)"
+        )
     if impl == "apex":  # say what apex lacks before its loop module is even imported
         from apex_impl.opt_levels import check
 

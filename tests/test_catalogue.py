@@ -129,6 +129,9 @@ CASES = {
     "ampcompare calibrate EMPTY --splits 0": "0 is not in the range 1<=x<=100000",
     "ampcompare calibrate EMPTY --slowdown -1": "-1.0 is not in the range 0.0<=x<=10.0",
     "ampcompare plain --role judge": "'judge' is not one of 'arm', 'control'",
+    "ampcompare calibrate EMPTY --slowdown nan": "nan is not a finite number",
+    "ampcompare fabric --role control": "--role control: a comparison's control is the plain "
+    "loop run once more; fabric runs as an arm (--role arm)",
     "ampcompare bench --processes 0": "0 is not in the range 1<=x<=100",
     "ampcompare bench --rounds 1": "1 is not in the range 2<=x<=1000",
     "ampcompare bench --accelerator cuda": _no_cuda_line,

@@ -521,6 +521,23 @@ def test_the_explanation_never_contradicts_the_speedup():
             r.summary = summary.summarize(r.epochs)
     (line,) = group_of(records).explanations
     assert "which is why fp16 ran slower than fp32 here" in line
+    for r in records:  # 16-true is fp16 too: never the bf16 sentence
+        if r.precision.effective == "16-mixed":
+            r.precision = Precision("16-true", "16-true")
+    (line,) = group_of(records).explanations
+    assert "no fast fp16 kernels" in line and "bf16" not in line
+
+
+def test_only_the_plain_loop_is_a_control():
+    """A record of another arm that says role control (run so by hand) is that arm's row, never
+    plain's noise floor."""
+    records = comparison({"lightning": 1.0})
+    for r in records:
+        if r.impl == "lightning":
+            r.config["role"] = "control"
+    labels = {analysis.arm_of(r) for r in records}
+    assert labels == {"plain", "lightning"}
+    assert not group_of(records).control_claims
 
 
 def _placed_runs(steps: int, slope: float, repeats: int = 6):
@@ -574,3 +591,11 @@ def test_a_time_from_too_few_steps_shows_no_interval():
     assert stats.duration_with_interval(one) == "33.5 ms [too few steps]"
     many = stats.level(stats.Sample([noisy(0.0335, stats.MIN_STEPS, 1)]))
     assert re.fullmatch(r"33\.\d ms \[\d\d\.\d–\d\d\.\d\]", stats.duration_with_interval(many))
+
+
+def test_a_report_of_no_records_says_nothing_was_measured():
+    md = report.markdown(analysis.summarize([]), [])
+    assert "nothing was measured" in md
+    assert "nothing was measured" not in report.markdown(
+        analysis.summarize(comparison({})), comparison({})
+    )
