@@ -47,7 +47,7 @@ def lines(group: Group, quote=str) -> list[str]:
                 f"time"
                 + (" — the loader, not the math, limits this" if max(wait) > 0.1 else "")
             )
-        if precision.startswith("16-"):  # 16-mixed, 16-true: fp16
+        if precision == "16-mixed":
             parts.append(scaler(mixed))
         out.append("; ".join(p for p in parts if p) + ".")
     return out

@@ -159,13 +159,10 @@ def resumed(stored: Plan, asked: dict, cfg: Config) -> Plan:
     the compare options and Config fields on the command line) and `cfg`, the stored config
     with those applied. An option that may not change and differs is refused."""
     for name, value in asked.items():
-        if name in KEYS and value != stored.spelled()[name]:
-            was = stored.spelled()[name]
-            given, was = (
-                (_switch(name, value), _switch(name, was))
-                if isinstance(value, bool)
-                else (f"--{name} {value}", was)
-            )
+        was = stored.spelled().get(name)
+        if name in KEYS and value != was:
+            given = _switch(name, value) if isinstance(value, bool) else f"--{name} {value}"
+            was = _switch(name, was) if isinstance(was, bool) else was
             raise UsageError(
                 f"--resume {stored.folder}: {given} differs from the comparison's {was}; "
                 f"drop it to finish that one"

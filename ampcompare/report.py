@@ -487,7 +487,7 @@ def write_for_compare(folder: str, code: int, planned=()) -> int:
     planned: the plan's arms; one that ran but left no readable record (its folder made a
     file, its record cut short) is a row of the report and fails the comparison."""
     records, skipped = records_in([folder])
-    missing = [] if code else _missing(folder, planned, records, skipped)
+    missing = [] if code else _missing(planned, records, skipped)
     try:
         with signals.deferred():  # a report is written whole; a signal now waits for it
             paths = write(records, folder, missing)
@@ -515,7 +515,7 @@ def write_for_compare(folder: str, code: int, planned=()) -> int:
     return code or (1 if failed or missing else 0)
 
 
-def _missing(folder: str, planned, records, skipped) -> list:
+def _missing(planned, records, skipped) -> list:
     """(arm, why) for each planned arm without a record among `records`."""
     found = {os.path.dirname(r.found_at) for r in records}  # a run's folder is its run_id
     why_skipped = {os.path.basename(os.path.dirname(path)): why for path, why in skipped}
