@@ -465,6 +465,9 @@ def report_command(run_dirs, out):
     )
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--out {out} is a file; name a folder")
+    for name in report.FILES:  # said before any of them is written
+        if os.path.isdir(os.path.join(out, name)):
+            raise UsageError(f"--out {out}: its {name} is a folder; the report writes a file")
     records, skipped = report.records_in(run_dirs, quiet=True)
     if not records:
         first = (

@@ -458,15 +458,15 @@ def _unfinished(records, missing=()) -> list[str]:
     return [*lines, ""]
 
 
+FILES = ("results.csv", "summary.json", "report.md", "benchmark.png")
+
+
 def write(records, out_dir: str, missing=()) -> dict:
     """Write the four report files into out_dir, each atomically; return their paths.
     missing: (arm, why) of a comparison's planned runs that left no record."""
     os.makedirs(out_dir, exist_ok=True)
     summary = analysis.summarize(records)
-    paths = {
-        name: os.path.join(out_dir, name)
-        for name in ("results.csv", "summary.json", "report.md", "benchmark.png")
-    }
+    paths = {name: os.path.join(out_dir, name) for name in FILES}
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS)
     writer.writeheader()

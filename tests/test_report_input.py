@@ -228,3 +228,14 @@ def test_a_run_left_running_by_a_process_that_is_gone_is_reported_failed(tmp_pat
         assert record.status == "running"
     finally:
         os.close(held)
+
+
+def test_report_refuses_an_out_folder_holding_a_folder_where_a_file_goes(tmp_path, one_run):
+    """Said before anything is written: three of four report files were written before."""
+    write_runs(tmp_path / "runs", [variant(one_run, "fine")])
+    out = tmp_path / "out"
+    (out / "benchmark.png").mkdir(parents=True)
+    r = CliRunner().invoke(cli, ["report", str(tmp_path / "runs"), "--out", str(out)])
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1, r.output
+    assert "its benchmark.png is a folder" in r.stderr
+    assert [p.name for p in out.iterdir()] == ["benchmark.png"]
