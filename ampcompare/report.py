@@ -484,8 +484,8 @@ def write(records, out_dir: str, missing=()) -> dict:
 
 def write_for_compare(folder: str, code: int, planned=()) -> int:
     """Write the comparison's report from every record in its folder; the exit code.
-    planned: the plan's arms; one that ran but left no readable record (its folder made a
-    file, its record cut short) is a row of the report and fails the comparison."""
+    planned: the plan's arms; one that left no readable record (its folder replaced by
+    a file, its record cut short) is a row of the report and fails the comparison."""
     records, skipped = records_in([folder])
     missing = [] if code else _missing(planned, records, skipped)
     try:

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # What a lent GPU should run, in one call of at most 10 minutes including set-up, with no network:
 #   1. every test marked gpu or apex: plain, Lightning, Fabric and Accelerate (16-mixed with its
-#      GradScaler too) bitwise on CUDA, Accelerate's FSDP2 too (torchrun, one process); apex O0 bitwise with plain 32-true, O1/O2 within the
-#      stated tolerance, O1 resumed bitwise; an inf gradient skipped by plain and apex; the GPU
-#      crops equal to the CPU's;
+#      GradScaler too) bitwise on CUDA, Accelerate's FSDP2 too (torchrun, one process); apex O0
+#      bitwise with plain 32-true, O1/O2 within the stated tolerance, O1 resumed bitwise; an
+#      inf gradient skipped by plain and apex; the GPU crops equal to the CPU's;
 #   2. compare: ResNet-18 at batch 256 on the synthetic set, 32-true against 16-mixed and
 #      bf16-mixed, for plain, Lightning, Fabric, Accelerate and apex (O1; it has no bf16); the
 #      rest of the precision ladder with the plain loop (bf16-true, 16-true, and 32-true with

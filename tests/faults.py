@@ -181,6 +181,11 @@ def inject_children(monkeypatch, epoch: int, action: str, step=None, argv=(), ra
             {"epoch": epoch, "action": action, "step": step, "argv": list(argv), "rank": rank}
         ),
     )
+    _hook_children(monkeypatch)
+
+
+def _hook_children(monkeypatch) -> None:
+    """tests/fault_hook/sitecustomize.py loaded by every child process started from now on."""
     path = [HOOK, ROOT, os.environ.get("PYTHONPATH", "")]
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in path if p))
 
@@ -227,5 +232,4 @@ def accelerate_shards_on_cpu() -> None:
 def shard_accelerate_on_cpu(monkeypatch) -> None:
     """accelerate_shards_on_cpu in every child process started from now on."""
     monkeypatch.setenv(SHARDS_ON_CPU, "1")
-    path = [HOOK, ROOT, os.environ.get("PYTHONPATH", "")]
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in path if p))
+    _hook_children(monkeypatch)
